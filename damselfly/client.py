@@ -1,0 +1,212 @@
+"""``damselfly.Client``: download through a local daemon, from any Python program.
+
+    async with Client("/path/to/dfdaemon.sock") as c:
+        result = await c.download("https://example.com/big.bin", "/tmp/big.bin")
+
+``SyncClient`` offers the same calls for code without an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
+
+from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument, NotFound, PeerError, StorageError
+from damselfly.core.vortex import TrafficType
+from damselfly.wire import duration
+
+
+@dataclass
+class Progress:
+    task_id: str = ""
+    content_length: int = -1
+    done_bytes: int = 0
+    peer_bytes: int = 0
+    source_bytes: int = 0
+    local_bytes: int = 0
+    pieces: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def rate(self) -> float:
+        return self.done_bytes / max(time.monotonic() - self.started, 1e-6)
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    task_id: str
+    peer_id: str
+    content_length: int
+    peer_bytes: int
+    source_bytes: int
+    local_bytes: int
+    seconds: float
+    output: Path | None
+
+
+def _error(exc: grpc.aio.AioRpcError) -> DamselflyError:
+    msg = exc.details() or exc.code().name
+    error_type = dict(exc.trailing_metadata() or ()).get("x-dragonfly-error-type", "")
+    code = exc.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(msg)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return BackendError(msg, status_code=404) if error_type == "backend" else NotFound(msg)
+    if error_type == "backend":
+        return BackendError(msg)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return StorageError(msg)
+    if code == grpc.StatusCode.UNAVAILABLE and ("unix:" in msg or "failed to connect" in msg.lower()):
+        return PeerError(f"cannot reach the daemon: {msg}")
+    return PeerError(msg)
+
+
+class Client:
+    def __init__(self, socket: str | Path):
+        self.socket = Path(socket)
+        self._channel: grpc.aio.Channel | None = None
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _stub(self) -> dfdaemon_pb2_grpc.DfdaemonDownloadStub:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(
+                f"unix://{self.socket}", options=[("grpc.max_receive_message_length", 128 * 1024 * 1024)]
+            )
+        return dfdaemon_pb2_grpc.DfdaemonDownloadStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def download(
+        self,
+        url: str,
+        output: str | Path | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        digest: str = "",
+        tag: str = "",
+        application: str = "",
+        filtered_query_params: list[str] | tuple[str, ...] = (),
+        piece_length: int = 0,
+        priority: int = 0,
+        timeout: float | None = None,
+        need_back_to_source: bool = False,
+        disable_back_to_source: bool = False,
+        overwrite: bool = True,
+        on_progress: Callable[[Progress], Any] | None = None,
+    ) -> DownloadResult:
+        """Download ``url`` through the daemon; with ``output`` the daemon writes it there atomically."""
+        if not self.socket.exists():
+            raise PeerError(f"no daemon socket at {self.socket} (is `damselfly daemon` running?)")
+        out = Path(output).resolve() if output is not None else None
+        download = common_pb2.Download(
+            url=url,
+            digest=digest,
+            tag=tag,
+            application=application,
+            priority=priority,
+            filtered_query_params=list(filtered_query_params),
+            request_header=dict(headers or {}),
+            piece_length=piece_length,
+            output_path=str(out) if out else "",
+            need_back_to_source=need_back_to_source,
+            disable_back_to_source=disable_back_to_source,
+            overwrite=overwrite,
+        )
+        if timeout:
+            download.timeout.CopyFrom(duration(timeout))
+        progress = Progress()
+        peer_id = ""
+        started = time.monotonic()
+        call = self._stub().DownloadTask(dfdaemon_pb2.DownloadTaskRequest(download=download), timeout=timeout)
+        try:
+            async for resp in call:
+                progress.task_id, peer_id = resp.task_id, resp.peer_id
+                kind = resp.WhichOneof("response")
+                if kind == "download_task_started_response":
+                    progress.content_length = resp.download_task_started_response.content_length
+                elif kind == "download_piece_finished_response":
+                    piece = resp.download_piece_finished_response.piece
+                    progress.pieces += 1
+                    progress.done_bytes += piece.length
+                    if piece.traffic_type == TrafficType.BACK_TO_SOURCE:
+                        progress.source_bytes += piece.length
+                    elif piece.traffic_type == TrafficType.LOCAL_PEER:
+                        progress.local_bytes += piece.length
+                    else:
+                        progress.peer_bytes += piece.length
+                if on_progress is not None:
+                    on_progress(progress)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise PeerError(f"download of {url} timed out after {timeout}s") from None
+            raise _error(exc) from None
+        return DownloadResult(
+            progress.task_id,
+            peer_id,
+            max(progress.content_length, 0),
+            progress.peer_bytes,
+            progress.source_bytes,
+            progress.local_bytes,
+            time.monotonic() - started,
+            out,
+        )
+
+    async def list_tasks(self) -> list[dfdaemon_pb2.StatLocalTaskResponse]:
+        try:
+            resp = await self._stub().ListLocalTasks(dfdaemon_pb2.ListLocalTasksRequest(), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+        return list(resp.tasks)
+
+    async def stat_task(self, task_id: str) -> common_pb2.Task:
+        try:
+            return await self._stub().StatTask(dfdaemon_pb2.StatTaskRequest(task_id=task_id), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+
+    async def delete_task(self, task_id: str) -> None:
+        try:
+            await self._stub().DeleteTask(dfdaemon_pb2.DeleteTaskRequest(task_id=task_id), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+
+
+class SyncClient:
+    """The same calls, each run to completion on a private event loop."""
+
+    def __init__(self, socket: str | Path):
+        self.socket = Path(socket)
+
+    def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        async def call() -> Any:
+            async with Client(self.socket) as c:
+                return await getattr(c, method)(*args, **kwargs)
+
+        return asyncio.run(call())
+
+    def download(self, url: str, output: str | Path | None = None, **kwargs: Any) -> DownloadResult:
+        return self._run("download", url, output, **kwargs)
+
+    def list_tasks(self) -> list[dfdaemon_pb2.StatLocalTaskResponse]:
+        return self._run("list_tasks")
+
+    def stat_task(self, task_id: str) -> common_pb2.Task:
+        return self._run("stat_task", task_id)
+
+    def delete_task(self, task_id: str) -> None:
+        self._run("delete_task", task_id)

@@ -1,0 +1,182 @@
+"""One root ``Settings``: constructor arguments, then ``DAMSELFLY_*`` env, then YAML.
+
+Env variables use ``__`` between levels (``DAMSELFLY_DAEMON__CONCURRENT_PIECES=4``);
+the YAML file is named by ``--config`` or ``DAMSELFLY_CONFIG``. Settings are frozen
+once validated. A plugin's section (storage, transports, sources) is a ``type``
+plus free options that the plugin's own ``Config`` model validates.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from damselfly.core.errors import InvalidArgument
+from damselfly.core.units import parse_rate
+
+CONFIG_ENV = "DAMSELFLY_CONFIG"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PluginsConfig(Section):
+    autoload: bool = Field(True, description="Load third-party plugins from the `damselfly` entry-point group.")
+    block: list[str] = Field(default_factory=list, description="Plugin names (or module names) never to register.")
+    load: list[str] = Field(default_factory=list, description="Extra plugin modules to import and register, by dotted path.")
+
+
+class LogConfig(Section):
+    level: str = Field("INFO", description="Log level of the CLI and services' sink.")
+    json_format: bool = Field(False, alias="json", description="Log one JSON object a line.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class HostConfig(Section):
+    ip: str = Field("127.0.0.1", description="The address other peers reach this host at.")
+    hostname: str = Field(default_factory=socket.gethostname, description="Host name used in host and peer ids.")
+    idc: str = Field("", description="IDC (data centre) for affinity scoring.")
+    location: str = Field("", description="Location, `|`-separated from coarse to fine, for affinity scoring.")
+    max_tx_bandwidth: int = Field(
+        10_000_000_000 // 8,
+        description="Upload capacity in bytes/s (accepts `1.25GB/s`, `10Gbit/s`).",
+    )
+    max_rx_bandwidth: int = Field(10_000_000_000 // 8, description="Download capacity in bytes/s.")
+
+    @field_validator("max_tx_bandwidth", "max_rx_bandwidth", mode="before")
+    @classmethod
+    def _rate(cls, v: Any) -> int:
+        return parse_rate(v) if isinstance(v, str) else v
+
+
+class PluginChoice(BaseModel):
+    """``type`` names a registered plugin; the other keys are its options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: str = Field(description="Registered plugin name.")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DaemonConfig(Section):
+    seed: bool = Field(False, description="Run as a seed peer (the one that goes back to source).")
+    data_dir: Path = Field(
+        Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "damselfly",
+        description="Where the daemon keeps tasks, its socket and its certificates.",
+    )
+    socket: Path | None = Field(None, description="Unix socket for local clients (default DATA_DIR/dfdaemon.sock).")
+    listen_ip: str = Field("127.0.0.1", description="Address the upload and piece servers bind.")
+    upload_port: int = Field(0, ge=0, le=65535, description="DfdaemonUpload gRPC port (0: the OS picks).")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port (0: the OS picks).")
+    schedulers: list[str] = Field(default_factory=list, description="Scheduler addresses `host:port`.")
+    storage: PluginChoice = Field(PluginChoice(type="disk"), description="Storage plugin and its options.")
+    transports: list[PluginChoice] = Field(
+        default_factory=lambda: [PluginChoice(type="tcp")],
+        description="Piece transports to serve and to try, in order.",
+    )
+    piece_port: int = Field(0, ge=0, le=65535, description="Port of the first transport's piece server.")
+    concurrent_pieces: int = Field(8, ge=1, le=256, description="Pieces fetched at once per download.")
+    piece_timeout: float = Field(60.0, gt=0, description="Seconds one piece may take from a parent.")
+    schedule_timeout: float = Field(30.0, gt=0, description="Seconds to wait for parents before asking again.")
+    schedule_retries: int = Field(5, ge=1, description="Reschedules before falling back to the source.")
+    disable_back_to_source: bool = Field(False, description="Never read the origin from this daemon.")
+    announce_interval: float = Field(300.0, gt=0, description="Seconds between AnnounceHost calls.")
+    scheduler_connect_timeout: float = Field(3.0, gt=0, description="Seconds to reach a scheduler.")
+
+
+class SchedulerConfig(Section):
+    listen_ip: str = Field("127.0.0.1", description="Address the scheduler binds.")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port (0: the OS picks).")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port.")
+    strategy: str = Field("default", description="Parent-selection strategy plugin.")
+    candidate_parent_limit: int = Field(3, ge=1, description="Parents returned per schedule.")
+    filter_parent_limit: int = Field(15, ge=1, description="Candidates sampled before ranking.")
+    retry_interval: float = Field(0.5, gt=0, description="Seconds between scheduling rounds when no parent fits.")
+    seed_wait: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a peer waits for the seed before it is told to go back to source.",
+    )
+    back_to_source_limit: int = Field(200, ge=0, description="Peers of one task allowed to go back to source.")
+    seed_trigger: bool = Field(True, description="Make a seed peer fetch new tasks from the source.")
+    host_gc_interval: float = Field(60.0, gt=0, description="Seconds between sweeps for silent hosts.")
+
+
+class Settings(BaseSettings):
+    """The effective configuration of a damselfly process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DAMSELFLY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    plugins: PluginsConfig = Field(default_factory=PluginsConfig, description="Plugin loading.")
+    log: LogConfig = Field(default_factory=LogConfig, description="Logging of services and the CLI.")
+    host: HostConfig = Field(default_factory=HostConfig, description="This host's identity and capacity.")
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig, description="The peer daemon.")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="The scheduler service.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = settings_cls.model_config.get("yaml_file") or os.environ.get(CONFIG_ENV)
+        if path:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.daemon.socket or self.daemon.data_dir / "dfdaemon.sock"
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings; a bad file or value raises InvalidArgument naming the field."""
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise InvalidArgument(f"config file {str(path)!r} does not exist")
+    elif (env_path := os.environ.get(CONFIG_ENV)) and not Path(env_path).is_file():
+        raise InvalidArgument(f"config file {env_path!r} (from {CONFIG_ENV}) does not exist")
+    else:
+        env_path = os.environ.get(CONFIG_ENV)
+        path = Path(env_path) if env_path else None
+    cls: type[Settings] = Settings
+    if path is not None:
+        cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": str(path)}})
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise InvalidArgument(_one_line(exc)) from None
+    except Exception as exc:  # a YAML syntax error arrives as yaml.YAMLError
+        raise InvalidArgument(f"invalid config: {exc}".splitlines()[0]) from None

@@ -1,0 +1,228 @@
+"""The four plugin contracts: sources, transports, storages, scheduling strategies.
+
+Each plugin is a class with ``name: ClassVar[str]`` and an optional pydantic
+``Config`` model for its options; a registry hook adds the class, and the
+daemon or scheduler instantiates it from config.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from damselfly.core.errors import InvalidArgument
+from damselfly.core.host import Host
+from damselfly.core.peer import Peer
+from damselfly.core.piece import PieceSpan
+from damselfly.core.task import PieceRecord, Task
+from damselfly.core.vortex import PieceMetadata
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Plugin:
+    """What every plugin class has in common."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseModel]] = NoOptions
+
+    @classmethod
+    def available(cls) -> str | None:
+        """None when the plugin can run here, else the reason it cannot."""
+        return None
+
+    @classmethod
+    def parse_options(cls, options: dict[str, Any], where: str) -> BaseModel:
+        try:
+            return cls.Config(**options)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise InvalidArgument(f"invalid config: {where}.{loc}: {err['msg']}") from None
+
+
+# -- sources --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    content_length: int  # -1 when the origin does not say
+    supports_range: bool = True
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceEntry:
+    url: str
+    content_length: int
+    is_dir: bool = False
+
+
+class Source(Plugin, abc.ABC):
+    """Reads content from an origin. Errors are ``BackendError`` when the origin's."""
+
+    schemes: ClassVar[tuple[str, ...]]
+
+    def __init__(self, options: BaseModel | None = None):
+        self.options = options or self.Config()
+
+    @abc.abstractmethod
+    async def stat(self, url: str, headers: dict[str, str]) -> SourceInfo: ...
+
+    @abc.abstractmethod
+    def read(self, url: str, offset: int, length: int, headers: dict[str, str]) -> AsyncIterator[bytes]:
+        """Yield the bytes [offset, offset + length) in chunks."""
+
+    async def list(self, url: str, headers: dict[str, str]) -> list[SourceEntry]:
+        raise InvalidArgument(f"source {self.name!r} cannot list {url!r}")
+
+    async def close(self) -> None:
+        return None
+
+
+# -- storages ---------------------------------------------------------------------
+
+
+class PieceWriter(Protocol):
+    """Receives one piece's bytes; nothing is servable until ``commit``."""
+
+    def write(self, chunk: bytes | memoryview) -> None: ...
+
+    async def commit(self, expected_digest: str | None) -> PieceRecord:
+        """Check the length and the crc32 (against ``expected_digest`` when given), then
+        mark the piece present; raises PieceCorrupt and keeps nothing otherwise."""
+        ...
+
+    def abort(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FileRegion:
+    """A piece that lies in a file: transports can ``sendfile`` it."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+class Storage(Plugin, abc.ABC):
+    """Keeps tasks' pieces and metadata; survives restarts where it can."""
+
+    def __init__(self, data_dir: Path, options: BaseModel | None = None):
+        self.data_dir = data_dir
+        self.options = options or self.Config()
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    @abc.abstractmethod
+    def tasks(self) -> list[Task]: ...
+
+    @abc.abstractmethod
+    def get(self, task_id: str) -> Task | None: ...
+
+    @abc.abstractmethod
+    async def create(self, task: Task) -> Task:
+        """Create (or return the existing) task with a known layout."""
+
+    @abc.abstractmethod
+    def writer(self, task_id: str, span: PieceSpan) -> PieceWriter: ...
+
+    @abc.abstractmethod
+    async def read_piece(self, task_id: str, number: int) -> bytes: ...
+
+    def piece_region(self, task_id: str, number: int) -> FileRegion | None:
+        """Where a present piece lies on disk, for zero-copy sends; None if not a file."""
+        return None
+
+    @abc.abstractmethod
+    def read_range(self, task_id: str, offset: int, length: int) -> AsyncIterator[bytes]: ...
+
+    @abc.abstractmethod
+    async def finish(self, task_id: str) -> None:
+        """Mark the task complete (all pieces present) and persist that."""
+
+    @abc.abstractmethod
+    async def delete(self, task_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def export(self, task_id: str, dest: Path) -> None:
+        """Write the whole content to ``dest`` (already a temp path; the caller renames)."""
+
+    def usage(self) -> dict[str, int]:
+        return {}
+
+
+# -- transports ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServedPiece:
+    metadata: PieceMetadata
+    data: bytes | None = None
+    region: FileRegion | None = None
+
+
+PieceLookup = Callable[[str, int], Awaitable[ServedPiece]]
+
+
+class PieceServer(Protocol):
+    port: int
+
+    async def close(self) -> None: ...
+
+
+class PieceConnection(abc.ABC):
+    """A child's connection to one parent's piece server."""
+
+    @abc.abstractmethod
+    async def fetch(self, task_id: str, number: int, sink: PieceWriter) -> PieceMetadata:
+        """Stream one piece into ``sink``; raises PeerError, ProtocolError or NotFound."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @property
+    def broken(self) -> bool:
+        return False
+
+
+class Transport(Plugin, abc.ABC):
+    def __init__(self, options: BaseModel | None = None):
+        self.options = options or self.Config()
+
+    @abc.abstractmethod
+    async def serve(self, host: str, port: int, lookup: PieceLookup) -> PieceServer: ...
+
+    @abc.abstractmethod
+    async def connect(self, address: str, timeout: float) -> PieceConnection: ...
+
+
+# -- scheduling strategies -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    peer: Peer
+    host: Host
+
+
+class Strategy(Plugin, abc.ABC):
+    """Ranks a child's candidate parents; a pure function of what it is handed."""
+
+    def __init__(self, options: BaseModel | None = None):
+        self.options = options or self.Config()
+
+    @abc.abstractmethod
+    def rank(self, child: Candidate, candidates: list[Candidate], task: Task) -> list[Candidate]:
+        """Best first; the scheduler takes the first ``candidate_parent_limit``."""

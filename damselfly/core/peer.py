@@ -1,0 +1,52 @@
+"""A peer: one host's download of one task, and its place in the task's DAG."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+
+class PeerState(enum.Enum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    BACK_TO_SOURCE = "BackToSource"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    LEAVE = "Leave"
+
+
+@dataclass(slots=True)
+class Peer:
+    id: str
+    task_id: str
+    host_id: str
+    state: PeerState = PeerState.PENDING
+    parents: set[str] = field(default_factory=set)
+    children: set[str] = field(default_factory=set)
+    finished_pieces: set[int] = field(default_factory=set)
+    blocklist: set[str] = field(default_factory=set)
+    piece_costs: list[float] = field(default_factory=list)  # seconds, most recent last
+    need_back_to_source: bool = False
+    schedule_count: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    priority: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.state in (PeerState.SUCCEEDED, PeerState.FAILED, PeerState.LEAVE)
+
+    def is_bad(self) -> bool:
+        """Upstream's rule: the last piece cost is above mean + 3 sigma of the earlier ones."""
+        if self.state in (PeerState.FAILED, PeerState.LEAVE, PeerState.PENDING):
+            return True
+        costs = self.piece_costs
+        if len(costs) < 2:
+            return False
+        last, earlier = costs[-1], costs[:-1]
+        mean = sum(earlier) / len(earlier)
+        if len(earlier) < 30:
+            return last > 20 * mean if mean > 0 else False
+        sigma = math.sqrt(sum((c - mean) ** 2 for c in earlier) / len(earlier))
+        return last > mean + 3 * sigma

@@ -1,0 +1,98 @@
+"""Piece math and piece digests, as Dragonfly lays a task out."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from damselfly.core.errors import InvalidArgument, PieceCorrupt
+
+MiB = 1 << 20
+MIN_PIECE_LENGTH = 4 * MiB
+MAX_PIECE_LENGTH = 64 * MiB
+PIECES_TARGET = 500
+DIGEST_ALGORITHM = "crc32"
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def piece_length_for(content_length: int, fixed: int | None = None) -> int:
+    """The piece length of a task: the user's, else next_pow2(len / 500) in [4, 64] MiB."""
+    if fixed:
+        if not MIN_PIECE_LENGTH <= fixed <= MAX_PIECE_LENGTH:
+            raise InvalidArgument(
+                f"piece length {fixed} is outside [{MIN_PIECE_LENGTH}, {MAX_PIECE_LENGTH}]"
+            )
+        return fixed
+    if content_length < 0:
+        raise InvalidArgument(f"content length must not be negative, got {content_length}")
+    length = _next_power_of_two(content_length // PIECES_TARGET)
+    return min(max(length, MIN_PIECE_LENGTH), MAX_PIECE_LENGTH)
+
+
+@dataclass(frozen=True, slots=True)
+class PieceSpan:
+    """Where one piece lies in its task."""
+
+    number: int
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A task's content length cut into pieces of ``piece_length``."""
+
+    content_length: int
+    piece_length: int
+
+    def __post_init__(self) -> None:
+        if self.content_length < 0 or self.piece_length <= 0:
+            raise InvalidArgument(
+                f"bad layout: content length {self.content_length}, piece length {self.piece_length}"
+            )
+
+    @classmethod
+    def for_content(cls, content_length: int, fixed_piece_length: int | None = None) -> Layout:
+        return cls(content_length, piece_length_for(content_length, fixed_piece_length))
+
+    @property
+    def piece_count(self) -> int:
+        return -(-self.content_length // self.piece_length)
+
+    def span(self, number: int) -> PieceSpan:
+        if not 0 <= number < self.piece_count:
+            raise InvalidArgument(f"piece {number} is outside 0..{self.piece_count - 1}")
+        offset = number * self.piece_length
+        return PieceSpan(number, offset, min(self.piece_length, self.content_length - offset))
+
+    def spans(self) -> list[PieceSpan]:
+        return [self.span(n) for n in range(self.piece_count)]
+
+    def numbers_for_range(self, start: int, length: int) -> range:
+        """The pieces that overlap bytes [start, start + length)."""
+        if length <= 0 or start >= self.content_length:
+            return range(0)
+        end = min(start + length, self.content_length)
+        return range(start // self.piece_length, (end - 1) // self.piece_length + 1)
+
+
+def digest(data: bytes | bytearray | memoryview) -> str:
+    """The Dragonfly piece digest, ``crc32:<decimal>``."""
+    return f"{DIGEST_ALGORITHM}:{zlib.crc32(data)}"
+
+
+def verify(data: bytes | bytearray | memoryview, expected: str) -> None:
+    """Raise PieceCorrupt unless ``data`` matches ``expected`` (``crc32:N``)."""
+    algo, _, value = expected.partition(":")
+    if algo != DIGEST_ALGORITHM or not value.isdigit():
+        raise PieceCorrupt(f"unsupported piece digest {expected!r}")
+    actual = zlib.crc32(data)
+    if actual != int(value):
+        raise PieceCorrupt(f"piece digest mismatch: expected {expected}, got crc32:{actual}")

@@ -1,0 +1,392 @@
+"""The peer daemon: local clients on a unix socket, peers over gRPC and Vortex.
+
+One process holds a storage, a piece server per transport, the
+``DfdaemonUpload`` gRPC server, the ``DfdaemonDownload`` server on the unix
+socket, ``/metrics``, and an announcer that keeps the schedulers told of this
+host's load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import platform
+import time
+import zlib
+
+import grpc
+import psutil
+from dragonfly_api import common_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from loguru import logger
+
+from damselfly import __version__
+from damselfly.config import Settings
+from damselfly.contracts import PieceServer
+from damselfly.core import ids
+from damselfly.core.errors import InvalidArgument, PieceCorrupt, StorageError
+from damselfly.core.host import Host, HostType
+from damselfly.core.task import Task, TaskState
+from damselfly.daemon.download import ConnectionPool, Downloader, DownloadRequest
+from damselfly.daemon.local import LocalService
+from damselfly.daemon.runtime import TaskRuntime
+from damselfly.daemon.upload import UploadService, lookup_piece
+from damselfly.metrics import DaemonMetrics, serve_metrics
+from damselfly.plugin_manager import Plugins, build_plugins
+from damselfly.wire import duration, host_to_proto
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 128 * 1024 * 1024),
+    ("grpc.max_send_message_length", 128 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class SchedulerPool:
+    """The configured schedulers; a task goes to one chosen by rendezvous hashing of its id."""
+
+    def __init__(self, addresses: list[str], connect_timeout: float):
+        self.addresses = list(addresses)
+        self.connect_timeout = connect_timeout
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        return ch
+
+    def order(self, key: str) -> list[str]:
+        return sorted(self.addresses, key=lambda a: hashlib.sha256(f"{a}/{key[:5]}".encode()).digest(), reverse=True)
+
+    async def _ready(self, address: str) -> grpc.aio.Channel | None:
+        ch = self._channel(address)
+        try:
+            await asyncio.wait_for(ch.channel_ready(), self.connect_timeout)
+            return ch
+        except (TimeoutError, grpc.aio.AioRpcError):
+            return None
+
+    async def stub_for(self, task_id: str) -> scheduler_pb2_grpc.SchedulerStub | None:
+        for address in self.order(task_id):
+            ch = await self._ready(address)
+            if ch is not None:
+                return scheduler_pb2_grpc.SchedulerStub(ch)
+            logger.warning("scheduler {} does not answer", address)
+        return None
+
+    async def announce_host(self, host: common_pb2.Host, interval: float) -> int:
+        ok = 0
+        for address in self.addresses:
+            stub = scheduler_pb2_grpc.SchedulerStub(self._channel(address))
+            try:
+                await stub.AnnounceHost(
+                    scheduler_pb2.AnnounceHostRequest(host=host, interval=duration(interval)), timeout=self.connect_timeout
+                )
+                ok += 1
+            except grpc.aio.AioRpcError as exc:
+                logger.debug("AnnounceHost to {} failed: {}", address, exc.code().name)
+        return ok
+
+    async def delete_host(self, host_id: str) -> None:
+        for address in self.addresses:
+            stub = scheduler_pb2_grpc.SchedulerStub(self._channel(address))
+            try:
+                await stub.DeleteHost(scheduler_pb2.DeleteHostRequest(host_id=host_id), timeout=1.0)
+            except grpc.aio.AioRpcError:
+                pass
+
+    async def stat_task(self, host_id: str, task_id: str) -> common_pb2.Task | None:
+        stub = await self.stub_for(task_id)
+        if stub is None:
+            return None
+        try:
+            return await stub.StatTask(scheduler_pb2.StatTaskRequest(host_id=host_id, task_id=task_id), timeout=5)
+        except grpc.aio.AioRpcError:
+            return None
+
+    async def delete_task(self, host_id: str, task_id: str) -> None:
+        stub = await self.stub_for(task_id)
+        if stub is not None:
+            try:
+                await stub.DeleteTask(scheduler_pb2.DeleteTaskRequest(host_id=host_id, task_id=task_id), timeout=5)
+            except grpc.aio.AioRpcError:
+                pass
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+
+class Daemon:
+    def __init__(self, settings: Settings, plugins: Plugins | None = None):
+        self.settings = settings
+        self.plugins = plugins or build_plugins(settings)
+        cfg = settings.daemon
+        self.is_seed = cfg.seed
+        self.host_id = ids.host_id(settings.host.ip, settings.host.hostname, seed=cfg.seed)
+        self.metrics = DaemonMetrics()
+        self.storage = self.plugins.make_storage(cfg.storage, cfg.data_dir)
+        self.transport = self.plugins.make_transport(cfg.transports[0])
+        self.pool = ConnectionPool(self.transport, settings.daemon.scheduler_connect_timeout)
+        self.schedulers = SchedulerPool(cfg.schedulers, cfg.scheduler_connect_timeout)
+        self.runtimes: dict[str, TaskRuntime] = {}
+        self.uploaded_bytes = 0
+        self.piece_port = 0
+        self.upload_port = 0
+        self.metrics_port = 0
+        self.socket_path = settings.socket_path
+        self._piece_server: PieceServer | None = None
+        self._upload_server: grpc.aio.Server | None = None
+        self._local_server: grpc.aio.Server | None = None
+        self._metrics_runner: object = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._upload_channels: dict[str, grpc.aio.Channel] = {}
+        self._last_load = (time.monotonic(), 0)
+        self._tx_rate = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.settings.daemon
+        try:
+            cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create data dir {cfg.data_dir}: {exc.strerror}") from None
+        await self.storage.open()
+        self.metrics.tasks.set(len(self.storage.tasks()))
+
+        async def lookup(task_id: str, number: int):  # type: ignore[no-untyped-def]
+            return await lookup_piece(self, task_id, number)
+
+        self._piece_server = await self.transport.serve(cfg.listen_ip, cfg.piece_port, lookup)
+        self.piece_port = self._piece_server.port
+
+        self._upload_server = grpc.aio.server(options=GRPC_OPTIONS)
+        dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(UploadService(self), self._upload_server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._upload_server)
+        self.upload_port = self._upload_server.add_insecure_port(f"{cfg.listen_ip}:{cfg.upload_port}")
+        if not self.upload_port:
+            raise OSError(f"cannot bind the upload server to {cfg.listen_ip}:{cfg.upload_port}")
+        await self._upload_server.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.socket_path.exists():
+            self.socket_path.unlink()
+        self._local_server = grpc.aio.server(options=GRPC_OPTIONS)
+        dfdaemon_pb2_grpc.add_DfdaemonDownloadServicer_to_server(LocalService(self), self._local_server)
+        local_health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(local_health, self._local_server)
+        self._local_server.add_insecure_port(f"unix://{self.socket_path}")
+        await self._local_server.start()
+        await local_health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+        self._metrics_runner, self.metrics_port = await serve_metrics(
+            self.metrics.registry, cfg.listen_ip, cfg.metrics_port
+        )
+        self._spawn(self._announce_loop())
+        logger.info(
+            "daemon {} ready: socket {}, upload :{}, pieces :{} ({}), metrics :{}",
+            self.host_id,
+            self.socket_path,
+            self.upload_port,
+            self.piece_port,
+            self.transport.name,
+            self.metrics_port,
+        )
+
+    async def stop(self) -> None:
+        for t in list(self._background):
+            t.cancel()
+        for rt in self.runtimes.values():
+            if rt.runner is not None:
+                rt.runner.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.schedulers.addresses:
+            await self.schedulers.delete_host(self.host_id)
+        for server in (self._local_server, self._upload_server):
+            if server is not None:
+                await server.stop(0.5)
+        if self._piece_server is not None:
+            await self._piece_server.close()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()  # type: ignore[attr-defined]
+        await self.pool.close()
+        await self.schedulers.close()
+        for ch in self._upload_channels.values():
+            await ch.close()
+        await self.storage.close()
+        self.socket_path.unlink(missing_ok=True)
+
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
+        t = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+        return t
+
+    # -- host and load ----------------------------------------------------------------
+
+    def core_host(self) -> Host:
+        h = self.settings.host
+        now = time.monotonic()
+        then, sent = self._last_load
+        if now - then >= 1.0:
+            self._tx_rate = int((self.uploaded_bytes - sent) / (now - then))
+            self._last_load = (now, self.uploaded_bytes)
+        return Host(
+            id=self.host_id,
+            ip=h.ip,
+            hostname=h.hostname,
+            port=self.upload_port,
+            type=HostType.SUPER_SEED if self.is_seed else HostType.NORMAL,
+            download_port=self.upload_port,
+            idc=h.idc,
+            location=h.location,
+            max_tx_bandwidth=h.max_tx_bandwidth * 8,
+            tx_bandwidth=self._tx_rate * 8,
+        )
+
+    def host_proto(self) -> common_pb2.Host:
+        pb = host_to_proto(self.core_host())
+        proc = psutil.Process()
+        vm = psutil.virtual_memory()
+        disk = psutil.disk_usage(str(self.settings.daemon.data_dir))
+        pb.os = platform.system().lower()
+        pb.platform = platform.system().lower()
+        pb.kernel_version = platform.release()
+        pb.cpu.CopyFrom(
+            common_pb2.CPU(
+                logical_count=psutil.cpu_count() or 0,
+                physical_count=psutil.cpu_count(logical=False) or 0,
+                percent=psutil.cpu_percent(interval=None),
+                process_percent=proc.cpu_percent(interval=None),
+            )
+        )
+        pb.memory.CopyFrom(
+            common_pb2.Memory(
+                total=vm.total,
+                available=vm.available,
+                used=vm.used,
+                used_percent=vm.percent,
+                free=vm.free,
+                process_used_percent=proc.memory_percent(),
+            )
+        )
+        pb.disk.CopyFrom(
+            common_pb2.Disk(total=disk.total, free=disk.free, used=disk.used, used_percent=disk.percent)
+        )
+        pb.network.max_rx_bandwidth = self.settings.host.max_rx_bandwidth * 8
+        pb.build.CopyFrom(common_pb2.Build(git_version=__version__, platform=platform.machine()))
+        pb.name = self.settings.host.hostname
+        return pb
+
+    async def _announce_loop(self) -> None:
+        if not self.schedulers.addresses:
+            return
+        interval = self.settings.daemon.announce_interval
+        announced_tasks = False
+        delay = 0.2
+        while True:
+            ok = await self.schedulers.announce_host(self.host_proto(), interval)
+            if ok and not announced_tasks:
+                announced_tasks = True
+                self._spawn(self._announce_stored_tasks())
+            if not ok:
+                logger.warning("no scheduler accepted AnnounceHost; retrying")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, interval)
+                continue
+            delay = 0.2
+            await asyncio.sleep(interval)
+
+    async def _announce_stored_tasks(self) -> None:
+        """After a restart, tell the schedulers which finished tasks this daemon can serve."""
+        for task in self.storage.tasks():
+            if task.state is not TaskState.SUCCEEDED or task.id in self.runtimes:
+                continue
+            stub = await self.schedulers.stub_for(task.id)
+            if stub is None:
+                return
+            peer = ids.peer_id(self.settings.host.ip, self.settings.host.hostname, seed=self.is_seed)
+            req = DownloadRequest(url=task.url, tag=task.tag, application=task.application)
+            download = req.to_proto(task)
+            download.metadata_only = True
+
+            def msg(**kw: object) -> scheduler_pb2.AnnouncePeerRequest:
+                return scheduler_pb2.AnnouncePeerRequest(host_id=self.host_id, task_id=task.id, peer_id=peer, **kw)
+
+            call = stub.AnnouncePeer()
+            try:
+                await call.write(msg(register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download)))
+                await call.read()
+                await call.write(msg(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest()))
+                await call.done_writing()
+                await call.read()
+                logger.info("announced stored task {} to the scheduler", task.id[:12])
+            except grpc.aio.AioRpcError as exc:
+                logger.warning("cannot announce stored task {}: {}", task.id[:12], exc.details())
+            finally:
+                call.cancel()
+
+    # -- downloads ----------------------------------------------------------------------
+
+    async def start_download(self, req: DownloadRequest) -> TaskRuntime:
+        """Start (or join) the download of ``req``'s task; progress arrives on the runtime."""
+        task_id = req.task_id()
+        rt = self.runtimes.get(task_id)
+        if rt is not None and not rt.done:
+            return rt
+        rt = TaskRuntime(task_id)
+        self.runtimes[task_id] = rt
+        downloader = Downloader(self, req, rt)
+        rt.runner = self._spawn(downloader.run())
+        return rt
+
+    async def delete_task(self, task_id: str) -> None:
+        rt = self.runtimes.pop(task_id, None)
+        if rt is not None and rt.runner is not None:
+            rt.runner.cancel()
+        await self.storage.delete(task_id)
+        self.metrics.tasks.set(len(self.storage.tasks()))
+        await self.schedulers.delete_task(self.host_id, task_id)
+
+    def upload_channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._upload_channels.get(address)
+        if ch is None:
+            ch = self._upload_channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        return ch
+
+    async def check_digest(self, task: Task, expected: str) -> None:
+        """Verify the whole content against ``algo:hex``; a mismatch drops the task."""
+        algo, _, want = expected.partition(":")
+        algo = algo.lower()
+        if algo == "crc32":
+            crc = 0
+            async for chunk in self.storage.read_range(task.id, 0, task.content_length):
+                crc = zlib.crc32(chunk, crc)
+            got = str(crc)
+        elif algo in ("sha256", "sha512", "md5", "sha1", "blake3") and algo in hashlib.algorithms_available:
+            h = hashlib.new(algo)
+            async for chunk in self.storage.read_range(task.id, 0, task.content_length):
+                await asyncio.to_thread(h.update, chunk)
+            got = h.hexdigest()
+        else:
+            raise InvalidArgument(f"unsupported digest {expected!r} (use sha256:, sha512:, md5: or crc32:)")
+        if got.lower() != want.lower():
+            await self.storage.delete(task.id)
+            raise PieceCorrupt(f"content digest mismatch: expected {expected}, got {algo}:{got}")
+
+
+async def run_daemon(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    """Run a daemon until cancelled (the CLI's ``damselfly daemon``)."""
+    daemon = Daemon(settings)
+    await daemon.start()
+    if ready is not None:
+        ready.set()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await daemon.stop()

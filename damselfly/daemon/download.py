@@ -1,0 +1,660 @@
+"""One download in the daemon: announce, fetch from parents or the source, verify, store.
+
+The scheduler decides between parents and the source; every piece is checked
+against its crc32 before it is stored; a parent that sends a bad piece is
+blocklisted and the piece fetched elsewhere. Without a scheduler the daemon
+goes to the source itself, with a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, errordetails_pb2, scheduler_pb2
+from loguru import logger
+
+from damselfly.contracts import PieceConnection, Source, Transport
+from damselfly.core import ids, vortex
+from damselfly.core.errors import (
+    BackendError,
+    DamselflyError,
+    NotFound,
+    PeerError,
+    PieceCorrupt,
+    ProtocolError,
+)
+from damselfly.core.piece import Layout, PieceSpan
+from damselfly.core.task import PieceRecord, Task, TaskState
+from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started, TaskRuntime
+from damselfly.wire import piece_to_proto
+
+TRAFFIC_SOURCE = vortex.TrafficType.BACK_TO_SOURCE
+TRAFFIC_PEER = vortex.TrafficType.REMOTE_PEER
+
+
+@dataclass
+class DownloadRequest:
+    """What a client asked for: the fields of Dragonfly's ``Download`` that we act on."""
+
+    url: str
+    tag: str = ""
+    application: str = ""
+    priority: int = 0
+    filtered_query_params: list[str] = field(default_factory=list)
+    request_header: dict[str, str] = field(default_factory=dict)
+    piece_length: int = 0
+    digest: str = ""
+    output_path: str = ""
+    need_back_to_source: bool = False
+    disable_back_to_source: bool = False
+    content_for_calculating_task_id: str = ""
+    use_blob_digest: bool = False
+    timeout: float = 0.0
+
+    @classmethod
+    def from_proto(cls, d: common_pb2.Download) -> DownloadRequest:
+        return cls(
+            url=d.url,
+            tag=d.tag,
+            application=d.application,
+            priority=d.priority,
+            filtered_query_params=list(d.filtered_query_params),
+            request_header=dict(d.request_header),
+            piece_length=d.piece_length,
+            digest=d.digest,
+            output_path=d.output_path,
+            need_back_to_source=d.need_back_to_source,
+            disable_back_to_source=d.disable_back_to_source,
+            content_for_calculating_task_id=d.content_for_calculating_task_id,
+            use_blob_digest=d.enable_task_id_based_blob_digest,
+            timeout=d.timeout.ToNanoseconds() / 1e9 if d.HasField("timeout") else 0.0,
+        )
+
+    def to_proto(self, task: Task | None = None) -> common_pb2.Download:
+        d = common_pb2.Download(
+            url=self.url,
+            digest=self.digest,
+            type=common_pb2.TaskType.STANDARD,
+            tag=self.tag,
+            application=self.application,
+            priority=self.priority,
+            filtered_query_params=self.filtered_query_params,
+            request_header=self.request_header,
+            piece_length=self.piece_length,
+            output_path=self.output_path,
+            need_back_to_source=self.need_back_to_source,
+            disable_back_to_source=self.disable_back_to_source,
+            content_for_calculating_task_id=self.content_for_calculating_task_id,
+            enable_task_id_based_blob_digest=self.use_blob_digest,
+        )
+        if task is not None and task.known_length:
+            d.actual_content_length = task.content_length
+            d.actual_piece_length = task.piece_length
+            d.actual_piece_count = task.piece_count
+        return d
+
+    def task_id(self) -> str:
+        if self.content_for_calculating_task_id:
+            return ids.content_task_id(self.content_for_calculating_task_id)
+        if self.use_blob_digest and ids.blob_digest(self.url):
+            return ids.blob_task_id(self.url)
+        return ids.task_id(
+            self.url,
+            tag=self.tag or None,
+            application=self.application or None,
+            piece_length=self.piece_length or None,
+            filtered_query_params=self.filtered_query_params or list(ids.DEFAULT_FILTERED_QUERY_PARAMS),
+        )
+
+
+class Reschedule(Exception):
+    """The current parents cannot finish the task."""
+
+
+@dataclass
+class _Parent:
+    peer_id: str
+    host_id: str
+    ip: str
+    upload_port: int
+    piece_address: str = ""
+    weight: float = 1.0
+    alive: bool = True
+    synced: bool = False  # its SyncPieces stream ended normally
+    pieces: set[int] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+
+
+class ConnectionPool:
+    """Idle piece connections per parent address, reused across pieces and tasks."""
+
+    def __init__(self, transport: Transport, connect_timeout: float, keep: int = 16):
+        self.transport = transport
+        self.connect_timeout = connect_timeout
+        self.keep = keep
+        self._idle: dict[str, list[PieceConnection]] = {}
+
+    async def acquire(self, address: str) -> PieceConnection:
+        idle = self._idle.get(address)
+        while idle:
+            conn = idle.pop()
+            if not conn.broken:
+                return conn
+        return await self.transport.connect(address, self.connect_timeout)
+
+    async def release(self, address: str, conn: PieceConnection) -> None:
+        idle = self._idle.setdefault(address, [])
+        if conn.broken or len(idle) >= self.keep:
+            await conn.close()
+        else:
+            idle.append(conn)
+
+    async def drop(self, address: str) -> None:
+        for conn in self._idle.pop(address, []):
+            await conn.close()
+
+    async def close(self) -> None:
+        for address in list(self._idle):
+            await self.drop(address)
+
+
+class SchedulerLink:
+    """One AnnouncePeer stream; writes go through one queue so they never interleave."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall, host_id: str, task_id: str, peer_id: str):
+        self.call = call
+        self.host_id, self.task_id, self.peer_id = host_id, task_id, peer_id
+        self._queue: asyncio.Queue[scheduler_pb2.AnnouncePeerRequest | None] = asyncio.Queue()
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        self.broken: BaseException | None = None
+
+    async def _write_loop(self) -> None:
+        try:
+            while (req := await self._queue.get()) is not None:
+                await self.call.write(req)
+            await self.call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            self.broken = exc
+        except grpc.aio.UsageError as exc:
+            self.broken = exc
+
+    def send(self, **kwargs: object) -> None:
+        self._queue.put_nowait(
+            scheduler_pb2.AnnouncePeerRequest(host_id=self.host_id, task_id=self.task_id, peer_id=self.peer_id, **kwargs)
+        )
+
+    async def read(self) -> scheduler_pb2.AnnouncePeerResponse | None:
+        resp = await self.call.read()
+        if resp is grpc.aio.EOF:
+            return None
+        return resp  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        self._queue.put_nowait(None)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._writer), 5)
+        except TimeoutError:
+            pass
+        self.call.cancel()
+
+
+class Downloader:
+    """Runs one task's download on behalf of the daemon; publishes progress on the runtime."""
+
+    def __init__(self, daemon: object, req: DownloadRequest, runtime: TaskRuntime):
+        from damselfly.daemon.daemon import Daemon
+
+        assert isinstance(daemon, Daemon)
+        self.d = daemon
+        self.req = req
+        self.rt = runtime
+        self.task_id = runtime.task_id
+        self.peer_id = ids.peer_id(daemon.settings.host.ip, daemon.settings.host.hostname, seed=daemon.is_seed)
+        runtime.peer_id = self.peer_id
+        self.log = logger.bind(task_id=self.task_id[:12], peer_id=self.peer_id)
+        self.task: Task | None = None
+        self.source: Source | None = None
+        self.link: SchedulerLink | None = None
+        self.peer_bytes = 0
+        self.source_bytes = 0
+        self.authoritative: dict[int, str] = {}  # digests the scheduler learnt from the source
+        self.blocklist: set[str] = set()
+
+    # -- entry -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+            assert self.task is not None
+            await self._finish()
+            self.rt.publish(Finished())
+            self.d.plugins.task_finished(
+                self.task_id, self.req.url, self.task.content_length, self.peer_bytes, self.source_bytes
+            )
+        except asyncio.CancelledError:
+            self.rt.publish(Failed(PeerError("download cancelled")))
+            raise
+        except Exception as exc:  # every failure reaches the client as one clean error
+            if not isinstance(exc, DamselflyError):
+                self.log.exception("download failed unexpectedly")
+            else:
+                self.log.warning("download failed: {}", exc)
+            self.d.metrics.download_task_failure.labels("standard").inc()
+            self.rt.publish(Failed(exc))
+        finally:
+            if self.source is not None:
+                await self.source.close()
+
+    async def _run(self) -> None:
+        self.d.metrics.download_task.labels("standard").inc()
+        existing = self.d.storage.get(self.task_id)
+        if existing is not None and existing.known_length:
+            self.task = existing
+            self._started()
+            for rec in sorted(existing.pieces.values(), key=lambda p: p.number):
+                self.rt.publish(PieceEvent(rec, vortex.TrafficType.LOCAL_PEER, "", 0.0))
+            if existing.state is TaskState.SUCCEEDED:
+                return
+        link = await self._open_link()
+        if link is None:
+            if self.req.disable_back_to_source or self.d.settings.daemon.disable_back_to_source:
+                raise PeerError("no scheduler answered and back-to-source is disabled")
+            self.log.warning("no scheduler answered: downloading {} straight from the source", self.req.url)
+            await self._from_source(report=False)
+            return
+        self.link = link
+        try:
+            await self._with_scheduler(link)
+        finally:
+            await link.close()
+
+    # -- the scheduler ------------------------------------------------------------------
+
+    async def _open_link(self) -> SchedulerLink | None:
+        stub = await self.d.schedulers.stub_for(self.task_id)
+        if stub is None:
+            return None
+        call = stub.AnnouncePeer()
+        link = SchedulerLink(call, self.d.host_id, self.task_id, self.peer_id)
+        download = self.req.to_proto(self.task)
+        if self.d.is_seed and self.req.need_back_to_source:
+            await self._prepare_from_source()  # a seed stats the origin before it registers
+            download = self.req.to_proto(self.task)
+        link.send(register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download))
+        return link
+
+    async def _with_scheduler(self, link: SchedulerLink) -> None:
+        while True:
+            try:
+                resp = await link.read()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
+                    if self.req.disable_back_to_source or self.d.settings.daemon.disable_back_to_source:
+                        raise PeerError(f"scheduler went away: {exc.details()}") from None
+                    self.log.warning("scheduler went away ({}): finishing from the source", exc.details())
+                    await self._from_source(report=False)
+                    return
+                raise PeerError(f"scheduler refused the download: {exc.code().name}: {exc.details()}") from None
+            if resp is None:
+                raise PeerError("scheduler closed the announce stream before the download finished")
+            kind = resp.WhichOneof("response")
+            if kind == "empty_task_response":
+                await self._create(0, None)
+                link.send(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest())
+                link.send(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest())
+                return
+            if kind == "need_back_to_source_response":
+                if self.req.disable_back_to_source or self.d.settings.daemon.disable_back_to_source:
+                    raise PeerError("scheduler sent this peer to the source, and back-to-source is disabled")
+                self.log.info("back to source: {}", resp.need_back_to_source_response.description)
+                link.send(
+                    download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest()
+                )
+                try:
+                    await self._from_source(report=True)
+                except BackendError as exc:
+                    link.send(
+                        download_piece_back_to_source_failed_request=scheduler_pb2.DownloadPieceBackToSourceFailedRequest(
+                            backend=errordetails_pb2.Backend(message=str(exc), status_code=exc.status_code)
+                        )
+                    )
+                    link.send(
+                        download_peer_back_to_source_failed_request=scheduler_pb2.DownloadPeerBackToSourceFailedRequest(
+                            description=str(exc)
+                        )
+                    )
+                    raise
+                link.send(
+                    download_peer_back_to_source_finished_request=scheduler_pb2.DownloadPeerBackToSourceFinishedRequest()
+                )
+                return
+            if kind == "normal_task_response":
+                parents = list(resp.normal_task_response.candidate_parents)
+                link.send(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest())
+                try:
+                    await self._from_parents(parents)
+                except Reschedule as why:
+                    link.send(
+                        reschedule_peer_request=scheduler_pb2.ReschedulePeerRequest(
+                            candidate_parents=parents, description=str(why)
+                        )
+                    )
+                    continue
+                except DamselflyError as exc:
+                    link.send(
+                        download_peer_failed_request=scheduler_pb2.DownloadPeerFailedRequest(description=str(exc))
+                    )
+                    raise
+                link.send(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest())
+                return
+            raise PeerError(f"unexpected scheduler answer {kind}")
+
+    # -- storage and layout ----------------------------------------------------------------
+
+    def _started(self) -> None:
+        assert self.task is not None
+        self.rt.publish(Started(self.task.content_length, self.task.piece_length, dict(self.task.response_header)))
+
+    async def _create(self, content_length: int, headers: dict[str, str] | None) -> Task:
+        if self.task is not None:
+            if self.task.content_length != content_length:
+                raise PeerError(
+                    f"task {self.task_id[:12]} length changed from {self.task.content_length} to {content_length}"
+                )
+            return self.task
+        layout = Layout.for_content(content_length, self.req.piece_length or None)
+        task = Task(
+            id=self.task_id,
+            url=self.req.url,
+            content_length=content_length,
+            piece_length=layout.piece_length,
+            digest=self.req.digest,
+            tag=self.req.tag,
+            application=self.req.application,
+            filtered_query_params=list(self.req.filtered_query_params),
+            response_header=dict(headers or {}),
+        )
+        self.task = await self.d.storage.create(task)
+        self.d.metrics.tasks.set(len(self.d.storage.tasks()))
+        self._started()
+        return self.task
+
+    def _missing(self) -> list[PieceSpan]:
+        assert self.task is not None
+        return [s for s in self.task.layout.spans() if s.number not in self.task.pieces]
+
+    async def _stored(self, record: PieceRecord, traffic: int, parent_id: str, cost: float) -> None:
+        """A verified piece is stored: tell the hooks, the scheduler and whoever waits on it."""
+        self.d.plugins.piece_verified(self.task_id, record.number, record.length, parent_id, int(traffic))
+        self.d.metrics.download_traffic.labels(
+            "back_to_source" if traffic == TRAFFIC_SOURCE else "remote_peer"
+        ).inc(record.length)
+        self.d.metrics.piece_seconds.observe(cost)
+        if traffic == TRAFFIC_SOURCE:
+            self.source_bytes += record.length
+        else:
+            self.peer_bytes += record.length
+        if self.link is not None:
+            piece = piece_to_proto(record, int(traffic), parent_id, cost)
+            if traffic == TRAFFIC_SOURCE:
+                self.link.send(
+                    download_piece_back_to_source_finished_request=scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(
+                        piece=piece
+                    )
+                )
+            else:
+                self.link.send(
+                    download_piece_finished_request=scheduler_pb2.DownloadPieceFinishedRequest(piece=piece)
+                )
+        self.rt.publish(PieceEvent(record, int(traffic), parent_id, cost))
+
+    async def _finish(self) -> None:
+        assert self.task is not None
+        if self.task.state is not TaskState.SUCCEEDED:
+            await self.d.storage.finish(self.task_id)
+        if self.req.digest:
+            await self.d.check_digest(self.task, self.req.digest)
+
+    # -- back to source -------------------------------------------------------------------------
+
+    async def _prepare_from_source(self) -> None:
+        if self.task is not None and self.task.known_length:
+            return
+        self.source = self.d.plugins.make_source(self.req.url)
+        info = await self.source.stat(self.req.url, self.req.request_header)
+        if info.content_length < 0:
+            raise BackendError(f"origin gives no content length for {self.req.url}")
+        await self._create(info.content_length, info.headers)
+
+    async def _from_source(self, *, report: bool) -> None:
+        await self._prepare_from_source()
+        if self.source is None:
+            self.source = self.d.plugins.make_source(self.req.url)
+        if not report:
+            self.link = None
+        missing = self._missing()
+        limit = asyncio.Semaphore(self.d.settings.daemon.concurrent_pieces)
+
+        async def one(span: PieceSpan) -> None:
+            async with limit:
+                await self._source_piece(span)
+
+        await _gather_or_cancel([one(s) for s in missing])
+
+    async def _source_piece(self, span: PieceSpan) -> None:
+        assert self.source is not None
+        started = time.monotonic()
+        writer = self.d.storage.writer(self.task_id, span)
+        try:
+            async for chunk in self.source.read(self.req.url, span.offset, span.length, self.req.request_header):
+                writer.write(chunk)
+            record = await writer.commit(None)
+        except BaseException:
+            writer.abort()
+            raise
+        await self._stored(record, TRAFFIC_SOURCE, "", time.monotonic() - started)
+
+    # -- from parents ------------------------------------------------------------------------------
+
+    async def _from_parents(self, candidates: list[common_pb2.Peer]) -> None:
+        if not candidates:
+            raise Reschedule("no candidate parents")
+        first = candidates[0].task
+        for pb in first.pieces:
+            self.authoritative[pb.number] = pb.digest
+        if first.content_length or first.piece_count == 0:
+            await self._create(first.content_length, None)
+        if self.task is None:
+            raise Reschedule("parents do not know the task's length yet")
+        parents = {
+            c.id: _Parent(c.id, c.host.id, c.host.ip, c.host.port, weight=_weight(c.host))
+            for c in candidates
+            if c.id not in self.blocklist
+        }
+        if not parents:
+            raise Reschedule("every candidate parent is blocklisted")
+        changed = asyncio.Event()
+        wake = [changed]
+
+        def poke() -> None:
+            wake[0].set()
+
+        for p in parents.values():
+            p.task = asyncio.get_running_loop().create_task(self._sync(p, poke))
+        try:
+            await self._fetch_loop(parents, wake)
+        finally:
+            for p in parents.values():
+                if p.task:
+                    p.task.cancel()
+            await asyncio.gather(*(p.task for p in parents.values() if p.task), return_exceptions=True)
+
+    async def _sync(self, parent: _Parent, poke: Callable[[], None]) -> None:
+        """Follow a parent's SyncPieces stream: which of our missing pieces it has, as they land."""
+        interested = [s.number for s in self._missing()]
+        try:
+            channel = self.d.upload_channel(f"{parent.ip}:{parent.upload_port}")
+            stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
+            call = stub.SyncPieces(
+                dfdaemon_pb2.SyncPiecesRequest(
+                    host_id=self.d.host_id, task_id=self.task_id, interested_piece_numbers=interested
+                )
+            )
+            async for resp in call:
+                parent.piece_address = f"{resp.ip}:{resp.tcp_port}"
+                parent.pieces.add(resp.number)
+                poke()
+            parent.synced = True
+        except grpc.aio.AioRpcError as exc:
+            self.log.info("parent {} stopped answering SyncPieces: {}", parent.peer_id, exc.details())
+            parent.alive = False
+        finally:
+            poke()
+
+    async def _fetch_loop(self, parents: dict[str, _Parent], wake: list[asyncio.Event]) -> None:
+        assert self.task is not None
+        cfg = self.d.settings.daemon
+        inflight: dict[asyncio.Task[None], int] = {}
+        tried: dict[int, set[str]] = {}
+        last_progress = time.monotonic()
+        try:
+            while True:
+                missing = {s.number for s in self._missing()}
+                if not missing:
+                    return
+                busy = set(inflight.values())
+                for number in sorted(missing - busy):
+                    if len(inflight) >= cfg.concurrent_pieces:
+                        break
+                    holders = [
+                        p
+                        for p in parents.values()
+                        if p.alive and number in p.pieces and p.peer_id not in self.blocklist
+                        and p.peer_id not in tried.get(number, set())
+                    ]
+                    if not holders:
+                        continue
+                    parent = random.choices(holders, weights=[max(p.weight, 1e-9) for p in holders])[0]
+                    tried.setdefault(number, set()).add(parent.peer_id)
+                    t = asyncio.get_running_loop().create_task(self._parent_piece(parent, number))
+                    inflight[t] = number
+                if not inflight:
+                    live = [p for p in parents.values() if p.alive and p.peer_id not in self.blocklist]
+                    waiting = [p for p in live if not p.synced]
+                    if not waiting:
+                        raise Reschedule(
+                            f"{len(missing)} pieces missing and no live parent has them "
+                            f"({len(parents) - len(live)} of {len(parents)} parents failed)"
+                        )
+                    for n in missing:  # a parent still syncing may offer a piece again later
+                        tried.pop(n, None)
+                if time.monotonic() - last_progress > cfg.schedule_timeout:
+                    raise Reschedule(f"no piece arrived for {cfg.schedule_timeout:.0f}s")
+                event = wake[0]
+                waiters: set[asyncio.Future[object]] = set(inflight)  # type: ignore[arg-type]
+                waiter = asyncio.ensure_future(event.wait())
+                waiters.add(waiter)
+                done, _ = await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                if waiter in done or event.is_set():
+                    wake[0] = asyncio.Event()
+                waiter.cancel()
+                for t in [t for t in done if t in inflight]:
+                    number = inflight.pop(t)  # type: ignore[arg-type]
+                    exc = t.exception()
+                    if exc is None:
+                        last_progress = time.monotonic()
+                        tried.pop(number, None)
+                        continue
+                    if not isinstance(exc, DamselflyError | TimeoutError | OSError):
+                        raise exc
+        finally:
+            for t in inflight:
+                t.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
+
+    async def _parent_piece(self, parent: _Parent, number: int) -> None:
+        assert self.task is not None
+        span = self.task.layout.span(number)
+        address = parent.piece_address
+        pool = self.d.pool
+        started = time.monotonic()
+        expected = self.authoritative.get(number)
+        writer = self.d.storage.writer(self.task_id, span)
+        conn: PieceConnection | None = None
+        try:
+            conn = await pool.acquire(address)
+            meta = await asyncio.wait_for(
+                conn.fetch(self.task_id, number, writer), self.d.settings.daemon.piece_timeout
+            )
+            if meta.offset != span.offset or meta.length != span.length:
+                raise ProtocolError(
+                    f"parent's piece {number} lies at {meta.offset}+{meta.length}, expected {span.offset}+{span.length}"
+                )
+            if expected and meta.digest != expected:
+                raise PieceCorrupt(f"parent's digest {meta.digest} for piece {number} is not the source's {expected}")
+            record = await writer.commit(meta.digest)
+        except (PieceCorrupt, ProtocolError) as exc:
+            writer.abort()
+            if conn is not None:
+                await conn.close()
+                conn = None
+            self._parent_failed(parent, number, f"bad piece: {exc}", block=True)
+            raise
+        except NotFound as exc:
+            writer.abort()
+            parent.pieces.discard(number)
+            self._parent_failed(parent, number, str(exc), block=False)
+            raise
+        except (PeerError, TimeoutError, OSError) as exc:
+            writer.abort()
+            if conn is not None:
+                await conn.close()
+                conn = None
+            parent.alive = False
+            await pool.drop(address)
+            self._parent_failed(parent, number, f"parent failed: {exc or 'timeout'}", block=False)
+            raise
+        except BaseException:
+            writer.abort()
+            if conn is not None:
+                await conn.close()
+                conn = None
+            raise
+        finally:
+            if conn is not None:
+                await pool.release(address, conn)
+        await self._stored(record, TRAFFIC_PEER, parent.peer_id, time.monotonic() - started)
+
+    def _parent_failed(self, parent: _Parent, number: int, reason: str, *, block: bool) -> None:
+        self.log.warning("piece {} from parent {}: {}", number, parent.peer_id, reason)
+        self.d.metrics.piece_failures.labels("corrupt" if block else "parent").inc()
+        self.d.plugins.piece_failed(self.task_id, number, parent.peer_id, reason)
+        if block:
+            self.blocklist.add(parent.peer_id)
+        if self.link is not None:
+            self.link.send(
+                download_piece_failed_request=scheduler_pb2.DownloadPieceFailedRequest(
+                    piece_number=number, parent_id=parent.peer_id, temporary=not block
+                )
+            )
+
+
+def _weight(host: common_pb2.Host) -> float:
+    """Free upload bandwidth, the weight of a parent in per-piece choice."""
+    free = host.network.max_tx_bandwidth - host.network.tx_bandwidth
+    return float(max(free, 1))
+
+
+async def _gather_or_cancel(coros: list) -> None:  # type: ignore[type-arg]
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,188 @@
+"""``dfdaemon.v2.DfdaemonDownload`` on the unix socket: what local clients ask."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
+from google.protobuf import empty_pb2
+
+from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument, NotFound, StorageError
+from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started, TaskRuntime
+from damselfly.wire import piece_to_proto, task_to_proto, timestamp
+
+if TYPE_CHECKING:
+    from damselfly.daemon.daemon import Daemon
+
+ERROR_TYPE_KEY = "x-dragonfly-error-type"
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, InvalidArgument):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, BackendError):
+        if exc.status_code in (401, 403):
+            return grpc.StatusCode.PERMISSION_DENIED
+        if exc.status_code == 404:
+            return grpc.StatusCode.NOT_FOUND
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, StorageError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, DamselflyError):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    error_type = getattr(exc, "error_type", "dfdaemon")
+    context.set_trailing_metadata(((ERROR_TYPE_KEY, error_type),))
+    await context.abort(status_for(exc), str(exc) or type(exc).__name__)
+
+
+def write_output(daemon: Daemon, task_id: str, output_path: str, overwrite: bool) -> None:
+    """Checked before the download: an output we could never write fails fast."""
+    path = Path(output_path)
+    if not path.is_absolute():
+        raise InvalidArgument(f"output path must be absolute, got {output_path!r}")
+    if not path.parent.is_dir():
+        raise InvalidArgument(f"output directory {str(path.parent)!r} does not exist")
+    if path.exists() and not overwrite:
+        raise InvalidArgument(f"output {output_path!r} exists (pass overwrite to replace it)")
+
+
+async def export_output(daemon: Daemon, task_id: str, output_path: str) -> None:
+    """Copy the finished task to a temp file beside the output, then rename it into place."""
+    path = Path(output_path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".damselfly-tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        await daemon.storage.export(task_id, Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+async def progress_stream(
+    daemon: Daemon,
+    rt: TaskRuntime,
+    context: grpc.aio.ServicerContext,
+    *,
+    with_content: bool,
+    output_path: str = "",
+) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
+    host_id = daemon.host_id
+    async for event in rt.follow():
+        if isinstance(event, Started):
+            yield dfdaemon_pb2.DownloadTaskResponse(
+                host_id=host_id,
+                task_id=rt.task_id,
+                peer_id=rt.peer_id,
+                download_task_started_response=dfdaemon_pb2.DownloadTaskStartedResponse(
+                    content_length=event.content_length,
+                    response_header=event.response_header,
+                ),
+            )
+        elif isinstance(event, PieceEvent):
+            piece = piece_to_proto(event.record, event.traffic_type, event.parent_id, event.cost)
+            if with_content:
+                piece.content = await daemon.storage.read_piece(rt.task_id, event.record.number)
+            yield dfdaemon_pb2.DownloadTaskResponse(
+                host_id=host_id,
+                task_id=rt.task_id,
+                peer_id=rt.peer_id,
+                download_piece_finished_response=dfdaemon_pb2.DownloadPieceFinishedResponse(piece=piece),
+            )
+        elif isinstance(event, Finished):
+            if output_path:
+                try:
+                    await export_output(daemon, rt.task_id, output_path)
+                except DamselflyError as exc:
+                    await abort_with(context, exc)
+            return
+        elif isinstance(event, Failed):
+            await abort_with(context, event.error)
+
+
+class LocalService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
+    def __init__(self, daemon: Daemon):
+        self.d = daemon
+
+    async def DownloadTask(
+        self, request: dfdaemon_pb2.DownloadTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
+        from damselfly.daemon.download import DownloadRequest
+
+        dl = request.download
+        try:
+            req = DownloadRequest.from_proto(dl)
+            if not req.url:
+                raise InvalidArgument("download needs a url")
+            self.d.plugins.source_for(req.url)  # an unknown scheme fails before anything starts
+            if dl.output_path:
+                write_output(self.d, req.task_id(), dl.output_path, dl.overwrite)
+            rt = await self.d.start_download(req)
+        except DamselflyError as exc:
+            await abort_with(context, exc)
+            return
+        async for resp in progress_stream(
+            self.d, rt, context, with_content=dl.need_piece_content, output_path=dl.output_path
+        ):
+            yield resp
+
+    async def StatTask(self, request: dfdaemon_pb2.StatTaskRequest, context: grpc.aio.ServicerContext) -> common_pb2.Task:
+        task = self.d.storage.get(request.task_id)
+        if task is not None:
+            return task_to_proto(task)
+        remote = await self.d.schedulers.stat_task(self.d.host_id, request.task_id)
+        if remote is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
+        return remote
+
+    async def StatLocalTask(
+        self, request: dfdaemon_pb2.StatLocalTaskRequest, context: grpc.aio.ServicerContext
+    ) -> dfdaemon_pb2.StatLocalTaskResponse:
+        task = self.d.storage.get(request.task_id)
+        if task is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
+        return _local(task)
+
+    async def ListLocalTasks(
+        self, request: dfdaemon_pb2.ListLocalTasksRequest, context: grpc.aio.ServicerContext
+    ) -> dfdaemon_pb2.ListLocalTasksResponse:
+        return dfdaemon_pb2.ListLocalTasksResponse(tasks=[_local(t) for t in self.d.storage.tasks()])
+
+    async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        await self.d.delete_task(request.task_id)
+        return empty_pb2.Empty()
+
+    async def DeleteLocalTask(
+        self, request: dfdaemon_pb2.DeleteLocalTaskRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        await self.d.delete_task(request.task_id)
+        return empty_pb2.Empty()
+
+
+def _local(task: common_pb2.Task | object) -> dfdaemon_pb2.StatLocalTaskResponse:
+    from damselfly.core.task import Task, TaskState
+
+    assert isinstance(task, Task)
+    resp = dfdaemon_pb2.StatLocalTaskResponse(
+        task_id=task.id,
+        piece_length=task.piece_length,
+        content_length=task.content_length,
+        response_header=task.response_header,
+        created_at=timestamp(task.created_at),
+        updated_at=timestamp(task.updated_at),
+    )
+    if task.state is TaskState.SUCCEEDED:
+        resp.finished_at.CopyFrom(timestamp(task.updated_at))
+    return resp

@@ -1,0 +1,120 @@
+"""``dfdaemon.v2.DfdaemonUpload``: what other daemons and the scheduler ask of this one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
+from google.protobuf import empty_pb2
+
+from damselfly.contracts import ServedPiece
+from damselfly.core import vortex
+from damselfly.core.errors import InvalidArgument, NotFound
+from damselfly.core.ids import is_task_id
+from damselfly.daemon.download import DownloadRequest
+from damselfly.daemon.local import progress_stream
+from damselfly.wire import host_to_proto, task_to_proto
+
+if TYPE_CHECKING:
+    from damselfly.daemon.daemon import Daemon
+
+TASK_APPEAR_WAIT = 10.0  # seconds SyncPieces waits for a task this daemon is about to start
+
+
+class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
+    def __init__(self, daemon: Daemon):
+        self.d = daemon
+
+    async def SyncPieces(
+        self, request: dfdaemon_pb2.SyncPiecesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[dfdaemon_pb2.SyncPiecesResponse]:
+        d = self.d
+        deadline = time.monotonic() + TASK_APPEAR_WAIT
+        while (task := d.storage.get(request.task_id)) is None:
+            rt = d.runtimes.get(request.task_id)
+            if rt is None or rt.done or time.monotonic() > deadline:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
+            await asyncio.wait_for(rt.changed.wait(), TASK_APPEAR_WAIT)
+        wanted = set(request.interested_piece_numbers) or set(range(task.piece_count))
+        sent: set[int] = set()
+        ip, tcp_port = d.settings.host.ip, d.piece_port
+        while True:
+            rt = d.runtimes.get(request.task_id)
+            changed = rt.changed if rt is not None else None
+            for number in sorted((wanted - sent) & task.pieces.keys()):
+                rec = task.pieces[number]
+                sent.add(number)
+                yield dfdaemon_pb2.SyncPiecesResponse(
+                    number=rec.number, offset=rec.offset, length=rec.length, ip=ip, tcp_port=tcp_port
+                )
+            if sent >= wanted or d.storage.get(request.task_id) is not task:
+                return
+            if rt is None or rt.done or changed is None:
+                return  # no more pieces will land here; the child looks elsewhere
+            try:
+                await asyncio.wait_for(changed.wait(), 1.0)
+            except TimeoutError:
+                pass
+
+    async def DownloadTask(
+        self, request: dfdaemon_pb2.DownloadTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
+        """The scheduler asks this (seed) daemon to fetch a task."""
+        try:
+            req = DownloadRequest.from_proto(request.download)
+            req.output_path = ""
+            rt = await self.d.start_download(req)
+        except InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        async for resp in progress_stream(self.d, rt, context, with_content=False):
+            yield resp
+
+    async def StatTask(self, request: dfdaemon_pb2.StatTaskRequest, context: grpc.aio.ServicerContext) -> common_pb2.Task:
+        task = self.d.storage.get(request.task_id)
+        if task is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
+        return task_to_proto(task)
+
+    async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        await self.d.delete_task(request.task_id)
+        return empty_pb2.Empty()
+
+    async def SyncHost(
+        self, request: dfdaemon_pb2.SyncHostRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.Host]:
+        while True:
+            yield host_to_proto(self.d.core_host())
+            await asyncio.sleep(1.0)
+
+
+async def lookup_piece(daemon: Daemon, task_id: str, number: int) -> ServedPiece:
+    """What the piece server sends for a DownloadPiece request."""
+    if not is_task_id(task_id):
+        raise InvalidArgument(f"bad task id {task_id!r}")
+    task = daemon.storage.get(task_id)
+    if task is None:
+        raise NotFound(f"task {task_id} not found")
+    record = task.pieces.get(number)
+    if record is None:
+        raise NotFound(f"piece {number} of task {task_id} not found")
+    meta = vortex.PieceMetadata(
+        number=record.number,
+        offset=record.offset,
+        length=record.length,
+        digest=record.digest,
+        parent_id=daemon.runtimes[task_id].peer_id if task_id in daemon.runtimes else "",
+        traffic_type=vortex.TrafficType.REMOTE_PEER,
+        cost_seconds=0,
+        created_at=int(time.time()),
+    )
+    daemon.metrics.upload_traffic.inc(record.length)
+    daemon.metrics.upload_pieces.inc()
+    daemon.uploaded_bytes += record.length
+    region = daemon.storage.piece_region(task_id, number)
+    if region is not None:
+        return ServedPiece(meta, region=region)
+    return ServedPiece(meta, data=await daemon.storage.read_piece(task_id, number))

@@ -1,0 +1,53 @@
+"""Every hook damselfly calls. Implementations use ``@damselfly.hookimpl``.
+
+Registry hooks receive a registry and add plugin classes to it; behaviour hooks
+are told what happened. Hooks are synchronous and never run an event loop.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
+
+PROJECT = "damselfly"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def damselfly_add_sources(registry: Registry) -> None:
+    """Add ``Source`` classes: ``registry.add(HttpSource)``. Each serves its ``schemes``."""
+
+
+@hookspec
+def damselfly_add_transports(registry: Registry) -> None:
+    """Add ``Transport`` classes that move Vortex frames between peers."""
+
+
+@hookspec
+def damselfly_add_storages(registry: Registry) -> None:
+    """Add ``Storage`` classes that keep pieces and task metadata."""
+
+
+@hookspec
+def damselfly_add_strategies(registry: Registry) -> None:
+    """Add scheduling ``Strategy`` classes that rank candidate parents."""
+
+
+@hookspec
+def damselfly_piece_verified(task_id: str, number: int, length: int, parent_id: str, traffic_type: int) -> None:
+    """A piece passed its crc32 check and was stored; ``parent_id`` is empty from the source."""
+
+
+@hookspec
+def damselfly_piece_failed(task_id: str, number: int, parent_id: str, reason: str) -> None:
+    """A piece could not be had from ``parent_id`` (corrupt, refused, vanished)."""
+
+
+@hookspec
+def damselfly_task_finished(task_id: str, url: str, content_length: int, peer_bytes: int, source_bytes: int) -> None:
+    """A download finished on this daemon, with how many bytes came from peers and the source."""

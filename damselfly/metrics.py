@@ -1,0 +1,79 @@
+"""Prometheus metrics, one registry per service, served at ``/metrics``."""
+
+from __future__ import annotations
+
+import socket
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class DaemonMetrics:
+    """Names follow Dragonfly's ``dragonfly_dfdaemon_*`` style."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "dragonfly_dfdaemon_"
+        self.download_task = Counter(p + "download_task_total", "Downloads started.", ["type"], registry=r)
+        self.download_task_failure = Counter(p + "download_task_failure_total", "Downloads failed.", ["type"], registry=r)
+        self.download_traffic = Counter(
+            p + "download_traffic_bytes_total", "Bytes downloaded, by where they came from.", ["traffic_type"], registry=r
+        )
+        self.upload_traffic = Counter(p + "upload_traffic_bytes_total", "Piece bytes served to children.", registry=r)
+        self.upload_pieces = Counter(p + "upload_piece_total", "Pieces served to children.", registry=r)
+        self.piece_failures = Counter(
+            p + "download_piece_failure_total", "Pieces that failed from a parent, by reason.", ["reason"], registry=r
+        )
+        self.concurrent_uploads = Gauge(p + "concurrent_upload_piece", "Pieces being served now.", registry=r)
+        self.piece_seconds = Histogram(
+            p + "download_piece_duration_seconds",
+            "Seconds to fetch one piece.",
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.tasks = Gauge(p + "tasks", "Tasks held in storage.", registry=r)
+
+
+class SchedulerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "dragonfly_scheduler_"
+        self.announce_peer = Counter(p + "announce_peer_total", "AnnouncePeer streams opened.", registry=r)
+        self.schedule = Counter(p + "schedule_total", "Scheduling answers sent, by kind.", ["result"], registry=r)
+        self.schedule_seconds = Histogram(
+            p + "schedule_duration_seconds",
+            "Seconds from a register or reschedule to its answer.",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+            registry=r,
+        )
+        self.hosts = Gauge(p + "hosts", "Hosts announced.", ["type"], registry=r)
+        self.tasks = Gauge(p + "tasks", "Tasks known.", registry=r)
+        self.peers = Gauge(p + "peers", "Peers known.", registry=r)
+        self.seed_triggers = Counter(p + "trigger_seed_peer_total", "Seed peers asked to fetch a task.", registry=r)
+        self.seed_trigger_failures = Counter(
+            p + "trigger_seed_peer_failure_total", "Seed peer downloads that failed.", registry=r
+        )
+        self.piece_reports = Counter(p + "download_piece_total", "Pieces reported finished.", ["traffic_type"], registry=r)
+
+
+async def serve_metrics(registry: CollectorRegistry, host: str, port: int, extra: dict | None = None) -> tuple[web.AppRunner, int]:
+    """Start ``GET /metrics`` (and ``/healthy``) on host:port; returns the runner and bound port."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthy(_: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthy", healthy)
+    for path, handler in (extra or {}).items():
+        app.router.add_get(path, handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    await web.SockSite(runner, sock).start()
+    return runner, sock.getsockname()[1]

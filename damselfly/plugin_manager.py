@@ -1,0 +1,210 @@
+"""Builds the plugin manager from settings and wraps it in one typed class.
+
+Built-in plugins are registered exactly like third-party ones: modules with
+hook implementations. Then ``damselfly`` entry points load (unless autoload is
+off), then extra modules named in config; blocked names never register.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
+
+import pluggy
+from loguru import logger
+
+from damselfly import hookspecs
+from damselfly.config import PluginChoice, Settings
+from damselfly.contracts import Plugin, Source, Storage, Strategy, Transport
+from damselfly.core.errors import InvalidArgument, Unavailable
+
+ENTRY_POINT_GROUP = "damselfly"
+
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "damselfly.plugins.source.http",
+    "damselfly.plugins.source.file",
+    "damselfly.plugins.transport.tcp",
+    "damselfly.plugins.storage.disk",
+    "damselfly.plugins.storage.memory",
+    "damselfly.plugins.scheduler.default",
+    "damselfly.plugins.scheduler.random",
+)
+
+P = TypeVar("P", bound=Plugin)
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    name: str
+    kind: str
+    origin: str  # "builtin", "entry point DIST VERSION" or "module NAME"
+    cls: type[Plugin]
+    unavailable: str | None
+
+
+class Registry(Generic[P]):
+    """Name -> plugin class for one kind; a duplicate name is an error."""
+
+    def __init__(self, kind: str, base: type[P], origin_of: Any):
+        self.kind = kind
+        self.base = base
+        self._origin_of = origin_of
+        self._classes: dict[str, type[P]] = {}
+
+    def add(self, cls: type[P]) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise TypeError(f"{cls!r} is not a {self.base.__name__} subclass")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{cls.__qualname__} has no `name`")
+        if name in self._classes:
+            other = self._classes[name]
+            raise InvalidArgument(
+                f"two {self.kind} plugins are named {name!r}: "
+                f"{other.__module__}.{other.__qualname__} and {cls.__module__}.{cls.__qualname__}"
+            )
+        self._classes[name] = cls
+
+    def remove(self, name: str) -> None:
+        self._classes.pop(name, None)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._classes
+
+    def __getitem__(self, name: str) -> type[P]:
+        try:
+            return self._classes[name]
+        except KeyError:
+            known = ", ".join(sorted(self._classes)) or "none"
+            raise InvalidArgument(f"no {self.kind} plugin named {name!r} (known: {known})") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def classes(self) -> list[type[P]]:
+        return [self._classes[n] for n in self.names()]
+
+    def info(self) -> list[PluginInfo]:
+        return [PluginInfo(c.name, self.kind, self._origin_of(c), c, c.available()) for c in self.classes()]
+
+
+class Plugins:
+    """The one typed door to hooks: the rest of damselfly never calls ``pm.hook``."""
+
+    def __init__(self, pm: pluggy.PluginManager, settings: Settings):
+        self.pm = pm
+        self.settings = settings
+        self.sources: Registry[Source] = Registry("source", Source, self._origin)
+        self.transports: Registry[Transport] = Registry("transport", Transport, self._origin)
+        self.storages: Registry[Storage] = Registry("storage", Storage, self._origin)
+        self.strategies: Registry[Strategy] = Registry("strategy", Strategy, self._origin)
+        self._dists: dict[str, str] = {}
+        for plugin, dist in pm.list_plugin_distinfo():
+            self._dists[getattr(plugin, "__name__", "")] = f"entry point {dist.project_name} {dist.version}"
+        hook = pm.hook
+        hook.damselfly_add_sources(registry=self.sources)
+        hook.damselfly_add_transports(registry=self.transports)
+        hook.damselfly_add_storages(registry=self.storages)
+        hook.damselfly_add_strategies(registry=self.strategies)
+        blocked = set(settings.plugins.block)
+        for reg in (self.sources, self.transports, self.storages, self.strategies):
+            for name in blocked & set(reg.names()):
+                reg.remove(name)
+
+    def _origin(self, cls: type) -> str:
+        module = cls.__module__
+        if module.startswith("damselfly.plugins."):
+            return "builtin"
+        for plugin_module, origin in self._dists.items():
+            if module == plugin_module or module.startswith(plugin_module + "."):
+                return origin
+        top = module.split(".")[0]
+        for plugin_module, origin in self._dists.items():
+            if plugin_module.split(".")[0] == top:
+                return origin
+        return f"module {module}"
+
+    # -- the calls the rest of the code makes -------------------------------------
+
+    def info(self) -> list[PluginInfo]:
+        rows: list[PluginInfo] = []
+        for reg in (self.sources, self.transports, self.storages, self.strategies):
+            rows.extend(reg.info())
+        return rows
+
+    def source_for(self, url: str) -> type[Source]:
+        scheme = urlsplit(url).scheme.lower()
+        if not scheme:
+            raise InvalidArgument(f"url {url!r} has no scheme")
+        for cls in self.sources.classes():
+            if scheme in cls.schemes:
+                return cls
+        raise InvalidArgument(f"no source plugin handles {scheme}:// urls (url {url!r})")
+
+    def make_source(self, url: str) -> Source:
+        cls = self.source_for(url)
+        return cls(cls.parse_options({}, f"source.{cls.name}"))
+
+    def make_storage(self, choice: PluginChoice, data_dir: Any) -> Storage:
+        cls = self.storages[choice.type]
+        self._check_available(cls)
+        return cls(data_dir, cls.parse_options(choice.options, "daemon.storage"))
+
+    def make_transport(self, choice: PluginChoice) -> Transport:
+        cls = self.transports[choice.type]
+        self._check_available(cls)
+        return cls(cls.parse_options(choice.options, f"daemon.transports.{choice.type}"))
+
+    def make_strategy(self, name: str) -> Strategy:
+        cls = self.strategies[name]
+        return cls(cls.parse_options({}, "scheduler.strategy"))
+
+    @staticmethod
+    def _check_available(cls: type[Plugin]) -> None:
+        reason = cls.available()
+        if reason:
+            raise Unavailable(f"plugin {cls.name!r} cannot run here: {reason}")
+
+    def piece_verified(self, task_id: str, number: int, length: int, parent_id: str, traffic_type: int) -> None:
+        self.pm.hook.damselfly_piece_verified(
+            task_id=task_id, number=number, length=length, parent_id=parent_id, traffic_type=traffic_type
+        )
+
+    def piece_failed(self, task_id: str, number: int, parent_id: str, reason: str) -> None:
+        self.pm.hook.damselfly_piece_failed(task_id=task_id, number=number, parent_id=parent_id, reason=reason)
+
+    def task_finished(self, task_id: str, url: str, content_length: int, peer_bytes: int, source_bytes: int) -> None:
+        self.pm.hook.damselfly_task_finished(
+            task_id=task_id, url=url, content_length=content_length, peer_bytes=peer_bytes, source_bytes=source_bytes
+        )
+
+
+def _register_modules(pm: pluggy.PluginManager, modules: Iterable[str], blocked: set[str]) -> None:
+    for name in modules:
+        if name in blocked or pm.is_blocked(name):
+            logger.debug("plugin module {} is blocked", name)
+            continue
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise InvalidArgument(f"cannot import plugin module {name!r}: {exc}") from None
+        if pm.get_plugin(name) is None:
+            pm.register(module, name=name)
+
+
+def build_plugins(settings: Settings) -> Plugins:
+    """A fresh plugin manager for these settings; never a module global."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    blocked = set(settings.plugins.block)
+    for name in blocked:
+        pm.set_blocked(name)
+    _register_modules(pm, BUILTIN_PLUGINS, blocked)
+    if settings.plugins.autoload:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    _register_modules(pm, settings.plugins.load, blocked)
+    pm.check_pending()
+    return Plugins(pm, settings)

@@ -1,0 +1,68 @@
+"""``file://`` origins: a local path, read in chunks off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import unquote, urlsplit
+
+from damselfly.contracts import Source, SourceEntry, SourceInfo
+from damselfly.core.errors import BackendError
+from damselfly.hookspecs import hookimpl
+
+CHUNK = 1 << 20
+
+
+def _path(url: str) -> Path:
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise BackendError(f"file url {url!r} names a remote host")
+    return Path(unquote(parts.path))
+
+
+class FileSource(Source):
+    name: ClassVar[str] = "file"
+    schemes: ClassVar[tuple[str, ...]] = ("file",)
+
+    async def stat(self, url: str, headers: dict[str, str]) -> SourceInfo:
+        path = _path(url)
+        try:
+            st = await asyncio.to_thread(path.stat)
+        except FileNotFoundError:
+            raise BackendError(f"no such file: {path}", status_code=404) from None
+        except OSError as exc:
+            raise BackendError(f"cannot stat {path}: {exc.strerror}") from None
+        return SourceInfo(st.st_size, True, {})
+
+    async def read(self, url: str, offset: int, length: int, headers: dict[str, str]) -> AsyncIterator[bytes]:
+        path = _path(url)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise BackendError(f"cannot open {path}: {exc.strerror}", status_code=404) from None
+        try:
+            left = length
+            while left > 0:
+                chunk = await asyncio.to_thread(os.pread, fd, min(CHUNK, left), offset)
+                if not chunk:
+                    raise BackendError(f"{path} ended {left} bytes early")
+                offset += len(chunk)
+                left -= len(chunk)
+                yield chunk
+        finally:
+            os.close(fd)
+
+    async def list(self, url: str, headers: dict[str, str]) -> list[SourceEntry]:
+        root = _path(url)
+        entries = []
+        for p in sorted(root.rglob("*")):
+            entries.append(SourceEntry(p.as_uri(), p.stat().st_size if p.is_file() else 0, p.is_dir()))
+        return entries
+
+
+@hookimpl
+def damselfly_add_sources(registry):  # type: ignore[no-untyped-def]
+    registry.add(FileSource)

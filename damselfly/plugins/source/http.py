@@ -1,0 +1,123 @@
+"""``http`` and ``https`` origins through aiohttp: HEAD to stat, Range GETs to read."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import ClassVar
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, Field
+
+from damselfly.contracts import Source, SourceInfo
+from damselfly.core.errors import BackendError
+from damselfly.hookspecs import hookimpl
+
+CHUNK = 256 * 1024
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+# Hop-by-hop and framing headers are ours to set, never passed on to the origin.
+_DROP = {"host", "range", "content-length", "transfer-encoding", "connection", "accept-encoding"}
+
+
+class HttpConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds to connect to the origin.")
+    read_timeout: float = Field(60.0, gt=0, description="Seconds a read may stall.")
+    verify_tls: bool = Field(True, description="Verify the origin's certificate.")
+
+
+class HttpSource(Source):
+    name: ClassVar[str] = "http"
+    schemes: ClassVar[tuple[str, ...]] = ("http", "https")
+    Config = HttpConfig
+    options: HttpConfig
+
+    def __init__(self, options: BaseModel | None = None):
+        super().__init__(options)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=self.options.connect_timeout, sock_read=self.options.read_timeout
+            )
+            connector = aiohttp.TCPConnector(ssl=None if self.options.verify_tls else False, limit=64)
+            self._session = aiohttp.ClientSession(
+                timeout=timeout, connector=connector, auto_decompress=False, trust_env=False
+            )
+        return self._session
+
+    @staticmethod
+    def _headers(headers: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in headers.items() if k.lower() not in _DROP}
+
+    async def stat(self, url: str, headers: dict[str, str]) -> SourceInfo:
+        hdrs = self._headers(headers)
+        try:
+            async with self._client().head(url, headers=hdrs, allow_redirects=True) as resp:
+                if resp.status < 400 and resp.headers.get("Content-Length") is not None:
+                    return SourceInfo(
+                        int(resp.headers["Content-Length"]),
+                        resp.headers.get("Accept-Ranges", "").lower() == "bytes",
+                        dict(resp.headers),
+                    )
+                if resp.status >= 400 and resp.status not in (405, 501):
+                    raise BackendError(
+                        f"origin answered {resp.status} {resp.reason} for HEAD {url}",
+                        status_code=resp.status,
+                        headers=dict(resp.headers),
+                    )
+            # No length from HEAD: ask for the first byte and read Content-Range.
+            async with self._client().get(url, headers={**hdrs, "Range": "bytes=0-0"}) as resp:
+                if resp.status == 206:
+                    m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+                    if m and m.group(3) != "*":
+                        return SourceInfo(int(m.group(3)), True, dict(resp.headers))
+                if resp.status == 416:
+                    return SourceInfo(0, True, dict(resp.headers))
+                if resp.status == 200 and resp.headers.get("Content-Length") is not None:
+                    return SourceInfo(int(resp.headers["Content-Length"]), False, dict(resp.headers))
+                raise BackendError(
+                    f"origin gives no content length for {url} (status {resp.status})",
+                    status_code=resp.status,
+                    headers=dict(resp.headers),
+                )
+        except aiohttp.ClientError as exc:
+            raise BackendError(f"cannot reach origin for {url}: {exc}") from None
+
+    async def read(self, url: str, offset: int, length: int, headers: dict[str, str]) -> AsyncIterator[bytes]:
+        if length <= 0:
+            return
+        hdrs = {**self._headers(headers), "Range": f"bytes={offset}-{offset + length - 1}"}
+        try:
+            async with self._client().get(url, headers=hdrs) as resp:
+                if resp.status == 200:
+                    if offset != 0:
+                        raise BackendError(f"origin ignored the Range header for {url}", status_code=200)
+                elif resp.status != 206:
+                    raise BackendError(
+                        f"origin answered {resp.status} {resp.reason} for {url}",
+                        status_code=resp.status,
+                        headers=dict(resp.headers),
+                    )
+                left = length
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    if len(chunk) > left:
+                        chunk = chunk[:left]
+                    left -= len(chunk)
+                    yield chunk
+                    if left == 0:
+                        break
+                if left:
+                    raise BackendError(f"origin closed {url} {left} bytes short")
+        except aiohttp.ClientError as exc:
+            raise BackendError(f"reading {url} from origin failed: {exc}") from None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+@hookimpl
+def damselfly_add_sources(registry):  # type: ignore[no-untyped-def]
+    registry.add(HttpSource)

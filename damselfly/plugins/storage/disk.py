@@ -1,0 +1,310 @@
+"""``disk`` storage: one sparse content file and one metadata file per task.
+
+``DATA_DIR/tasks/<task id>/content`` holds the bytes at their offsets and
+``meta.json`` the task and its verified pieces. A piece is written in place,
+checked, and only then recorded, so a crash leaves at worst a piece to fetch
+again, never a wrong one served. Metadata is replaced by rename.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from damselfly.contracts import FileRegion, Storage
+from damselfly.core.errors import NotFound, PieceCorrupt, StorageError
+from damselfly.core.piece import DIGEST_ALGORITHM, PieceSpan
+from damselfly.core.task import PieceRecord, Task, TaskState
+from damselfly.hookspecs import hookimpl
+
+READ_CHUNK = 1 << 20
+META = "meta.json"
+CONTENT = "content"
+
+
+class DiskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    persist_interval: float = Field(1.0, ge=0, description="Seconds between metadata saves while downloading.")
+    min_free_bytes: int = Field(0, ge=0, description="Refuse a task that would leave less free space than this.")
+
+
+def _task_to_json(task: Task) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "url": task.url,
+        "content_length": task.content_length,
+        "piece_length": task.piece_length,
+        "digest": task.digest,
+        "tag": task.tag,
+        "application": task.application,
+        "filtered_query_params": task.filtered_query_params,
+        "response_header": task.response_header,
+        "state": task.state.value,
+        "created_at": task.created_at,
+        "updated_at": task.updated_at,
+        "pieces": [p.to_dict() for p in sorted(task.pieces.values(), key=lambda p: p.number)],
+    }
+
+
+def _task_from_json(raw: dict[str, Any]) -> Task:
+    task = Task(
+        id=raw["id"],
+        url=raw.get("url", ""),
+        content_length=int(raw["content_length"]),
+        piece_length=int(raw["piece_length"]),
+        digest=raw.get("digest", ""),
+        tag=raw.get("tag", ""),
+        application=raw.get("application", ""),
+        filtered_query_params=list(raw.get("filtered_query_params", [])),
+        response_header=dict(raw.get("response_header", {})),
+        state=TaskState(raw.get("state", "Running")),
+        created_at=float(raw.get("created_at", 0)),
+        updated_at=float(raw.get("updated_at", 0)),
+    )
+    for p in raw.get("pieces", []):
+        task.pieces[int(p["number"])] = PieceRecord(int(p["number"]), int(p["offset"]), int(p["length"]), p["digest"])
+    return task
+
+
+class _DiskWriter:
+    def __init__(self, storage: DiskStorage, task: Task, fd: int, span: PieceSpan):
+        self._storage = storage
+        self._task = task
+        self._fd = fd
+        self._span = span
+        self._pos = span.offset
+        self._crc = 0
+        self._done = False
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        n = len(chunk)
+        if self._pos + n > self._span.end:
+            raise PieceCorrupt(f"piece {self._span.number} is longer than its {self._span.length} bytes")
+        try:
+            written = os.pwrite(self._fd, chunk, self._pos)
+            while written < n:  # short writes happen on some filesystems
+                written += os.pwrite(self._fd, memoryview(chunk)[written:], self._pos + written)
+        except OSError as exc:
+            raise StorageError(f"cannot write task {self._task.id[:12]}: {exc.strerror}") from None
+        self._crc = zlib.crc32(chunk, self._crc)
+        self._pos += n
+
+    async def commit(self, expected_digest: str | None) -> PieceRecord:
+        if self._pos != self._span.end:
+            raise PieceCorrupt(
+                f"piece {self._span.number} has {self._pos - self._span.offset} of {self._span.length} bytes"
+            )
+        digest = f"{DIGEST_ALGORITHM}:{self._crc}"
+        if expected_digest is not None and digest != expected_digest:
+            raise PieceCorrupt(f"piece {self._span.number}: expected {expected_digest}, got {digest}")
+        record = PieceRecord(self._span.number, self._span.offset, self._span.length, digest)
+        self._done = True
+        self._storage._record(self._task, record)
+        return record
+
+    def abort(self) -> None:
+        self._done = True
+
+
+class DiskStorage(Storage):
+    name: ClassVar[str] = "disk"
+    Config = DiskConfig
+    options: DiskConfig
+
+    def __init__(self, data_dir: Path, options: BaseModel | None = None):
+        super().__init__(data_dir, options)
+        self.root = Path(data_dir) / "tasks"
+        self._tasks: dict[str, Task] = {}
+        self._fds: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.root}: {exc.strerror}") from None
+        for meta in sorted(self.root.glob(f"*/{META}")):
+            try:
+                task = _task_from_json(json.loads(meta.read_text()))
+                size = (meta.parent / CONTENT).stat().st_size
+                if size != task.content_length:
+                    raise ValueError(f"content file is {size} bytes, metadata says {task.content_length}")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                logger.warning("dropping unreadable task in {}: {}", meta.parent, exc)
+                shutil.rmtree(meta.parent, ignore_errors=True)
+                continue
+            self._tasks[task.id] = task
+        for stray in self.root.glob(f"*/{META}.tmp*"):
+            stray.unlink(missing_ok=True)
+
+    async def close(self) -> None:
+        if self._flusher:
+            self._flusher.cancel()
+            self._flusher = None
+        for task_id in list(self._dirty):
+            self._persist(task_id)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def tasks(self) -> list[Task]:
+        return list(self._tasks.values())
+
+    def get(self, task_id: str) -> Task | None:
+        return self._tasks.get(task_id)
+
+    def _dir(self, task_id: str) -> Path:
+        if not task_id.isalnum():
+            raise StorageError(f"bad task id {task_id!r}")
+        return self.root / task_id
+
+    def _fd(self, task_id: str) -> int:
+        fd = self._fds.get(task_id)
+        if fd is None:
+            try:
+                fd = os.open(self._dir(task_id) / CONTENT, os.O_RDWR)
+            except OSError as exc:
+                raise StorageError(f"cannot open task {task_id[:12]}: {exc.strerror}") from None
+            self._fds[task_id] = fd
+        return fd
+
+    async def create(self, task: Task) -> Task:
+        existing = self._tasks.get(task.id)
+        if existing is not None:
+            if existing.content_length == task.content_length and existing.piece_length == task.piece_length:
+                return existing
+            await self.delete(task.id)  # the origin changed: start again
+        d = self._dir(task.id)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(d).free
+            if free - task.content_length < self.options.min_free_bytes:
+                raise StorageError(
+                    f"not enough disk space for task {task.id[:12]}: need {task.content_length} bytes, "
+                    f"{free} free in {d}"
+                )
+            fd = os.open(d / CONTENT, os.O_RDWR | os.O_CREAT, 0o644)
+            os.ftruncate(fd, task.content_length)
+        except OSError as exc:
+            shutil.rmtree(d, ignore_errors=True)
+            raise StorageError(f"cannot create task {task.id[:12]} in {d}: {exc.strerror}") from None
+        self._fds[task.id] = fd
+        task.state = TaskState.RUNNING
+        task.created_at = task.updated_at = time.time()
+        self._tasks[task.id] = task
+        self._persist(task.id)
+        return task
+
+    def writer(self, task_id: str, span: PieceSpan) -> _DiskWriter:
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise NotFound(f"task {task_id[:12]} is not stored here")
+        return _DiskWriter(self, task, self._fd(task_id), span)
+
+    def _record(self, task: Task, record: PieceRecord) -> None:
+        task.pieces[record.number] = record
+        task.updated_at = time.time()
+        self._dirty.add(task.id)
+        if self.options.persist_interval == 0:
+            self._persist(task.id)
+        elif self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.options.persist_interval)
+        for task_id in list(self._dirty):
+            self._persist(task_id)
+
+    def _persist(self, task_id: str) -> None:
+        self._dirty.discard(task_id)
+        task = self._tasks.get(task_id)
+        if task is None:
+            return
+        d = self._dir(task_id)
+        tmp = d / f"{META}.tmp{os.getpid()}"
+        try:
+            tmp.write_text(json.dumps(_task_to_json(task)))
+            os.replace(tmp, d / META)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            logger.error("cannot save metadata of task {}: {}", task_id[:12], exc.strerror)
+
+    def _present(self, task_id: str, number: int) -> tuple[Task, PieceRecord]:
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise NotFound(f"task {task_id[:12]} is not stored here")
+        record = task.pieces.get(number)
+        if record is None:
+            raise NotFound(f"piece {number} of task {task_id[:12]} is not stored here")
+        return task, record
+
+    async def read_piece(self, task_id: str, number: int) -> bytes:
+        _, record = self._present(task_id, number)
+        data = await asyncio.to_thread(os.pread, self._fd(task_id), record.length, record.offset)
+        if len(data) != record.length:
+            raise StorageError(f"piece {number} of task {task_id[:12]} is truncated on disk")
+        return data
+
+    def piece_region(self, task_id: str, number: int) -> FileRegion | None:
+        _, record = self._present(task_id, number)
+        return FileRegion(self._dir(task_id) / CONTENT, record.offset, record.length)
+
+    async def read_range(self, task_id: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise NotFound(f"task {task_id[:12]} is not stored here")
+        fd = self._fd(task_id)
+        end = min(offset + length, task.content_length)
+        while offset < end:
+            chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, end - offset), offset)
+            if not chunk:
+                raise StorageError(f"task {task_id[:12]} is truncated on disk")
+            offset += len(chunk)
+            yield chunk
+
+    async def finish(self, task_id: str) -> None:
+        task = self._tasks[task_id]
+        if len(task.pieces) != task.piece_count:
+            raise StorageError(f"task {task_id[:12]} has {len(task.pieces)} of {task.piece_count} pieces")
+        task.state = TaskState.SUCCEEDED
+        self._persist(task_id)
+
+    async def delete(self, task_id: str) -> None:
+        self._tasks.pop(task_id, None)
+        self._dirty.discard(task_id)
+        fd = self._fds.pop(task_id, None)
+        if fd is not None:
+            os.close(fd)
+        await asyncio.to_thread(shutil.rmtree, self._dir(task_id), True)
+
+    async def export(self, task_id: str, dest: Path) -> None:
+        task = self._tasks.get(task_id)
+        if task is None or task.state is not TaskState.SUCCEEDED:
+            raise NotFound(f"task {task_id[:12]} is not complete here")
+        src = self._dir(task_id) / CONTENT
+        try:
+            await asyncio.to_thread(shutil.copyfile, src, dest)
+        except OSError as exc:
+            raise StorageError(f"cannot write {dest}: {exc.strerror}") from None
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "tasks": len(self._tasks),
+            "bytes": sum(p.length for t in self._tasks.values() for p in t.pieces.values()),
+        }
+
+
+@hookimpl
+def damselfly_add_storages(registry):  # type: ignore[no-untyped-def]
+    registry.add(DiskStorage)

@@ -1,0 +1,544 @@
+"""The scheduler: ``scheduler.v2.Scheduler`` over gRPC, from the dragonfly-api stubs.
+
+It keeps hosts, tasks and peers in memory, decides for each peer whether it
+gets parents or goes to the source, and makes a seed peer fetch a new task from
+the origin so that the origin is read once. Parent ranking is a strategy plugin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from google.protobuf import empty_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from loguru import logger
+
+from damselfly.config import Settings
+from damselfly.contracts import Candidate, Strategy
+from damselfly.core.host import Host
+from damselfly.core.peer import Peer, PeerState
+from damselfly.core.task import Task, TaskState
+from damselfly.metrics import SchedulerMetrics, serve_metrics
+from damselfly.plugin_manager import Plugins, build_plugins
+from damselfly.wire import host_from_proto, host_to_proto, peer_to_proto, piece_from_proto, task_to_proto
+
+_CLOSE = object()
+ELIGIBLE = (PeerState.RUNNING, PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED)
+
+
+class ScheduleError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class TaskEntry:
+    task: Task
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    seed_triggered_at: float = 0.0
+    seed_failed_at: float = 0.0
+    back_to_source_peers: set[str] = field(default_factory=set)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class SchedulerState:
+    """Hosts, tasks and peers; every method is plain logic on this state."""
+
+    def __init__(self, settings: Settings, strategy: Strategy):
+        self.settings = settings
+        self.cfg = settings.scheduler
+        self.strategy = strategy
+        self.hosts: dict[str, Host] = {}
+        self.tasks: dict[str, TaskEntry] = {}
+        self.peers: dict[str, Peer] = {}
+        self.downloads: dict[str, common_pb2.Download] = {}  # what each peer registered with
+
+    def entry(self, task_id: str) -> TaskEntry:
+        e = self.tasks.get(task_id)
+        if e is None:
+            e = self.tasks[task_id] = TaskEntry(Task(id=task_id, created_at=time.time(), updated_at=time.time()))
+        return e
+
+    def seed_for(self, task_id: str) -> Host | None:
+        """The seed host for a task: a stable hash of the task id over live seeds."""
+        seeds = sorted((h for h in self.hosts.values() if h.is_seed), key=lambda h: h.id)
+        if not seeds:
+            return None
+        return max(seeds, key=lambda h: hashlib.sha256((h.id + task_id).encode()).digest())
+
+    def descendants(self, peer_id: str) -> set[str]:
+        seen: set[str] = set()
+        stack = [peer_id]
+        while stack:
+            p = self.peers.get(stack.pop())
+            if p is None:
+                continue
+            for c in p.children:
+                if c not in seen:
+                    seen.add(c)
+                    stack.append(c)
+        return seen
+
+    def candidates(self, child: Peer) -> list[Candidate]:
+        entry = self.tasks[child.task_id]
+        child_host = self.hosts[child.host_id]
+        below = self.descendants(child.id)
+        pool: list[Candidate] = []
+        for pid in entry.task.peer_ids:
+            p = self.peers.get(pid)
+            if p is None or p.id == child.id or p.id in child.blocklist or p.id in below:
+                continue
+            h = self.hosts.get(p.host_id)
+            if h is None or h.id == child_host.id or h.disable_shared:
+                continue
+            if p.state not in ELIGIBLE or p.is_bad():
+                continue
+            if not h.is_seed and not p.parents and p.state is PeerState.RUNNING:
+                continue  # a normal peer with no parent has nothing to give yet
+            pool.append(Candidate(p, h))
+        if len(pool) > self.cfg.filter_parent_limit:
+            pool = random.sample(pool, self.cfg.filter_parent_limit)
+        ranked = self.strategy.rank(Candidate(child, child_host), pool, entry.task)
+        return ranked[: self.cfg.candidate_parent_limit]
+
+    def remove_peer(self, peer_id: str) -> None:
+        p = self.peers.pop(peer_id, None)
+        self.downloads.pop(peer_id, None)
+        if p is None:
+            return
+        for other_id in p.parents | p.children:
+            other = self.peers.get(other_id)
+            if other:
+                other.parents.discard(peer_id)
+                other.children.discard(peer_id)
+        e = self.tasks.get(p.task_id)
+        if e:
+            e.task.peer_ids.discard(peer_id)
+            e.notify()
+        h = self.hosts.get(p.host_id)
+        if h:
+            h.peer_ids.discard(peer_id)
+
+    def remove_host(self, host_id: str) -> None:
+        h = self.hosts.pop(host_id, None)
+        if h:
+            for pid in list(h.peer_ids):
+                self.remove_peer(pid)
+
+
+class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, settings: Settings, plugins: Plugins, metrics: SchedulerMetrics):
+        self.settings = settings
+        self.cfg = settings.scheduler
+        self.state = SchedulerState(settings, plugins.make_strategy(self.cfg.strategy))
+        self.metrics = metrics
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: object) -> None:
+        t = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+
+    def _refresh_gauges(self) -> None:
+        hosts = self.state.hosts.values()
+        self.metrics.hosts.labels("seed").set(sum(1 for h in hosts if h.is_seed))
+        self.metrics.hosts.labels("normal").set(sum(1 for h in hosts if not h.is_seed))
+        self.metrics.tasks.set(len(self.state.tasks))
+        self.metrics.peers.set(len(self.state.peers))
+
+    # -- hosts ---------------------------------------------------------------------
+
+    async def AnnounceHost(self, request: scheduler_pb2.AnnounceHostRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        pb = request.host
+        if not pb.id or not pb.ip or not pb.port:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "host needs id, ip and port")
+        now = time.time()
+        host = host_from_proto(pb, now)
+        if request.interval.seconds:
+            host.interval = request.interval.seconds
+        old = self.state.hosts.get(pb.id)
+        if old is not None:
+            host.peer_ids = old.peer_ids
+            host.upload_content_length = old.upload_content_length
+            host.concurrent_upload_pieces = old.concurrent_upload_pieces
+        self.state.hosts[pb.id] = host
+        self._refresh_gauges()
+        logger.debug("host {} announced ({}:{}, seed={})", pb.id, pb.ip, pb.port, host.is_seed)
+        return empty_pb2.Empty()
+
+    async def ListHosts(self, request: scheduler_pb2.ListHostsRequest, context: grpc.aio.ServicerContext) -> scheduler_pb2.ListHostsResponse:
+        return scheduler_pb2.ListHostsResponse(hosts=[host_to_proto(h) for h in self.state.hosts.values()])
+
+    async def DeleteHost(self, request: scheduler_pb2.DeleteHostRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        self.state.remove_host(request.host_id)
+        self._refresh_gauges()
+        return empty_pb2.Empty()
+
+    async def gc_hosts(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.host_gc_interval)
+            now = time.time()
+            for h in [h for h in self.state.hosts.values() if h.expired(now)]:
+                logger.info("host {} went silent; forgetting it and its peers", h.id)
+                self.state.remove_host(h.id)
+            self._refresh_gauges()
+
+    # -- tasks and peers -------------------------------------------------------------
+
+    async def StatTask(self, request: scheduler_pb2.StatTaskRequest, context: grpc.aio.ServicerContext) -> common_pb2.Task:
+        e = self.state.tasks.get(request.task_id)
+        if e is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
+        return task_to_proto(e.task)
+
+    async def DeleteTask(self, request: scheduler_pb2.DeleteTaskRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        e = self.state.tasks.get(request.task_id)
+        if e is not None:
+            for pid in list(e.task.peer_ids):
+                p = self.state.peers.get(pid)
+                if p is not None and p.host_id == request.host_id:
+                    self.state.remove_peer(pid)
+        return empty_pb2.Empty()
+
+    async def StatPeer(self, request: scheduler_pb2.StatPeerRequest, context: grpc.aio.ServicerContext) -> common_pb2.Peer:
+        p = self.state.peers.get(request.peer_id)
+        if p is None or p.task_id != request.task_id:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"peer {request.peer_id} not found")
+        return peer_to_proto(p, self.state.hosts[p.host_id], self.state.tasks[p.task_id].task)
+
+    async def DeletePeer(self, request: scheduler_pb2.DeletePeerRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+        self.state.remove_peer(request.peer_id)
+        self._refresh_gauges()
+        return empty_pb2.Empty()
+
+    # -- the announce stream -------------------------------------------------------------
+
+    async def AnnouncePeer(
+        self, request_iterator: AsyncIterator[scheduler_pb2.AnnouncePeerRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.AnnouncePeerResponse]:
+        self.metrics.announce_peer.inc()
+        out: asyncio.Queue[object] = asyncio.Queue()
+        session = _PeerSession(self, out)
+        reader = asyncio.get_running_loop().create_task(session.consume(request_iterator))
+        try:
+            while True:
+                item = await out.get()
+                if item is _CLOSE:
+                    return
+                if isinstance(item, ScheduleError):
+                    await context.abort(item.code, str(item))
+                yield item  # type: ignore[misc]
+        finally:
+            reader.cancel()
+            session.close()
+
+    # -- scheduling ------------------------------------------------------------------------
+
+    async def schedule(self, peer: Peer) -> scheduler_pb2.AnnouncePeerResponse:
+        """Parents for ``peer``, or an instruction to go to the source; waits for the seed."""
+        started = time.monotonic()
+        st = self.state
+        entry = st.tasks[peer.task_id]
+        deadline = started + self.cfg.seed_wait
+        while True:
+            if peer.id not in st.peers or peer.done:
+                raise ScheduleError(grpc.StatusCode.CANCELLED, "peer left while being scheduled")
+            if entry.task.content_length == 0:
+                self.metrics.schedule.labels("empty").inc()
+                return scheduler_pb2.AnnouncePeerResponse(empty_task_response=scheduler_pb2.EmptyTaskResponse())
+            parents = st.candidates(peer) if entry.task.known_length else []
+            if parents:
+                for c in parents:
+                    peer.parents.add(c.peer.id)
+                    c.peer.children.add(peer.id)
+                self.metrics.schedule.labels("normal").inc()
+                self.metrics.schedule_seconds.observe(time.monotonic() - started)
+                return scheduler_pb2.AnnouncePeerResponse(
+                    normal_task_response=scheduler_pb2.NormalTaskResponse(
+                        candidate_parents=[peer_to_proto(c.peer, c.host, entry.task) for c in parents]
+                    )
+                )
+            if not self._source_busy(entry, peer) and self._trigger_seed(entry, peer) is None:
+                # Nobody is fetching from the source and no seed can: this peer must.
+                return self._back_to_source(entry, peer, "no seed peer and no parent")
+            if time.monotonic() >= deadline:
+                if len(entry.back_to_source_peers) >= self.cfg.back_to_source_limit:
+                    raise ScheduleError(grpc.StatusCode.FAILED_PRECONDITION, "no parent and back-to-source limit reached")
+                return self._back_to_source(entry, peer, f"no parent within {self.cfg.seed_wait:.0f}s")
+            changed = entry.changed
+            try:
+                await asyncio.wait_for(changed.wait(), self.cfg.retry_interval)
+            except TimeoutError:
+                pass
+
+    def _source_busy(self, entry: TaskEntry, peer: Peer) -> bool:
+        """Someone (a seed or another peer) is fetching this task from the source."""
+        for pid in entry.task.peer_ids:
+            p = self.state.peers.get(pid)
+            if p is not None and p.id != peer.id and p.state in (PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED):
+                return True
+            if p is not None and p.id != peer.id and p.need_back_to_source and not p.done:
+                return True
+        return entry.seed_triggered_at > 0 and entry.seed_failed_at < entry.seed_triggered_at
+
+    def _back_to_source(self, entry: TaskEntry, peer: Peer, why: str) -> scheduler_pb2.AnnouncePeerResponse:
+        entry.back_to_source_peers.add(peer.id)
+        peer.need_back_to_source = True
+        self.metrics.schedule.labels("back_to_source").inc()
+        logger.info("peer {} of task {} goes back to source: {}", peer.id, peer.task_id[:12], why)
+        return scheduler_pb2.AnnouncePeerResponse(
+            need_back_to_source_response=scheduler_pb2.NeedBackToSourceResponse(description=why)
+        )
+
+    def _trigger_seed(self, entry: TaskEntry, peer: Peer) -> Host | None:
+        """Ask the task's seed to fetch it from the source; None when no seed can."""
+        if not self.cfg.seed_trigger:
+            return None
+        seed = self.state.seed_for(entry.task.id)
+        if seed is None or seed.id == peer.host_id:
+            return None
+        if entry.seed_failed_at and time.time() - entry.seed_failed_at < 1800 and entry.seed_failed_at >= entry.seed_triggered_at:
+            return None
+        if entry.seed_triggered_at and entry.seed_failed_at < entry.seed_triggered_at:
+            return seed  # already under way
+        entry.seed_triggered_at = time.time()
+        self.metrics.seed_triggers.inc()
+        download = common_pb2.Download()
+        download.CopyFrom(self.state.downloads.get(peer.id) or common_pb2.Download(url=entry.task.url))
+        download.need_back_to_source = True
+        download.output_path = ""
+        self._spawn(self._run_seed(seed, entry, download))
+        return seed
+
+    async def _run_seed(self, seed: Host, entry: TaskEntry, download: common_pb2.Download) -> None:
+        addr = f"{seed.ip}:{seed.port}"
+        logger.info("triggering seed {} for task {}", seed.id, entry.task.id[:12])
+        try:
+            async with grpc.aio.insecure_channel(addr) as channel:
+                stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
+                call = stub.DownloadTask(dfdaemon_pb2.DownloadTaskRequest(download=download))
+                async for _ in call:
+                    pass
+        except grpc.aio.AioRpcError as exc:
+            entry.seed_failed_at = time.time()
+            self.metrics.seed_trigger_failures.inc()
+            logger.warning("seed {} failed task {}: {}", seed.id, entry.task.id[:12], exc.details())
+            entry.notify()
+
+
+class _PeerSession:
+    """One AnnouncePeer stream: the requests of one peer, answered through ``out``."""
+
+    def __init__(self, svc: SchedulerService, out: asyncio.Queue[object]):
+        self.svc = svc
+        self.st = svc.state
+        self.out = out
+        self.peer: Peer | None = None
+        self.scheduling: asyncio.Task[None] | None = None
+
+    def close(self) -> None:
+        if self.scheduling:
+            self.scheduling.cancel()
+        p = self.peer
+        if p is not None and p.id in self.st.peers and not p.done:
+            # The stream broke before the peer said it finished: it is gone.
+            p.state = PeerState.LEAVE
+            self.st.remove_peer(p.id)
+            self.svc._refresh_gauges()
+
+    def _schedule_soon(self) -> None:
+        assert self.peer is not None
+        if self.scheduling and not self.scheduling.done():
+            return
+        self.scheduling = asyncio.get_running_loop().create_task(self._schedule(self.peer))
+
+    async def _schedule(self, peer: Peer) -> None:
+        peer.schedule_count += 1
+        try:
+            self.out.put_nowait(await self.svc.schedule(peer))
+        except ScheduleError as exc:
+            self.out.put_nowait(exc)
+
+    async def consume(self, requests: AsyncIterator[scheduler_pb2.AnnouncePeerRequest]) -> None:
+        try:
+            async for req in requests:
+                try:
+                    if self.handle(req):
+                        self.out.put_nowait(_CLOSE)
+                        return
+                except ScheduleError as exc:
+                    self.out.put_nowait(exc)
+                    return
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            pass
+        self.out.put_nowait(_CLOSE)
+
+    def handle(self, req: scheduler_pb2.AnnouncePeerRequest) -> bool:
+        """Apply one request; True when the stream is over."""
+        kind = req.WhichOneof("request")
+        now = time.time()
+        if kind == "register_peer_request":
+            self.register(req, req.register_peer_request.download, now)
+            return False
+        peer = self.st.peers.get(req.peer_id)
+        if peer is None or self.peer is None or peer.id != self.peer.id:
+            raise ScheduleError(grpc.StatusCode.NOT_FOUND, f"peer {req.peer_id} is not registered on this stream")
+        entry = self.st.tasks[peer.task_id]
+        peer.updated_at = now
+        if kind == "download_peer_started_request":
+            if peer.state is PeerState.PENDING:
+                peer.state = PeerState.RUNNING
+            entry.task.state = TaskState.RUNNING
+        elif kind == "download_peer_back_to_source_started_request":
+            peer.state = PeerState.BACK_TO_SOURCE
+            entry.back_to_source_peers.add(peer.id)
+            entry.task.state = TaskState.RUNNING
+            entry.notify()
+        elif kind in ("download_piece_finished_request", "download_piece_back_to_source_finished_request"):
+            piece = getattr(req, kind).piece
+            peer.finished_pieces.add(piece.number)
+            cost = piece.cost.ToNanoseconds() / 1e9
+            peer.piece_costs.append(cost)
+            del peer.piece_costs[:-64]
+            if kind == "download_piece_back_to_source_finished_request":
+                entry.task.pieces[piece.number] = piece_from_proto(piece)
+                self.svc.metrics.piece_reports.labels("back_to_source").inc()
+            else:
+                self.svc.metrics.piece_reports.labels("remote_peer").inc()
+                parent = self.st.peers.get(piece.parent_id)
+                if parent is not None:
+                    ph = self.st.hosts.get(parent.host_id)
+                    if ph is not None:
+                        ph.upload_content_length += piece.length
+            entry.task.updated_at = now
+            if len(peer.finished_pieces) == 1:
+                entry.notify()  # a peer with pieces is a candidate now
+        elif kind == "download_piece_failed_request":
+            r = req.download_piece_failed_request
+            if r.parent_id:
+                peer.blocklist.add(r.parent_id)
+        elif kind == "download_piece_back_to_source_failed_request":
+            logger.warning("peer {} failed a piece from the source", peer.id)
+        elif kind == "reschedule_peer_request":
+            r = req.reschedule_peer_request
+            for c in r.candidate_parents:
+                peer.blocklist.add(c.id)
+                peer.parents.discard(c.id)
+            logger.info("peer {} asks to be rescheduled: {}", peer.id, r.description)
+            if peer.schedule_count > self.svc.settings.daemon.schedule_retries + 1:
+                self.out.put_nowait(self.svc._back_to_source(entry, peer, "max schedule count exceeded"))
+            else:
+                self._schedule_soon()
+        elif kind in ("download_peer_finished_request", "download_peer_back_to_source_finished_request"):
+            peer.state = PeerState.SUCCEEDED
+            entry.task.state = TaskState.SUCCEEDED
+            entry.notify()
+            return True
+        elif kind in ("download_peer_failed_request", "download_peer_back_to_source_failed_request"):
+            peer.state = PeerState.FAILED
+            if kind == "download_peer_back_to_source_failed_request" and peer.host_id in self.st.hosts:
+                if self.st.hosts[peer.host_id].is_seed:
+                    entry.seed_failed_at = now
+            entry.notify()
+            self.st.remove_peer(peer.id)
+            return True
+        else:
+            raise ScheduleError(grpc.StatusCode.INVALID_ARGUMENT, f"unsupported request {kind}")
+        return False
+
+    def register(self, req: scheduler_pb2.AnnouncePeerRequest, download: common_pb2.Download, now: float) -> None:
+        if self.peer is not None:
+            raise ScheduleError(grpc.StatusCode.FAILED_PRECONDITION, "peer already registered on this stream")
+        host = self.st.hosts.get(req.host_id)
+        if host is None:
+            raise ScheduleError(grpc.StatusCode.NOT_FOUND, f"host {req.host_id} has not been announced")
+        if not req.task_id or not req.peer_id:
+            raise ScheduleError(grpc.StatusCode.INVALID_ARGUMENT, "task_id and peer_id are required")
+        entry = self.st.entry(req.task_id)
+        task = entry.task
+        if not task.url:
+            task.url, task.tag, task.application = download.url, download.tag, download.application
+            task.filtered_query_params = list(download.filtered_query_params)
+            task.request_header = dict(download.request_header)
+            task.digest = download.digest
+        if download.actual_piece_length and not task.known_length:
+            task.content_length = download.actual_content_length
+            task.piece_length = download.actual_piece_length
+            entry.notify()
+        old = self.st.peers.get(req.peer_id)
+        if old is not None:
+            self.st.remove_peer(old.id)
+        peer = Peer(
+            id=req.peer_id,
+            task_id=req.task_id,
+            host_id=host.id,
+            need_back_to_source=download.need_back_to_source,
+            created_at=now,
+            updated_at=now,
+            priority=download.priority,
+        )
+        self.st.peers[peer.id] = peer
+        self.st.downloads[peer.id] = download
+        host.peer_ids.add(peer.id)
+        task.peer_ids.add(peer.id)
+        self.peer = peer
+        self.svc._refresh_gauges()
+        if download.metadata_only:
+            # A daemon that already holds the whole task says so (after a restart, say).
+            peer.state = PeerState.RUNNING
+            self.out.put_nowait(
+                scheduler_pb2.AnnouncePeerResponse(metadata_only_response=scheduler_pb2.MetadataOnlyResponse())
+            )
+            return
+        if download.need_back_to_source:
+            self.out.put_nowait(self.svc._back_to_source(entry, peer, "the peer asked for it"))
+            return
+        self._schedule_soon()
+
+
+async def start_scheduler(settings: Settings, plugins: Plugins | None = None) -> SchedulerServer:
+    plugins = plugins or build_plugins(settings)
+    metrics = SchedulerMetrics()
+    service = SchedulerService(settings, plugins, metrics)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    cfg = settings.scheduler
+    port = server.add_insecure_port(f"{cfg.listen_ip}:{cfg.port}")
+    if port == 0:
+        raise OSError(f"cannot bind the scheduler to {cfg.listen_ip}:{cfg.port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    runner, metrics_port = await serve_metrics(metrics.registry, cfg.listen_ip, cfg.metrics_port)
+    gc = asyncio.get_running_loop().create_task(service.gc_hosts())
+    logger.info("scheduler serving on {}:{} (metrics :{})", cfg.listen_ip, port, metrics_port)
+    return SchedulerServer(server, service, runner, gc, f"{cfg.listen_ip}:{port}", metrics_port)
+
+
+@dataclass
+class SchedulerServer:
+    server: grpc.aio.Server
+    service: SchedulerService
+    metrics_runner: object
+    gc: asyncio.Task[None]
+    address: str
+    metrics_port: int
+
+    async def stop(self, grace: float = 1.0) -> None:
+        self.gc.cancel()
+        for t in list(self.service._background):
+            t.cancel()
+        await self.server.stop(grace)
+        await self.metrics_runner.cleanup()  # type: ignore[attr-defined]

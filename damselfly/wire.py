@@ -1,0 +1,114 @@
+"""Conversions between damselfly's core objects and Dragonfly's protobuf messages."""
+
+from __future__ import annotations
+
+import time
+
+from dragonfly_api import common_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from damselfly.core.host import Host, HostType
+from damselfly.core.peer import Peer
+from damselfly.core.task import PieceRecord, Task
+
+
+def timestamp(t: float | None = None) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int((time.time() if t is None else t) * 1e9))
+    return ts
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def host_from_proto(pb: common_pb2.Host, now: float) -> Host:
+    return Host(
+        id=pb.id,
+        ip=pb.ip,
+        hostname=pb.hostname,
+        port=pb.port,
+        type=HostType(pb.type) if pb.type in HostType._value2member_map_ else HostType.NORMAL,
+        download_port=pb.download_port,
+        proxy_port=pb.proxy_port,
+        idc=pb.network.idc,
+        location=pb.network.location,
+        max_tx_bandwidth=pb.network.max_tx_bandwidth,
+        tx_bandwidth=pb.network.tx_bandwidth,
+        disable_shared=pb.disable_shared,
+        announced_at=now,
+    )
+
+
+def host_to_proto(h: Host) -> common_pb2.Host:
+    return common_pb2.Host(
+        id=h.id,
+        type=int(h.type),
+        hostname=h.hostname,
+        ip=h.ip,
+        port=h.port,
+        download_port=h.download_port,
+        proxy_port=h.proxy_port,
+        disable_shared=h.disable_shared,
+        network=common_pb2.Network(
+            idc=h.idc, location=h.location, max_tx_bandwidth=h.max_tx_bandwidth, tx_bandwidth=h.tx_bandwidth
+        ),
+    )
+
+
+def piece_to_proto(
+    p: PieceRecord, traffic_type: int = 0, parent_id: str = "", cost: float = 0.0, created_at: float | None = None
+) -> common_pb2.Piece:
+    return common_pb2.Piece(
+        number=p.number,
+        parent_id=parent_id,
+        offset=p.offset,
+        length=p.length,
+        digest=p.digest,
+        traffic_type=traffic_type,
+        cost=duration(cost),
+        created_at=timestamp(created_at),
+    )
+
+
+def piece_from_proto(pb: common_pb2.Piece) -> PieceRecord:
+    return PieceRecord(pb.number, pb.offset, pb.length, pb.digest)
+
+
+def task_to_proto(t: Task, *, with_pieces: bool = True) -> common_pb2.Task:
+    size_scope = common_pb2.SizeScope.EMPTY if t.content_length == 0 else common_pb2.SizeScope.NORMAL
+    pb = common_pb2.Task(
+        id=t.id,
+        type=common_pb2.TaskType.STANDARD,
+        url=t.url,
+        digest=t.digest,
+        tag=t.tag,
+        application=t.application,
+        filtered_query_params=t.filtered_query_params,
+        request_header=t.request_header,
+        content_length=max(t.content_length, 0),
+        piece_count=t.piece_count,
+        size_scope=size_scope,
+        state=t.state.value,
+        peer_count=len(t.peer_ids),
+        created_at=timestamp(t.created_at),
+        updated_at=timestamp(t.updated_at),
+    )
+    if with_pieces:
+        pb.pieces.extend(piece_to_proto(p) for p in sorted(t.pieces.values(), key=lambda p: p.number))
+    return pb
+
+
+def peer_to_proto(p: Peer, host: Host, task: Task) -> common_pb2.Peer:
+    return common_pb2.Peer(
+        id=p.id,
+        priority=p.priority,
+        state=p.state.value,
+        task=task_to_proto(task),
+        host=host_to_proto(host),
+        need_back_to_source=p.need_back_to_source,
+        created_at=timestamp(p.created_at),
+        updated_at=timestamp(p.updated_at),
+    )
