@@ -1,0 +1,3 @@
+from damselfly.cli import main
+
+main()

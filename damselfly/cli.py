@@ -1,0 +1,381 @@
+"""The ``damselfly`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import click
+
+from damselfly import __version__
+from damselfly.config import Settings, load_settings
+from damselfly.core.errors import DamselflyError
+from damselfly.core.units import format_size, parse_size
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"damselfly: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+    try:
+        return load_settings(ctx.obj.get("config"), **overrides)
+    except DamselflyError as exc:
+        _fail(str(exc), 2)
+        raise AssertionError("unreachable") from None
+
+
+def _logs(settings: Settings, quiet: bool = False) -> None:
+    from damselfly import logs
+
+    logs.setup("WARNING" if quiet else settings.log.level, settings.log.json_format)
+
+
+def _write_ready(path: str | None, info: dict[str, Any]) -> None:
+    if not path:
+        return
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, path)
+
+
+def _run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a service until SIGTERM or SIGINT, then let it stop cleanly."""
+
+    async def runner() -> None:
+        task = asyncio.ensure_future(main())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(runner())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config", type=click.Path(), default=None, help="YAML config file (else $DAMSELFLY_CONFIG).")
+@click.version_option(__version__, prog_name="damselfly")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None) -> None:
+    """damselfly: peer-to-peer distribution that speaks Dragonfly v2."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+
+
+# -- services ----------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--seed", is_flag=True, default=None, help="Run as a seed peer.")
+@click.option("--ready-file", default=None, help="Write the bound addresses here as JSON once ready.")
+@click.pass_context
+def daemon(ctx: click.Context, seed: bool | None, ready_file: str | None) -> None:
+    """Run a peer daemon (unix socket for local clients, upload gRPC, Vortex piece server)."""
+    settings = _settings(ctx)
+    if seed:
+        settings = settings.model_copy(update={"daemon": settings.daemon.model_copy(update={"seed": True})})
+    _logs(settings)
+    from damselfly.daemon.daemon import Daemon
+
+    async def main() -> None:
+        d = Daemon(settings)
+        await d.start()
+        try:
+            ip = settings.daemon.listen_ip
+            _write_ready(
+                ready_file,
+                {
+                    "host_id": d.host_id,
+                    "pid": os.getpid(),
+                    "seed": d.is_seed,
+                    "socket": str(d.socket_path),
+                    "upload": f"{ip}:{d.upload_port}",
+                    "piece_port": f"{ip}:{d.piece_port}",
+                    "metrics": f"{ip}:{d.metrics_port}",
+                    "proxy": None,
+                    "data_dir": str(settings.daemon.data_dir),
+                },
+            )
+            await asyncio.Event().wait()
+        finally:
+            await d.stop()
+
+    try:
+        _run_service(main)
+    except DamselflyError as exc:
+        _fail(str(exc))
+
+
+@cli.command()
+@click.option("--ready-file", default=None, help="Write the bound address here as JSON once ready.")
+@click.pass_context
+def scheduler(ctx: click.Context, ready_file: str | None) -> None:
+    """Run the scheduler (scheduler.v2.Scheduler over gRPC)."""
+    settings = _settings(ctx)
+    _logs(settings)
+    from damselfly.scheduler.service import start_scheduler
+
+    async def main() -> None:
+        server = await start_scheduler(settings)
+        try:
+            _write_ready(
+                ready_file,
+                {
+                    "address": server.address,
+                    "pid": os.getpid(),
+                    "metrics": f"{settings.scheduler.listen_ip}:{server.metrics_port}",
+                },
+            )
+            await asyncio.Event().wait()
+        finally:
+            await server.stop()
+
+    try:
+        _run_service(main)
+    except DamselflyError as exc:
+        _fail(str(exc))
+
+
+# -- get --------------------------------------------------------------------------
+
+
+class _Bar:
+    """A one-line progress bar on stderr: bytes, rate, ETA, and where the bytes came from."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, p: Any) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last < 0.1 and p.done_bytes != p.content_length:
+            return
+        self.last = now
+        total = p.content_length if p.content_length >= 0 else 0
+        frac = p.done_bytes / total if total else 1.0
+        width = 24
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        rate = p.rate
+        eta = (total - p.done_bytes) / rate if rate > 0 and total else 0
+        sys.stderr.write(
+            f"\r[{bar}] {format_size(p.done_bytes)}/{format_size(total)} {format_size(rate)}/s "
+            f"ETA {eta:4.0f}s  peers {format_size(p.peer_bytes)} source {format_size(p.source_bytes)}"
+            f" local {format_size(p.local_bytes)} "
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _parse_headers(values: tuple[str, ...]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for h in values:
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip():
+            _fail(f"bad header {h!r}: expected 'Name: value'", 2)
+        key = name.strip()
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    return headers
+
+
+@cli.command()
+@click.argument("url")
+@click.option("-O", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the content.")
+@click.option("-H", "--header", "headers", multiple=True, help="Request header 'Name: value' (repeatable).")
+@click.option("--digest", default="", help="Verify the whole content, e.g. sha256:HEX.")
+@click.option("--tag", default="", help="Tag: different tags are different tasks.")
+@click.option("--application", default="", help="Application name, part of the task id.")
+@click.option("--filtered-query-param", "filtered", multiple=True, help="Query parameter left out of the task id.")
+@click.option("--piece-length", default="", help="Fixed piece length (4MiB to 64MiB).")
+@click.option("--priority", type=click.IntRange(0, 6), default=0, help="Priority level 0-6.")
+@click.option("--timeout", type=float, default=0.0, help="Give up after this many seconds (0: never).")
+@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+@click.option("--disable-back-to-source", is_flag=True, help="Never let this download read the origin.")
+@click.option("--socket", "socket_path", default=None, help="Daemon socket (else from config).")
+@click.pass_context
+def get(
+    ctx: click.Context,
+    url: str,
+    output: str,
+    headers: tuple[str, ...],
+    digest: str,
+    tag: str,
+    application: str,
+    filtered: tuple[str, ...],
+    piece_length: str,
+    priority: int,
+    timeout: float,
+    no_progress: bool,
+    disable_back_to_source: bool,
+    socket_path: str | None,
+) -> None:
+    """Download URL through the local daemon into OUTPUT (written to a temp file, then renamed)."""
+    from damselfly.client import Client
+
+    settings = _settings(ctx)
+    _logs(settings, quiet=True)
+    try:
+        plen = parse_size(piece_length) if piece_length else 0
+    except DamselflyError as exc:
+        _fail(str(exc), 2)
+    hdrs = _parse_headers(headers)
+    bar = _Bar(not no_progress)
+
+    async def main() -> Any:
+        async with Client(socket_path or settings.socket_path) as c:
+            return await c.download(
+                url,
+                output,
+                headers=hdrs,
+                digest=digest,
+                tag=tag,
+                application=application,
+                filtered_query_params=list(filtered),
+                piece_length=plen,
+                priority=priority,
+                timeout=timeout or None,
+                disable_back_to_source=disable_back_to_source,
+                on_progress=bar,
+            )
+
+    try:
+        result = asyncio.run(main())
+    except DamselflyError as exc:
+        bar.close()
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        bar.close()
+        _fail("interrupted", 130)
+    bar.close()
+    if not no_progress:
+        click.echo(
+            f"{result.output}: {format_size(result.content_length)} in {result.seconds:.2f}s "
+            f"(peers {format_size(result.peer_bytes)}, source {format_size(result.source_bytes)}, "
+            f"local {format_size(result.local_bytes)}) task {result.task_id}",
+            err=True,
+        )
+
+
+# -- plugins and config ------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per plugin.")
+@click.pass_context
+def plugins(ctx: click.Context, as_json: bool) -> None:
+    """List every loaded plugin, its kind and where it came from."""
+    from damselfly.plugin_manager import build_plugins
+
+    settings = _settings(ctx)
+    try:
+        infos = build_plugins(settings).info()
+    except DamselflyError as exc:
+        _fail(str(exc))
+    if as_json:
+        for i in infos:
+            click.echo(json.dumps({"name": i.name, "kind": i.kind, "origin": i.origin, "unavailable": i.unavailable}))
+        return
+    click.echo(f"{'NAME':<16}{'KIND':<12}{'ORIGIN':<40}STATUS")
+    for i in infos:
+        click.echo(f"{i.name:<16}{i.kind:<12}{i.origin:<40}{'unavailable: ' + i.unavailable if i.unavailable else 'ok'}")
+
+
+@cli.group()
+def config() -> None:
+    """Inspect the configuration."""
+
+
+@config.command("show")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of YAML.")
+@click.pass_context
+def config_show(ctx: click.Context, as_json: bool) -> None:
+    """Print the effective configuration (defaults, YAML, env and flags merged)."""
+    settings = _settings(ctx)
+    data = settings.model_dump(mode="json", by_alias=True)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        import yaml
+
+        click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+# -- cluster and demo ---------------------------------------------------------------
+
+
+@cli.group()
+def cluster() -> None:
+    """A local cluster of processes: scheduler, seed and peers."""
+
+
+@cluster.command("up")
+@click.option("--peers", type=click.IntRange(1, 256), default=3, help="Peer daemons besides the seed.")
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False), help="Cluster directory.")
+@click.option("--no-seed", is_flag=True, help="No seed peer: the first peer goes to the source.")
+def cluster_up(peers: int, directory: str, no_seed: bool) -> None:
+    """Start the cluster and write DIR/cluster.json."""
+    from damselfly import cluster as cl
+
+    try:
+        info = cl.up(Path(directory), peers, seed=not no_seed)
+    except DamselflyError as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(info, indent=2))
+
+
+@cluster.command("down")
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False), help="Cluster directory.")
+def cluster_down(directory: str) -> None:
+    """Stop every process of the cluster in DIR."""
+    from damselfly import cluster as cl
+
+    try:
+        n = cl.down(Path(directory))
+    except DamselflyError as exc:
+        _fail(str(exc))
+    click.echo(f"stopped {n} processes")
+
+
+@cli.command()
+@click.option("--peers", type=click.IntRange(1, 64), default=8, help="Peers downloading at once.")
+@click.option("--size", default="128MiB", help="Size of the generated file.")
+@click.option("--origin-rate", default="", help="Token-bucket limit on the origin, e.g. 50MB/s.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--dir", "directory", default=None, type=click.Path(file_okay=False), help="Keep files here.")
+def demo(peers: int, size: str, origin_rate: str, as_json: bool, directory: str | None) -> None:
+    """Run a local swarm: N peers download one file while the origin sends it once."""
+    from damselfly import demo as dm
+
+    try:
+        result = dm.run(peers=peers, size=parse_size(size), origin_rate=origin_rate, directory=directory, quiet=as_json)
+    except DamselflyError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(dm.table(result))
+    if not result["all_digests_ok"]:
+        sys.exit(1)
+
+
+def main() -> None:
+    cli(prog_name="damselfly")
+
+
+if __name__ == "__main__":
+    main()

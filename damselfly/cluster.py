@@ -1,0 +1,175 @@
+"""A local cluster: a scheduler, a seed and N peer daemons as separate processes.
+
+``damselfly cluster up --peers N --dir DIR`` writes ``DIR/cluster.json`` for
+scripts and other tools; ``damselfly cluster down --dir DIR`` stops them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from damselfly.core.errors import DamselflyError
+
+READY_TIMEOUT = 60.0
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    ready_file: Path
+    log: Path
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "damselfly", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def _wait_ready(procs: list[Proc], timeout: float) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    ready: dict[str, dict[str, Any]] = {}
+    while len(ready) < len(procs):
+        for p in procs:
+            if p.name in ready:
+                continue
+            if p.ready_file.exists():
+                ready[p.name] = json.loads(p.ready_file.read_text())
+                continue
+            if p.popen.poll() is not None:
+                tail = p.log.read_text(errors="replace").strip().splitlines()[-5:]
+                raise DamselflyError(f"{p.name} exited with {p.popen.returncode}: {' | '.join(tail)}")
+        if time.monotonic() > deadline:
+            missing = [p.name for p in procs if p.name not in ready]
+            raise DamselflyError(f"not ready after {timeout:.0f}s: {', '.join(missing)}")
+        time.sleep(0.05)
+    return ready
+
+
+def up(
+    directory: Path,
+    peers: int,
+    *,
+    seed: bool = True,
+    env: dict[str, str] | None = None,
+    peer_env: dict[int, dict[str, str]] | None = None,
+    timeout: float = READY_TIMEOUT,
+) -> dict[str, Any]:
+    """Start the cluster, wait until every process is ready, write and return cluster.json."""
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "logs").mkdir(exist_ok=True)
+    (directory / "run").mkdir(exist_ok=True)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DAMSELFLY_")}
+    base.update(env or {})
+    base.setdefault("DAMSELFLY_LOG__LEVEL", "INFO")
+    started: list[Proc] = []
+    try:
+        ready_file = directory / "run" / "scheduler.json"
+        ready_file.unlink(missing_ok=True)
+        log = directory / "logs" / "scheduler.log"
+        sched = Proc("scheduler", _spawn(["scheduler", "--ready-file", str(ready_file)], base, log), ready_file, log)
+        started.append(sched)
+        sched_info = _wait_ready([sched], timeout)["scheduler"]
+        hostname = socket.gethostname()
+        daemons: list[Proc] = []
+        names = (["seed"] if seed else []) + [f"peer{i}" for i in range(1, peers + 1)]
+        for idx, name in enumerate(names):
+            data_dir = directory / name
+            ready_file = directory / "run" / f"{name}.json"
+            ready_file.unlink(missing_ok=True)
+            penv = dict(base)
+            penv.update(
+                {
+                    "DAMSELFLY_DAEMON__DATA_DIR": str(data_dir),
+                    "DAMSELFLY_DAEMON__SCHEDULERS": json.dumps([sched_info["address"]]),
+                    "DAMSELFLY_DAEMON__SEED": "true" if name == "seed" else "false",
+                    "DAMSELFLY_HOST__HOSTNAME": f"{hostname}-{name}",
+                    "DAMSELFLY_DAEMON__ANNOUNCE_INTERVAL": penv.get("DAMSELFLY_DAEMON__ANNOUNCE_INTERVAL", "30"),
+                }
+            )
+            penv.update((peer_env or {}).get(idx if seed else idx + 1, {}))
+            log = directory / "logs" / f"{name}.log"
+            p = Proc(name, _spawn(["daemon", "--ready-file", str(ready_file)], penv, log), ready_file, log)
+            daemons.append(p)
+            started.append(p)
+        infos = _wait_ready(daemons, timeout)
+        cluster = {
+            "dir": str(directory),
+            "scheduler": sched_info["address"],
+            "scheduler_pid": sched_info["pid"],
+            "scheduler_metrics": sched_info["metrics"],
+            "daemons": [infos[p.name] for p in daemons],
+        }
+        tmp = directory / "cluster.json.tmp"
+        tmp.write_text(json.dumps(cluster, indent=2))
+        os.replace(tmp, directory / "cluster.json")
+        return cluster
+    except BaseException:
+        for p in started:
+            _stop_pid(p.popen.pid, 5.0)
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _stop_pid(pid: int, grace: float) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.05)
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def stop_daemon(info: dict[str, Any], grace: float = 5.0) -> None:
+    _stop_pid(int(info["pid"]), grace)
+
+
+def down(directory: Path, grace: float = 5.0) -> int:
+    """Stop every process of the cluster in ``directory``; returns how many were running."""
+    path = directory / "cluster.json"
+    if not path.exists():
+        raise DamselflyError(f"no cluster.json in {directory}")
+    cluster = json.loads(path.read_text())
+    pids = [int(d["pid"]) for d in cluster["daemons"]] + [int(cluster["scheduler_pid"])]
+    running = [pid for pid in pids if _alive(pid)]
+    for pid in pids:
+        _stop_pid(pid, grace)
+    return len(running)
+
+
+def load(directory: Path) -> dict[str, Any]:
+    return json.loads((directory / "cluster.json").read_text())

@@ -1,0 +1,26 @@
+"""Sinks for the CLI and the services; library code only logs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from loguru import logger
+
+
+class _ToLoguru(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+
+
+def setup(level: str = "INFO", json_format: bool = False, stream: object = None) -> None:
+    """Enable damselfly's logs on stderr and route grpc/aiohttp/asyncio logging into loguru."""
+    logger.remove()
+    logger.enable("damselfly")
+    fmt = "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> <cyan>{name}</cyan> {message}"
+    logger.add(stream or sys.stderr, level=level.upper(), format=fmt, serialize=json_format, colorize=None)
+    logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)
