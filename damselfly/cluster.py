@@ -42,6 +42,41 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
         )
 
 
+def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without its DAMSELFLY_ settings, plus ``extra``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DAMSELFLY_")}
+    base.update(extra or {})
+    return base
+
+
+def daemon_env(directory: Path, name: str, scheduler: str, base: dict[str, str]) -> dict[str, str]:
+    """The environment of daemon ``name`` (``seed`` or ``peerN``) of a cluster."""
+    env = dict(base)
+    env.update(
+        {
+            "DAMSELFLY_DAEMON__DATA_DIR": str(directory / name),
+            "DAMSELFLY_DAEMON__SCHEDULERS": json.dumps([scheduler]),
+            "DAMSELFLY_DAEMON__SEED": "true" if name == "seed" else "false",
+            "DAMSELFLY_HOST__HOSTNAME": f"{socket.gethostname()}-{name}",
+        }
+    )
+    env.setdefault("DAMSELFLY_DAEMON__ANNOUNCE_INTERVAL", "30")
+    env.setdefault("DAMSELFLY_LOG__LEVEL", "INFO")
+    return env
+
+
+def start_daemon(directory: Path, name: str, scheduler: str, base: dict[str, str]) -> Proc:
+    """Start one daemon of a cluster (again, after a stop: same data dir, same host id)."""
+    ready_file = directory / "run" / f"{name}.json"
+    ready_file.unlink(missing_ok=True)
+    log = directory / "logs" / f"{name}.log"
+    return Proc(name, _spawn(["daemon", "--ready-file", str(ready_file)], daemon_env(directory, name, scheduler, base), log), ready_file, log)
+
+
+def wait_ready(procs: list[Proc], timeout: float = READY_TIMEOUT) -> dict[str, dict[str, Any]]:
+    return _wait_ready(procs, timeout)
+
+
 def _wait_ready(procs: list[Proc], timeout: float) -> dict[str, dict[str, Any]]:
     deadline = time.monotonic() + timeout
     ready: dict[str, dict[str, Any]] = {}
@@ -62,7 +97,13 @@ def _wait_ready(procs: list[Proc], timeout: float) -> dict[str, dict[str, Any]]:
     return ready
 
 
-def up(
+def up(directory: Path, peers: int, **kwargs: Any) -> dict[str, Any]:
+    """Start the cluster, wait until every process is ready, write and return cluster.json."""
+    info, _ = start(directory, peers, **kwargs)
+    return info
+
+
+def start(
     directory: Path,
     peers: int,
     *,
@@ -70,15 +111,13 @@ def up(
     env: dict[str, str] | None = None,
     peer_env: dict[int, dict[str, str]] | None = None,
     timeout: float = READY_TIMEOUT,
-) -> dict[str, Any]:
-    """Start the cluster, wait until every process is ready, write and return cluster.json."""
+) -> tuple[dict[str, Any], list[Proc]]:
+    """Like ``up``, and also hands back the processes (for callers that reap them)."""
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "logs").mkdir(exist_ok=True)
     (directory / "run").mkdir(exist_ok=True)
-    base = {k: v for k, v in os.environ.items() if not k.startswith("DAMSELFLY_")}
-    base.update(env or {})
-    base.setdefault("DAMSELFLY_LOG__LEVEL", "INFO")
+    base = base_env(env)
     started: list[Proc] = []
     try:
         ready_file = directory / "run" / "scheduler.json"
@@ -87,26 +126,11 @@ def up(
         sched = Proc("scheduler", _spawn(["scheduler", "--ready-file", str(ready_file)], base, log), ready_file, log)
         started.append(sched)
         sched_info = _wait_ready([sched], timeout)["scheduler"]
-        hostname = socket.gethostname()
         daemons: list[Proc] = []
         names = (["seed"] if seed else []) + [f"peer{i}" for i in range(1, peers + 1)]
         for idx, name in enumerate(names):
-            data_dir = directory / name
-            ready_file = directory / "run" / f"{name}.json"
-            ready_file.unlink(missing_ok=True)
-            penv = dict(base)
-            penv.update(
-                {
-                    "DAMSELFLY_DAEMON__DATA_DIR": str(data_dir),
-                    "DAMSELFLY_DAEMON__SCHEDULERS": json.dumps([sched_info["address"]]),
-                    "DAMSELFLY_DAEMON__SEED": "true" if name == "seed" else "false",
-                    "DAMSELFLY_HOST__HOSTNAME": f"{hostname}-{name}",
-                    "DAMSELFLY_DAEMON__ANNOUNCE_INTERVAL": penv.get("DAMSELFLY_DAEMON__ANNOUNCE_INTERVAL", "30"),
-                }
-            )
-            penv.update((peer_env or {}).get(idx if seed else idx + 1, {}))
-            log = directory / "logs" / f"{name}.log"
-            p = Proc(name, _spawn(["daemon", "--ready-file", str(ready_file)], penv, log), ready_file, log)
+            extra = (peer_env or {}).get(idx if seed else idx + 1, {})
+            p = start_daemon(directory, name, sched_info["address"], {**base, **extra})
             daemons.append(p)
             started.append(p)
         infos = _wait_ready(daemons, timeout)
@@ -115,15 +139,16 @@ def up(
             "scheduler": sched_info["address"],
             "scheduler_pid": sched_info["pid"],
             "scheduler_metrics": sched_info["metrics"],
-            "daemons": [infos[p.name] for p in daemons],
+            "daemons": [{"name": p.name, **infos[p.name]} for p in daemons],
         }
         tmp = directory / "cluster.json.tmp"
         tmp.write_text(json.dumps(cluster, indent=2))
         os.replace(tmp, directory / "cluster.json")
-        return cluster
+        return cluster, started
     except BaseException:
+        stop_pids([p.popen.pid for p in started])
         for p in started:
-            _stop_pid(p.popen.pid, 5.0)
+            p.popen.wait()
         raise
 
 
@@ -139,23 +164,8 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _stop_pid(pid: int, grace: float) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.05)
-    if _alive(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def stop_daemon(info: dict[str, Any], grace: float = 5.0) -> None:
-    _stop_pid(int(info["pid"]), grace)
+    stop_pids([int(info["pid"])], grace)
 
 
 def down(directory: Path, grace: float = 5.0) -> int:
@@ -166,9 +176,26 @@ def down(directory: Path, grace: float = 5.0) -> int:
     cluster = json.loads(path.read_text())
     pids = [int(d["pid"]) for d in cluster["daemons"]] + [int(cluster["scheduler_pid"])]
     running = [pid for pid in pids if _alive(pid)]
-    for pid in pids:
-        _stop_pid(pid, grace)
+    stop_pids(running, grace)
     return len(running)
+
+
+def stop_pids(pids: list[int], grace: float = 5.0) -> None:
+    """SIGTERM every process group at once, then SIGKILL what is left after ``grace``."""
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def load(directory: Path) -> dict[str, Any]:

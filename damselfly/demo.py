@@ -154,6 +154,8 @@ def run(
             except DamselflyError:
                 pass
         if origin is not None:
+            if origin.stdout is not None:
+                origin.stdout.close()
             origin.terminate()
             origin.wait(10)
         if not keep:

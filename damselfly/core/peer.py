@@ -38,9 +38,17 @@ class Peer:
         return self.state in (PeerState.SUCCEEDED, PeerState.FAILED, PeerState.LEAVE)
 
     def is_bad(self) -> bool:
-        """Upstream's rule: the last piece cost is above mean + 3 sigma of the earlier ones."""
+        """A parent not to hand out: gone, or downloading and its last piece was an outlier.
+
+        The outlier rule is upstream's (last cost above mean + 3 sigma, or above 20x the
+        mean while there are fewer than 30 costs); it applies only to peers still
+        fetching from other peers, since a finished peer's or a back-to-source peer's
+        costs say nothing about how fast it serves now.
+        """
         if self.state in (PeerState.FAILED, PeerState.LEAVE, PeerState.PENDING):
             return True
+        if self.state is not PeerState.RUNNING:
+            return False
         costs = self.piece_costs
         if len(costs) < 2:
             return False

@@ -195,12 +195,19 @@ class SchedulerLink:
         return resp  # type: ignore[return-value]
 
     async def close(self) -> None:
+        """Flush what is queued, half-close, and let the scheduler end the stream.
+
+        Cancelling instead could drop the last messages (the scheduler would then
+        never hear that this peer finished), so cancel only if it does not end.
+        """
         self._queue.put_nowait(None)
         try:
             await asyncio.wait_for(asyncio.shield(self._writer), 5)
+            await asyncio.wait_for(self.call.code(), 5)
         except TimeoutError:
             pass
-        self.call.cancel()
+        finally:
+            self.call.cancel()
 
 
 class Downloader:

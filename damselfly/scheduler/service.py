@@ -103,6 +103,7 @@ class SchedulerState:
             if h is None or h.id == child_host.id or h.disable_shared:
                 continue
             if p.state not in ELIGIBLE or p.is_bad():
+                logger.debug("candidate {} skipped: state {}", p.id, p.state.value)
                 continue
             if not h.is_seed and not p.parents and p.state is PeerState.RUNNING:
                 continue  # a normal peer with no parent has nothing to give yet

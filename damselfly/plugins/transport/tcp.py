@@ -160,6 +160,8 @@ class _ClientProtocol(asyncio.BufferedProtocol):
         try:
             self.decoder.receive_data(b"")
             self._drain()
+        except ProtocolError as exc:  # cut off mid-frame: the parent vanished
+            self._fail(PeerError(f"parent hung up: {exc}"))
         except DamselflyError as exc:
             self._fail(exc)
         return None

@@ -1,0 +1,203 @@
+"""A real swarm on 127.0.0.1: a scheduler, a seed and peers as separate processes."""
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from damselfly.client import Client
+from damselfly.core.errors import DamselflyError
+from damselfly.testing import OriginProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+ROOT = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def download(cluster, name: str, url: str, out: Path, **kw):
+    async with Client(cluster.daemon(name)["socket"]) as c:
+        return await c.download(url, out, **kw)
+
+
+async def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_five_peers_one_origin_read(damselfly_origin, damselfly_cluster_factory, tmp_path):
+    src = damselfly_origin.make("blob.bin", 64 * MiB)
+    cluster = damselfly_cluster_factory(peers=5)
+    damselfly_origin.reset()
+    url = damselfly_origin.url("blob.bin")
+    results = await asyncio.gather(
+        *(download(cluster, f"peer{i}", url, tmp_path / f"out{i}") for i in range(1, 6))
+    )
+    stats = damselfly_origin.stats()
+    assert stats["bytes"] == src.stat().st_size  # the origin sent the file exactly once
+    assert stats["by_method"] == {"HEAD": 1, "GET": 16}  # one stat, one GET per 4 MiB piece
+    want = sha(src)
+    assert all(sha(tmp_path / f"out{i}") == want for i in range(1, 6))
+    assert all(r.source_bytes == 0 and r.peer_bytes == 64 * MiB for r in results)
+    assert cluster.metric("seed", "dragonfly_dfdaemon_download_traffic_bytes_total",
+                          '{traffic_type="back_to_source"}') == 64 * MiB
+    # a second download on a peer is served from its own disk
+    again = await download(cluster, "peer3", url, tmp_path / "again")
+    assert again.local_bytes == 64 * MiB and damselfly_origin.stats()["bytes"] == stats["bytes"]
+
+
+async def test_a_parent_killed_mid_transfer(tmp_path, damselfly_cluster_factory):
+    origin = OriginProcess(tmp_path / "slow", rate="24MB/s")
+    try:
+        src = origin.make("f.bin", 64 * MiB)
+        cluster = damselfly_cluster_factory(peers=3)
+        url = origin.url("f.bin")
+        tasks = [asyncio.ensure_future(download(cluster, f"peer{i}", url, tmp_path / f"o{i}")) for i in (1, 2, 3)]
+        metric = "dragonfly_dfdaemon_download_traffic_bytes_total"
+        await wait_for(lambda: cluster.metric("peer1", metric, '{traffic_type="remote_peer"}') >= 8 * MiB,
+                       what="peer1 to hold pieces")
+        cluster.stop_daemon("peer1", kill=True)
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(done[0], DamselflyError)  # its own client sees the daemon die
+        for i in (2, 3):
+            assert not isinstance(done[i - 1], BaseException), done[i - 1]
+            assert sha(tmp_path / f"o{i}") == sha(src)
+        assert origin.stats()["bytes"] == 64 * MiB
+    finally:
+        origin.stop()
+
+
+async def test_scheduler_stopped_get_finishes_from_source(damselfly_origin, damselfly_cluster_factory, tmp_path):
+    src = damselfly_origin.make("f.bin", 12 * MiB)
+    cluster = damselfly_cluster_factory(peers=1)
+    cluster.stop_scheduler()
+    out = tmp_path / "out.bin"
+    proc = subprocess.run(
+        [sys.executable, "-m", "damselfly", "get", damselfly_origin.url("f.bin"), "-O", str(out),
+         "--socket", cluster.daemon("peer1")["socket"]],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sha(out) == sha(src)
+    assert "no scheduler answered" in cluster.log("peer1")
+
+
+async def test_corrupt_piece_is_detected_and_fetched_elsewhere(damselfly_origin, damselfly_cluster_factory, tmp_path):
+    src = damselfly_origin.make("f.bin", 32 * MiB)
+    liar = {
+        "PYTHONPATH": str(ROOT),
+        "DAMSELFLY_PLUGINS__LOAD": '["tests.helpers.liar"]',
+        "DAMSELFLY_DAEMON__STORAGE": '{"type": "lying-disk"}',
+        "DAMSELFLY_HOST__MAX_TX_BANDWIDTH": "100GB/s",  # so the child picks the liar first
+    }
+    cluster = damselfly_cluster_factory(
+        peers=2, peer_env={0: {"DAMSELFLY_HOST__MAX_TX_BANDWIDTH": "1MB/s"}, 1: liar}
+    )
+    url = damselfly_origin.url("f.bin")
+    await download(cluster, "peer1", url, tmp_path / "liar.bin")
+    assert sha(tmp_path / "liar.bin") == sha(src)  # the liar stores honestly
+    result = await download(cluster, "peer2", url, tmp_path / "out.bin")
+    assert sha(tmp_path / "out.bin") == sha(src)
+    assert result.peer_bytes == 32 * MiB
+    failures = cluster.metric("peer2", "dragonfly_dfdaemon_download_piece_failure_total", '{reason="corrupt"}')
+    assert failures >= 1
+    assert "bad piece" in cluster.log("peer2")
+    assert damselfly_origin.stats()["bytes"] == 32 * MiB
+
+
+async def test_finished_tasks_survive_a_restart(damselfly_origin, damselfly_cluster_factory, tmp_path):
+    src = damselfly_origin.make("f.bin", 16 * MiB)
+    cluster = damselfly_cluster_factory(peers=2)
+    url = damselfly_origin.url("f.bin")
+    first = await download(cluster, "peer1", url, tmp_path / "a.bin")
+    cluster.stop_daemon("seed")
+    cluster.stop_daemon("peer1")
+    cluster.restart_daemon("peer1")
+    damselfly_origin.reset()
+
+    async with Client(cluster.daemon("peer2")["socket"]) as c:
+        async def known() -> bool:
+            try:
+                return (await c.stat_task(first.task_id)).peer_count >= 1
+            except DamselflyError:
+                return False
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await known():
+            assert asyncio.get_running_loop().time() < deadline, "restarted peer never announced its task"
+            await asyncio.sleep(0.05)
+        result = await c.download(url, tmp_path / "b.bin")
+    assert sha(tmp_path / "b.bin") == sha(src)
+    assert result.peer_bytes == 16 * MiB
+    assert damselfly_origin.stats()["bytes"] == 0
+
+
+async def test_whole_file_digest(damselfly_origin, damselfly_cluster_factory, tmp_path):
+    src = damselfly_origin.make("f.bin", 5 * MiB)
+    cluster = damselfly_cluster_factory(peers=1)
+    url = damselfly_origin.url("f.bin")
+    good = f"sha256:{sha(src)}"
+    await download(cluster, "peer1", url, tmp_path / "ok.bin", digest=good)
+    assert sha(tmp_path / "ok.bin") == sha(src)
+    with pytest.raises(DamselflyError, match="digest mismatch"):
+        await download(cluster, "peer1", url, tmp_path / "bad.bin", digest="sha256:" + "0" * 64, tag="other")
+    assert not (tmp_path / "bad.bin").exists()
+
+
+def run_get(cluster, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "damselfly", "get", *args, "--socket", cluster.daemon("peer1")["socket"], "--no-progress"],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_get_errors_are_one_line_and_leave_nothing(damselfly_origin, damselfly_cluster_factory, tmp_path):
+    cluster = damselfly_cluster_factory(peers=1)
+    out = tmp_path / "out" / "x.bin"
+    out.parent.mkdir()
+    for url, needle in [
+        ("gopher://example/x", "no source plugin handles gopher://"),
+        (damselfly_origin.url("missing.bin"), "404"),
+        ("http://127.0.0.1:9/unreachable", "cannot reach origin"),
+    ]:
+        proc = run_get(cluster, url, "-O", str(out))
+        assert proc.returncode != 0
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("damselfly: error:") and needle in lines[0], proc.stderr
+        assert list(out.parent.iterdir()) == []
+    proc = run_get(cluster, damselfly_origin.url("x"), "-O", str(tmp_path / "no" / "such" / "dir"))
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
+
+
+def test_cluster_up_and_down_cli(tmp_path):
+    d = tmp_path / "c"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAMSELFLY_")}
+    up = subprocess.run([sys.executable, "-m", "damselfly", "cluster", "up", "--peers", "2", "--dir", str(d)],
+                        capture_output=True, text=True, timeout=120, env=env)
+    assert up.returncode == 0, up.stderr
+    info = json.loads((d / "cluster.json").read_text())
+    assert info["scheduler"].startswith("127.0.0.1:")
+    assert [x["seed"] for x in info["daemons"]] == [True, False, False]
+    for x in info["daemons"]:
+        assert set(x) >= {"host_id", "pid", "seed", "socket", "upload", "piece_port", "proxy"}
+        assert Path(x["socket"]).exists()
+    down = subprocess.run([sys.executable, "-m", "damselfly", "cluster", "down", "--dir", str(d)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert down.returncode == 0 and "stopped 4" in down.stdout
+    for pid in [x["pid"] for x in info["daemons"]] + [info["scheduler_pid"]]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -1,0 +1,52 @@
+"""The default strategy scores like upstream's evaluator."""
+
+import pytest
+
+from damselfly.contracts import Candidate
+from damselfly.core.host import Host, HostType
+from damselfly.core.peer import Peer, PeerState
+from damselfly.core.task import Task
+from damselfly.plugins.scheduler import default
+from damselfly.plugins.scheduler.default import DefaultStrategy
+from damselfly.plugins.scheduler.random import RandomStrategy
+
+GBIT = 1_000_000_000
+
+
+def cand(name, *, seed=False, idc="", location="", tx=0, uploaded=0, state=PeerState.SUCCEEDED):
+    host = Host(id=name, ip="127.0.0.1", hostname=name, port=1, type=HostType.SUPER_SEED if seed else HostType.NORMAL,
+                idc=idc, location=location, max_tx_bandwidth=GBIT, tx_bandwidth=tx, upload_content_length=uploaded)
+    return Candidate(Peer(id=f"{name}-p", task_id="t", host_id=name, state=state), host)
+
+
+def test_component_scores():
+    h = cand("a", tx=GBIT // 4).host
+    assert default.peak_bandwidth_score(h) == pytest.approx(0.75)
+    assert default.bandwidth_duration_score(h) == 1.0
+    h.upload_content_length = GBIT // 8 * 30  # 30 s of the link in the last minute
+    assert default.bandwidth_duration_score(h) == pytest.approx(0.5)
+    assert default.location_affinity("a|b|c|d|e", "a|b|x") == pytest.approx(0.4)
+    assert default.location_affinity("", "a") == 0.0
+    assert default.idc_affinity("IDC1", "idc1") == 1.0
+
+
+def test_rank_prefers_idle_same_idc_parents():
+    child = cand("child", idc="x", location="cn|bj")
+    busy = cand("busy", idc="x", tx=GBIT * 9 // 10)
+    far = cand("far", idc="y")
+    near = cand("near", idc="x", location="cn|bj")
+    ranked = DefaultStrategy().rank(child, [busy, far, near], Task(id="t"))
+    assert [c.host.id for c in ranked] == ["near", "far", "busy"]
+
+
+def test_running_seed_beats_a_normal_peer_on_host_type():
+    child = cand("child")
+    seed = cand("seed", seed=True, state=PeerState.RUNNING)
+    normal = cand("normal")
+    assert default.host_type_score(seed) == 1.0 and default.host_type_score(normal) == 0.5
+    assert DefaultStrategy().rank(child, [normal, seed], Task(id="t"))[0].host.id == "seed"
+
+
+def test_random_keeps_every_candidate():
+    cs = [cand(f"h{i}") for i in range(10)]
+    assert sorted(c.host.id for c in RandomStrategy().rank(cand("c"), cs, Task(id="t"))) == sorted(c.host.id for c in cs)

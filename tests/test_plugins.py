@@ -1,0 +1,112 @@
+"""Plugin registration: built-ins like third parties, entry points, blocking, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from damselfly import hookimpl
+from damselfly.config import load_settings
+from damselfly.contracts import Source, SourceInfo
+from damselfly.core.errors import InvalidArgument
+from damselfly.plugin_manager import BUILTIN_PLUGINS, build_plugins
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_builtins_are_registered_with_their_kind_and_origin():
+    plugins = build_plugins(load_settings())
+    rows = {(i.name, i.kind): i.origin for i in plugins.info()}
+    for key in [("http", "source"), ("file", "source"), ("tcp", "transport"), ("disk", "storage"),
+                ("memory", "storage"), ("default", "strategy"), ("random", "strategy")]:
+        assert rows[key] == "builtin"
+    assert plugins.source_for("https://x/y").name == "http"
+
+
+def test_unknown_scheme_and_name_are_clear_errors():
+    plugins = build_plugins(load_settings())
+    with pytest.raises(InvalidArgument, match="no source plugin handles gopher://"):
+        plugins.source_for("gopher://x")
+    with pytest.raises(InvalidArgument, match="no storage plugin named 'tape'"):
+        plugins.storages["tape"]
+
+
+def test_block_by_plugin_name_and_module():
+    s = load_settings(plugins={"block": ["random", "damselfly.plugins.storage.memory"]})
+    plugins = build_plugins(s)
+    assert "random" not in plugins.strategies
+    assert "memory" not in plugins.storages
+    assert "default" in plugins.strategies
+
+
+class Dup(Source):
+    name: ClassVar[str] = "http"
+    schemes: ClassVar[tuple[str, ...]] = ("dup",)
+
+    async def stat(self, url, headers):
+        return SourceInfo(0)
+
+    async def read(self, url, offset, length, headers):
+        yield b""
+
+
+@hookimpl
+def damselfly_add_sources(registry):
+    registry.add(Dup)
+
+
+def test_duplicate_names_are_an_error():
+    s = load_settings(plugins={"load": ["tests.test_plugins"]})
+    with pytest.raises(InvalidArgument, match="two source plugins are named 'http'"):
+        build_plugins(s)
+
+
+def test_plugin_options_are_validated_by_the_plugin():
+    plugins = build_plugins(load_settings(daemon={"storage": {"type": "memory", "capacity": "lots"}}))
+    with pytest.raises(InvalidArgument, match="daemon.storage.capacity"):
+        plugins.make_storage(plugins.settings.daemon.storage, "/tmp")
+
+
+def test_builtin_list_matches_the_plugin_modules():
+    mods = {
+        f"damselfly.plugins.{p.parent.name}.{p.stem}"
+        for p in (ROOT / "damselfly" / "plugins").glob("*/*.py")
+        if p.stem != "__init__"
+    }
+    assert mods == set(BUILTIN_PLUGINS)
+
+
+@pytest.mark.timeout(300)
+def test_third_party_package_is_found_through_its_entry_point(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(ROOT / "examples" / "damselfly-hello")],
+        check=True,
+        capture_output=True,
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAMSELFLY_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(target), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-m", "damselfly", "plugins", "--json"], env=env, capture_output=True, text=True, check=True
+    )
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    hello = [r for r in rows if r["name"] == "hello"]
+    assert hello == [{"name": "hello", "kind": "source", "origin": "entry point damselfly-hello 0.1.0", "unavailable": None}]
+
+    env["DAMSELFLY_PLUGINS__AUTOLOAD"] = "false"
+    out = subprocess.run(
+        [sys.executable, "-m", "damselfly", "plugins", "--json"], env=env, capture_output=True, text=True, check=True
+    )
+    assert "hello" not in {json.loads(line)["name"] for line in out.stdout.splitlines()}
+
+    env["DAMSELFLY_PLUGINS__AUTOLOAD"] = "true"
+    env["DAMSELFLY_PLUGINS__BLOCK"] = '["hello"]'
+    out = subprocess.run(
+        [sys.executable, "-m", "damselfly", "plugins", "--json"], env=env, capture_output=True, text=True, check=True
+    )
+    assert "hello" not in {json.loads(line)["name"] for line in out.stdout.splitlines()}
