@@ -8,6 +8,8 @@ daemon or scheduler instantiates it from config.
 from __future__ import annotations
 
 import abc
+import threading
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +17,10 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from damselfly.core.errors import InvalidArgument
+from damselfly.core.errors import InvalidArgument, PieceCorrupt
 from damselfly.core.host import Host
 from damselfly.core.peer import Peer
-from damselfly.core.piece import PieceSpan
+from damselfly.core.piece import DIGEST_ALGORITHM, PieceSpan
 from damselfly.core.task import PieceRecord, Task
 from damselfly.core.vortex import PieceMetadata
 
@@ -93,7 +95,9 @@ class Source(Plugin, abc.ABC):
 class PieceWriter(Protocol):
     """Receives one piece's bytes; nothing is servable until ``commit``."""
 
-    def write(self, chunk: bytes | memoryview) -> None: ...
+    def write(self, chunk: bytes | memoryview) -> None:
+        """Take the next bytes of the piece; may be called from a worker thread."""
+        ...
 
     async def commit(self, expected_digest: str | None) -> PieceRecord:
         """Check the length and the crc32 (against ``expected_digest`` when given), then
@@ -101,6 +105,56 @@ class PieceWriter(Protocol):
         ...
 
     def abort(self) -> None: ...
+
+
+class BufferedPieceWriter(abc.ABC):
+    """The common half of a storage's writer: length checks, crc32 and abort.
+
+    ``write`` may be called from a transport's worker thread; after ``abort``
+    returns no further byte reaches the storage. Subclasses put bytes with
+    ``_put`` and record a verified piece with ``_keep``.
+    """
+
+    def __init__(self, span: PieceSpan):
+        self.span = span
+        self._pos = span.offset
+        self._crc = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @abc.abstractmethod
+    def _put(self, chunk: bytes | memoryview, offset: int) -> None: ...
+
+    @abc.abstractmethod
+    def _keep(self, record: PieceRecord) -> None: ...
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        n = len(chunk)
+        with self._lock:
+            if self._closed:
+                raise PieceCorrupt(f"piece {self.span.number}: write after abort")
+            if self._pos + n > self.span.end:
+                raise PieceCorrupt(f"piece {self.span.number} is longer than its {self.span.length} bytes")
+            self._put(chunk, self._pos)
+            self._crc = zlib.crc32(chunk, self._crc)
+            self._pos += n
+
+    async def commit(self, expected_digest: str | None) -> PieceRecord:
+        with self._lock:
+            self._closed = True
+            got = self._pos - self.span.offset
+            if got != self.span.length:
+                raise PieceCorrupt(f"piece {self.span.number} has {got} of {self.span.length} bytes")
+            digest = f"{DIGEST_ALGORITHM}:{self._crc}"
+            if expected_digest is not None and digest != expected_digest:
+                raise PieceCorrupt(f"piece {self.span.number}: expected {expected_digest}, got {digest}")
+        record = PieceRecord(self.span.number, self.span.offset, self.span.length, digest)
+        self._keep(record)
+        return record
+
+    def abort(self) -> None:
+        with self._lock:
+            self._closed = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -222,6 +222,15 @@ class Decoder:
         self._in_piece = False
 
     @property
+    def piece_left(self) -> int:
+        """Piece bytes the current frame still has to deliver (0 between pieces).
+
+        A reader may use it to size its next read so a whole piece arrives in
+        one call; it is a hint, the decoder accepts any split of the bytes.
+        """
+        return self._piece_left
+
+    @property
     def in_frame(self) -> bool:
         return bool(self._buf) or self._piece_left > 0 or bool(self._chunks)
 
@@ -318,8 +327,8 @@ class Decoder:
             raise ProtocolError(
                 f"lying PieceContent frame: metadata says {meta.length} bytes, frame carries {data_len}"
             )
-        rest = bytes(buf[head:])
-        buf.clear()
+        rest = memoryview(buf)[head:]
+        self._buf = bytearray()  # the old buffer now backs ``rest`` only
         self._packet_id = packet_id
         self._in_piece = True
         self._piece_left = data_len

@@ -231,6 +231,7 @@ class Downloader:
         self.source_bytes = 0
         self.authoritative: dict[int, str] = {}  # digests the scheduler learnt from the source
         self.blocklist: set[str] = set()
+        self._todo: set[int] | None = None
 
     # -- entry -------------------------------------------------------------------
 
@@ -391,12 +392,16 @@ class Downloader:
         self._started()
         return self.task
 
-    def _missing(self) -> list[PieceSpan]:
+    def _missing(self) -> set[int]:
+        """Numbers of the pieces not stored yet (kept up to date as pieces land)."""
         assert self.task is not None
-        return [s for s in self.task.layout.spans() if s.number not in self.task.pieces]
+        if self._todo is None:
+            self._todo = {n for n in range(self.task.piece_count) if n not in self.task.pieces}
+        return self._todo
 
     async def _stored(self, record: PieceRecord, traffic: int, parent_id: str, cost: float) -> None:
         """A verified piece is stored: tell the hooks, the scheduler and whoever waits on it."""
+        self._missing().discard(record.number)
         self.d.plugins.piece_verified(self.task_id, record.number, record.length, parent_id, int(traffic))
         self.d.metrics.download_traffic.labels(
             "back_to_source" if traffic == TRAFFIC_SOURCE else "remote_peer"
@@ -444,14 +449,15 @@ class Downloader:
             self.source = self.d.plugins.make_source(self.req.url)
         if not report:
             self.link = None
-        missing = self._missing()
+        assert self.task is not None
+        layout = self.task.layout
         limit = asyncio.Semaphore(self.d.settings.daemon.concurrent_pieces)
 
         async def one(span: PieceSpan) -> None:
             async with limit:
                 await self._source_piece(span)
 
-        await _gather_or_cancel([one(s) for s in missing])
+        await _gather_or_cancel([one(layout.span(n)) for n in sorted(self._missing())])
 
     async def _source_piece(self, span: PieceSpan) -> None:
         assert self.source is not None
@@ -474,10 +480,11 @@ class Downloader:
         first = candidates[0].task
         for pb in first.pieces:
             self.authoritative[pb.number] = pb.digest
-        if first.content_length or first.piece_count == 0:
-            await self._create(first.content_length, None)
         if self.task is None:
-            raise Reschedule("parents do not know the task's length yet")
+            if first.content_length or first.piece_count:
+                await self._create(first.content_length, None)
+            else:  # the scheduler has not learnt the length: ask the parents themselves
+                await self._create(await self._stat_parents(candidates), None)
         parents = {
             c.id: _Parent(c.id, c.host.id, c.host.ip, c.host.port, weight=_weight(c.host))
             for c in candidates
@@ -501,9 +508,24 @@ class Downloader:
                     p.task.cancel()
             await asyncio.gather(*(p.task for p in parents.values() if p.task), return_exceptions=True)
 
+    async def _stat_parents(self, candidates: list[common_pb2.Peer]) -> int:
+        """The content length as a parent holds it (it may still be statting the source)."""
+        deadline = time.monotonic() + self.d.settings.daemon.schedule_timeout
+        while True:
+            for c in candidates:
+                stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(self.d.upload_channel(f"{c.host.ip}:{c.host.port}"))
+                try:
+                    task = await stub.StatTask(dfdaemon_pb2.StatTaskRequest(task_id=self.task_id), timeout=5)
+                    return task.content_length
+                except grpc.aio.AioRpcError:
+                    continue
+            if time.monotonic() > deadline:
+                raise Reschedule("no parent could say how long the task is")
+            await asyncio.sleep(0.1)  # a parent that is statting the source will know soon
+
     async def _sync(self, parent: _Parent, poke: Callable[[], None]) -> None:
         """Follow a parent's SyncPieces stream: which of our missing pieces it has, as they land."""
-        interested = [s.number for s in self._missing()]
+        interested = sorted(self._missing())
         try:
             channel = self.d.upload_channel(f"{parent.ip}:{parent.upload_port}")
             stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
@@ -531,7 +553,7 @@ class Downloader:
         last_progress = time.monotonic()
         try:
             while True:
-                missing = {s.number for s in self._missing()}
+                missing = self._missing()
                 if not missing:
                     return
                 busy = set(inflight.values())

@@ -255,10 +255,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         while True:
             if peer.id not in st.peers or peer.done:
                 raise ScheduleError(grpc.StatusCode.CANCELLED, "peer left while being scheduled")
-            if entry.task.content_length == 0:
+            if entry.task.known_length and entry.task.content_length == 0:
                 self.metrics.schedule.labels("empty").inc()
                 return scheduler_pb2.AnnouncePeerResponse(empty_task_response=scheduler_pb2.EmptyTaskResponse())
-            parents = st.candidates(peer) if entry.task.known_length else []
+            parents = st.candidates(peer)
             if parents:
                 for c in parents:
                     peer.parents.add(c.peer.id)

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import time
-import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,9 +20,9 @@ from typing import Any, ClassVar
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from damselfly.contracts import FileRegion, Storage
-from damselfly.core.errors import NotFound, PieceCorrupt, StorageError
-from damselfly.core.piece import DIGEST_ALGORITHM, PieceSpan
+from damselfly.contracts import BufferedPieceWriter, FileRegion, Storage
+from damselfly.core.errors import NotFound, StorageError
+from damselfly.core.piece import PieceSpan
 from damselfly.core.task import PieceRecord, Task, TaskState
 from damselfly.hookspecs import hookimpl
 
@@ -36,6 +35,7 @@ class DiskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     persist_interval: float = Field(1.0, ge=0, description="Seconds between metadata saves while downloading.")
     min_free_bytes: int = Field(0, ge=0, description="Refuse a task that would leave less free space than this.")
+    preallocate: bool = Field(True, description="Reserve a task's blocks when it is created (posix_fallocate).")
 
 
 def _task_to_json(task: Task) -> dict[str, Any]:
@@ -76,44 +76,24 @@ def _task_from_json(raw: dict[str, Any]) -> Task:
     return task
 
 
-class _DiskWriter:
+class _DiskWriter(BufferedPieceWriter):
     def __init__(self, storage: DiskStorage, task: Task, fd: int, span: PieceSpan):
+        super().__init__(span)
         self._storage = storage
         self._task = task
         self._fd = fd
-        self._span = span
-        self._pos = span.offset
-        self._crc = 0
-        self._done = False
 
-    def write(self, chunk: bytes | memoryview) -> None:
+    def _put(self, chunk: bytes | memoryview, offset: int) -> None:
         n = len(chunk)
-        if self._pos + n > self._span.end:
-            raise PieceCorrupt(f"piece {self._span.number} is longer than its {self._span.length} bytes")
         try:
-            written = os.pwrite(self._fd, chunk, self._pos)
+            written = os.pwrite(self._fd, chunk, offset)
             while written < n:  # short writes happen on some filesystems
-                written += os.pwrite(self._fd, memoryview(chunk)[written:], self._pos + written)
+                written += os.pwrite(self._fd, memoryview(chunk)[written:], offset + written)
         except OSError as exc:
             raise StorageError(f"cannot write task {self._task.id[:12]}: {exc.strerror}") from None
-        self._crc = zlib.crc32(chunk, self._crc)
-        self._pos += n
 
-    async def commit(self, expected_digest: str | None) -> PieceRecord:
-        if self._pos != self._span.end:
-            raise PieceCorrupt(
-                f"piece {self._span.number} has {self._pos - self._span.offset} of {self._span.length} bytes"
-            )
-        digest = f"{DIGEST_ALGORITHM}:{self._crc}"
-        if expected_digest is not None and digest != expected_digest:
-            raise PieceCorrupt(f"piece {self._span.number}: expected {expected_digest}, got {digest}")
-        record = PieceRecord(self._span.number, self._span.offset, self._span.length, digest)
-        self._done = True
+    def _keep(self, record: PieceRecord) -> None:
         self._storage._record(self._task, record)
-        return record
-
-    def abort(self) -> None:
-        self._done = True
 
 
 class DiskStorage(Storage):
@@ -196,6 +176,10 @@ class DiskStorage(Storage):
                 )
             fd = os.open(d / CONTENT, os.O_RDWR | os.O_CREAT, 0o644)
             os.ftruncate(fd, task.content_length)
+            if task.content_length and self.options.preallocate:
+                # Reserve the blocks now: a full disk fails here, with a clear error, not
+                # mid-download; and writes into allocated blocks run about twice as fast.
+                os.posix_fallocate(fd, 0, task.content_length)
         except OSError as exc:
             shutil.rmtree(d, ignore_errors=True)
             raise StorageError(f"cannot create task {task.id[:12]} in {d}: {exc.strerror}") from None

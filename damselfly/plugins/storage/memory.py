@@ -6,7 +6,6 @@ Nothing survives a restart. A task that is still being written is never evicted.
 from __future__ import annotations
 
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,9 +13,9 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from damselfly.contracts import Storage
-from damselfly.core.errors import NotFound, PieceCorrupt, StorageError
-from damselfly.core.piece import DIGEST_ALGORITHM, PieceSpan
+from damselfly.contracts import BufferedPieceWriter, Storage
+from damselfly.core.errors import NotFound, StorageError
+from damselfly.core.piece import PieceSpan
 from damselfly.core.task import PieceRecord, Task, TaskState
 from damselfly.core.units import parse_size
 from damselfly.hookspecs import hookimpl
@@ -34,33 +33,17 @@ class MemoryConfig(BaseModel):
         return parse_size(v) if isinstance(v, str) else v
 
 
-class _MemoryWriter:
-    def __init__(self, storage: MemoryStorage, task: Task, buf: bytearray, span: PieceSpan):
-        self._storage, self._task, self._buf, self._span = storage, task, buf, span
-        self._pos = span.offset
-        self._crc = 0
+class _MemoryWriter(BufferedPieceWriter):
+    def __init__(self, task: Task, buf: bytearray, span: PieceSpan):
+        super().__init__(span)
+        self._task, self._buf = task, buf
 
-    def write(self, chunk: bytes | memoryview) -> None:
-        n = len(chunk)
-        if self._pos + n > self._span.end:
-            raise PieceCorrupt(f"piece {self._span.number} is longer than its {self._span.length} bytes")
-        self._buf[self._pos : self._pos + n] = chunk
-        self._crc = zlib.crc32(chunk, self._crc)
-        self._pos += n
+    def _put(self, chunk: bytes | memoryview, offset: int) -> None:
+        self._buf[offset : offset + len(chunk)] = chunk
 
-    async def commit(self, expected_digest: str | None) -> PieceRecord:
-        if self._pos != self._span.end:
-            raise PieceCorrupt(f"piece {self._span.number} is short")
-        digest = f"{DIGEST_ALGORITHM}:{self._crc}"
-        if expected_digest is not None and digest != expected_digest:
-            raise PieceCorrupt(f"piece {self._span.number}: expected {expected_digest}, got {digest}")
-        record = PieceRecord(self._span.number, self._span.offset, self._span.length, digest)
+    def _keep(self, record: PieceRecord) -> None:
         self._task.pieces[record.number] = record
         self._task.updated_at = time.time()
-        return record
-
-    def abort(self) -> None:
-        return None
 
 
 class MemoryStorage(Storage):
@@ -109,7 +92,7 @@ class MemoryStorage(Storage):
         task = self._tasks.get(task_id)
         if task is None:
             raise NotFound(f"task {task_id[:12]} is not stored here")
-        return _MemoryWriter(self, task, self._data[task_id], span)
+        return _MemoryWriter(task, self._data[task_id], span)
 
     async def read_piece(self, task_id: str, number: int) -> bytes:
         task = self._tasks.get(task_id)

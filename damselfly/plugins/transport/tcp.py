@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 from loguru import logger
@@ -24,13 +25,17 @@ from damselfly.hookspecs import hookimpl
 
 class TcpConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    read_buffer: int = Field(1 << 20, ge=4096, description="Bytes read from the socket at a time.")
+    read_buffer: int = Field(1 << 20, ge=4096, description="Bytes read from the socket at a time (per connection).")
+    socket_buffer: int = Field(0, ge=0, description="SO_RCVBUF/SO_SNDBUF to ask for (0: the kernel's default).")
     sendfile: bool = Field(True, description="Send stored pieces with sendfile(2) when they lie in a file.")
 
 
-def _tune(sock: socket.socket | None) -> None:
+def _tune(sock: socket.socket | None, buffer: int = 0) -> None:
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
 
 
 # -- server -----------------------------------------------------------------------
@@ -127,118 +132,114 @@ async def _send_piece(
 
 
 # -- client -----------------------------------------------------------------------
+#
+# A fetch runs in a worker thread on a blocking socket: recv_into, crc32 and the
+# storage's pwrite all release the GIL, so pieces move on every core while the
+# event loop stays free. A cancelled fetch shuts the socket down so its thread
+# ends at once; the storage writer refuses writes after ``abort``.
 
-
-class _ClientProtocol(asyncio.BufferedProtocol):
-    def __init__(self, read_buffer: int):
-        self._buf = bytearray(read_buffer)
-        self._view = memoryview(self._buf)
-        self.decoder = vortex.Decoder()
-        self.transport: asyncio.Transport | None = None
-        self.sink: PieceWriter | None = None
-        self.waiter: asyncio.Future[vortex.PieceMetadata] | None = None
-        self.meta: vortex.PieceMetadata | None = None
-        self.expect_number = -1
-        self.lost: Exception | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        _tune(transport.get_extra_info("socket"))
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        try:
-            self.decoder.receive_data(self._view[:nbytes])
-            self._drain()
-        except DamselflyError as exc:
-            self._fail(exc)
-
-    def eof_received(self) -> bool | None:
-        try:
-            self.decoder.receive_data(b"")
-            self._drain()
-        except ProtocolError as exc:  # cut off mid-frame: the parent vanished
-            self._fail(PeerError(f"parent hung up: {exc}"))
-        except DamselflyError as exc:
-            self._fail(exc)
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(PeerError(f"parent closed the connection{': ' + str(exc) if exc else ''}"))
-
-    def _fail(self, exc: Exception) -> None:
-        if self.lost is None:
-            self.lost = exc
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(exc)
-        if self.transport is not None:
-            self.transport.close()
-
-    def _drain(self) -> None:
-        while True:
-            event = self.decoder.next_event()
-            if event is vortex.NEED_DATA:
-                return
-            if self.waiter is None or self.waiter.done():
-                raise ProtocolError(f"unsolicited {type(event).__name__} from parent")
-            if isinstance(event, vortex.PieceData):
-                assert self.sink is not None
-                self.sink.write(event.data)
-            elif isinstance(event, vortex.PieceContentStart):
-                if event.metadata.number != self.expect_number:
-                    raise ProtocolError(
-                        f"lying parent: asked for piece {self.expect_number}, got {event.metadata.number}"
-                    )
-                self.meta = event.metadata
-            elif isinstance(event, vortex.PieceContentEnd):
-                assert self.meta is not None
-                self.waiter.set_result(self.meta)
-            elif isinstance(event, vortex.Error):
-                if event.code == vortex.ErrorCode.NOT_FOUND:
-                    self.waiter.set_exception(NotFound(f"parent: {event.message}"))
-                else:
-                    self.waiter.set_exception(PeerError(f"parent error {event.code}: {event.message}"))
-            elif isinstance(event, vortex.Close):
-                raise PeerError("parent closed the Vortex session")
-            else:
-                raise ProtocolError(f"unexpected {type(event).__name__} from parent")
+_HEAD_READ = 4096
+_FETCH_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="damselfly-tcp")
 
 
 class TcpConnection(PieceConnection):
-    def __init__(self, transport: asyncio.Transport, protocol: _ClientProtocol):
-        self._transport = transport
-        self._protocol = protocol
+    def __init__(self, sock: socket.socket, read_buffer: int):
+        self._sock = sock
+        self._view = memoryview(bytearray(read_buffer))
+        self._decoder = vortex.Decoder()
+        self._busy = False
+        self._lost: Exception | None = None
 
     @property
     def broken(self) -> bool:
-        return self._protocol.lost is not None or self._transport.is_closing()
+        return self._lost is not None
+
+    def _fail(self, exc: Exception) -> Exception:
+        if self._lost is None:
+            self._lost = exc
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return exc
+
+    def _fetch(self, task_id: str, number: int, sink: PieceWriter) -> vortex.PieceMetadata:
+        sock, view, decoder = self._sock, self._view, self._decoder
+        try:
+            sock.sendall(vortex.encode_download_piece(task_id, number))
+            meta: vortex.PieceMetadata | None = None
+            while True:
+                event = decoder.next_event()
+                if event is vortex.NEED_DATA:
+                    left = decoder.piece_left
+                    # Inside a piece, wait for as much of it as the buffer holds: one
+                    # syscall, one pwrite and one crc32 per buffer, all without the GIL.
+                    if left:
+                        n = sock.recv_into(view, min(left, len(view)), socket.MSG_WAITALL)
+                    else:  # a frame head: read little, so the decoder never buffers piece bytes
+                        n = sock.recv_into(view, _HEAD_READ)
+                    if n == 0:
+                        try:
+                            decoder.receive_data(b"")
+                            decoder.next_event()
+                        except ProtocolError as exc:  # cut off mid-frame: the parent vanished
+                            raise PeerError(f"parent hung up: {exc}") from None
+                        raise PeerError("parent closed the connection")
+                    decoder.receive_data(view[:n])
+                elif isinstance(event, vortex.PieceData):
+                    sink.write(event.data)
+                elif isinstance(event, vortex.PieceContentStart):
+                    if event.metadata.number != number:
+                        raise ProtocolError(f"lying parent: asked for piece {number}, got {event.metadata.number}")
+                    meta = event.metadata
+                elif isinstance(event, vortex.PieceContentEnd):
+                    assert meta is not None
+                    return meta
+                elif isinstance(event, vortex.Error):
+                    if event.code == vortex.ErrorCode.NOT_FOUND:
+                        raise NotFound(f"parent: {event.message}")
+                    # an error frame ends the request, not the connection
+                    raise _ParentRefused(f"parent error {event.code}: {event.message}")
+                elif isinstance(event, vortex.Close):
+                    raise PeerError("parent closed the Vortex session")
+                else:
+                    raise ProtocolError(f"unexpected {type(event).__name__} from parent")
+        except (NotFound, _ParentRefused):
+            raise
+        except DamselflyError as exc:
+            raise self._fail(exc) from None
+        except OSError as exc:
+            raise self._fail(PeerError(f"connection to parent failed: {exc}")) from None
 
     async def fetch(self, task_id: str, number: int, sink: PieceWriter) -> vortex.PieceMetadata:
-        p = self._protocol
-        if p.lost is not None:
-            raise PeerError(f"connection is broken: {p.lost}")
-        if p.waiter is not None and not p.waiter.done():
+        if self._lost is not None:
+            raise PeerError(f"connection is broken: {self._lost}")
+        if self._busy:
             raise RuntimeError("one fetch at a time per connection")
-        p.waiter = asyncio.get_running_loop().create_future()
-        p.sink, p.meta, p.expect_number = sink, None, number
-        self._transport.write(vortex.encode_download_piece(task_id, number))
+        self._busy = True
         try:
-            return await p.waiter
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(_FETCH_THREADS, self._fetch, task_id, number, sink)
+        except _ParentRefused as exc:
+            raise PeerError(str(exc)) from None
         except asyncio.CancelledError:
-            # A cancelled fetch leaves the stream mid-frame: this connection is done.
-            p._fail(PeerError("fetch cancelled"))
+            self._fail(PeerError("fetch cancelled"))  # the thread sees a dead socket and ends
             raise
         finally:
-            p.sink = None
+            self._busy = False
 
     async def close(self) -> None:
-        if not self._transport.is_closing():
-            if self._protocol.lost is None:
-                self._transport.write(vortex.encode_close())
-            self._transport.close()
+        if self._lost is None and not self._busy:
+            try:
+                self._sock.sendall(vortex.encode_close())
+            except OSError:
+                pass
+        self._fail(PeerError("closed"))
+        self._sock.close()
+
+
+class _ParentRefused(PeerError):
+    """An Error frame that is not NOT_FOUND; the connection stays usable."""
 
 
 class TcpTransport(Transport):
@@ -267,17 +268,17 @@ class TcpTransport(Transport):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise InvalidArgument(f"bad piece address {address!r}, expected host:port")
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
+        loop = asyncio.get_running_loop()
         try:
-            transport, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _ClientProtocol(self.options.read_buffer), host.strip("[]"), int(port)),
-                timeout,
+            sock = await loop.run_in_executor(
+                _FETCH_THREADS, socket.create_connection, (host.strip("[]"), int(port)), timeout
             )
-        except (OSError, TimeoutError) as exc:
+        except OSError as exc:
             raise PeerError(f"cannot connect to {address} after {time.monotonic() - started:.1f}s: {exc}") from None
-        assert isinstance(transport, asyncio.Transport)
-        return TcpConnection(transport, protocol)
+        sock.settimeout(None)
+        _tune(sock, self.options.socket_buffer)
+        return TcpConnection(sock, self.options.read_buffer)
 
 
 @hookimpl
