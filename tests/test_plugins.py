@@ -110,3 +110,25 @@ def test_third_party_package_is_found_through_its_entry_point(tmp_path):
         [sys.executable, "-m", "damselfly", "plugins", "--json"], env=env, capture_output=True, text=True, check=True
     )
     assert "hello" not in {json.loads(line)["name"] for line in out.stdout.splitlines()}
+
+
+def test_each_registry_hook_adds_its_kind():
+    """damselfly_add_sources, damselfly_add_transports, damselfly_add_storages, damselfly_add_strategies."""
+    plugins = build_plugins(load_settings(plugins={"load": ["tests.helpers.toys"]}))
+    rows = {i.name: i for i in plugins.info()}
+    assert rows["toy-source"].kind == "source" and plugins.source_for("toy://x").name == "toy-source"
+    assert rows["toy-transport"].kind == "transport"
+    assert rows["toy-transport"].unavailable == "needs a toy network card"
+    assert rows["toy-storage"].kind == "storage" and rows["toy-strategy"].kind == "strategy"
+    assert rows["toy-strategy"].origin == "module tests.helpers.toys"
+    from damselfly.config import PluginChoice
+    from damselfly.core.errors import Unavailable
+
+    with pytest.raises(Unavailable, match="toy network card"):
+        plugins.make_transport(PluginChoice(type="toy-transport"))
+
+
+def test_registry_rejects_what_is_not_a_plugin_class():
+    plugins = build_plugins(load_settings())
+    with pytest.raises(TypeError, match="not a Source"):
+        plugins.sources.add(int)  # type: ignore[arg-type]

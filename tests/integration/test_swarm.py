@@ -104,8 +104,14 @@ async def test_corrupt_piece_is_detected_and_fetched_elsewhere(damselfly_origin,
         "DAMSELFLY_DAEMON__STORAGE": '{"type": "lying-disk"}',
         "DAMSELFLY_HOST__MAX_TX_BANDWIDTH": "100GB/s",  # so the child picks the liar first
     }
+    hook_log = tmp_path / "hooks.jsonl"
+    recorder = {
+        "PYTHONPATH": str(ROOT),
+        "DAMSELFLY_PLUGINS__LOAD": '["tests.helpers.recorder"]',
+        "DAMSELFLY_TEST_HOOK_LOG": str(hook_log),
+    }
     cluster = damselfly_cluster_factory(
-        peers=2, peer_env={0: {"DAMSELFLY_HOST__MAX_TX_BANDWIDTH": "1MB/s"}, 1: liar}
+        peers=2, peer_env={0: {"DAMSELFLY_HOST__MAX_TX_BANDWIDTH": "1MB/s"}, 1: liar, 2: recorder}
     )
     url = damselfly_origin.url("f.bin")
     await download(cluster, "peer1", url, tmp_path / "liar.bin")
@@ -117,6 +123,16 @@ async def test_corrupt_piece_is_detected_and_fetched_elsewhere(damselfly_origin,
     assert failures >= 1
     assert "bad piece" in cluster.log("peer2")
     assert damselfly_origin.stats()["bytes"] == 32 * MiB
+    # the behaviour hooks saw it all, as a third-party plugin would
+    calls = [json.loads(line) for line in hook_log.read_text().splitlines()]
+    failed = [c for c in calls if c["hook"] == "damselfly_piece_failed"]
+    verified = [c for c in calls if c["hook"] == "damselfly_piece_verified"]
+    finished = [c for c in calls if c["hook"] == "damselfly_task_finished"]
+    assert failed and all(c["parent_id"].startswith(cluster.daemon("peer1")["host_id"]) for c in failed)
+    assert sorted(c["number"] for c in verified) == list(range(8))
+    assert not any(c["parent_id"].startswith(cluster.daemon("peer1")["host_id"]) for c in verified)
+    assert finished == [{"hook": "damselfly_task_finished", "task_id": result.task_id, "url": url,
+                         "content_length": 32 * MiB, "peer_bytes": 32 * MiB, "source_bytes": 0}]
 
 
 async def test_finished_tasks_survive_a_restart(damselfly_origin, damselfly_cluster_factory, tmp_path):
