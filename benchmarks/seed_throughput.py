@@ -18,7 +18,6 @@ import platform
 import statistics
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import psutil

@@ -14,4 +14,4 @@ logger.disable("damselfly")
 from damselfly.client import Client, DownloadResult, Progress, SyncClient  # noqa: E402
 from damselfly.hookspecs import hookimpl  # noqa: E402
 
-__all__ = ["Client", "SyncClient", "DownloadResult", "Progress", "hookimpl", "__version__"]
+__all__ = ["Client", "DownloadResult", "Progress", "SyncClient", "__version__", "hookimpl"]

@@ -292,7 +292,9 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(f"{'NAME':<16}{'KIND':<12}{'ORIGIN':<40}STATUS")
     for i in infos:
-        click.echo(f"{i.name:<16}{i.kind:<12}{i.origin:<40}{'unavailable: ' + i.unavailable if i.unavailable else 'ok'}")
+        click.echo(
+            f"{i.name:<16}{i.kind:<12}{i.origin:<40}{'unavailable: ' + i.unavailable if i.unavailable else 'ok'}"
+        )
 
 
 @cli.group()

@@ -70,7 +70,12 @@ def start_daemon(directory: Path, name: str, scheduler: str, base: dict[str, str
     ready_file = directory / "run" / f"{name}.json"
     ready_file.unlink(missing_ok=True)
     log = directory / "logs" / f"{name}.log"
-    return Proc(name, _spawn(["daemon", "--ready-file", str(ready_file)], daemon_env(directory, name, scheduler, base), log), ready_file, log)
+    return Proc(
+        name,
+        _spawn(["daemon", "--ready-file", str(ready_file)], daemon_env(directory, name, scheduler, base), log),
+        ready_file,
+        log,
+    )
 
 
 def wait_ready(procs: list[Proc], timeout: float = READY_TIMEOUT) -> dict[str, dict[str, Any]]:

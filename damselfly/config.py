@@ -34,7 +34,9 @@ class Section(BaseModel):
 class PluginsConfig(Section):
     autoload: bool = Field(True, description="Load third-party plugins from the `damselfly` entry-point group.")
     block: list[str] = Field(default_factory=list, description="Plugin names (or module names) never to register.")
-    load: list[str] = Field(default_factory=list, description="Extra plugin modules to import and register, by dotted path.")
+    load: list[str] = Field(
+        default_factory=list, description="Extra plugin modules to import and register, by dotted path."
+    )
 
 
 class LogConfig(Section):
@@ -91,6 +93,9 @@ class DaemonConfig(Section):
     piece_port: int = Field(0, ge=0, le=65535, description="Port of the first transport's piece server.")
     concurrent_pieces: int = Field(8, ge=1, le=256, description="Pieces fetched at once per download.")
     piece_timeout: float = Field(60.0, gt=0, description="Seconds one piece may take from a parent.")
+    parent_gather_window: float = Field(
+        0.1, ge=0, description="Seconds a reported piece waits for other parents to report it too."
+    )
     schedule_timeout: float = Field(30.0, gt=0, description="Seconds to wait for parents before asking again.")
     schedule_retries: int = Field(5, ge=1, description="Reschedules before falling back to the source.")
     disable_back_to_source: bool = Field(False, description="Never read the origin from this daemon.")

@@ -111,7 +111,10 @@ def run(
         origin, port = start_origin(files, origin_rate)
         base = f"http://127.0.0.1:{port}"
         url = f"{base}/demo.bin?run={int(time.time() * 1000)}"
-        _say(quiet, f"demo: origin on {base}{' at ' + origin_rate if origin_rate else ''}; starting a seed and {peers} peers")
+        _say(
+            quiet,
+            f"demo: origin on {base}{' at ' + origin_rate if origin_rate else ''}; starting a seed and {peers} peers",
+        )
         cluster = cl.up(cluster_dir, peers)
         _get_json(f"{base}/__stats/reset", "POST")
         _say(quiet, f"demo: {peers} peers download through the swarm")
@@ -166,17 +169,24 @@ def table(r: dict[str, Any]) -> str:
     f = r["file_size"]
     rows = [
         ("", "through the swarm", "straight from origin"),
-        ("origin bytes sent", f"{format_size(r['origin_bytes'])} ({r['origin_bytes'] / f:.2f} x file)",
-         f"{format_size(r['direct_origin_bytes'])} ({r['direct_origin_bytes'] / f:.2f} x file)"),
+        (
+            "origin bytes sent",
+            f"{format_size(r['origin_bytes'])} ({r['origin_bytes'] / f:.2f} x file)",
+            f"{format_size(r['direct_origin_bytes'])} ({r['direct_origin_bytes'] / f:.2f} x file)",
+        ),
         ("origin requests", str(r["origin_requests"]), str(r["direct_origin_requests"])),
         ("bytes between peers", format_size(r["p2p_bytes"]), "-"),
         ("time for all peers", f"{r['p2p_seconds']:.2f} s", f"{r['direct_seconds']:.2f} s"),
     ]
     w0 = max(len(a) for a, _, _ in rows)
     w1 = max(len(b) for _, b, _ in rows)
-    lines = [f"damselfly demo: {r['peers']} peers, {format_size(f)} file"
-             + (f", origin limited to {r['origin_rate']}" if r["origin_rate"] else "")]
+    lines = [
+        f"damselfly demo: {r['peers']} peers, {format_size(f)} file"
+        + (f", origin limited to {r['origin_rate']}" if r["origin_rate"] else "")
+    ]
     lines += [f"  {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
-    lines.append(f"  all outputs match the origin: {'yes' if r['all_digests_ok'] else 'NO'}; "
-                 f"swarm is {r['speedup']}x the direct time")
+    lines.append(
+        f"  all outputs match the origin: {'yes' if r['all_digests_ok'] else 'NO'}; "
+        f"swarm is {r['speedup']}x the direct time"
+    )
     return "\n".join(lines)

@@ -15,9 +15,14 @@ class DaemonMetrics:
         r = self.registry = CollectorRegistry()
         p = "dragonfly_dfdaemon_"
         self.download_task = Counter(p + "download_task_total", "Downloads started.", ["type"], registry=r)
-        self.download_task_failure = Counter(p + "download_task_failure_total", "Downloads failed.", ["type"], registry=r)
+        self.download_task_failure = Counter(
+            p + "download_task_failure_total", "Downloads failed.", ["type"], registry=r
+        )
         self.download_traffic = Counter(
-            p + "download_traffic_bytes_total", "Bytes downloaded, by where they came from.", ["traffic_type"], registry=r
+            p + "download_traffic_bytes_total",
+            "Bytes downloaded, by where they came from.",
+            ["traffic_type"],
+            registry=r,
         )
         self.upload_traffic = Counter(p + "upload_traffic_bytes_total", "Piece bytes served to children.", registry=r)
         self.upload_pieces = Counter(p + "upload_piece_total", "Pieces served to children.", registry=r)
@@ -53,10 +58,14 @@ class SchedulerMetrics:
         self.seed_trigger_failures = Counter(
             p + "trigger_seed_peer_failure_total", "Seed peer downloads that failed.", registry=r
         )
-        self.piece_reports = Counter(p + "download_piece_total", "Pieces reported finished.", ["traffic_type"], registry=r)
+        self.piece_reports = Counter(
+            p + "download_piece_total", "Pieces reported finished.", ["traffic_type"], registry=r
+        )
 
 
-async def serve_metrics(registry: CollectorRegistry, host: str, port: int, extra: dict | None = None) -> tuple[web.AppRunner, int]:
+async def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, extra: dict | None = None
+) -> tuple[web.AppRunner, int]:
     """Start ``GET /metrics`` (and ``/healthy``) on host:port; returns the runner and bound port."""
 
     async def metrics(_: web.Request) -> web.Response:

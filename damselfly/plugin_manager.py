@@ -163,10 +163,10 @@ class Plugins:
         return cls(cls.parse_options({}, "scheduler.strategy"))
 
     @staticmethod
-    def _check_available(cls: type[Plugin]) -> None:
-        reason = cls.available()
+    def _check_available(plugin: type[Plugin]) -> None:
+        reason = plugin.available()
         if reason:
-            raise Unavailable(f"plugin {cls.name!r} cannot run here: {reason}")
+            raise Unavailable(f"plugin {plugin.name!r} cannot run here: {reason}")
 
     def piece_verified(self, task_id: str, number: int, length: int, parent_id: str, traffic_type: int) -> None:
         self.pm.hook.damselfly_piece_verified(

@@ -41,8 +41,10 @@ async def main() -> None:
             async with Client(d.socket_path) as client:
                 out = root / f"{d.host_id}.bin"
                 r = await client.download(origin.url("model.bin"), out, digest=f"sha256:{want}")
-                print(f"{d.host_id}: {r.content_length} bytes in {r.seconds:.2f}s "
-                      f"(peers {r.peer_bytes}, source {r.source_bytes})")
+                print(
+                    f"{d.host_id}: {r.content_length} bytes in {r.seconds:.2f}s "
+                    f"(peers {r.peer_bytes}, source {r.source_bytes})"
+                )
         print(f"origin sent {origin.stats.bytes_sent} bytes for a {32 << 20}-byte file")
     finally:
         for d in daemons:

@@ -70,7 +70,7 @@ def test_bad_values_name_the_field(monkeypatch, env, value, field):
 def test_unknown_key_in_yaml(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("daemon:\n  concurrent_piecez: 4\n")
-    with pytest.raises(InvalidArgument, match="daemon.concurrent_piecez"):
+    with pytest.raises(InvalidArgument, match=r"daemon\.concurrent_piecez"):
         load_settings(cfg)
 
 

@@ -17,8 +17,13 @@ def clean_env():
 
 @pytest.mark.timeout(120)
 def test_embed_example_runs_a_swarm_in_one_process():
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "embed.py")], capture_output=True, text=True,
-                         timeout=110, env=clean_env())
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "embed.py")],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env=clean_env(),
+    )
     assert out.returncode == 0, out.stderr
     assert "origin sent 33554432 bytes for a 33554432-byte file" in out.stdout
     assert out.stdout.count("source 0)") == 2
@@ -38,7 +43,10 @@ def test_example_configs_are_valid(tmp_path):
 def test_demo_json(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "damselfly", "demo", "--peers", "3", "--size", "24MiB", "--json"],
-        capture_output=True, text=True, timeout=230, env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=230,
+        env=clean_env(),
     )
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)

@@ -21,8 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_builtins_are_registered_with_their_kind_and_origin():
     plugins = build_plugins(load_settings())
     rows = {(i.name, i.kind): i.origin for i in plugins.info()}
-    for key in [("http", "source"), ("file", "source"), ("tcp", "transport"), ("disk", "storage"),
-                ("memory", "storage"), ("default", "strategy"), ("random", "strategy")]:
+    for key in [
+        ("http", "source"),
+        ("file", "source"),
+        ("tcp", "transport"),
+        ("disk", "storage"),
+        ("memory", "storage"),
+        ("default", "strategy"),
+        ("random", "strategy"),
+    ]:
         assert rows[key] == "builtin"
     assert plugins.source_for("https://x/y").name == "http"
 
@@ -67,7 +74,7 @@ def test_duplicate_names_are_an_error():
 
 def test_plugin_options_are_validated_by_the_plugin():
     plugins = build_plugins(load_settings(daemon={"storage": {"type": "memory", "capacity": "lots"}}))
-    with pytest.raises(InvalidArgument, match="daemon.storage.capacity"):
+    with pytest.raises(InvalidArgument, match=r"daemon\.storage\.capacity"):
         plugins.make_storage(plugins.settings.daemon.storage, "/tmp")
 
 
@@ -84,8 +91,18 @@ def test_builtin_list_matches_the_plugin_modules():
 def test_third_party_package_is_found_through_its_entry_point(tmp_path):
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT / "examples" / "damselfly-hello")],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT / "examples" / "damselfly-hello"),
+        ],
         check=True,
         capture_output=True,
     )
@@ -96,7 +113,9 @@ def test_third_party_package_is_found_through_its_entry_point(tmp_path):
     )
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     hello = [r for r in rows if r["name"] == "hello"]
-    assert hello == [{"name": "hello", "kind": "source", "origin": "entry point damselfly-hello 0.1.0", "unavailable": None}]
+    assert hello == [
+        {"name": "hello", "kind": "source", "origin": "entry point damselfly-hello 0.1.0", "unavailable": None}
+    ]
 
     env["DAMSELFLY_PLUGINS__AUTOLOAD"] = "false"
     out = subprocess.run(

@@ -85,9 +85,7 @@ def filter_query_params(url: str, filtered: list[str] | tuple[str, ...]) -> str:
     for segment in parts.query.split("&") if parts.query else []:
         if ";" in segment:
             continue
-        pairs.extend(
-            (k, v) for k, v in parse_qsl(segment, keep_blank_values=True) if k not in drop
-        )
+        pairs.extend((k, v) for k, v in parse_qsl(segment, keep_blank_values=True) if k not in drop)
     pairs.sort(key=lambda kv: kv[0])
     query = "&".join(f"{_query_escape(k)}={_query_escape(v)}" for k, v in pairs)
     path = parts.path or "/"

@@ -22,9 +22,7 @@ def piece_length_for(content_length: int, fixed: int | None = None) -> int:
     """The piece length of a task: the user's, else next_pow2(len / 500) in [4, 64] MiB."""
     if fixed:
         if not MIN_PIECE_LENGTH <= fixed <= MAX_PIECE_LENGTH:
-            raise InvalidArgument(
-                f"piece length {fixed} is outside [{MIN_PIECE_LENGTH}, {MAX_PIECE_LENGTH}]"
-            )
+            raise InvalidArgument(f"piece length {fixed} is outside [{MIN_PIECE_LENGTH}, {MAX_PIECE_LENGTH}]")
         return fixed
     if content_length < 0:
         raise InvalidArgument(f"content length must not be negative, got {content_length}")
@@ -54,9 +52,7 @@ class Layout:
 
     def __post_init__(self) -> None:
         if self.content_length < 0 or self.piece_length <= 0:
-            raise InvalidArgument(
-                f"bad layout: content length {self.content_length}, piece length {self.piece_length}"
-            )
+            raise InvalidArgument(f"bad layout: content length {self.content_length}, piece length {self.piece_length}")
 
     @classmethod
     def for_content(cls, content_length: int, fixed_piece_length: int | None = None) -> Layout:

@@ -281,9 +281,7 @@ class Decoder:
             return self._piece_start(packet_id, length)
         if len(buf) < HEADER_SIZE + length:
             if self._eof:
-                raise ProtocolError(
-                    f"stream ended inside a frame ({len(buf) - HEADER_SIZE} of {length} bytes)"
-                )
+                raise ProtocolError(f"stream ended inside a frame ({len(buf) - HEADER_SIZE} of {length} bytes)")
             return NEED_DATA
         value = bytes(buf[HEADER_SIZE : HEADER_SIZE + length])
         del buf[: HEADER_SIZE + length]

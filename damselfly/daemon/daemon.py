@@ -81,7 +81,8 @@ class SchedulerPool:
             stub = scheduler_pb2_grpc.SchedulerStub(self._channel(address))
             try:
                 await stub.AnnounceHost(
-                    scheduler_pb2.AnnounceHostRequest(host=host, interval=duration(interval)), timeout=self.connect_timeout
+                    scheduler_pb2.AnnounceHostRequest(host=host, interval=duration(interval)),
+                    timeout=self.connect_timeout,
                 )
                 ok += 1
             except grpc.aio.AioRpcError as exc:
@@ -275,9 +276,7 @@ class Daemon:
                 process_used_percent=proc.memory_percent(),
             )
         )
-        pb.disk.CopyFrom(
-            common_pb2.Disk(total=disk.total, free=disk.free, used=disk.used, used_percent=disk.percent)
-        )
+        pb.disk.CopyFrom(common_pb2.Disk(total=disk.total, free=disk.free, used=disk.used, used_percent=disk.percent))
         pb.network.max_rx_bandwidth = self.settings.host.max_rx_bandwidth * 8
         pb.build.CopyFrom(common_pb2.Build(git_version=__version__, platform=platform.machine()))
         pb.name = self.settings.host.hostname
@@ -315,8 +314,8 @@ class Daemon:
             download = req.to_proto(task)
             download.metadata_only = True
 
-            def msg(**kw: object) -> scheduler_pb2.AnnouncePeerRequest:
-                return scheduler_pb2.AnnouncePeerRequest(host_id=self.host_id, task_id=task.id, peer_id=peer, **kw)
+            def msg(task_id: str = task.id, peer_id: str = peer, **kw: object) -> scheduler_pb2.AnnouncePeerRequest:
+                return scheduler_pb2.AnnouncePeerRequest(host_id=self.host_id, task_id=task_id, peer_id=peer_id, **kw)
 
             call = stub.AnnouncePeer()
             try:

@@ -185,7 +185,9 @@ class SchedulerLink:
 
     def send(self, **kwargs: object) -> None:
         self._queue.put_nowait(
-            scheduler_pb2.AnnouncePeerRequest(host_id=self.host_id, task_id=self.task_id, peer_id=self.peer_id, **kwargs)
+            scheduler_pb2.AnnouncePeerRequest(
+                host_id=self.host_id, task_id=self.task_id, peer_id=self.peer_id, **kwargs
+            )
         )
 
     async def read(self) -> scheduler_pb2.AnnouncePeerResponse | None:
@@ -232,6 +234,7 @@ class Downloader:
         self.authoritative: dict[int, str] = {}  # digests the scheduler learnt from the source
         self.blocklist: set[str] = set()
         self._todo: set[int] | None = None
+        self._first_seen: dict[int, float] = {}  # when a parent first reported each piece
 
     # -- entry -------------------------------------------------------------------
 
@@ -403,9 +406,9 @@ class Downloader:
         """A verified piece is stored: tell the hooks, the scheduler and whoever waits on it."""
         self._missing().discard(record.number)
         self.d.plugins.piece_verified(self.task_id, record.number, record.length, parent_id, int(traffic))
-        self.d.metrics.download_traffic.labels(
-            "back_to_source" if traffic == TRAFFIC_SOURCE else "remote_peer"
-        ).inc(record.length)
+        self.d.metrics.download_traffic.labels("back_to_source" if traffic == TRAFFIC_SOURCE else "remote_peer").inc(
+            record.length
+        )
         self.d.metrics.piece_seconds.observe(cost)
         if traffic == TRAFFIC_SOURCE:
             self.source_bytes += record.length
@@ -420,9 +423,7 @@ class Downloader:
                     )
                 )
             else:
-                self.link.send(
-                    download_piece_finished_request=scheduler_pb2.DownloadPieceFinishedRequest(piece=piece)
-                )
+                self.link.send(download_piece_finished_request=scheduler_pb2.DownloadPieceFinishedRequest(piece=piece))
         self.rt.publish(PieceEvent(record, int(traffic), parent_id, cost))
 
     async def _finish(self) -> None:
@@ -492,6 +493,9 @@ class Downloader:
         }
         if not parents:
             raise Reschedule("every candidate parent is blocklisted")
+        self.log.info(
+            "parents: {}", ", ".join(f"{p.peer_id} (weight {p.weight:.3g})" for p in parents.values())
+        )
         changed = asyncio.Event()
         wake = [changed]
 
@@ -537,6 +541,7 @@ class Downloader:
             async for resp in call:
                 parent.piece_address = f"{resp.ip}:{resp.tcp_port}"
                 parent.pieces.add(resp.number)
+                self._first_seen.setdefault(resp.number, time.monotonic())
                 poke()
             parent.synced = True
         except grpc.aio.AioRpcError as exc:
@@ -557,16 +562,22 @@ class Downloader:
                 if not missing:
                     return
                 busy = set(inflight.values())
+                now = time.monotonic()
+                next_ready = 1.0
                 for number in sorted(missing - busy):
                     if len(inflight) >= cfg.concurrent_pieces:
                         break
-                    holders = [
-                        p
-                        for p in parents.values()
-                        if p.alive and number in p.pieces and p.peer_id not in self.blocklist
-                        and p.peer_id not in tried.get(number, set())
-                    ]
+                    usable = [p for p in parents.values() if p.alive and p.peer_id not in self.blocklist]
+                    holders = [p for p in usable if number in p.pieces and p.peer_id not in tried.get(number, set())]
                     if not holders:
+                        continue
+                    # Upstream's gather window: give the other parents a moment to report the
+                    # piece too, so the choice below is among all who have it, not the fastest.
+                    age = now - self._first_seen.get(number, now)
+                    if age < cfg.parent_gather_window and any(
+                        not p.synced and number not in p.pieces for p in usable
+                    ):
+                        next_ready = min(next_ready, cfg.parent_gather_window - age)
                         continue
                     parent = random.choices(holders, weights=[max(p.weight, 1e-9) for p in holders])[0]
                     tried.setdefault(number, set()).add(parent.peer_id)
@@ -588,7 +599,7 @@ class Downloader:
                 waiters: set[asyncio.Future[object]] = set(inflight)  # type: ignore[arg-type]
                 waiter = asyncio.ensure_future(event.wait())
                 waiters.add(waiter)
-                done, _ = await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(waiters, timeout=next_ready, return_when=asyncio.FIRST_COMPLETED)
                 if waiter in done or event.is_set():
                     wake[0] = asyncio.Event()
                 waiter.cancel()

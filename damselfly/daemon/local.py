@@ -138,7 +138,9 @@ class LocalService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
         ):
             yield resp
 
-    async def StatTask(self, request: dfdaemon_pb2.StatTaskRequest, context: grpc.aio.ServicerContext) -> common_pb2.Task:
+    async def StatTask(
+        self, request: dfdaemon_pb2.StatTaskRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Task:
         task = self.d.storage.get(request.task_id)
         if task is not None:
             return task_to_proto(task)
@@ -160,7 +162,9 @@ class LocalService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
     ) -> dfdaemon_pb2.ListLocalTasksResponse:
         return dfdaemon_pb2.ListLocalTasksResponse(tasks=[_local(t) for t in self.d.storage.tasks()])
 
-    async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+    async def DeleteTask(
+        self, request: dfdaemon_pb2.DeleteTaskRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
         await self.d.delete_task(request.task_id)
         return empty_pb2.Empty()
 

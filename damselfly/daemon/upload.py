@@ -73,13 +73,17 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
         async for resp in progress_stream(self.d, rt, context, with_content=False):
             yield resp
 
-    async def StatTask(self, request: dfdaemon_pb2.StatTaskRequest, context: grpc.aio.ServicerContext) -> common_pb2.Task:
+    async def StatTask(
+        self, request: dfdaemon_pb2.StatTaskRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Task:
         task = self.d.storage.get(request.task_id)
         if task is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
         return task_to_proto(task)
 
-    async def DeleteTask(self, request: dfdaemon_pb2.DeleteTaskRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+    async def DeleteTask(
+        self, request: dfdaemon_pb2.DeleteTaskRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
         await self.d.delete_task(request.task_id)
         return empty_pb2.Empty()
 

@@ -160,7 +160,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     # -- hosts ---------------------------------------------------------------------
 
-    async def AnnounceHost(self, request: scheduler_pb2.AnnounceHostRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+    async def AnnounceHost(
+        self, request: scheduler_pb2.AnnounceHostRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
         pb = request.host
         if not pb.id or not pb.ip or not pb.port:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "host needs id, ip and port")
@@ -178,10 +180,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         logger.debug("host {} announced ({}:{}, seed={})", pb.id, pb.ip, pb.port, host.is_seed)
         return empty_pb2.Empty()
 
-    async def ListHosts(self, request: scheduler_pb2.ListHostsRequest, context: grpc.aio.ServicerContext) -> scheduler_pb2.ListHostsResponse:
+    async def ListHosts(
+        self, request: scheduler_pb2.ListHostsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListHostsResponse:
         return scheduler_pb2.ListHostsResponse(hosts=[host_to_proto(h) for h in self.state.hosts.values()])
 
-    async def DeleteHost(self, request: scheduler_pb2.DeleteHostRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+    async def DeleteHost(
+        self, request: scheduler_pb2.DeleteHostRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
         self.state.remove_host(request.host_id)
         self._refresh_gauges()
         return empty_pb2.Empty()
@@ -197,13 +203,17 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     # -- tasks and peers -------------------------------------------------------------
 
-    async def StatTask(self, request: scheduler_pb2.StatTaskRequest, context: grpc.aio.ServicerContext) -> common_pb2.Task:
+    async def StatTask(
+        self, request: scheduler_pb2.StatTaskRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Task:
         e = self.state.tasks.get(request.task_id)
         if e is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
         return task_to_proto(e.task)
 
-    async def DeleteTask(self, request: scheduler_pb2.DeleteTaskRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+    async def DeleteTask(
+        self, request: scheduler_pb2.DeleteTaskRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
         e = self.state.tasks.get(request.task_id)
         if e is not None:
             for pid in list(e.task.peer_ids):
@@ -212,13 +222,17 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                     self.state.remove_peer(pid)
         return empty_pb2.Empty()
 
-    async def StatPeer(self, request: scheduler_pb2.StatPeerRequest, context: grpc.aio.ServicerContext) -> common_pb2.Peer:
+    async def StatPeer(
+        self, request: scheduler_pb2.StatPeerRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Peer:
         p = self.state.peers.get(request.peer_id)
         if p is None or p.task_id != request.task_id:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"peer {request.peer_id} not found")
         return peer_to_proto(p, self.state.hosts[p.host_id], self.state.tasks[p.task_id].task)
 
-    async def DeletePeer(self, request: scheduler_pb2.DeletePeerRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+    async def DeletePeer(
+        self, request: scheduler_pb2.DeletePeerRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
         self.state.remove_peer(request.peer_id)
         self._refresh_gauges()
         return empty_pb2.Empty()
@@ -275,7 +289,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 return self._back_to_source(entry, peer, "no seed peer and no parent")
             if time.monotonic() >= deadline:
                 if len(entry.back_to_source_peers) >= self.cfg.back_to_source_limit:
-                    raise ScheduleError(grpc.StatusCode.FAILED_PRECONDITION, "no parent and back-to-source limit reached")
+                    raise ScheduleError(
+                        grpc.StatusCode.FAILED_PRECONDITION, "no parent and back-to-source limit reached"
+                    )
                 return self._back_to_source(entry, peer, f"no parent within {self.cfg.seed_wait:.0f}s")
             changed = entry.changed
             try:
@@ -309,7 +325,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         seed = self.state.seed_for(entry.task.id)
         if seed is None or seed.id == peer.host_id:
             return None
-        if entry.seed_failed_at and time.time() - entry.seed_failed_at < 1800 and entry.seed_failed_at >= entry.seed_triggered_at:
+        if (
+            entry.seed_failed_at
+            and time.time() - entry.seed_failed_at < 1800
+            and entry.seed_failed_at >= entry.seed_triggered_at
+        ):
             return None
         if entry.seed_triggered_at and entry.seed_failed_at < entry.seed_triggered_at:
             return seed  # already under way
@@ -448,9 +468,9 @@ class _PeerSession:
             return True
         elif kind in ("download_peer_failed_request", "download_peer_back_to_source_failed_request"):
             peer.state = PeerState.FAILED
-            if kind == "download_peer_back_to_source_failed_request" and peer.host_id in self.st.hosts:
-                if self.st.hosts[peer.host_id].is_seed:
-                    entry.seed_failed_at = now
+            host = self.st.hosts.get(peer.host_id)
+            if kind == "download_peer_back_to_source_failed_request" and host is not None and host.is_seed:
+                entry.seed_failed_at = now
             entry.notify()
             self.st.remove_peer(peer.id)
             return True

@@ -3,7 +3,7 @@ import zlib
 import pytest
 
 from damselfly.core.errors import InvalidArgument, PieceCorrupt
-from damselfly.core.piece import MiB, Layout, digest, piece_length_for, verify
+from damselfly.core.piece import Layout, MiB, digest, piece_length_for, verify
 
 
 @pytest.mark.parametrize(

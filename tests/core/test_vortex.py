@@ -62,7 +62,7 @@ def test_piece_content_fed_one_byte_at_a_time():
     for i in range(len(raw)):
         d.receive_data(raw[i : i + 1])
         got.extend(events(d))
-    meta, body = collect_piece(got[:-1])
+    _, body = collect_piece(got[:-1])
     assert body == data
     assert got[-1] == vortex.Close()
 

@@ -15,8 +15,14 @@ def _log(hook: str, **kw: object) -> None:
 
 @hookimpl
 def damselfly_piece_verified(task_id, number, length, parent_id, traffic_type):  # type: ignore[no-untyped-def]
-    _log("damselfly_piece_verified", task_id=task_id, number=number, length=length, parent_id=parent_id,
-         traffic_type=traffic_type)
+    _log(
+        "damselfly_piece_verified",
+        task_id=task_id,
+        number=number,
+        length=length,
+        parent_id=parent_id,
+        traffic_type=traffic_type,
+    )
 
 
 @hookimpl
@@ -26,5 +32,11 @@ def damselfly_piece_failed(task_id, number, parent_id, reason):  # type: ignore[
 
 @hookimpl
 def damselfly_task_finished(task_id, url, content_length, peer_bytes, source_bytes):  # type: ignore[no-untyped-def]
-    _log("damselfly_task_finished", task_id=task_id, url=url, content_length=content_length, peer_bytes=peer_bytes,
-         source_bytes=source_bytes)
+    _log(
+        "damselfly_task_finished",
+        task_id=task_id,
+        url=url,
+        content_length=content_length,
+        peer_bytes=peer_bytes,
+        source_bytes=source_bytes,
+    )

@@ -58,6 +58,3 @@ def damselfly_add_storages(registry):  # type: ignore[no-untyped-def]
 @hookimpl
 def damselfly_add_strategies(registry):  # type: ignore[no-untyped-def]
     registry.add(ToyStrategy)
-
-
-

@@ -44,17 +44,17 @@ async def test_five_peers_one_origin_read(damselfly_origin, damselfly_cluster_fa
     cluster = damselfly_cluster_factory(peers=5)
     damselfly_origin.reset()
     url = damselfly_origin.url("blob.bin")
-    results = await asyncio.gather(
-        *(download(cluster, f"peer{i}", url, tmp_path / f"out{i}") for i in range(1, 6))
-    )
+    results = await asyncio.gather(*(download(cluster, f"peer{i}", url, tmp_path / f"out{i}") for i in range(1, 6)))
     stats = damselfly_origin.stats()
     assert stats["bytes"] == src.stat().st_size  # the origin sent the file exactly once
     assert stats["by_method"] == {"HEAD": 1, "GET": 16}  # one stat, one GET per 4 MiB piece
     want = sha(src)
     assert all(sha(tmp_path / f"out{i}") == want for i in range(1, 6))
     assert all(r.source_bytes == 0 and r.peer_bytes == 64 * MiB for r in results)
-    assert cluster.metric("seed", "dragonfly_dfdaemon_download_traffic_bytes_total",
-                          '{traffic_type="back_to_source"}') == 64 * MiB
+    assert (
+        cluster.metric("seed", "dragonfly_dfdaemon_download_traffic_bytes_total", '{traffic_type="back_to_source"}')
+        == 64 * MiB
+    )
     # a second download on a peer is served from its own disk
     again = await download(cluster, "peer3", url, tmp_path / "again")
     assert again.local_bytes == 64 * MiB and damselfly_origin.stats()["bytes"] == stats["bytes"]
@@ -68,8 +68,10 @@ async def test_a_parent_killed_mid_transfer(tmp_path, damselfly_cluster_factory)
         url = origin.url("f.bin")
         tasks = [asyncio.ensure_future(download(cluster, f"peer{i}", url, tmp_path / f"o{i}")) for i in (1, 2, 3)]
         metric = "dragonfly_dfdaemon_download_traffic_bytes_total"
-        await wait_for(lambda: cluster.metric("peer1", metric, '{traffic_type="remote_peer"}') >= 8 * MiB,
-                       what="peer1 to hold pieces")
+        await wait_for(
+            lambda: cluster.metric("peer1", metric, '{traffic_type="remote_peer"}') >= 8 * MiB,
+            what="peer1 to hold pieces",
+        )
         cluster.stop_daemon("peer1", kill=True)
         done = await asyncio.gather(*tasks, return_exceptions=True)
         assert isinstance(done[0], DamselflyError)  # its own client sees the daemon die
@@ -86,10 +88,22 @@ async def test_scheduler_stopped_get_finishes_from_source(damselfly_origin, dams
     cluster = damselfly_cluster_factory(peers=1)
     cluster.stop_scheduler()
     out = tmp_path / "out.bin"
-    proc = subprocess.run(
-        [sys.executable, "-m", "damselfly", "get", damselfly_origin.url("f.bin"), "-O", str(out),
-         "--socket", cluster.daemon("peer1")["socket"]],
-        capture_output=True, text=True, timeout=120,
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "damselfly",
+            "get",
+            damselfly_origin.url("f.bin"),
+            "-O",
+            str(out),
+            "--socket",
+            cluster.daemon("peer1")["socket"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert sha(out) == sha(src)
@@ -131,8 +145,16 @@ async def test_corrupt_piece_is_detected_and_fetched_elsewhere(damselfly_origin,
     assert failed and all(c["parent_id"].startswith(cluster.daemon("peer1")["host_id"]) for c in failed)
     assert sorted(c["number"] for c in verified) == list(range(8))
     assert not any(c["parent_id"].startswith(cluster.daemon("peer1")["host_id"]) for c in verified)
-    assert finished == [{"hook": "damselfly_task_finished", "task_id": result.task_id, "url": url,
-                         "content_length": 32 * MiB, "peer_bytes": 32 * MiB, "source_bytes": 0}]
+    assert finished == [
+        {
+            "hook": "damselfly_task_finished",
+            "task_id": result.task_id,
+            "url": url,
+            "content_length": 32 * MiB,
+            "peer_bytes": 32 * MiB,
+            "source_bytes": 0,
+        }
+    ]
 
 
 async def test_finished_tasks_survive_a_restart(damselfly_origin, damselfly_cluster_factory, tmp_path):
@@ -146,6 +168,7 @@ async def test_finished_tasks_survive_a_restart(damselfly_origin, damselfly_clus
     damselfly_origin.reset()
 
     async with Client(cluster.daemon("peer2")["socket"]) as c:
+
         async def known() -> bool:
             try:
                 return (await c.stat_task(first.task_id)).peer_count >= 1
@@ -176,8 +199,19 @@ async def test_whole_file_digest(damselfly_origin, damselfly_cluster_factory, tm
 
 def run_get(cluster, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "damselfly", "get", *args, "--socket", cluster.daemon("peer1")["socket"], "--no-progress"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "damselfly",
+            "get",
+            *args,
+            "--socket",
+            cluster.daemon("peer1")["socket"],
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -202,8 +236,13 @@ def test_get_errors_are_one_line_and_leave_nothing(damselfly_origin, damselfly_c
 def test_cluster_up_and_down_cli(tmp_path):
     d = tmp_path / "c"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAMSELFLY_")}
-    up = subprocess.run([sys.executable, "-m", "damselfly", "cluster", "up", "--peers", "2", "--dir", str(d)],
-                        capture_output=True, text=True, timeout=120, env=env)
+    up = subprocess.run(
+        [sys.executable, "-m", "damselfly", "cluster", "up", "--peers", "2", "--dir", str(d)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert up.returncode == 0, up.stderr
     info = json.loads((d / "cluster.json").read_text())
     assert info["scheduler"].startswith("127.0.0.1:")
@@ -211,8 +250,13 @@ def test_cluster_up_and_down_cli(tmp_path):
     for x in info["daemons"]:
         assert set(x) >= {"host_id", "pid", "seed", "socket", "upload", "piece_port", "proxy"}
         assert Path(x["socket"]).exists()
-    down = subprocess.run([sys.executable, "-m", "damselfly", "cluster", "down", "--dir", str(d)],
-                          capture_output=True, text=True, timeout=60, env=env)
+    down = subprocess.run(
+        [sys.executable, "-m", "damselfly", "cluster", "down", "--dir", str(d)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert down.returncode == 0 and "stopped 4" in down.stdout
     for pid in [x["pid"] for x in info["daemons"]] + [info["scheduler_pid"]]:
         with pytest.raises(ProcessLookupError):

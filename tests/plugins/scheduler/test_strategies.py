@@ -14,8 +14,18 @@ GBIT = 1_000_000_000
 
 
 def cand(name, *, seed=False, idc="", location="", tx=0, uploaded=0, state=PeerState.SUCCEEDED):
-    host = Host(id=name, ip="127.0.0.1", hostname=name, port=1, type=HostType.SUPER_SEED if seed else HostType.NORMAL,
-                idc=idc, location=location, max_tx_bandwidth=GBIT, tx_bandwidth=tx, upload_content_length=uploaded)
+    host = Host(
+        id=name,
+        ip="127.0.0.1",
+        hostname=name,
+        port=1,
+        type=HostType.SUPER_SEED if seed else HostType.NORMAL,
+        idc=idc,
+        location=location,
+        max_tx_bandwidth=GBIT,
+        tx_bandwidth=tx,
+        upload_content_length=uploaded,
+    )
     return Candidate(Peer(id=f"{name}-p", task_id="t", host_id=name, state=state), host)
 
 
@@ -49,4 +59,6 @@ def test_running_seed_beats_a_normal_peer_on_host_type():
 
 def test_random_keeps_every_candidate():
     cs = [cand(f"h{i}") for i in range(10)]
-    assert sorted(c.host.id for c in RandomStrategy().rank(cand("c"), cs, Task(id="t"))) == sorted(c.host.id for c in cs)
+    assert sorted(c.host.id for c in RandomStrategy().rank(cand("c"), cs, Task(id="t"))) == sorted(
+        c.host.id for c in cs
+    )

@@ -73,7 +73,7 @@ async def test_short_and_long_pieces_are_rejected(storage):
     span = task.layout.span(1)
     w = storage.writer(task.id, span)
     w.write(b"x" * 10)
-    with pytest.raises(PieceCorrupt, match="10 of|short"):
+    with pytest.raises(PieceCorrupt, match=r"10 of|short"):
         await w.commit(None)
     w = storage.writer(task.id, span)
     with pytest.raises(PieceCorrupt, match="longer"):
