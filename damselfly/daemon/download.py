@@ -493,9 +493,7 @@ class Downloader:
         }
         if not parents:
             raise Reschedule("every candidate parent is blocklisted")
-        self.log.info(
-            "parents: {}", ", ".join(f"{p.peer_id} (weight {p.weight:.3g})" for p in parents.values())
-        )
+        self.log.info("parents: {}", ", ".join(f"{p.peer_id} (weight {p.weight:.3g})" for p in parents.values()))
         changed = asyncio.Event()
         wake = [changed]
 
@@ -574,9 +572,7 @@ class Downloader:
                     # Upstream's gather window: give the other parents a moment to report the
                     # piece too, so the choice below is among all who have it, not the fastest.
                     age = now - self._first_seen.get(number, now)
-                    if age < cfg.parent_gather_window and any(
-                        not p.synced and number not in p.pieces for p in usable
-                    ):
+                    if age < cfg.parent_gather_window and any(not p.synced and number not in p.pieces for p in usable):
                         next_ready = min(next_ready, cfg.parent_gather_window - age)
                         continue
                     parent = random.choices(holders, weights=[max(p.weight, 1e-9) for p in holders])[0]
