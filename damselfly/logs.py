@@ -17,10 +17,16 @@ class _ToLoguru(logging.Handler):
         logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
 
 
+def _format(record: dict) -> str:  # type: ignore[type-arg]
+    """Time, level, module, message, and the task and peer ids a line is bound to."""
+    ids = " ".join(f"{k}={{extra[{k}]}}" for k in ("task_id", "peer_id") if k in record["extra"])
+    tail = f" <dim>[{ids}]</dim>" if ids else ""
+    return "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> <cyan>{name}</cyan> {message}" + tail + "\n{exception}"
+
+
 def setup(level: str = "INFO", json_format: bool = False, stream: object = None) -> None:
     """Enable damselfly's logs on stderr and route grpc/aiohttp/asyncio logging into loguru."""
     logger.remove()
     logger.enable("damselfly")
-    fmt = "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> <cyan>{name}</cyan> {message}"
-    logger.add(stream or sys.stderr, level=level.upper(), format=fmt, serialize=json_format, colorize=None)
+    logger.add(stream or sys.stderr, level=level.upper(), format=_format, serialize=json_format, colorize=None)
     logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)

@@ -136,7 +136,12 @@ class Plugins:
         return rows
 
     def source_for(self, url: str) -> type[Source]:
-        scheme = urlsplit(url).scheme.lower()
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018  (raises on a malformed port or IPv6 host)
+        except ValueError as exc:
+            raise InvalidArgument(f"invalid url {url!r}: {exc}") from None
+        scheme = parts.scheme.lower()
         if not scheme:
             raise InvalidArgument(f"url {url!r} has no scheme")
         for cls in self.sources.classes():

@@ -221,6 +221,8 @@ def test_get_errors_are_one_line_and_leave_nothing(damselfly_origin, damselfly_c
     out.parent.mkdir()
     for url, needle in [
         ("gopher://example/x", "no source plugin handles gopher://"),
+        ("http://[::1/x", "invalid url"),
+        ("http://", "scheme and host are required"),
         (damselfly_origin.url("missing.bin"), "404"),
         ("http://127.0.0.1:9/unreachable", "cannot reach origin"),
     ]:

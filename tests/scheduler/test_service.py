@@ -1,0 +1,169 @@
+"""The scheduler's gRPC API, driven as a Dragonfly client would drive it."""
+
+import asyncio
+
+import grpc
+import pytest
+from dragonfly_api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+from damselfly.config import load_settings
+from damselfly.core.task import PieceRecord
+from damselfly.scheduler.service import start_scheduler
+from damselfly.wire import piece_to_proto
+
+TASK = "ab" * 32
+
+
+@pytest.fixture
+async def sched():
+    server = await start_scheduler(load_settings(scheduler={"seed_wait": 2, "retry_interval": 0.05}))
+    channel = grpc.aio.insecure_channel(server.address)
+    yield scheduler_pb2_grpc.SchedulerStub(channel), server
+    await channel.close()
+    await server.stop()
+
+
+def host(name: str, seed: bool = False) -> common_pb2.Host:
+    return common_pb2.Host(
+        id=f"127.0.0.1-{name}",
+        type=1 if seed else 0,
+        hostname=name,
+        ip="127.0.0.1",
+        port=4000,
+        network=common_pb2.Network(max_tx_bandwidth=8_000_000_000, idc="a"),
+    )
+
+
+def req(host_id: str, peer_id: str, **kw) -> scheduler_pb2.AnnouncePeerRequest:
+    return scheduler_pb2.AnnouncePeerRequest(host_id=host_id, task_id=TASK, peer_id=peer_id, **kw)
+
+
+def register(download: common_pb2.Download) -> dict:
+    return {"register_peer_request": scheduler_pb2.RegisterPeerRequest(download=download)}
+
+
+async def test_hosts_announce_list_delete(sched):
+    stub, _ = sched
+    await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
+    await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("s", seed=True)))
+    hosts = {h.id: h for h in (await stub.ListHosts(scheduler_pb2.ListHostsRequest())).hosts}
+    assert set(hosts) == {"127.0.0.1-a", "127.0.0.1-s"}
+    assert hosts["127.0.0.1-s"].type == 1 and hosts["127.0.0.1-a"].network.idc == "a"
+    await stub.DeleteHost(scheduler_pb2.DeleteHostRequest(host_id="127.0.0.1-a"))
+    assert [h.id for h in (await stub.ListHosts(scheduler_pb2.ListHostsRequest())).hosts] == ["127.0.0.1-s"]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=common_pb2.Host(id="x")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_unannounced_host_cannot_register(sched):
+    stub, _ = sched
+    call = stub.AnnouncePeer()
+    await call.write(req("127.0.0.1-ghost", "p1", **register(common_pb2.Download(url="http://o/x"))))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_back_to_source_peer_then_child_gets_it_as_parent(sched):
+    stub, _ = sched
+    for name in ("a", "b"):
+        await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host(name)))
+    dl = common_pb2.Download(url="http://o/x")
+    # no seed anywhere: the first peer is sent to the source
+    first = stub.AnnouncePeer()
+    await first.write(req("127.0.0.1-a", "pa", **register(dl)))
+    resp = await first.read()
+    assert resp.WhichOneof("response") == "need_back_to_source_response"
+    await first.write(
+        req(
+            "127.0.0.1-a",
+            "pa",
+            download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest(),
+        )
+    )
+    piece = piece_to_proto(PieceRecord(0, 0, 4 << 20, "crc32:42"), traffic_type=0)
+    await first.write(
+        req(
+            "127.0.0.1-a",
+            "pa",
+            download_piece_back_to_source_finished_request=scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(
+                piece=piece
+            ),
+        )
+    )
+    # the second peer gets the first as its parent, with the source's digests
+    second = stub.AnnouncePeer()
+    await second.write(req("127.0.0.1-b", "pb", **register(dl)))
+    resp = await second.read()
+    assert resp.WhichOneof("response") == "normal_task_response"
+    (parent,) = resp.normal_task_response.candidate_parents
+    assert parent.id == "pa" and parent.host.id == "127.0.0.1-a"
+    assert [(p.number, p.digest) for p in parent.task.pieces] == [(0, "crc32:42")]
+
+    stat = await stub.StatPeer(scheduler_pb2.StatPeerRequest(host_id="127.0.0.1-a", task_id=TASK, peer_id="pa"))
+    assert stat.state == "BackToSource"
+    task = await stub.StatTask(scheduler_pb2.StatTaskRequest(host_id="127.0.0.1-a", task_id=TASK))
+    assert task.peer_count == 2 and task.url == "http://o/x"
+
+    await first.write(
+        req(
+            "127.0.0.1-a",
+            "pa",
+            download_peer_back_to_source_finished_request=scheduler_pb2.DownloadPeerBackToSourceFinishedRequest(),
+        )
+    )
+    assert await first.read() == grpc.aio.EOF  # the scheduler ends the stream
+    stat = await stub.StatPeer(scheduler_pb2.StatPeerRequest(host_id="127.0.0.1-a", task_id=TASK, peer_id="pa"))
+    assert stat.state == "Succeeded"
+
+    # a reschedule blocklists the parent it names: nobody is left, so b goes to the source
+    await second.write(
+        req(
+            "127.0.0.1-b",
+            "pb",
+            reschedule_peer_request=scheduler_pb2.ReschedulePeerRequest(
+                candidate_parents=[parent], description="parent failed"
+            ),
+        )
+    )
+    resp = await second.read()
+    assert resp.WhichOneof("response") == "need_back_to_source_response"
+    second.cancel()
+
+    await stub.DeletePeer(scheduler_pb2.DeletePeerRequest(host_id="127.0.0.1-a", task_id=TASK, peer_id="pa"))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.StatPeer(scheduler_pb2.StatPeerRequest(host_id="127.0.0.1-a", task_id=TASK, peer_id="pa"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    await stub.DeleteTask(scheduler_pb2.DeleteTaskRequest(host_id="127.0.0.1-b", task_id=TASK))
+    task = await stub.StatTask(scheduler_pb2.StatTaskRequest(host_id="127.0.0.1-a", task_id=TASK))
+    assert task.peer_count == 0
+
+
+async def test_empty_task_and_unknown_task(sched):
+    stub, _ = sched
+    await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
+    dl = common_pb2.Download(url="http://o/empty", actual_content_length=0, actual_piece_length=4 << 20)
+    call = stub.AnnouncePeer()
+    await call.write(req("127.0.0.1-a", "pe", **register(dl)))
+    assert (await call.read()).WhichOneof("response") == "empty_task_response"
+    call.cancel()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.StatTask(scheduler_pb2.StatTaskRequest(task_id="cd" * 32))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_broken_stream_makes_the_peer_leave(sched):
+    stub, server = sched
+    await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
+    call = stub.AnnouncePeer()
+    await call.write(req("127.0.0.1-a", "px", **register(common_pb2.Download(url="http://o/y"))))
+    await call.read()
+    assert "px" in server.service.state.peers
+    call.cancel()
+
+    async def gone() -> None:
+        while "px" in server.service.state.peers:
+            await server.service.state.tasks[TASK].changed.wait()
+
+    await asyncio.wait_for(gone(), 10)
