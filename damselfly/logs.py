@@ -21,7 +21,8 @@ def _format(record: dict) -> str:  # type: ignore[type-arg]
     """Time, level, module, message, and the task and peer ids a line is bound to."""
     ids = " ".join(f"{k}={{extra[{k}]}}" for k in ("task_id", "peer_id") if k in record["extra"])
     tail = f" <dim>[{ids}]</dim>" if ids else ""
-    return "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> <cyan>{name}</cyan> {message}" + tail + "\n{exception}"
+    head = "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> <cyan>{name}</cyan> {message}"
+    return head + tail + "\n{exception}"
 
 
 def setup(level: str = "INFO", json_format: bool = False, stream: object = None) -> None:
