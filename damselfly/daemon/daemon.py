@@ -130,7 +130,7 @@ class Daemon:
         self.metrics = DaemonMetrics()
         self.storage = self.plugins.make_storage(cfg.storage, cfg.data_dir)
         self.transport = self.plugins.make_transport(cfg.transports[0])
-        self.pool = ConnectionPool(self.transport, settings.daemon.scheduler_connect_timeout)
+        self.pool = ConnectionPool(self.transport, cfg.piece_connect_timeout)
         self.schedulers = SchedulerPool(cfg.schedulers, cfg.scheduler_connect_timeout)
         self.runtimes: dict[str, TaskRuntime] = {}
         self.uploaded_bytes = 0

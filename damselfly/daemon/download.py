@@ -466,7 +466,7 @@ class Downloader:
         writer = self.d.storage.writer(self.task_id, span)
         try:
             async for chunk in self.source.read(self.req.url, span.offset, span.length, self.req.request_header):
-                writer.write(chunk)
+                await asyncio.to_thread(writer.write, chunk)  # disk I/O and crc32 off the event loop
             record = await writer.commit(None)
         except BaseException:
             writer.abort()
