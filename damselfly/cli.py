@@ -317,6 +317,14 @@ def config_show(ctx: click.Context, as_json: bool) -> None:
         click.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
 
 
+@config.command("reference")
+def config_reference() -> None:
+    """Print every setting with its env variable, default and meaning (Markdown)."""
+    from damselfly.config import reference_markdown
+
+    click.echo(reference_markdown())
+
+
 # -- cluster and demo ---------------------------------------------------------------
 
 

@@ -119,7 +119,8 @@ class SchedulerConfig(Section):
     )
     back_to_source_limit: int = Field(200, ge=0, description="Peers of one task allowed to go back to source.")
     seed_trigger: bool = Field(True, description="Make a seed peer fetch new tasks from the source.")
-    host_gc_interval: float = Field(60.0, gt=0, description="Seconds between sweeps for silent hosts.")
+    host_gc_interval: float = Field(60.0, gt=0, description="Seconds between sweeps for silent hosts and old peers.")
+    peer_ttl: float = Field(86400.0, gt=0, description="Seconds a peer is kept after its last message.")
 
 
 class Settings(BaseSettings):
@@ -186,3 +187,29 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         raise InvalidArgument(_one_line(exc)) from None
     except Exception as exc:  # a YAML syntax error arrives as yaml.YAMLError
         raise InvalidArgument(f"invalid config: {exc}".splitlines()[0]) from None
+
+
+def reference_markdown() -> str:
+    """Every setting as a Markdown table: field, env variable, default, meaning."""
+    lines = ["| field | env | default | meaning |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not PluginChoice:
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default: Any = f.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                default = default.model_dump()
+            elif isinstance(default, list):
+                default = [d.model_dump() if isinstance(d, BaseModel) else d for d in default]
+            if name == "hostname":
+                default = "(the host name)"
+            elif name == "data_dir":
+                default = "~/.local/share/damselfly"
+            env = "DAMSELFLY_" + f"{prefix}{name}".upper().replace(".", "__")
+            lines.append(f"| `{prefix}{name}` | `{env}` | `{default}` | {f.description} |")
+
+    walk(Settings, "")
+    return "\n".join(lines)

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, errordetails_pb2, scheduler_pb2
@@ -32,6 +33,9 @@ from damselfly.core.piece import Layout, PieceSpan
 from damselfly.core.task import PieceRecord, Task, TaskState
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started, TaskRuntime
 from damselfly.wire import piece_to_proto
+
+if TYPE_CHECKING:
+    from damselfly.daemon.daemon import Daemon
 
 TRAFFIC_SOURCE = vortex.TrafficType.BACK_TO_SOURCE
 TRAFFIC_PEER = vortex.TrafficType.REMOTE_PEER
@@ -215,10 +219,7 @@ class SchedulerLink:
 class Downloader:
     """Runs one task's download on behalf of the daemon; publishes progress on the runtime."""
 
-    def __init__(self, daemon: object, req: DownloadRequest, runtime: TaskRuntime):
-        from damselfly.daemon.daemon import Daemon
-
-        assert isinstance(daemon, Daemon)
+    def __init__(self, daemon: Daemon, req: DownloadRequest, runtime: TaskRuntime):
         self.d = daemon
         self.req = req
         self.rt = runtime
@@ -235,6 +236,10 @@ class Downloader:
         self.blocklist: set[str] = set()
         self._todo: set[int] | None = None
         self._first_seen: dict[int, float] = {}  # when a parent first reported each piece
+
+    @property
+    def may_read_source(self) -> bool:
+        return not (self.req.disable_back_to_source or self.d.settings.daemon.disable_back_to_source)
 
     # -- entry -------------------------------------------------------------------
 
@@ -273,7 +278,7 @@ class Downloader:
                 return
         link = await self._open_link()
         if link is None:
-            if self.req.disable_back_to_source or self.d.settings.daemon.disable_back_to_source:
+            if not self.may_read_source:
                 raise PeerError("no scheduler answered and back-to-source is disabled")
             self.log.warning("no scheduler answered: downloading {} straight from the source", self.req.url)
             await self._from_source(report=False)
@@ -305,7 +310,7 @@ class Downloader:
                 resp = await link.read()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
-                    if self.req.disable_back_to_source or self.d.settings.daemon.disable_back_to_source:
+                    if not self.may_read_source:
                         raise PeerError(f"scheduler went away: {exc.details()}") from None
                     self.log.warning("scheduler went away ({}): finishing from the source", exc.details())
                     await self._from_source(report=False)
@@ -320,7 +325,7 @@ class Downloader:
                 link.send(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest())
                 return
             if kind == "need_back_to_source_response":
-                if self.req.disable_back_to_source or self.d.settings.daemon.disable_back_to_source:
+                if not self.may_read_source:
                     raise PeerError("scheduler sent this peer to the source, and back-to-source is disabled")
                 self.log.info("back to source: {}", resp.need_back_to_source_response.description)
                 link.send(

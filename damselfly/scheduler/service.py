@@ -192,14 +192,22 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self._refresh_gauges()
         return empty_pb2.Empty()
 
-    async def gc_hosts(self) -> None:
+    async def gc(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.host_gc_interval)
-            now = time.time()
-            for h in [h for h in self.state.hosts.values() if h.expired(now)]:
-                logger.info("host {} went silent; forgetting it and its peers", h.id)
-                self.state.remove_host(h.id)
-            self._refresh_gauges()
+            self.collect(time.time())
+
+    def collect(self, now: float) -> None:
+        """Forget silent hosts (and their peers), peers past their TTL, and tasks with no peer."""
+        st = self.state
+        for h in [h for h in st.hosts.values() if h.expired(now)]:
+            logger.info("host {} went silent; forgetting it and its peers", h.id)
+            st.remove_host(h.id)
+        for p in [p for p in st.peers.values() if now - p.updated_at > self.cfg.peer_ttl]:
+            st.remove_peer(p.id)
+        for task_id in [t for t, e in st.tasks.items() if not e.task.peer_ids and now - e.task.updated_at > 60]:
+            del st.tasks[task_id]
+        self._refresh_gauges()
 
     # -- tasks and peers -------------------------------------------------------------
 
@@ -543,7 +551,7 @@ async def start_scheduler(settings: Settings, plugins: Plugins | None = None) ->
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     runner, metrics_port = await serve_metrics(metrics.registry, cfg.listen_ip, cfg.metrics_port)
-    gc = asyncio.get_running_loop().create_task(service.gc_hosts())
+    gc = asyncio.get_running_loop().create_task(service.gc())
     logger.info("scheduler serving on {}:{} (metrics :{})", cfg.listen_ip, port, metrics_port)
     return SchedulerServer(server, service, runner, gc, f"{cfg.listen_ip}:{port}", metrics_port)
 

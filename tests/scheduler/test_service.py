@@ -167,3 +167,20 @@ async def test_a_broken_stream_makes_the_peer_leave(sched):
             await server.service.state.tasks[TASK].changed.wait()
 
     await asyncio.wait_for(gone(), 10)
+
+
+async def test_gc_forgets_silent_hosts_old_peers_and_empty_tasks(sched):
+    stub, server = sched
+    await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
+    await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("b")))
+    call = stub.AnnouncePeer()
+    await call.write(req("127.0.0.1-b", "pb", **register(common_pb2.Download(url="http://o/z"))))
+    await call.read()
+    call.cancel()
+    st = server.service.state
+    st.hosts["127.0.0.1-a"].announced_at -= 3 * st.hosts["127.0.0.1-a"].interval
+    now = __import__("time").time()
+    server.service.collect(now)
+    assert set(st.hosts) == {"127.0.0.1-b"}
+    server.service.collect(now + 2 * 86400)  # past the peer TTL and the task grace
+    assert not st.peers and not st.tasks
