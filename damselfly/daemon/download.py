@@ -236,6 +236,8 @@ class Downloader:
         self.blocklist: set[str] = set()
         self._todo: set[int] | None = None
         self._first_seen: dict[int, float] = {}  # when a parent first reported each piece
+        self._reader: asyncio.Future[scheduler_pb2.AnnouncePeerResponse | None] | None = None
+        self._add_parents: Callable[[list[common_pb2.Peer]], None] = lambda _: None
 
     @property
     def may_read_source(self) -> bool:
@@ -278,16 +280,15 @@ class Downloader:
                 return
         link = await self._open_link()
         if link is None:
-            if not self.may_read_source:
-                raise PeerError("no scheduler answered and back-to-source is disabled")
-            self.log.warning("no scheduler answered: downloading {} straight from the source", self.req.url)
-            await self._from_source(report=False)
+            await self._source_without_scheduler(f"no scheduler answered for {self.req.url}")
             return
         self.link = link
         try:
             await self._with_scheduler(link)
         finally:
             await link.close()
+            if self._reader is not None:  # ends with the stream; never cancelled mid-read
+                await asyncio.gather(self._reader, return_exceptions=True)
 
     # -- the scheduler ------------------------------------------------------------------
 
@@ -305,70 +306,121 @@ class Downloader:
         return link
 
     async def _with_scheduler(self, link: SchedulerLink) -> None:
-        while True:
-            try:
-                resp = await link.read()
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
-                    if not self.may_read_source:
-                        raise PeerError(f"scheduler went away: {exc.details()}") from None
-                    self.log.warning("scheduler went away ({}): finishing from the source", exc.details())
-                    await self._from_source(report=False)
+        """Follow the scheduler's answers; a download from parents runs beside the stream,
+        so parents the scheduler adds later join it while it runs."""
+        fetch: asyncio.Task[None] | None = None
+        fetch_parents: list[common_pb2.Peer] = []
+        link_alive = True
+        try:
+            while True:
+                if link_alive and self._reader is None:
+                    self._reader = asyncio.ensure_future(link.read())
+                waits = {t for t in (self._reader if link_alive else None, fetch) if t is not None}
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if fetch is not None and fetch in done:
+                    finished, fetch = fetch, None
+                    try:
+                        finished.result()
+                    except Reschedule as why:
+                        if not link_alive:
+                            await self._source_without_scheduler(f"parents cannot finish ({why})")
+                            return
+                        link.send(
+                            reschedule_peer_request=scheduler_pb2.ReschedulePeerRequest(
+                                candidate_parents=fetch_parents, description=str(why)
+                            )
+                        )
+                        continue
+                    except DamselflyError as exc:
+                        if link_alive:
+                            link.send(
+                                download_peer_failed_request=scheduler_pb2.DownloadPeerFailedRequest(
+                                    description=str(exc)
+                                )
+                            )
+                        raise
+                    if link_alive:
+                        link.send(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest())
                     return
-                raise PeerError(f"scheduler refused the download: {exc.code().name}: {exc.details()}") from None
-            if resp is None:
-                raise PeerError("scheduler closed the announce stream before the download finished")
-            kind = resp.WhichOneof("response")
-            if kind == "empty_task_response":
-                await self._create(0, None)
-                link.send(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest())
-                link.send(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest())
-                return
-            if kind == "need_back_to_source_response":
-                if not self.may_read_source:
-                    raise PeerError("scheduler sent this peer to the source, and back-to-source is disabled")
-                self.log.info("back to source: {}", resp.need_back_to_source_response.description)
-                link.send(
-                    download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest()
-                )
-                try:
-                    await self._from_source(report=True)
-                except BackendError as exc:
-                    link.send(
-                        download_piece_back_to_source_failed_request=scheduler_pb2.DownloadPieceBackToSourceFailedRequest(
-                            backend=errordetails_pb2.Backend(message=str(exc), status_code=exc.status_code)
-                        )
-                    )
-                    link.send(
-                        download_peer_back_to_source_failed_request=scheduler_pb2.DownloadPeerBackToSourceFailedRequest(
-                            description=str(exc)
-                        )
-                    )
-                    raise
-                link.send(
-                    download_peer_back_to_source_finished_request=scheduler_pb2.DownloadPeerBackToSourceFinishedRequest()
-                )
-                return
-            if kind == "normal_task_response":
-                parents = list(resp.normal_task_response.candidate_parents)
-                link.send(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest())
-                try:
-                    await self._from_parents(parents)
-                except Reschedule as why:
-                    link.send(
-                        reschedule_peer_request=scheduler_pb2.ReschedulePeerRequest(
-                            candidate_parents=parents, description=str(why)
-                        )
-                    )
+                if self._reader is None or self._reader not in done:
                     continue
-                except DamselflyError as exc:
-                    link.send(
-                        download_peer_failed_request=scheduler_pb2.DownloadPeerFailedRequest(description=str(exc))
-                    )
-                    raise
-                link.send(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest())
-                return
-            raise PeerError(f"unexpected scheduler answer {kind}")
+                reader, self._reader = self._reader, None
+                try:
+                    resp = reader.result()
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() not in (
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.StatusCode.CANCELLED,
+                        grpc.StatusCode.UNKNOWN,
+                    ):
+                        raise PeerError(f"scheduler refused the download: {exc.code().name}: {exc.details()}") from None
+                    link_alive = False
+                    if fetch is not None:
+                        self.log.warning("scheduler went away ({}): going on with the parents", exc.details())
+                        continue
+                    await self._source_without_scheduler(f"scheduler went away ({exc.details()})")
+                    return
+                if resp is None:
+                    link_alive = False
+                    if fetch is not None:
+                        continue
+                    raise PeerError("scheduler closed the announce stream before the download finished")
+                kind = resp.WhichOneof("response")
+                if kind == "normal_task_response":
+                    candidates = list(resp.normal_task_response.candidate_parents)
+                    if fetch is not None:
+                        known = {c.id for c in fetch_parents}
+                        fetch_parents += [c for c in candidates if c.id not in known]
+                        self._add_parents(candidates)
+                        continue
+                    link.send(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest())
+                    fetch_parents = candidates
+                    fetch = asyncio.ensure_future(self._from_parents(candidates))
+                    continue
+                if fetch is not None:
+                    fetch.cancel()
+                    await asyncio.gather(fetch, return_exceptions=True)
+                    fetch = None
+                if kind == "empty_task_response":
+                    await self._create(0, None)
+                    link.send(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest())
+                    link.send(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest())
+                    return
+                if kind == "need_back_to_source_response":
+                    await self._back_to_source(link, resp.need_back_to_source_response.description)
+                    return
+                raise PeerError(f"unexpected scheduler answer {kind}")
+        finally:
+            if fetch is not None:
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+
+    async def _source_without_scheduler(self, why: str) -> None:
+        if not self.may_read_source:
+            raise PeerError(f"{why}, and back-to-source is disabled")
+        self.log.warning("{}: finishing from the source", why)
+        await self._from_source(report=False)
+
+    async def _back_to_source(self, link: SchedulerLink, why: str) -> None:
+        if not self.may_read_source:
+            raise PeerError("scheduler sent this peer to the source, and back-to-source is disabled")
+        self.log.info("back to source: {}", why)
+        link.send(download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest())
+        try:
+            await self._from_source(report=True)
+        except BackendError as exc:
+            link.send(
+                download_piece_back_to_source_failed_request=scheduler_pb2.DownloadPieceBackToSourceFailedRequest(
+                    backend=errordetails_pb2.Backend(message=str(exc), status_code=exc.status_code)
+                )
+            )
+            link.send(
+                download_peer_back_to_source_failed_request=scheduler_pb2.DownloadPeerBackToSourceFailedRequest(
+                    description=str(exc)
+                )
+            )
+            raise
+        link.send(download_peer_back_to_source_finished_request=scheduler_pb2.DownloadPeerBackToSourceFinishedRequest())
 
     # -- storage and layout ----------------------------------------------------------------
 
@@ -505,11 +557,22 @@ class Downloader:
         def poke() -> None:
             wake[0].set()
 
+        def add(more: list[common_pb2.Peer]) -> None:
+            for c in more:
+                if c.id in parents or c.id in self.blocklist:
+                    continue
+                p = parents[c.id] = _Parent(c.id, c.host.id, c.host.ip, c.host.port, weight=_weight(c.host))
+                p.task = asyncio.get_running_loop().create_task(self._sync(p, poke))
+                self.log.info("new parent: {} (weight {:.3g})", p.peer_id, p.weight)
+            poke()
+
         for p in parents.values():
             p.task = asyncio.get_running_loop().create_task(self._sync(p, poke))
+        self._add_parents = add
         try:
             await self._fetch_loop(parents, wake)
         finally:
+            self._add_parents = lambda _: None
             for p in parents.values():
                 if p.task:
                     p.task.cancel()

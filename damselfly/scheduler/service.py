@@ -90,14 +90,14 @@ class SchedulerState:
                     stack.append(c)
         return seen
 
-    def candidates(self, child: Peer) -> list[Candidate]:
+    def candidates(self, child: Peer, exclude: set[str] | frozenset[str] = frozenset()) -> list[Candidate]:
         entry = self.tasks[child.task_id]
         child_host = self.hosts[child.host_id]
         below = self.descendants(child.id)
         pool: list[Candidate] = []
         for pid in entry.task.peer_ids:
             p = self.peers.get(pid)
-            if p is None or p.id == child.id or p.id in child.blocklist or p.id in below:
+            if p is None or p.id == child.id or p.id in child.blocklist or p.id in below or p.id in exclude:
                 continue
             h = self.hosts.get(p.host_id)
             if h is None or h.id == child_host.id or h.disable_shared:
@@ -108,8 +108,9 @@ class SchedulerState:
             if not h.is_seed and not p.parents and p.state is PeerState.RUNNING:
                 continue  # a normal peer with no parent has nothing to give yet
             pool.append(Candidate(p, h))
-        if len(pool) > self.cfg.filter_parent_limit:
-            pool = random.sample(pool, self.cfg.filter_parent_limit)
+        # A random sample, in random order: parents that score the same share the load
+        # instead of the first in iteration order taking every child.
+        pool = random.sample(pool, min(len(pool), self.cfg.filter_parent_limit))
         ranked = self.strategy.rank(Candidate(child, child_host), pool, entry.task)
         return ranked[: self.cfg.candidate_parent_limit]
 
@@ -285,6 +286,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 for c in parents:
                     peer.parents.add(c.peer.id)
                     c.peer.children.add(peer.id)
+                entry.notify()  # with a parent, this peer is a candidate for others
                 self.metrics.schedule.labels("normal").inc()
                 self.metrics.schedule_seconds.observe(time.monotonic() - started)
                 return scheduler_pb2.AnnouncePeerResponse(
@@ -306,6 +308,42 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 await asyncio.wait_for(changed.wait(), self.cfg.retry_interval)
             except TimeoutError:
                 pass
+
+    async def refresh(self, peer: Peer, out: asyncio.Queue[object]) -> None:
+        """Offer a downloading peer more parents as they appear, up to the limit.
+
+        Each offer is a NormalTaskResponse with all of the peer's parents, so a
+        client that replaces its list and one that merges it both end up right.
+        """
+        st = self.state
+        limit = self.cfg.candidate_parent_limit
+        entry = st.tasks[peer.task_id]
+        while peer.id in st.peers and not peer.done and not peer.need_back_to_source:
+            changed = entry.changed
+            try:
+                await asyncio.wait_for(changed.wait(), 2.0)
+            except TimeoutError:
+                pass
+            if peer.id not in st.peers or peer.done or peer.need_back_to_source:
+                return
+            live = [pid for pid in peer.parents if pid in st.peers]
+            if len(live) >= limit:
+                continue
+            new = st.candidates(peer, exclude=set(peer.parents))[: limit - len(live)]
+            if not new:
+                continue
+            for c in new:
+                peer.parents.add(c.peer.id)
+                c.peer.children.add(peer.id)
+            parents = [Candidate(st.peers[pid], st.hosts[st.peers[pid].host_id]) for pid in live] + new
+            self.metrics.schedule.labels("refresh").inc()
+            out.put_nowait(
+                scheduler_pb2.AnnouncePeerResponse(
+                    normal_task_response=scheduler_pb2.NormalTaskResponse(
+                        candidate_parents=[peer_to_proto(c.peer, c.host, entry.task) for c in parents]
+                    )
+                )
+            )
 
     def _source_busy(self, entry: TaskEntry, peer: Peer) -> bool:
         """Someone (a seed or another peer) is fetching this task from the source."""
@@ -375,10 +413,12 @@ class _PeerSession:
         self.out = out
         self.peer: Peer | None = None
         self.scheduling: asyncio.Task[None] | None = None
+        self.refreshing: asyncio.Task[None] | None = None
 
     def close(self) -> None:
         if self.scheduling:
             self.scheduling.cancel()
+        self._stop_refresh()
         p = self.peer
         if p is not None and p.id in self.st.peers and not p.done:
             # The stream broke before the peer said it finished: it is gone.
@@ -395,9 +435,19 @@ class _PeerSession:
     async def _schedule(self, peer: Peer) -> None:
         peer.schedule_count += 1
         try:
-            self.out.put_nowait(await self.svc.schedule(peer))
+            answer = await self.svc.schedule(peer)
         except ScheduleError as exc:
             self.out.put_nowait(exc)
+            return
+        self.out.put_nowait(answer)
+        if answer.WhichOneof("response") == "normal_task_response":
+            self._stop_refresh()
+            self.refreshing = asyncio.get_running_loop().create_task(self.svc.refresh(peer, self.out))
+
+    def _stop_refresh(self) -> None:
+        if self.refreshing is not None:
+            self.refreshing.cancel()
+            self.refreshing = None
 
     async def consume(self, requests: AsyncIterator[scheduler_pb2.AnnouncePeerRequest]) -> None:
         try:
@@ -428,6 +478,7 @@ class _PeerSession:
         if kind == "download_peer_started_request":
             if peer.state is PeerState.PENDING:
                 peer.state = PeerState.RUNNING
+                entry.notify()  # running with a parent: a candidate for the others now
             entry.task.state = TaskState.RUNNING
         elif kind == "download_peer_back_to_source_started_request":
             peer.state = PeerState.BACK_TO_SOURCE
@@ -465,6 +516,7 @@ class _PeerSession:
                 peer.blocklist.add(c.id)
                 peer.parents.discard(c.id)
             logger.info("peer {} asks to be rescheduled: {}", peer.id, r.description)
+            self._stop_refresh()
             if peer.schedule_count > self.svc.settings.daemon.schedule_retries + 1:
                 self.out.put_nowait(self.svc._back_to_source(entry, peer, "max schedule count exceeded"))
             else:

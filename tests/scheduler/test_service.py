@@ -184,3 +184,35 @@ async def test_gc_forgets_silent_hosts_old_peers_and_empty_tasks(sched):
     assert set(st.hosts) == {"127.0.0.1-b"}
     server.service.collect(now + 2 * 86400)  # past the peer TTL and the task grace
     assert not st.peers and not st.tasks
+
+
+async def test_a_downloading_peer_is_offered_new_parents_as_they_appear(sched):
+    from damselfly.core.host import Host
+    from damselfly.core.peer import Peer, PeerState
+
+    _, server = sched
+    svc = server.service
+    st = svc.state
+    entry = st.entry(TASK)
+    for name in ("a", "b", "x"):
+        st.hosts[name] = Host(id=name, ip="127.0.0.1", hostname=name, port=1, max_tx_bandwidth=8 << 30)
+    a = Peer(id="pa", task_id=TASK, host_id="a", state=PeerState.BACK_TO_SOURCE)
+    b = Peer(id="pb", task_id=TASK, host_id="b", state=PeerState.RUNNING, parents={"pa"})
+    for p in (a, b):
+        st.peers[p.id] = p
+        entry.task.peer_ids.add(p.id)
+    out: asyncio.Queue = asyncio.Queue()
+    refresh = asyncio.ensure_future(svc.refresh(b, out))
+    # a new peer downloading from a, not from b, appears
+    x = Peer(id="px", task_id=TASK, host_id="x", state=PeerState.RUNNING, parents={"pa"})
+    st.peers[x.id] = x
+    entry.task.peer_ids.add(x.id)
+    entry.notify()
+    resp = await asyncio.wait_for(out.get(), 5)
+    assert sorted(c.id for c in resp.normal_task_response.candidate_parents) == ["pa", "px"]
+    assert b.parents == {"pa", "px"} and "pb" in x.children
+    # the limit (3) is not reached, but nobody else fits: no more offers; finishing ends the loop
+    b.state = PeerState.SUCCEEDED
+    entry.notify()
+    await asyncio.wait_for(refresh, 5)
+    assert out.empty()
