@@ -59,7 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1GiB")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--runs", type=int, default=3, help="peer downloads, the task deleted between them")
+    ap.add_argument("--runs", type=int, default=5, help="peer downloads, the task deleted between them")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--peer-storage", default="disk", choices=["disk", "memory"], help="the fetching peer's storage")
     args = ap.parse_args()

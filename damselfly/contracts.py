@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import threading
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from damselfly.core.errors import InvalidArgument, PieceCorrupt
 from damselfly.core.host import Host
 from damselfly.core.peer import Peer
-from damselfly.core.piece import DIGEST_ALGORITHM, PieceSpan
+from damselfly.core.piece import DIGEST_ALGORITHM, PieceSpan, crc32
 from damselfly.core.task import PieceRecord, Task
 from damselfly.core.vortex import PieceMetadata
 
@@ -136,7 +135,7 @@ class BufferedPieceWriter(abc.ABC):
             if self._pos + n > self.span.end:
                 raise PieceCorrupt(f"piece {self.span.number} is longer than its {self.span.length} bytes")
             self._put(chunk, self._pos)
-            self._crc = zlib.crc32(chunk, self._crc)
+            self._crc = crc32(chunk, self._crc)
             self._pos += n
 
     async def commit(self, expected_digest: str | None) -> PieceRecord:

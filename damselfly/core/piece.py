@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from damselfly.core.errors import InvalidArgument, PieceCorrupt
+
+try:  # ISA-L computes the same CRC-32 about three times as fast as zlib
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - platforms without an isal wheel
+    _crc32 = zlib.crc32
+
+crc32: Callable[[bytes | bytearray | memoryview, int], int] = _crc32
+"""``crc32(data, value=0)``: plain CRC-32 (zlib's), continued from ``value``."""
 
 MiB = 1 << 20
 MIN_PIECE_LENGTH = 4 * MiB
@@ -81,7 +90,7 @@ class Layout:
 
 def digest(data: bytes | bytearray | memoryview) -> str:
     """The Dragonfly piece digest, ``crc32:<decimal>``."""
-    return f"{DIGEST_ALGORITHM}:{zlib.crc32(data)}"
+    return f"{DIGEST_ALGORITHM}:{crc32(data, 0)}"
 
 
 def verify(data: bytes | bytearray | memoryview, expected: str) -> None:
@@ -89,6 +98,6 @@ def verify(data: bytes | bytearray | memoryview, expected: str) -> None:
     algo, _, value = expected.partition(":")
     if algo != DIGEST_ALGORITHM or not value.isdigit():
         raise PieceCorrupt(f"unsupported piece digest {expected!r}")
-    actual = zlib.crc32(data)
+    actual = crc32(data, 0)
     if actual != int(value):
         raise PieceCorrupt(f"piece digest mismatch: expected {expected}, got crc32:{actual}")

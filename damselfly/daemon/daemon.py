@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import platform
 import time
-import zlib
 
 import grpc
 import psutil
@@ -26,6 +25,7 @@ from damselfly.contracts import PieceServer
 from damselfly.core import ids
 from damselfly.core.errors import InvalidArgument, PieceCorrupt, StorageError
 from damselfly.core.host import Host, HostType
+from damselfly.core.piece import crc32
 from damselfly.core.task import Task, TaskState
 from damselfly.daemon.download import ConnectionPool, Downloader, DownloadRequest
 from damselfly.daemon.local import LocalService
@@ -365,7 +365,7 @@ class Daemon:
         if algo == "crc32":
             crc = 0
             async for chunk in self.storage.read_range(task.id, 0, task.content_length):
-                crc = zlib.crc32(chunk, crc)
+                crc = crc32(chunk, crc)
             got = str(crc)
         elif algo in ("sha256", "sha512", "md5", "sha1", "blake3") and algo in hashlib.algorithms_available:
             h = hashlib.new(algo)

@@ -58,3 +58,12 @@ def test_digest_and_verify():
         verify(data[:-1] + b"x", d)
     with pytest.raises(PieceCorrupt, match="unsupported"):
         verify(data, "md5:abc")
+
+
+def test_fast_crc32_is_zlibs_crc32():
+    from damselfly.core.piece import crc32
+
+    data = bytes(range(256)) * 4099
+    assert crc32(data, 0) == zlib.crc32(data)
+    assert crc32(data[1000:], crc32(data[:1000], 0)) == zlib.crc32(data)
+    assert crc32(memoryview(data)[5:77], 0) == zlib.crc32(data[5:77])
