@@ -169,10 +169,6 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def stop_daemon(info: dict[str, Any], grace: float = 5.0) -> None:
-    stop_pids([int(info["pid"])], grace)
-
-
 def down(directory: Path, grace: float = 5.0) -> int:
     """Stop every process of the cluster in ``directory``; returns how many were running."""
     path = directory / "cluster.json"
@@ -201,7 +197,3 @@ def stop_pids(pids: list[int], grace: float = 5.0) -> None:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-def load(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / "cluster.json").read_text())

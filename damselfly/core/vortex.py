@@ -230,10 +230,6 @@ class Decoder:
         """
         return self._piece_left
 
-    @property
-    def in_frame(self) -> bool:
-        return bool(self._buf) or self._piece_left > 0 or bool(self._chunks)
-
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof and data:
             raise ProtocolError("data after end of stream")

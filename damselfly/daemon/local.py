@@ -46,7 +46,7 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
     await context.abort(status_for(exc), str(exc) or type(exc).__name__)
 
 
-def write_output(daemon: Daemon, task_id: str, output_path: str, overwrite: bool) -> None:
+def check_output(output_path: str, overwrite: bool) -> None:
     """Checked before the download: an output we could never write fails fast."""
     path = Path(output_path)
     if not path.is_absolute():
@@ -128,7 +128,7 @@ class LocalService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
                 raise InvalidArgument("download needs a url")
             self.d.plugins.source_for(req.url)  # an unknown scheme fails before anything starts
             if dl.output_path:
-                write_output(self.d, req.task_id(), dl.output_path, dl.overwrite)
+                check_output(dl.output_path, dl.overwrite)
             rt = await self.d.start_download(req)
         except DamselflyError as exc:
             await abort_with(context, exc)

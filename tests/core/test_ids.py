@@ -212,3 +212,10 @@ def test_default_filtered_params_drop_s3_signatures():
     plain = "https://b.s3.amazonaws.com/k?X-Amz-Signature=zzz&X-Amz-Date=2&versionId=3"
     f = ids.DEFAULT_FILTERED_QUERY_PARAMS
     assert ids.task_id(signed, filtered_query_params=f) == ids.task_id(plain, filtered_query_params=f)
+
+
+def test_manifest_digest_task_id():
+    url = "http://r/v2/library/ubuntu/manifests/sha256:" + "c" * 64
+    assert ids.manifest_task_id(url) == "c" * 64
+    with pytest.raises(InvalidArgument):
+        ids.manifest_task_id("http://r/v2/library/ubuntu/manifests/latest")
