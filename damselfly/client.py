@@ -32,6 +32,7 @@ class Progress:
     source_bytes: int = 0
     local_bytes: int = 0
     pieces: int = 0
+    bytes_by_parent: dict[str, int] = field(default_factory=dict)  # remote-peer bytes per parent peer id
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -49,6 +50,7 @@ class DownloadResult:
     local_bytes: int
     seconds: float
     output: Path | None
+    bytes_by_parent: dict[str, int] = field(default_factory=dict)
 
 
 def _error(exc: grpc.aio.AioRpcError) -> DamselflyError:
@@ -149,6 +151,8 @@ class Client:
                         progress.local_bytes += piece.length
                     else:
                         progress.peer_bytes += piece.length
+                        by = progress.bytes_by_parent
+                        by[piece.parent_id] = by.get(piece.parent_id, 0) + piece.length
                 if on_progress is not None:
                     on_progress(progress)
         except grpc.aio.AioRpcError as exc:
@@ -164,6 +168,7 @@ class Client:
             progress.local_bytes,
             time.monotonic() - started,
             out,
+            progress.bytes_by_parent,
         )
 
     async def list_tasks(self) -> list[dfdaemon_pb2.StatLocalTaskResponse]:

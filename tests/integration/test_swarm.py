@@ -60,6 +60,22 @@ async def test_five_peers_one_origin_read(damselfly_origin, damselfly_cluster_fa
     assert again.local_bytes == 64 * MiB and damselfly_origin.stats()["bytes"] == stats["bytes"]
 
 
+async def test_pieces_come_from_several_parents_at_once(damselfly_origin, damselfly_cluster_factory, tmp_path):
+    src = damselfly_origin.make("f.bin", 64 * MiB)
+    cluster = damselfly_cluster_factory(peers=2)
+    url = damselfly_origin.url("f.bin")
+    await download(cluster, "peer1", url, tmp_path / "a.bin")
+    result = await download(cluster, "peer2", url, tmp_path / "b.bin")
+    assert sha(tmp_path / "b.bin") == sha(src)
+    # two finished parents with equal free upload: each of the 16 pieces picks one at random
+    # a peer id is {ip}-{hostname}-{uuid4}, plus -seed on a seed: strip to {ip}-{hostname}
+    owners = {pid.removesuffix("-seed").rsplit("-", 5)[0] for pid in result.bytes_by_parent}
+    assert len(result.bytes_by_parent) == 2, result.bytes_by_parent
+    assert all(n > 0 for n in result.bytes_by_parent.values())
+    assert sum(result.bytes_by_parent.values()) == 64 * MiB
+    assert owners == {cluster.daemon("seed")["host_id"].removesuffix("-seed"), cluster.daemon("peer1")["host_id"]}
+
+
 async def test_a_parent_killed_mid_transfer(tmp_path, damselfly_cluster_factory):
     origin = OriginProcess(tmp_path / "slow", rate="24MB/s")
     try:
