@@ -166,14 +166,14 @@ class DiskStorage(Storage):
                 return existing
             await self.delete(task.id)  # the origin changed: start again
         d = self._dir(task.id)
+        free = shutil.disk_usage(self.root).free
+        if free - task.content_length < self.options.min_free_bytes:
+            raise StorageError(
+                f"not enough disk space for task {task.id[:12]}: need {task.content_length} bytes, "
+                f"{free} free in {self.root}"
+            )
         try:
             d.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(d).free
-            if free - task.content_length < self.options.min_free_bytes:
-                raise StorageError(
-                    f"not enough disk space for task {task.id[:12]}: need {task.content_length} bytes, "
-                    f"{free} free in {d}"
-                )
             fd = os.open(d / CONTENT, os.O_RDWR | os.O_CREAT, 0o644)
             os.ftruncate(fd, task.content_length)
             if task.content_length and self.options.preallocate:

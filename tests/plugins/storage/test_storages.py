@@ -139,3 +139,50 @@ async def test_memory_storage_evicts_finished_tasks_only(tmp_path):
     assert s.get(a.id) is None and s.get(b.id) is not None and s.get(c.id) is not None
     with pytest.raises(StorageError, match="still downloading"):
         await s.create(new_task("dd" * 32))
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """An 8 MiB tmpfs, for running out of space for real (needs root, as CI has)."""
+    import subprocess
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tiny_disk):
+    s = DiskStorage(tiny_disk, DiskConfig())
+    await s.open()
+    with pytest.raises(StorageError, match="not enough disk space"):
+        await s.create(new_task())  # 10 MiB on an 8 MiB disk
+    assert s.get(new_task().id) is None
+    assert list((tiny_disk / "tasks").iterdir()) == []
+    small = Task(id="cd" * 32, url="http://o/s", content_length=1 << 20, piece_length=4 * MiB)
+    await s.create(small)  # the disk is still usable afterwards
+    assert s.get(small.id) is not None
+    await s.close()
+
+
+async def test_running_out_of_space_mid_piece_keeps_nothing(tiny_disk):
+    s = DiskStorage(tiny_disk, DiskConfig(preallocate=False, persist_interval=0))
+    await s.open()
+    task = await s.create(Task(id="ef" * 32, url="http://o/x", content_length=6 * MiB, piece_length=4 * MiB))
+    (tiny_disk / "filler").write_bytes(b"\0" * (6 * MiB))  # someone else fills the disk
+    span = task.layout.span(0)
+    w = s.writer(task.id, span)
+
+    def fill() -> None:
+        for i in range(0, span.length, MiB):
+            w.write(CONTENT[i : i + MiB])
+
+    with pytest.raises(StorageError, match="No space left on device"):
+        fill()
+    w.abort()
+    assert 0 not in s.get(task.id).pieces
+    await s.close()
