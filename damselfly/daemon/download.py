@@ -28,6 +28,7 @@ from damselfly.core.errors import (
     PeerError,
     PieceCorrupt,
     ProtocolError,
+    StorageError,
 )
 from damselfly.core.piece import Layout, PieceSpan
 from damselfly.core.task import PieceRecord, Task, TaskState
@@ -674,8 +675,8 @@ class Downloader:
                         last_progress = time.monotonic()
                         tried.pop(number, None)
                         continue
-                    if not isinstance(exc, DamselflyError | TimeoutError | OSError):
-                        raise exc
+                    if isinstance(exc, StorageError) or not isinstance(exc, DamselflyError | TimeoutError | OSError):
+                        raise exc  # a full disk is not the parent's fault: stop with that error
         finally:
             for t in inflight:
                 t.cancel()

@@ -279,3 +279,15 @@ def test_cluster_up_and_down_cli(tmp_path):
     for pid in [x["pid"] for x in info["daemons"]] + [info["scheduler_pid"]]:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_daemon_without_room_says_so(damselfly_origin, damselfly_cluster_factory, tmp_path):
+    damselfly_origin.make("f.bin", 8 * MiB)
+    no_room = {"DAMSELFLY_DAEMON__STORAGE": json.dumps({"type": "disk", "min_free_bytes": 1 << 60})}
+    cluster = damselfly_cluster_factory(peers=1, peer_env={1: no_room})
+    out = tmp_path / "x.bin"
+    proc = run_get(cluster, damselfly_origin.url("f.bin"), "-O", str(out))
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not enough disk space" in lines[0], proc.stderr
+    assert not out.exists()
