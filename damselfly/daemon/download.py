@@ -279,6 +279,12 @@ class Downloader:
                 self.rt.publish(PieceEvent(rec, vortex.TrafficType.LOCAL_PEER, "", 0.0))
             if existing.state is TaskState.SUCCEEDED:
                 return
+        if not self.d.schedulers.addresses:
+            if not self.may_read_source:
+                raise PeerError("no scheduler is configured and back-to-source is disabled")
+            self.log.info("no scheduler configured: fetching {} from the source", self.req.url)
+            await self._from_source(report=False)
+            return
         link = await self._open_link()
         if link is None:
             await self._source_without_scheduler(f"no scheduler answered for {self.req.url}")

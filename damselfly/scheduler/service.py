@@ -63,6 +63,7 @@ class SchedulerState:
         self.tasks: dict[str, TaskEntry] = {}
         self.peers: dict[str, Peer] = {}
         self.downloads: dict[str, common_pb2.Download] = {}  # what each peer registered with
+        self.announced: dict[str, common_pb2.Host] = {}  # each host as it last announced itself
 
     def entry(self, task_id: str) -> TaskEntry:
         e = self.tasks.get(task_id)
@@ -133,6 +134,7 @@ class SchedulerState:
             h.peer_ids.discard(peer_id)
 
     def remove_host(self, host_id: str) -> None:
+        self.announced.pop(host_id, None)
         h = self.hosts.pop(host_id, None)
         if h:
             for pid in list(h.peer_ids):
@@ -177,6 +179,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             host.upload_content_length = old.upload_content_length
             host.concurrent_upload_pieces = old.concurrent_upload_pieces
         self.state.hosts[pb.id] = host
+        self.state.announced[pb.id] = pb
         self._refresh_gauges()
         logger.debug("host {} announced ({}:{}, seed={})", pb.id, pb.ip, pb.port, host.is_seed)
         return empty_pb2.Empty()
@@ -184,7 +187,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def ListHosts(
         self, request: scheduler_pb2.ListHostsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.ListHostsResponse:
-        return scheduler_pb2.ListHostsResponse(hosts=[host_to_proto(h) for h in self.state.hosts.values()])
+        st = self.state
+        return scheduler_pb2.ListHostsResponse(
+            hosts=[st.announced.get(h.id) or host_to_proto(h) for h in st.hosts.values()]
+        )
 
     async def DeleteHost(
         self, request: scheduler_pb2.DeleteHostRequest, context: grpc.aio.ServicerContext

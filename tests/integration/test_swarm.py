@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
+from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
 
 from damselfly.client import Client
 from damselfly.core.errors import DamselflyError
@@ -55,6 +57,14 @@ async def test_five_peers_one_origin_read(damselfly_origin, damselfly_cluster_fa
         cluster.metric("seed", "dragonfly_dfdaemon_download_traffic_bytes_total", '{traffic_type="back_to_source"}')
         == 64 * MiB
     )
+    # every daemon announced itself with its real load
+    async with grpc.aio.insecure_channel(cluster.info["scheduler"]) as ch:
+        hosts = (await scheduler_pb2_grpc.SchedulerStub(ch).ListHosts(scheduler_pb2.ListHostsRequest())).hosts
+    assert {h.id for h in hosts} == {d["host_id"] for d in cluster.daemons}
+    for h in hosts:
+        assert h.cpu.logical_count >= 1 and h.memory.total > 0 and h.disk.total > 0
+        assert h.port == int(cluster.daemon(h.hostname.rsplit("-", 1)[-1])["upload"].rsplit(":", 1)[1])
+        assert h.type == (1 if h.id.endswith("-seed") else 0)
     # a second download on a peer is served from its own disk
     again = await download(cluster, "peer3", url, tmp_path / "again")
     assert again.local_bytes == 64 * MiB and damselfly_origin.stats()["bytes"] == stats["bytes"]
