@@ -109,9 +109,14 @@ class Client:
         need_back_to_source: bool = False,
         disable_back_to_source: bool = False,
         overwrite: bool = True,
+        byte_range: tuple[int, int] | None = None,
         on_progress: Callable[[Progress], Any] | None = None,
     ) -> DownloadResult:
-        """Download ``url`` through the daemon; with ``output`` the daemon writes it there atomically."""
+        """Download ``url`` through the daemon; with ``output`` the daemon writes it there atomically.
+
+        ``byte_range=(start, length)`` fetches only the pieces that overlap those bytes, and
+        writes only those bytes to ``output``.
+        """
         if not self.socket.exists():
             raise PeerError(f"no daemon socket at {self.socket} (is `damselfly daemon` running?)")
         out = Path(output).resolve() if output is not None else None
@@ -131,6 +136,8 @@ class Client:
         )
         if timeout:
             download.timeout.CopyFrom(duration(timeout))
+        if byte_range is not None:
+            download.range.CopyFrom(common_pb2.Range(start=byte_range[0], length=byte_range[1]))
         progress = Progress()
         peer_id = ""
         started = time.monotonic()

@@ -101,3 +101,16 @@ def verify(data: bytes | bytearray | memoryview, expected: str) -> None:
     actual = crc32(data, 0)
     if actual != int(value):
         raise PieceCorrupt(f"piece digest mismatch: expected {expected}, got crc32:{actual}")
+
+
+ByteRange = tuple[int, int]
+"""(start, length) of a ranged download; None stands for the whole content."""
+
+
+def covers(outer: ByteRange | None, inner: ByteRange | None) -> bool:
+    """Whether a download of ``outer`` (None: everything) brings every byte of ``inner``."""
+    if outer is None:
+        return True
+    if inner is None:
+        return False
+    return outer[0] <= inner[0] and outer[0] + outer[1] >= inner[0] + inner[1]

@@ -25,11 +25,11 @@ from damselfly.contracts import PieceServer
 from damselfly.core import ids
 from damselfly.core.errors import InvalidArgument, PieceCorrupt, StorageError
 from damselfly.core.host import Host, HostType
-from damselfly.core.piece import crc32
+from damselfly.core.piece import covers, crc32
 from damselfly.core.task import Task, TaskState
 from damselfly.daemon.download import ConnectionPool, Downloader, DownloadRequest
 from damselfly.daemon.local import LocalService
-from damselfly.daemon.runtime import TaskRuntime
+from damselfly.daemon.runtime import TaskBoard, TaskRuntime
 from damselfly.daemon.upload import UploadService, lookup_piece
 from damselfly.metrics import DaemonMetrics, serve_metrics
 from damselfly.plugin_manager import Plugins, build_plugins
@@ -132,7 +132,7 @@ class Daemon:
         self.transport = self.plugins.make_transport(cfg.transports[0])
         self.pool = ConnectionPool(self.transport, cfg.piece_connect_timeout)
         self.schedulers = SchedulerPool(cfg.schedulers, cfg.scheduler_connect_timeout)
-        self.runtimes: dict[str, TaskRuntime] = {}
+        self.board = TaskBoard()
         self.uploaded_bytes = 0
         self.piece_port = 0
         self.upload_port = 0
@@ -202,7 +202,7 @@ class Daemon:
     async def stop(self) -> None:
         for t in list(self._background):
             t.cancel()
-        for rt in self.runtimes.values():
+        for rt in self.board.all_running():
             if rt.runner is not None:
                 rt.runner.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -304,7 +304,7 @@ class Daemon:
     async def _announce_stored_tasks(self) -> None:
         """After a restart, tell the schedulers which finished tasks this daemon can serve."""
         for task in self.storage.tasks():
-            if task.state is not TaskState.SUCCEEDED or task.id in self.runtimes:
+            if task.state is not TaskState.SUCCEEDED or self.board.running(task.id):
                 continue
             stub = await self.schedulers.stub_for(task.id)
             if stub is None:
@@ -335,19 +335,20 @@ class Daemon:
     async def start_download(self, req: DownloadRequest) -> TaskRuntime:
         """Start (or join) the download of ``req``'s task; progress arrives on the runtime."""
         task_id = req.task_id()
-        rt = self.runtimes.get(task_id)
-        if rt is not None and not rt.done:
-            return rt
-        rt = TaskRuntime(task_id)
-        self.runtimes[task_id] = rt
+        for rt in self.board.running(task_id):
+            if covers(rt.range, req.range):
+                return rt  # a running download already brings every byte asked for
+        rt = TaskRuntime(task_id, range=req.range)
+        self.board.add(rt)
         downloader = Downloader(self, req, rt)
         rt.runner = self._spawn(downloader.run())
+        rt.runner.add_done_callback(lambda _: self.board.remove(rt))
         return rt
 
     async def delete_task(self, task_id: str) -> None:
-        rt = self.runtimes.pop(task_id, None)
-        if rt is not None and rt.runner is not None:
-            rt.runner.cancel()
+        for rt in self.board.forget(task_id):
+            if rt.runner is not None:
+                rt.runner.cancel()
         await self.storage.delete(task_id)
         self.metrics.tasks.set(len(self.storage.tasks()))
         await self.schedulers.delete_task(self.host_id, task_id)

@@ -24,6 +24,7 @@ from damselfly.core import ids, vortex
 from damselfly.core.errors import (
     BackendError,
     DamselflyError,
+    InvalidArgument,
     NotFound,
     PeerError,
     PieceCorrupt,
@@ -58,6 +59,7 @@ class DownloadRequest:
     need_back_to_source: bool = False
     disable_back_to_source: bool = False
     content_for_calculating_task_id: str = ""
+    range: tuple[int, int] | None = None  # (start, length): only the pieces that overlap it
     use_blob_digest: bool = False
     timeout: float = 0.0
 
@@ -77,6 +79,7 @@ class DownloadRequest:
             disable_back_to_source=d.disable_back_to_source,
             content_for_calculating_task_id=d.content_for_calculating_task_id,
             use_blob_digest=d.enable_task_id_based_blob_digest,
+            range=(d.range.start, d.range.length) if d.HasField("range") and d.range.length > 0 else None,
             timeout=d.timeout.ToNanoseconds() / 1e9 if d.HasField("timeout") else 0.0,
         )
 
@@ -97,6 +100,8 @@ class DownloadRequest:
             content_for_calculating_task_id=self.content_for_calculating_task_id,
             enable_task_id_based_blob_digest=self.use_blob_digest,
         )
+        if self.range is not None:
+            d.range.CopyFrom(common_pb2.Range(start=self.range[0], length=self.range[1]))
         if task is not None and task.known_length:
             d.actual_content_length = task.content_length
             d.actual_piece_length = task.piece_length
@@ -275,9 +280,11 @@ class Downloader:
         if existing is not None and existing.known_length:
             self.task = existing
             self._started()
+            needed = self._needed()
             for rec in sorted(existing.pieces.values(), key=lambda p: p.number):
-                self.rt.publish(PieceEvent(rec, vortex.TrafficType.LOCAL_PEER, "", 0.0))
-            if existing.state is TaskState.SUCCEEDED:
+                if rec.number in needed:
+                    self.rt.publish(PieceEvent(rec, vortex.TrafficType.LOCAL_PEER, "", 0.0))
+            if not self._missing():
                 return
         if not self.d.schedulers.addresses:
             if not self.may_read_source:
@@ -459,11 +466,22 @@ class Downloader:
         self._started()
         return self.task
 
+    def _needed(self) -> range:
+        """The pieces this download must have: all of them, or those overlapping its range."""
+        assert self.task is not None
+        if self.req.range is None:
+            return range(self.task.piece_count)
+        start, length = self.req.range
+        if start >= self.task.content_length or length <= 0:
+            raise InvalidArgument(f"range {start}+{length} is outside the content ({self.task.content_length} bytes)")
+        return self.task.layout.numbers_for_range(start, length)
+
     def _missing(self) -> set[int]:
-        """Numbers of the pieces not stored yet (kept up to date as pieces land)."""
+        """Numbers of the needed pieces not stored yet (kept up to date as pieces land)."""
         assert self.task is not None
         if self._todo is None:
-            self._todo = {n for n in range(self.task.piece_count) if n not in self.task.pieces}
+            self._todo = set(self._needed())
+        self._todo.difference_update(self.task.pieces.keys())  # another download here may have stored some
         return self._todo
 
     async def _stored(self, record: PieceRecord, traffic: int, parent_id: str, cost: float) -> None:
@@ -491,10 +509,11 @@ class Downloader:
         self.rt.publish(PieceEvent(record, int(traffic), parent_id, cost))
 
     async def _finish(self) -> None:
+        """A whole task is marked complete (and its digest checked); a range just ends."""
         assert self.task is not None
-        if self.task.state is not TaskState.SUCCEEDED:
+        if self.task.state is not TaskState.SUCCEEDED and len(self.task.pieces) == self.task.piece_count:
             await self.d.storage.finish(self.task_id)
-        if self.req.digest:
+        if self.req.digest and self.req.range is None:
             await self.d.check_digest(self.task, self.req.digest)
 
     # -- back to source -------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from google.protobuf import empty_pb2
 
 from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument, NotFound, StorageError
+from damselfly.core.piece import ByteRange, Layout
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started, TaskRuntime
 from damselfly.wire import piece_to_proto, task_to_proto, timestamp
 
@@ -57,13 +59,18 @@ def check_output(output_path: str, overwrite: bool) -> None:
         raise InvalidArgument(f"output {output_path!r} exists (pass overwrite to replace it)")
 
 
-async def export_output(daemon: Daemon, task_id: str, output_path: str) -> None:
-    """Copy the finished task to a temp file beside the output, then rename it into place."""
+async def export_output(daemon: Daemon, task_id: str, output_path: str, byte_range: ByteRange | None = None) -> None:
+    """Copy the finished task (or its range) to a temp file beside the output, then rename it."""
     path = Path(output_path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".damselfly-tmp", dir=path.parent)
     os.close(fd)
     try:
-        await daemon.storage.export(task_id, Path(tmp))
+        if byte_range is None:
+            await daemon.storage.export(task_id, Path(tmp))
+        else:
+            with open(tmp, "wb") as f:
+                async for chunk in daemon.storage.read_range(task_id, *byte_range):
+                    await asyncio.to_thread(f.write, chunk)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -78,20 +85,26 @@ async def progress_stream(
     *,
     with_content: bool,
     output_path: str = "",
+    byte_range: ByteRange | None = None,
 ) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
+    """A client's view of a running download: started, then each piece it asked for, then
+    its output written (the whole content, or ``byte_range`` of it)."""
     host_id = daemon.host_id
+    wanted: range | None = None
     async for event in rt.follow():
         if isinstance(event, Started):
+            started = dfdaemon_pb2.DownloadTaskStartedResponse(
+                content_length=event.content_length, response_header=event.response_header
+            )
+            if byte_range is not None:
+                started.range.CopyFrom(common_pb2.Range(start=byte_range[0], length=byte_range[1]))
+                wanted = Layout(event.content_length, event.piece_length).numbers_for_range(*byte_range)
             yield dfdaemon_pb2.DownloadTaskResponse(
-                host_id=host_id,
-                task_id=rt.task_id,
-                peer_id=rt.peer_id,
-                download_task_started_response=dfdaemon_pb2.DownloadTaskStartedResponse(
-                    content_length=event.content_length,
-                    response_header=event.response_header,
-                ),
+                host_id=host_id, task_id=rt.task_id, peer_id=rt.peer_id, download_task_started_response=started
             )
         elif isinstance(event, PieceEvent):
+            if wanted is not None and event.record.number not in wanted:
+                continue
             piece = piece_to_proto(event.record, event.traffic_type, event.parent_id, event.cost)
             if with_content:
                 piece.content = await daemon.storage.read_piece(rt.task_id, event.record.number)
@@ -104,7 +117,7 @@ async def progress_stream(
         elif isinstance(event, Finished):
             if output_path:
                 try:
-                    await export_output(daemon, rt.task_id, output_path)
+                    await export_output(daemon, rt.task_id, output_path, byte_range)
                 except DamselflyError as exc:
                     await abort_with(context, exc)
             return
@@ -134,7 +147,7 @@ class LocalService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
             await abort_with(context, exc)
             return
         async for resp in progress_stream(
-            self.d, rt, context, with_content=dl.need_piece_content, output_path=dl.output_path
+            self.d, rt, context, with_content=dl.need_piece_content, output_path=dl.output_path, byte_range=req.range
         ):
             yield resp
 

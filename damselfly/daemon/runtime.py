@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from damselfly.core.piece import ByteRange, covers
 from damselfly.core.task import PieceRecord
 
 
@@ -40,15 +41,21 @@ class Failed:
 
 Progress = Started | PieceEvent | Finished | Failed
 
+__all__ = ["ByteRange", "covers"]
+
 
 @dataclass
 class TaskRuntime:
+    """One running download of a task: its progress, for whoever follows it."""
+
     task_id: str
+    range: ByteRange | None = None
     history: list[Progress] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False
     runner: asyncio.Task[None] | None = None
     peer_id: str = ""
+    board: TaskBoard | None = None
 
     def publish(self, event: Progress) -> None:
         self.history.append(event)
@@ -56,6 +63,8 @@ class TaskRuntime:
             self.done = True
         self.changed.set()
         self.changed = asyncio.Event()
+        if self.board is not None:
+            self.board.poke(self.task_id)
 
     async def follow(self) -> asyncio.AsyncIterator[Progress]:  # type: ignore[name-defined]
         """Every event so far, then each new one, until Finished or Failed."""
@@ -68,3 +77,52 @@ class TaskRuntime:
                 if isinstance(event, Finished | Failed):
                     return
             await self.changed.wait()
+
+
+class TaskBoard:
+    """The downloads running in a daemon, by task, and one signal per task that fires
+    whenever any of them stores a piece (what ``SyncPieces`` waits on)."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, list[TaskRuntime]] = {}
+        self._events: dict[str, asyncio.Event] = {}
+        self._peer_ids: dict[str, str] = {}
+
+    def running(self, task_id: str) -> list[TaskRuntime]:
+        return [rt for rt in self._running.get(task_id, ()) if not rt.done]
+
+    def all_running(self) -> list[TaskRuntime]:
+        return [rt for rts in self._running.values() for rt in rts if not rt.done]
+
+    def add(self, rt: TaskRuntime) -> None:
+        rt.board = self
+        self._running.setdefault(rt.task_id, []).append(rt)
+
+    def remove(self, rt: TaskRuntime) -> None:
+        if rt.peer_id:
+            self._peer_ids[rt.task_id] = rt.peer_id
+        rts = self._running.get(rt.task_id, [])
+        if rt in rts:
+            rts.remove(rt)
+        if not rts:
+            self._running.pop(rt.task_id, None)
+        self.poke(rt.task_id)
+
+    def event(self, task_id: str) -> asyncio.Event:
+        return self._events.setdefault(task_id, asyncio.Event())
+
+    def poke(self, task_id: str) -> None:
+        event = self._events.pop(task_id, None)
+        if event is not None:
+            event.set()
+
+    def peer_id(self, task_id: str) -> str:
+        """The peer id this daemon holds the task under (the latest download's)."""
+        for rt in reversed(self._running.get(task_id, [])):
+            if rt.peer_id:
+                return rt.peer_id
+        return self._peer_ids.get(task_id, "")
+
+    def forget(self, task_id: str) -> list[TaskRuntime]:
+        self._peer_ids.pop(task_id, None)
+        return self._running.pop(task_id, [])

@@ -35,16 +35,17 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
         d = self.d
         deadline = time.monotonic() + TASK_APPEAR_WAIT
         while (task := d.storage.get(request.task_id)) is None:
-            rt = d.runtimes.get(request.task_id)
-            if rt is None or rt.done or time.monotonic() > deadline:
+            if not d.board.running(request.task_id) or time.monotonic() > deadline:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
-            await asyncio.wait_for(rt.changed.wait(), TASK_APPEAR_WAIT)
+            try:
+                await asyncio.wait_for(d.board.event(request.task_id).wait(), 1.0)
+            except TimeoutError:
+                pass
         wanted = set(request.interested_piece_numbers) or set(range(task.piece_count))
         sent: set[int] = set()
         ip, tcp_port = d.settings.host.ip, d.piece_port
         while True:
-            rt = d.runtimes.get(request.task_id)
-            changed = rt.changed if rt is not None else None
+            changed = d.board.event(request.task_id)
             for number in sorted((wanted - sent) & task.pieces.keys()):
                 rec = task.pieces[number]
                 sent.add(number)
@@ -53,7 +54,7 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
                 )
             if sent >= wanted or d.storage.get(request.task_id) is not task:
                 return
-            if rt is None or rt.done or changed is None:
+            if not d.board.running(request.task_id):
                 return  # no more pieces will land here; the child looks elsewhere
             try:
                 await asyncio.wait_for(changed.wait(), 1.0)
@@ -110,7 +111,7 @@ async def lookup_piece(daemon: Daemon, task_id: str, number: int) -> ServedPiece
         offset=record.offset,
         length=record.length,
         digest=record.digest,
-        parent_id=daemon.runtimes[task_id].peer_id if task_id in daemon.runtimes else "",
+        parent_id=daemon.board.peer_id(task_id),
         traffic_type=vortex.TrafficType.REMOTE_PEER,
         cost_seconds=0,
         created_at=int(time.time()),

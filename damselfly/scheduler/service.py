@@ -24,6 +24,7 @@ from damselfly.config import Settings
 from damselfly.contracts import Candidate, Strategy
 from damselfly.core.host import Host
 from damselfly.core.peer import Peer, PeerState
+from damselfly.core.piece import ByteRange, covers
 from damselfly.core.task import Task, TaskState
 from damselfly.metrics import SchedulerMetrics, serve_metrics
 from damselfly.plugin_manager import Plugins, build_plugins
@@ -45,6 +46,7 @@ class TaskEntry:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     seed_triggered_at: float = 0.0
     seed_failed_at: float = 0.0
+    seed_requests: list[ByteRange | None] = field(default_factory=list)  # what the seed was asked for
     back_to_source_peers: set[str] = field(default_factory=set)
 
     def notify(self) -> None:
@@ -70,6 +72,11 @@ class SchedulerState:
         if e is None:
             e = self.tasks[task_id] = TaskEntry(Task(id=task_id, created_at=time.time(), updated_at=time.time()))
         return e
+
+    def range_of(self, peer_id: str) -> ByteRange | None:
+        """The byte range a peer downloads (None: the whole task)."""
+        d = self.downloads.get(peer_id)
+        return (d.range.start, d.range.length) if d is not None and d.range.length > 0 else None
 
     def seed_for(self, task_id: str) -> Host | None:
         """The seed host for a task: a stable hash of the task id over live seeds."""
@@ -103,6 +110,8 @@ class SchedulerState:
             h = self.hosts.get(p.host_id)
             if h is None or h.id == child_host.id or h.disable_shared:
                 continue
+            if not covers(self.range_of(p.id), self.range_of(child.id)):
+                continue  # a ranged parent never holds the pieces outside its range
             if p.state not in ELIGIBLE or p.is_bad():
                 logger.debug("candidate {} skipped: state {}", p.id, p.state.value)
                 continue
@@ -352,14 +361,23 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             )
 
     def _source_busy(self, entry: TaskEntry, peer: Peer) -> bool:
-        """Someone (a seed or another peer) is fetching this task from the source."""
+        """Someone (a seed or another peer) is fetching what ``peer`` needs from the source."""
+        st = self.state
+        wanted = st.range_of(peer.id)
         for pid in entry.task.peer_ids:
-            p = self.state.peers.get(pid)
-            if p is not None and p.id != peer.id and p.state in (PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED):
+            p = st.peers.get(pid)
+            if p is None or p.id == peer.id or not covers(st.range_of(p.id), wanted):
+                continue
+            if p.state in (PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED) or (p.need_back_to_source and not p.done):
                 return True
-            if p is not None and p.id != peer.id and p.need_back_to_source and not p.done:
-                return True
-        return entry.seed_triggered_at > 0 and entry.seed_failed_at < entry.seed_triggered_at
+        return self._seed_covers(entry, wanted)
+
+    @staticmethod
+    def _seed_covers(entry: TaskEntry, wanted: ByteRange | None) -> bool:
+        """The seed has been asked for (at least) ``wanted`` and has not failed since."""
+        if not entry.seed_triggered_at or entry.seed_failed_at >= entry.seed_triggered_at:
+            return False
+        return any(covers(asked, wanted) for asked in entry.seed_requests)
 
     def _back_to_source(self, entry: TaskEntry, peer: Peer, why: str) -> scheduler_pb2.AnnouncePeerResponse:
         entry.back_to_source_peers.add(peer.id)
@@ -383,8 +401,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             and entry.seed_failed_at >= entry.seed_triggered_at
         ):
             return None
-        if entry.seed_triggered_at and entry.seed_failed_at < entry.seed_triggered_at:
+        wanted = self.state.range_of(peer.id)
+        if self._seed_covers(entry, wanted):
             return seed  # already under way
+        entry.seed_requests.append(wanted)
         entry.seed_triggered_at = time.time()
         self.metrics.seed_triggers.inc()
         download = common_pb2.Download()
@@ -529,7 +549,8 @@ class _PeerSession:
                 self._schedule_soon()
         elif kind in ("download_peer_finished_request", "download_peer_back_to_source_finished_request"):
             peer.state = PeerState.SUCCEEDED
-            entry.task.state = TaskState.SUCCEEDED
+            if self.st.range_of(peer.id) is None:
+                entry.task.state = TaskState.SUCCEEDED  # a ranged peer finishing says nothing of the rest
             entry.notify()
             return True
         elif kind in ("download_peer_failed_request", "download_peer_back_to_source_failed_request"):

@@ -301,3 +301,34 @@ def test_a_daemon_without_room_says_so(damselfly_origin, damselfly_cluster_facto
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "not enough disk space" in lines[0], proc.stderr
     assert not out.exists()
+
+
+async def test_ranged_downloads_fetch_only_the_pieces_they_overlap(
+    damselfly_origin, damselfly_cluster_factory, tmp_path
+):
+    src = damselfly_origin.make("f.bin", 64 * MiB)  # 16 pieces of 4 MiB
+    data = src.read_bytes()
+    cluster = damselfly_cluster_factory(peers=2)
+    url = damselfly_origin.url("f.bin")
+    # 2 MiB from the middle of piece 1: the origin sends piece 1 only, to the seed
+    r1 = await download(cluster, "peer1", url, tmp_path / "r1", byte_range=(5 * MiB, 2 * MiB))
+    assert (tmp_path / "r1").read_bytes() == data[5 * MiB : 7 * MiB]
+    assert damselfly_origin.stats()["bytes"] == 4 * MiB
+    assert r1.peer_bytes == 4 * MiB and r1.source_bytes == 0
+    # a range inside it, on another peer: nothing more from the origin
+    r2 = await download(cluster, "peer2", url, tmp_path / "r2", byte_range=(5 * MiB + 10, 100))
+    assert (tmp_path / "r2").read_bytes() == data[5 * MiB + 10 : 5 * MiB + 110]
+    assert damselfly_origin.stats()["bytes"] == 4 * MiB and r2.source_bytes == 0
+    # a range across a piece boundary, on a peer that holds one of the two pieces
+    r3 = await download(cluster, "peer1", url, tmp_path / "r3", byte_range=(8 * MiB - 3, 6))
+    assert (tmp_path / "r3").read_bytes() == data[8 * MiB - 3 : 8 * MiB + 3]
+    assert r3.local_bytes == 4 * MiB and r3.peer_bytes == 4 * MiB
+    assert damselfly_origin.stats()["bytes"] == 8 * MiB
+    # the whole file at last: the origin has sent each byte exactly once
+    full = await download(cluster, "peer2", url, tmp_path / "full")
+    assert sha(tmp_path / "full") == sha(src)
+    assert damselfly_origin.stats()["bytes"] == 64 * MiB
+    assert full.source_bytes == 0
+    # a range outside the content is a clear error
+    with pytest.raises(DamselflyError, match="outside the content"):
+        await download(cluster, "peer2", url, tmp_path / "bad", byte_range=(64 * MiB, 10))
