@@ -92,6 +92,7 @@ class DaemonConfig(Section):
     )
     piece_port: int = Field(0, ge=0, le=65535, description="Port of the first transport's piece server.")
     concurrent_pieces: int = Field(8, ge=1, le=256, description="Pieces fetched at once per download.")
+    piece_picker: str = Field("sequential", description="Piece-picker plugin: the order missing pieces are fetched in.")
     piece_timeout: float = Field(60.0, gt=0, description="Seconds one piece may take from a parent.")
     piece_connect_timeout: float = Field(3.0, gt=0, description="Seconds to open a piece connection to a parent.")
     parent_gather_window: float = Field(

@@ -270,6 +270,18 @@ class Candidate:
     host: Host
 
 
+class PiecePicker(Plugin, abc.ABC):
+    """Orders the pieces a download still needs; a pure function of what it is handed."""
+
+    def __init__(self, options: BaseModel | None = None):
+        self.options = options or self.Config()
+
+    @abc.abstractmethod
+    def order(self, missing: set[int], holders: dict[int, int]) -> list[int]:
+        """The missing pieces in the order to fetch them. ``holders`` says how many of
+        the download's parents hold each piece (absent: none yet)."""
+
+
 class Strategy(Plugin, abc.ABC):
     """Ranks a child's candidate parents; a pure function of what it is handed."""
 

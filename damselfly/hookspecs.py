@@ -39,6 +39,11 @@ def damselfly_add_strategies(registry: Registry) -> None:
 
 
 @hookspec
+def damselfly_add_piece_pickers(registry: Registry) -> None:
+    """Add ``PiecePicker`` classes that order a download's missing pieces."""
+
+
+@hookspec
 def damselfly_piece_verified(task_id: str, number: int, length: int, parent_id: str, traffic_type: int) -> None:
     """A piece passed its crc32 check and was stored; ``parent_id`` is empty from the source."""
 

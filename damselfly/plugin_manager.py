@@ -18,7 +18,7 @@ from loguru import logger
 
 from damselfly import hookspecs
 from damselfly.config import PluginChoice, Settings
-from damselfly.contracts import Plugin, Source, Storage, Strategy, Transport
+from damselfly.contracts import PiecePicker, Plugin, Source, Storage, Strategy, Transport
 from damselfly.core.errors import InvalidArgument, Unavailable
 
 ENTRY_POINT_GROUP = "damselfly"
@@ -31,6 +31,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "damselfly.plugins.storage.memory",
     "damselfly.plugins.scheduler.default",
     "damselfly.plugins.scheduler.random",
+    "damselfly.plugins.scheduler.pickers",
 )
 
 P = TypeVar("P", bound=Plugin)
@@ -101,6 +102,7 @@ class Plugins:
         self.transports: Registry[Transport] = Registry("transport", Transport, self._origin)
         self.storages: Registry[Storage] = Registry("storage", Storage, self._origin)
         self.strategies: Registry[Strategy] = Registry("strategy", Strategy, self._origin)
+        self.pickers: Registry[PiecePicker] = Registry("piece picker", PiecePicker, self._origin)
         self._dists: dict[str, str] = {}
         for plugin, dist in pm.list_plugin_distinfo():
             self._dists[getattr(plugin, "__name__", "")] = f"entry point {dist.project_name} {dist.version}"
@@ -109,10 +111,14 @@ class Plugins:
         hook.damselfly_add_transports(registry=self.transports)
         hook.damselfly_add_storages(registry=self.storages)
         hook.damselfly_add_strategies(registry=self.strategies)
+        hook.damselfly_add_piece_pickers(registry=self.pickers)
         blocked = set(settings.plugins.block)
-        for reg in (self.sources, self.transports, self.storages, self.strategies):
+        for reg in self._registries():
             for name in blocked & set(reg.names()):
                 reg.remove(name)
+
+    def _registries(self) -> tuple[Registry[Any], ...]:
+        return (self.sources, self.transports, self.storages, self.strategies, self.pickers)
 
     def _origin(self, cls: type) -> str:
         module = cls.__module__
@@ -131,7 +137,7 @@ class Plugins:
 
     def info(self) -> list[PluginInfo]:
         rows: list[PluginInfo] = []
-        for reg in (self.sources, self.transports, self.storages, self.strategies):
+        for reg in self._registries():
             rows.extend(reg.info())
         return rows
 
@@ -162,6 +168,10 @@ class Plugins:
         cls = self.transports[choice.type]
         self._check_available(cls)
         return cls(cls.parse_options(choice.options, f"daemon.transports.{choice.type}"))
+
+    def make_picker(self, name: str) -> PiecePicker:
+        cls = self.pickers[name]
+        return cls(cls.parse_options({}, "daemon.piece_picker"))
 
     def make_strategy(self, name: str) -> Strategy:
         cls = self.strategies[name]

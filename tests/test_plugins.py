@@ -132,7 +132,7 @@ def test_third_party_package_is_found_through_its_entry_point(tmp_path):
 
 
 def test_each_registry_hook_adds_its_kind():
-    """damselfly_add_sources, damselfly_add_transports, damselfly_add_storages, damselfly_add_strategies."""
+    """damselfly_add_sources, _transports, _storages, _strategies and damselfly_add_piece_pickers."""
     plugins = build_plugins(load_settings(plugins={"load": ["tests.helpers.toys"]}))
     rows = {i.name: i for i in plugins.info()}
     assert rows["toy-source"].kind == "source" and plugins.source_for("toy://x").name == "toy-source"
@@ -140,6 +140,8 @@ def test_each_registry_hook_adds_its_kind():
     assert rows["toy-transport"].unavailable == "needs a toy network card"
     assert rows["toy-storage"].kind == "storage" and rows["toy-strategy"].kind == "strategy"
     assert rows["toy-strategy"].origin == "module tests.helpers.toys"
+    assert rows["toy-picker"].kind == "piece picker"
+    assert plugins.make_picker("toy-picker").order({1, 3, 2}, {}) == [3, 2, 1]
     from damselfly.config import PluginChoice
     from damselfly.core.errors import Unavailable
 

@@ -130,6 +130,7 @@ class Daemon:
         self.metrics = DaemonMetrics()
         self.storage = self.plugins.make_storage(cfg.storage, cfg.data_dir)
         self.transport = self.plugins.make_transport(cfg.transports[0])
+        self.picker = self.plugins.make_picker(cfg.piece_picker)
         self.pool = ConnectionPool(self.transport, cfg.piece_connect_timeout)
         self.schedulers = SchedulerPool(cfg.schedulers, cfg.scheduler_connect_timeout)
         self.board = TaskBoard()

@@ -656,7 +656,12 @@ class Downloader:
                 busy = set(inflight.values())
                 now = time.monotonic()
                 next_ready = 1.0
-                for number in sorted(missing - busy):
+                holders: dict[int, int] = {}
+                for p in parents.values():
+                    if p.alive:
+                        for n in p.pieces:
+                            holders[n] = holders.get(n, 0) + 1
+                for number in self.d.picker.order(missing - busy, holders):
                     if len(inflight) >= cfg.concurrent_pieces:
                         break
                     usable = [p for p in parents.values() if p.alive and p.peer_id not in self.blocklist]

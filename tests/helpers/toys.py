@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from damselfly import hookimpl
-from damselfly.contracts import Source, SourceInfo, Strategy
+from damselfly.contracts import PiecePicker, Source, SourceInfo, Strategy
 from damselfly.plugins.storage.memory import MemoryStorage
 from damselfly.plugins.transport.tcp import TcpTransport
 
@@ -38,6 +38,18 @@ class ToyStrategy(Strategy):
 
     def rank(self, child, candidates, task):  # type: ignore[no-untyped-def]
         return list(reversed(candidates))
+
+
+class ToyPicker(PiecePicker):
+    name: ClassVar[str] = "toy-picker"
+
+    def order(self, missing, holders):  # type: ignore[no-untyped-def]
+        return sorted(missing, reverse=True)
+
+
+@hookimpl
+def damselfly_add_piece_pickers(registry):  # type: ignore[no-untyped-def]
+    registry.add(ToyPicker)
 
 
 @hookimpl

@@ -72,7 +72,7 @@ async def test_five_peers_one_origin_read(damselfly_origin, damselfly_cluster_fa
 
 async def test_pieces_come_from_several_parents_at_once(damselfly_origin, damselfly_cluster_factory, tmp_path):
     src = damselfly_origin.make("f.bin", 64 * MiB)
-    cluster = damselfly_cluster_factory(peers=2)
+    cluster = damselfly_cluster_factory(peers=2, peer_env={2: {"DAMSELFLY_DAEMON__PIECE_PICKER": "rarest-first"}})
     url = damselfly_origin.url("f.bin")
     await download(cluster, "peer1", url, tmp_path / "a.bin")
     result = await download(cluster, "peer2", url, tmp_path / "b.bin")

@@ -1,0 +1,39 @@
+"""Piece pickers: the order a download fetches its missing pieces in.
+
+``sequential`` takes the lowest numbers first (upstream's order, and what a
+reader streaming the output wants); ``rarest-first`` takes first the pieces the
+fewest parents hold, ties broken at random, as BitTorrent does, so copies of
+every piece spread through the swarm sooner.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import ClassVar
+
+from damselfly.contracts import PiecePicker
+from damselfly.hookspecs import hookimpl
+
+
+class SequentialPicker(PiecePicker):
+    name: ClassVar[str] = "sequential"
+
+    def order(self, missing: set[int], holders: dict[int, int]) -> list[int]:
+        return sorted(missing)
+
+
+class RarestFirstPicker(PiecePicker):
+    name: ClassVar[str] = "rarest-first"
+
+    def order(self, missing: set[int], holders: dict[int, int]) -> list[int]:
+        ranked = list(missing)
+        random.shuffle(ranked)
+        # pieces nobody holds yet cannot be fetched now: keep them last
+        ranked.sort(key=lambda n: holders.get(n, 0) or 1 << 30)
+        return ranked
+
+
+@hookimpl
+def damselfly_add_piece_pickers(registry):  # type: ignore[no-untyped-def]
+    registry.add(SequentialPicker)
+    registry.add(RarestFirstPicker)

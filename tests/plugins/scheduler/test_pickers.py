@@ -1,0 +1,18 @@
+"""Piece pickers order what a download still needs."""
+
+from damselfly.plugins.scheduler.pickers import RarestFirstPicker, SequentialPicker
+
+
+def test_sequential_is_lowest_first():
+    assert SequentialPicker().order({5, 1, 3}, {1: 3, 3: 1, 5: 2}) == [1, 3, 5]
+
+
+def test_rarest_first_orders_by_holders_and_puts_unheld_last():
+    order = RarestFirstPicker().order({1, 2, 3, 4, 5}, {1: 3, 2: 1, 3: 2, 4: 1})
+    assert set(order[:2]) == {2, 4}  # held by one parent each
+    assert order[2:] == [3, 1, 5]  # then two, three, and nobody yet
+
+
+def test_rarest_first_breaks_ties_at_random():
+    orders = {tuple(RarestFirstPicker().order(set(range(8)), dict.fromkeys(range(8), 1))) for _ in range(20)}
+    assert len(orders) > 1
