@@ -32,10 +32,18 @@ async def download(cluster, name: str, url: str, out: Path, **kw):
 
 
 async def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    """Poll ``predicate`` (a function, or a coroutine function) until it is true.
+
+    Other processes' state can only be polled; this fails after ``timeout`` seconds.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not predicate():
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
@@ -201,10 +209,7 @@ async def test_finished_tasks_survive_a_restart(damselfly_origin, damselfly_clus
             except DamselflyError:
                 return False
 
-        deadline = asyncio.get_running_loop().time() + 30
-        while not await known():
-            assert asyncio.get_running_loop().time() < deadline, "restarted peer never announced its task"
-            await asyncio.sleep(0.05)
+        await wait_for(known, what="the restarted peer to announce its task")
         result = await c.download(url, tmp_path / "b.bin")
     assert sha(tmp_path / "b.bin") == sha(src)
     assert result.peer_bytes == 16 * MiB
