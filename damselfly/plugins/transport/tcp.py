@@ -127,8 +127,12 @@ async def _send_piece(
             with open(served.region.path, "rb") as f:
                 f.seek(served.region.offset)
                 data = f.read(served.region.length)
-        writer.write(data or b"")
-        await writer.drain()
+        # In slices, draining between them: a slow reader holds back the sender instead
+        # of the transport buffering the rest of the piece.
+        view = memoryview(data or b"")
+        for i in range(0, len(view), _SEND_SLICE):
+            writer.write(view[i : i + _SEND_SLICE])
+            await writer.drain()
 
 
 # -- client -----------------------------------------------------------------------
@@ -139,6 +143,7 @@ async def _send_piece(
 # ends at once; the storage writer refuses writes after ``abort``.
 
 _HEAD_READ = 4096
+_SEND_SLICE = 256 * 1024
 _FETCH_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="damselfly-tcp")
 
 
@@ -148,6 +153,7 @@ class TcpConnection(PieceConnection):
         self._view = memoryview(bytearray(read_buffer))
         self._decoder = vortex.Decoder()
         self._busy = False
+        self._turn = asyncio.Lock()
         self._lost: Exception | None = None
 
     @property
@@ -212,10 +218,12 @@ class TcpConnection(PieceConnection):
             raise self._fail(PeerError(f"connection to parent failed: {exc}")) from None
 
     async def fetch(self, task_id: str, number: int, sink: PieceWriter) -> vortex.PieceMetadata:
+        async with self._turn:  # requests on one connection take turns, as Vortex over TCP has no streams
+            return await self._fetch_one(task_id, number, sink)
+
+    async def _fetch_one(self, task_id: str, number: int, sink: PieceWriter) -> vortex.PieceMetadata:
         if self._lost is not None:
             raise PeerError(f"connection is broken: {self._lost}")
-        if self._busy:
-            raise RuntimeError("one fetch at a time per connection")
         self._busy = True
         try:
             loop = asyncio.get_running_loop()

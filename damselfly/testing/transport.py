@@ -1,0 +1,178 @@
+"""A conformance kit for transport plugins.
+
+A transport package subclasses ``TransportConformance`` in its own tests and
+provides a ``transport`` fixture returning an instance of its plugin:
+
+    from damselfly.testing.transport import TransportConformance
+
+    class TestMyTransport(TransportConformance):
+        @pytest.fixture
+        def transport(self):
+            return MyTransport()
+
+The kit serves synthetic pieces through the plugin's own server and fetches them
+with its own client: piece sizes from empty to the largest Dragonfly makes,
+many requests at once on one connection, not-found and internal errors as
+Vortex error frames, a refused connection, a slow reader, and clean closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import tracemalloc
+from collections.abc import AsyncIterator
+
+import pytest
+
+from damselfly.contracts import BufferedPieceWriter, PieceServer, ServedPiece, Transport
+from damselfly.core import vortex
+from damselfly.core.errors import NotFound, PeerError
+from damselfly.core.piece import MAX_PIECE_LENGTH, PieceSpan, digest
+from damselfly.core.task import PieceRecord
+
+MiB = 1 << 20
+TASK_ID = "d" * 64
+# piece number -> length: empty, one byte, a common piece, the largest piece
+SIZES = {0: 0, 1: 1, 2: 4 * MiB, 3: MAX_PIECE_LENGTH}
+BROKEN_PIECE = 99  # the server fails on this one
+
+
+def piece_bytes(number: int, length: int) -> bytes:
+    seed = hashlib.sha256(str(number).encode()).digest()
+    return (seed * (length // len(seed) + 1))[:length]
+
+
+class Collector(BufferedPieceWriter):
+    """A piece writer that keeps the bytes, or only counts them (``keep=False``)."""
+
+    def __init__(self, length: int, keep: bool = True, delay: float = 0.0):
+        super().__init__(PieceSpan(0, 0, length))
+        self.keep = keep
+        self.delay = delay
+        self.parts: list[bytes] = []
+        self.record: PieceRecord | None = None
+
+    def _put(self, chunk: bytes | memoryview, offset: int) -> None:
+        if self.delay:
+            time.sleep(self.delay)  # a slow disk: this runs in the transport's reader, off the loop
+        if self.keep:
+            self.parts.append(bytes(chunk))
+
+    def _keep(self, record: PieceRecord) -> None:
+        self.record = record
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.parts)
+
+
+class TransportConformance:
+    """Every transport plugin passes these; subclass and provide ``transport``."""
+
+    @pytest.fixture
+    def transport(self) -> Transport:
+        raise NotImplementedError("provide a `transport` fixture returning your plugin")
+
+    @pytest.fixture
+    def pieces(self) -> dict[int, bytes]:
+        return {n: piece_bytes(n, length) for n, length in SIZES.items()}
+
+    @pytest.fixture
+    async def address(self, transport: Transport, pieces: dict[int, bytes]) -> AsyncIterator[str]:
+        async def lookup(task_id: str, number: int) -> ServedPiece:
+            if number == BROKEN_PIECE:
+                raise RuntimeError("the disk is on fire")
+            if task_id != TASK_ID or number not in pieces:
+                raise NotFound(f"piece {number} of {task_id[:12]} is not here")
+            data = pieces[number]
+            meta = vortex.PieceMetadata(number, 0, len(data), digest(data), "conformance-parent")
+            return ServedPiece(meta, data=data)
+
+        server: PieceServer = await transport.serve("127.0.0.1", 0, lookup)
+        try:
+            yield f"127.0.0.1:{server.port}"
+        finally:
+            await server.close()
+
+    async def _fetch(self, transport: Transport, address: str, number: int, pieces: dict[int, bytes]) -> bytes:
+        conn = await transport.connect(address, 5)
+        try:
+            sink = Collector(len(pieces[number]))
+            meta = await conn.fetch(TASK_ID, number, sink)
+            await sink.commit(meta.digest)
+            return sink.data
+        finally:
+            await conn.close()
+
+    @pytest.mark.parametrize("number", sorted(SIZES))
+    async def test_piece_sizes(self, transport: Transport, address: str, pieces: dict[int, bytes], number: int):
+        assert await self._fetch(transport, address, number, pieces) == pieces[number]
+
+    async def test_many_requests_at_once_on_one_connection(
+        self, transport: Transport, address: str, pieces: dict[int, bytes]
+    ):
+        conn = await transport.connect(address, 5)
+        numbers = [0, 1, 2] * 6
+
+        async def one(n: int) -> bytes:
+            sink = Collector(len(pieces[n]))
+            meta = await conn.fetch(TASK_ID, n, sink)
+            await sink.commit(meta.digest)
+            return sink.data
+
+        try:
+            got = await asyncio.gather(*(one(n) for n in numbers))
+        finally:
+            await conn.close()
+        assert got == [pieces[n] for n in numbers]
+
+    async def test_not_found_is_an_error_frame_and_the_connection_lives_on(
+        self, transport: Transport, address: str, pieces: dict[int, bytes]
+    ):
+        conn = await transport.connect(address, 5)
+        try:
+            with pytest.raises(NotFound):
+                await conn.fetch(TASK_ID, 42, Collector(0))
+            with pytest.raises(PeerError, match="disk is on fire"):
+                await conn.fetch(TASK_ID, BROKEN_PIECE, Collector(0))
+            sink = Collector(1)
+            meta = await conn.fetch(TASK_ID, 1, sink)
+            await sink.commit(meta.digest)
+            assert sink.data == pieces[1]
+        finally:
+            await conn.close()
+
+    async def test_a_refused_connection_is_a_peer_error(self, transport: Transport):
+        with pytest.raises(PeerError):
+            await transport.connect("127.0.0.1:9", 2)
+
+    async def test_a_slow_reader_holds_back_the_sender(
+        self, transport: Transport, address: str, pieces: dict[int, bytes]
+    ):
+        """The largest piece to a reader that takes 10 ms per buffer: memory stays bounded."""
+        tracemalloc.start()
+        try:
+            conn = await transport.connect(address, 5)
+            sink = Collector(len(pieces[3]), keep=False, delay=0.01)
+            baseline = tracemalloc.get_traced_memory()[0]
+            meta = await conn.fetch(TASK_ID, 3, sink)
+            await sink.commit(meta.digest)
+            peak = tracemalloc.get_traced_memory()[1] - baseline
+            await conn.close()
+        finally:
+            tracemalloc.stop()
+        assert sink.record is not None
+        assert sink.record.digest == digest(pieces[3])
+        assert peak < 16 * MiB, f"{peak / MiB:.1f} MiB held for a {MAX_PIECE_LENGTH // MiB} MiB piece"
+
+    async def test_clean_close(self, transport: Transport, address: str, pieces: dict[int, bytes]):
+        conn = await transport.connect(address, 5)
+        await conn.close()
+        await conn.close()  # twice is fine
+        assert conn.broken
+        with pytest.raises(PeerError):
+            await conn.fetch(TASK_ID, 1, Collector(1))
+        # the server is unharmed
+        assert await self._fetch(transport, address, 2, pieces) == pieces[2]

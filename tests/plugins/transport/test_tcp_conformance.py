@@ -1,0 +1,18 @@
+"""The tcp transport passes the conformance kit third-party transports run."""
+
+import pytest
+
+from damselfly.plugins.transport.tcp import TcpConfig, TcpTransport
+from damselfly.testing.transport import TransportConformance
+
+
+class TestTcpSendfileOff(TransportConformance):
+    @pytest.fixture
+    def transport(self):
+        return TcpTransport(TcpConfig(sendfile=False))
+
+
+class TestTcpDefaults(TransportConformance):
+    @pytest.fixture
+    def transport(self):
+        return TcpTransport()
