@@ -271,6 +271,63 @@ def get(
         )
 
 
+# -- tasks ----------------------------------------------------------------------------
+
+
+@cli.group()
+def tasks() -> None:
+    """The tasks the local daemon holds."""
+
+
+def _client_call(ctx: click.Context, socket_path: str | None, method: str, *args: Any) -> Any:
+    from damselfly.client import Client
+
+    settings = _settings(ctx)
+
+    async def call() -> Any:
+        async with Client(socket_path or settings.socket_path) as c:
+            return await getattr(c, method)(*args)
+
+    try:
+        return asyncio.run(call())
+    except DamselflyError as exc:
+        _fail(str(exc))
+
+
+@tasks.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per task.")
+@click.option("--socket", "socket_path", default=None, help="Daemon socket (else from config).")
+@click.pass_context
+def tasks_ls(ctx: click.Context, as_json: bool, socket_path: str | None) -> None:
+    """List the daemon's tasks: id, size, and whether it is complete."""
+    rows = _client_call(ctx, socket_path, "list_tasks")
+    for t in rows:
+        done = t.HasField("finished_at")
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {
+                        "task_id": t.task_id,
+                        "content_length": t.content_length,
+                        "piece_length": t.piece_length,
+                        "finished": done,
+                    }
+                )
+            )
+        else:
+            click.echo(f"{t.task_id}  {format_size(t.content_length):>10}  {'complete' if done else 'partial'}")
+
+
+@tasks.command("rm")
+@click.argument("task_id")
+@click.option("--socket", "socket_path", default=None, help="Daemon socket (else from config).")
+@click.pass_context
+def tasks_rm(ctx: click.Context, task_id: str, socket_path: str | None) -> None:
+    """Delete a task from the daemon (and tell the scheduler)."""
+    _client_call(ctx, socket_path, "delete_task", task_id)
+    click.echo(f"deleted {task_id}")
+
+
 # -- plugins and config ------------------------------------------------------------
 
 

@@ -226,6 +226,22 @@ async def test_whole_file_digest(damselfly_origin, damselfly_cluster_factory, tm
     with pytest.raises(DamselflyError, match="digest mismatch"):
         await download(cluster, "peer1", url, tmp_path / "bad.bin", digest="sha256:" + "0" * 64, tag="other")
     assert not (tmp_path / "bad.bin").exists()
+    # the bad content is not kept: only the good task is listed, and it can be removed
+    sock = cluster.daemon("peer1")["socket"]
+
+    async def cli(*args: str) -> subprocess.CompletedProcess:
+        return await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "damselfly", "tasks", *args, "--socket", sock],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    rows = [json.loads(line) for line in (await cli("ls", "--json")).stdout.splitlines()]
+    assert [(r["content_length"], r["finished"]) for r in rows] == [(5 * MiB, True)]
+    assert (await cli("rm", rows[0]["task_id"])).returncode == 0
+    assert (await cli("ls", "--json")).stdout.strip() == ""
 
 
 def run_get(cluster, *args: str) -> subprocess.CompletedProcess:
