@@ -48,7 +48,7 @@ def _write_ready(path: str | None, info: dict[str, Any]) -> None:
 
 
 def _run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run a service until SIGTERM or SIGINT, then let it stop cleanly."""
+    """Run a service until SIGTERM or SIGINT, then let it stop cleanly; errors are one line."""
 
     async def runner() -> None:
         task = asyncio.ensure_future(main())
@@ -60,7 +60,10 @@ def _run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
         except asyncio.CancelledError:
             pass
 
-    asyncio.run(runner())
+    try:
+        asyncio.run(runner())
+    except DamselflyError as exc:
+        _fail(str(exc))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -111,10 +114,7 @@ def daemon(ctx: click.Context, seed: bool | None, ready_file: str | None) -> Non
         finally:
             await d.stop()
 
-    try:
-        _run_service(main)
-    except DamselflyError as exc:
-        _fail(str(exc))
+    _run_service(main)
 
 
 @cli.command()
@@ -141,10 +141,7 @@ def scheduler(ctx: click.Context, ready_file: str | None) -> None:
         finally:
             await server.stop()
 
-    try:
-        _run_service(main)
-    except DamselflyError as exc:
-        _fail(str(exc))
+    _run_service(main)
 
 
 # -- get --------------------------------------------------------------------------
