@@ -20,7 +20,7 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 
 from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument, NotFound, PeerError, StorageError
 from damselfly.core.vortex import TrafficType
-from damselfly.wire import duration
+from damselfly.wire import ERROR_TYPE_KEY, duration
 
 
 @dataclass
@@ -55,7 +55,7 @@ class DownloadResult:
 
 def _error(exc: grpc.aio.AioRpcError) -> DamselflyError:
     msg = exc.details() or exc.code().name
-    error_type = dict(exc.trailing_metadata() or ()).get("x-dragonfly-error-type", "")
+    error_type = dict(exc.trailing_metadata() or ()).get(ERROR_TYPE_KEY, "")
     code = exc.code()
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(msg)

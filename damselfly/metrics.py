@@ -29,7 +29,6 @@ class DaemonMetrics:
         self.piece_failures = Counter(
             p + "download_piece_failure_total", "Pieces that failed from a parent, by reason.", ["reason"], registry=r
         )
-        self.concurrent_uploads = Gauge(p + "concurrent_upload_piece", "Pieces being served now.", registry=r)
         self.piece_seconds = Histogram(
             p + "download_piece_duration_seconds",
             "Seconds to fetch one piece.",

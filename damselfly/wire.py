@@ -11,6 +11,9 @@ from damselfly.core.host import Host, HostType
 from damselfly.core.peer import Peer
 from damselfly.core.task import PieceRecord, Task
 
+ERROR_TYPE_KEY = "x-dragonfly-error-type"
+"""gRPC trailing metadata naming whose fault a failure is: backend, proxy or dfdaemon."""
+
 
 def timestamp(t: float | None = None) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()

@@ -61,7 +61,6 @@ class DownloadRequest:
     content_for_calculating_task_id: str = ""
     range: tuple[int, int] | None = None  # (start, length): only the pieces that overlap it
     use_blob_digest: bool = False
-    timeout: float = 0.0
 
     @classmethod
     def from_proto(cls, d: common_pb2.Download) -> DownloadRequest:
@@ -80,7 +79,6 @@ class DownloadRequest:
             content_for_calculating_task_id=d.content_for_calculating_task_id,
             use_blob_digest=d.enable_task_id_based_blob_digest,
             range=(d.range.start, d.range.length) if d.HasField("range") and d.range.length > 0 else None,
-            timeout=d.timeout.ToNanoseconds() / 1e9 if d.HasField("timeout") else 0.0,
         )
 
     def to_proto(self, task: Task | None = None) -> common_pb2.Download:
@@ -129,7 +127,6 @@ class Reschedule(Exception):
 @dataclass
 class _Parent:
     peer_id: str
-    host_id: str
     ip: str
     upload_port: int
     piece_address: str = ""
@@ -181,17 +178,14 @@ class SchedulerLink:
         self.host_id, self.task_id, self.peer_id = host_id, task_id, peer_id
         self._queue: asyncio.Queue[scheduler_pb2.AnnouncePeerRequest | None] = asyncio.Queue()
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
-        self.broken: BaseException | None = None
 
     async def _write_loop(self) -> None:
         try:
             while (req := await self._queue.get()) is not None:
                 await self.call.write(req)
             await self.call.done_writing()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            self.broken = exc
-        except grpc.aio.UsageError as exc:
-            self.broken = exc
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            pass  # the stream is gone; the reader side sees why and decides what to do
 
     def send(self, **kwargs: object) -> None:
         self._queue.put_nowait(
@@ -569,31 +563,22 @@ class Downloader:
                 await self._create(first.content_length, None)
             else:  # the scheduler has not learnt the length: ask the parents themselves
                 await self._create(await self._stat_parents(candidates), None)
-        parents = {
-            c.id: _Parent(c.id, c.host.id, c.host.ip, c.host.port, weight=_weight(c.host))
-            for c in candidates
-            if c.id not in self.blocklist
-        }
-        if not parents:
-            raise Reschedule("every candidate parent is blocklisted")
-        self.log.info("parents: {}", ", ".join(f"{p.peer_id} (weight {p.weight:.3g})" for p in parents.values()))
-        changed = asyncio.Event()
-        wake = [changed]
-
-        def poke() -> None:
-            wake[0].set()
+        parents: dict[str, _Parent] = {}
+        wake = asyncio.Event()
 
         def add(more: list[common_pb2.Peer]) -> None:
+            """Take on parents (at the start, and as the scheduler offers more) and follow each."""
             for c in more:
                 if c.id in parents or c.id in self.blocklist:
                     continue
-                p = parents[c.id] = _Parent(c.id, c.host.id, c.host.ip, c.host.port, weight=_weight(c.host))
-                p.task = asyncio.get_running_loop().create_task(self._sync(p, poke))
-                self.log.info("new parent: {} (weight {:.3g})", p.peer_id, p.weight)
-            poke()
+                p = parents[c.id] = _Parent(c.id, c.host.ip, c.host.port, weight=_weight(c.host))
+                p.task = asyncio.get_running_loop().create_task(self._sync(p, wake.set))
+                self.log.info("parent: {} (weight {:.3g})", p.peer_id, p.weight)
+            wake.set()
 
-        for p in parents.values():
-            p.task = asyncio.get_running_loop().create_task(self._sync(p, poke))
+        add(candidates)
+        if not parents:
+            raise Reschedule("every candidate parent is blocklisted")
         self._add_parents = add
         try:
             await self._fetch_loop(parents, wake)
@@ -642,7 +627,7 @@ class Downloader:
         finally:
             poke()
 
-    async def _fetch_loop(self, parents: dict[str, _Parent], wake: list[asyncio.Event]) -> None:
+    async def _fetch_loop(self, parents: dict[str, _Parent], wake: asyncio.Event) -> None:
         assert self.task is not None
         cfg = self.d.settings.daemon
         inflight: dict[asyncio.Task[None], int] = {}
@@ -656,15 +641,14 @@ class Downloader:
                 busy = set(inflight.values())
                 now = time.monotonic()
                 next_ready = 1.0
-                holders: dict[int, int] = {}
-                for p in parents.values():
-                    if p.alive:
-                        for n in p.pieces:
-                            holders[n] = holders.get(n, 0) + 1
-                for number in self.d.picker.order(missing - busy, holders):
+                usable = [p for p in parents.values() if p.alive and p.peer_id not in self.blocklist]
+                held_by: dict[int, int] = {}
+                for p in usable:
+                    for n in p.pieces:
+                        held_by[n] = held_by.get(n, 0) + 1
+                for number in self.d.picker.order(missing - busy, held_by):
                     if len(inflight) >= cfg.concurrent_pieces:
                         break
-                    usable = [p for p in parents.values() if p.alive and p.peer_id not in self.blocklist]
                     holders = [p for p in usable if number in p.pieces and p.peer_id not in tried.get(number, set())]
                     if not holders:
                         continue
@@ -679,24 +663,20 @@ class Downloader:
                     t = asyncio.get_running_loop().create_task(self._parent_piece(parent, number))
                     inflight[t] = number
                 if not inflight:
-                    live = [p for p in parents.values() if p.alive and p.peer_id not in self.blocklist]
-                    waiting = [p for p in live if not p.synced]
-                    if not waiting:
+                    if all(p.synced for p in usable):
                         raise Reschedule(
                             f"{len(missing)} pieces missing and no live parent has them "
-                            f"({len(parents) - len(live)} of {len(parents)} parents failed)"
+                            f"({len(parents) - len(usable)} of {len(parents)} parents failed)"
                         )
                     for n in missing:  # a parent still syncing may offer a piece again later
                         tried.pop(n, None)
                 if time.monotonic() - last_progress > cfg.schedule_timeout:
                     raise Reschedule(f"no piece arrived for {cfg.schedule_timeout:.0f}s")
-                event = wake[0]
                 waiters: set[asyncio.Future[object]] = set(inflight)  # type: ignore[arg-type]
-                waiter = asyncio.ensure_future(event.wait())
+                waiter = asyncio.ensure_future(wake.wait())
                 waiters.add(waiter)
                 done, _ = await asyncio.wait(waiters, timeout=next_ready, return_when=asyncio.FIRST_COMPLETED)
-                if waiter in done or event.is_set():
-                    wake[0] = asyncio.Event()
+                wake.clear()  # nothing ran since the wait returned: the next pass sees every change
                 waiter.cancel()
                 for t in [t for t in done if t in inflight]:
                     number = inflight.pop(t)  # type: ignore[arg-type]

@@ -16,12 +16,10 @@ from google.protobuf import empty_pb2
 from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument, NotFound, StorageError
 from damselfly.core.piece import ByteRange, Layout
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started, TaskRuntime
-from damselfly.wire import piece_to_proto, task_to_proto, timestamp
+from damselfly.wire import ERROR_TYPE_KEY, piece_to_proto, task_to_proto, timestamp
 
 if TYPE_CHECKING:
     from damselfly.daemon.daemon import Daemon
-
-ERROR_TYPE_KEY = "x-dragonfly-error-type"
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:

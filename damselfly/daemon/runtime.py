@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from damselfly.core.piece import ByteRange, covers
+from damselfly.core.piece import ByteRange
 from damselfly.core.task import PieceRecord
 
 
@@ -40,8 +40,6 @@ class Failed:
 
 
 Progress = Started | PieceEvent | Finished | Failed
-
-__all__ = ["ByteRange", "covers"]
 
 
 @dataclass

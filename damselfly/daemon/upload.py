@@ -13,10 +13,10 @@ from google.protobuf import empty_pb2
 
 from damselfly.contracts import ServedPiece
 from damselfly.core import vortex
-from damselfly.core.errors import InvalidArgument, NotFound
+from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound
 from damselfly.core.ids import is_task_id
 from damselfly.daemon.download import DownloadRequest
-from damselfly.daemon.local import progress_stream
+from damselfly.daemon.local import abort_with, progress_stream
 from damselfly.wire import host_to_proto, task_to_proto
 
 if TYPE_CHECKING:
@@ -69,8 +69,9 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
             req = DownloadRequest.from_proto(request.download)
             req.output_path = ""
             rt = await self.d.start_download(req)
-        except InvalidArgument as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except DamselflyError as exc:
+            await abort_with(context, exc)
+            return
         async for resp in progress_stream(self.d, rt, context, with_content=False):
             yield resp
 

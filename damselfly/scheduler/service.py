@@ -32,6 +32,7 @@ from damselfly.wire import host_from_proto, host_to_proto, peer_to_proto, piece_
 
 _CLOSE = object()
 ELIGIBLE = (PeerState.RUNNING, PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED)
+SEED_FAILED_WINDOW = 1800.0  # seconds a seed that failed a task is not asked for it again (upstream's)
 
 
 class ScheduleError(Exception):
@@ -298,17 +299,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 return scheduler_pb2.AnnouncePeerResponse(empty_task_response=scheduler_pb2.EmptyTaskResponse())
             parents = st.candidates(peer)
             if parents:
-                for c in parents:
-                    peer.parents.add(c.peer.id)
-                    c.peer.children.add(peer.id)
                 entry.notify()  # with a parent, this peer is a candidate for others
                 self.metrics.schedule.labels("normal").inc()
                 self.metrics.schedule_seconds.observe(time.monotonic() - started)
-                return scheduler_pb2.AnnouncePeerResponse(
-                    normal_task_response=scheduler_pb2.NormalTaskResponse(
-                        candidate_parents=[peer_to_proto(c.peer, c.host, entry.task) for c in parents]
-                    )
-                )
+                return self._offer(entry, peer, [], parents)
             if not self._source_busy(entry, peer) and self._trigger_seed(entry, peer) is None:
                 # Nobody is fetching from the source and no seed can: this peer must.
                 return self._back_to_source(entry, peer, "no seed peer and no parent")
@@ -347,18 +341,22 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             new = st.candidates(peer, exclude=set(peer.parents))[: limit - len(live)]
             if not new:
                 continue
-            for c in new:
-                peer.parents.add(c.peer.id)
-                c.peer.children.add(peer.id)
-            parents = [Candidate(st.peers[pid], st.hosts[st.peers[pid].host_id]) for pid in live] + new
+            kept = [Candidate(st.peers[pid], st.hosts[st.peers[pid].host_id]) for pid in live]
             self.metrics.schedule.labels("refresh").inc()
-            out.put_nowait(
-                scheduler_pb2.AnnouncePeerResponse(
-                    normal_task_response=scheduler_pb2.NormalTaskResponse(
-                        candidate_parents=[peer_to_proto(c.peer, c.host, entry.task) for c in parents]
-                    )
-                )
+            out.put_nowait(self._offer(entry, peer, kept, new))
+
+    def _offer(
+        self, entry: TaskEntry, peer: Peer, kept: list[Candidate], new: list[Candidate]
+    ) -> scheduler_pb2.AnnouncePeerResponse:
+        """Make ``new`` parents of ``peer`` in the DAG and answer with them after ``kept``."""
+        for c in new:
+            peer.parents.add(c.peer.id)
+            c.peer.children.add(peer.id)
+        return scheduler_pb2.AnnouncePeerResponse(
+            normal_task_response=scheduler_pb2.NormalTaskResponse(
+                candidate_parents=[peer_to_proto(c.peer, c.host, entry.task) for c in kept + new]
             )
+        )
 
     def _source_busy(self, entry: TaskEntry, peer: Peer) -> bool:
         """Someone (a seed or another peer) is fetching what ``peer`` needs from the source."""
@@ -397,7 +395,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return None
         if (
             entry.seed_failed_at
-            and time.time() - entry.seed_failed_at < 1800
+            and time.time() - entry.seed_failed_at < SEED_FAILED_WINDOW
             and entry.seed_failed_at >= entry.seed_triggered_at
         ):
             return None

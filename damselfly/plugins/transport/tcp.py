@@ -9,6 +9,7 @@ a connection holds at most that buffer, whatever the piece length.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from typing import ClassVar
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from damselfly.contracts import PieceConnection, PieceLookup, PieceServer, PieceWriter, Transport
+from damselfly.contracts import FileRegion, PieceConnection, PieceLookup, PieceServer, PieceWriter, Transport
 from damselfly.core import vortex
 from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound, PeerError, ProtocolError
 from damselfly.hookspecs import hookimpl
@@ -93,6 +94,11 @@ async def _serve_connection(
         writer.close()
 
 
+def _read_region(region: FileRegion) -> bytes:
+    with open(region.path, "rb") as f:
+        return os.pread(f.fileno(), region.length, region.offset)
+
+
 async def _send_piece(
     writer: asyncio.StreamWriter,
     loop: asyncio.AbstractEventLoop,
@@ -102,17 +108,15 @@ async def _send_piece(
 ) -> None:
     try:
         served = await lookup(req.task_id, req.number)
-    except NotFound as exc:
-        writer.write(vortex.encode_error(vortex.ErrorCode.NOT_FOUND, str(exc), req.packet_id))
-        await writer.drain()
-        return
-    except InvalidArgument as exc:
-        writer.write(vortex.encode_error(vortex.ErrorCode.INVALID_ARGUMENT, str(exc), req.packet_id))
-        await writer.drain()
-        return
-    except Exception as exc:  # any failure of ours becomes an Internal error frame
-        logger.warning("serving piece {} of {} failed: {}", req.number, req.task_id[:12], exc)
-        writer.write(vortex.encode_error(vortex.ErrorCode.INTERNAL, str(exc) or type(exc).__name__, req.packet_id))
+    except Exception as exc:  # every failure reaches the child as an Error frame
+        if isinstance(exc, NotFound):
+            code = vortex.ErrorCode.NOT_FOUND
+        elif isinstance(exc, InvalidArgument):
+            code = vortex.ErrorCode.INVALID_ARGUMENT
+        else:
+            code = vortex.ErrorCode.INTERNAL
+            logger.warning("serving piece {} of {} failed: {}", req.number, req.task_id[:12], exc)
+        writer.write(vortex.encode_error(code, str(exc) or type(exc).__name__, req.packet_id))
         await writer.drain()
         return
     writer.write(vortex.encode_piece_header(served.metadata, req.packet_id))
@@ -124,9 +128,7 @@ async def _send_piece(
     else:
         data = served.data
         if data is None and served.region is not None:
-            with open(served.region.path, "rb") as f:
-                f.seek(served.region.offset)
-                data = f.read(served.region.length)
+            data = await asyncio.to_thread(_read_region, served.region)
         # In slices, draining between them: a slow reader holds back the sender instead
         # of the transport buffering the rest of the piece.
         view = memoryview(data or b"")
