@@ -251,8 +251,25 @@ class PieceConnection(abc.ABC):
 
 
 class Transport(Plugin, abc.ABC):
+    """Moves Vortex frames between a parent's piece server and its children.
+
+    ``state_dir`` is a directory the plugin may keep files in (certificates, keys);
+    the daemon sets it before ``serve``. ``served_address`` is the address children
+    are told to use, where it is not simply the daemon's ``ip:port`` (a unix socket
+    path, say); ``grpc_handlers`` are extra gRPC handlers the daemon adds to its
+    upload server, for transports that set up connections through it (RDMA).
+    """
+
+    state_dir: Path | None = None
+
     def __init__(self, options: BaseModel | None = None):
         self.options = options or self.Config()
+
+    def served_address(self, server: PieceServer, advertised_ip: str) -> str:
+        return f"{advertised_ip}:{server.port}"
+
+    def grpc_handlers(self) -> list[Any]:
+        return []
 
     @abc.abstractmethod
     async def serve(self, host: str, port: int, lookup: PieceLookup) -> PieceServer: ...

@@ -27,6 +27,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "damselfly.plugins.source.http",
     "damselfly.plugins.source.file",
     "damselfly.plugins.transport.tcp",
+    "damselfly.plugins.transport.quic",
     "damselfly.plugins.storage.disk",
     "damselfly.plugins.storage.memory",
     "damselfly.plugins.scheduler.default",

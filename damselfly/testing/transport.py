@@ -13,7 +13,11 @@ provides a ``transport`` fixture returning an instance of its plugin:
 The kit serves synthetic pieces through the plugin's own server and fetches them
 with its own client: piece sizes from empty to the largest Dragonfly makes,
 many requests at once on one connection, not-found and internal errors as
-Vortex error frames, a refused connection, a slow reader, and clean closes.
+Vortex error frames, a lying, an oversized and a cut-off frame, a wrong digest,
+a refused connection, a slow reader, and clean closes. The bad frames come from
+the plugin's own server, given pieces whose metadata lies or whose stored bytes
+end early: a server must pass the lie on as it is and hang up (or reset the
+stream) when the bytes run out, so the client is the one that must catch them.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import hashlib
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
-from damselfly.contracts import BufferedPieceWriter, PieceServer, ServedPiece, Transport
+from damselfly.contracts import BufferedPieceWriter, FileRegion, PieceServer, ServedPiece, Transport
 from damselfly.core import vortex
-from damselfly.core.errors import NotFound, PeerError
+from damselfly.core.errors import NotFound, PeerError, PieceCorrupt, ProtocolError
 from damselfly.core.piece import MAX_PIECE_LENGTH, PieceSpan, digest
 from damselfly.core.task import PieceRecord
 
@@ -37,6 +42,12 @@ TASK_ID = "d" * 64
 # piece number -> length: empty, one byte, a common piece, the largest piece
 SIZES = {0: 0, 1: 1, 2: 4 * MiB, 3: MAX_PIECE_LENGTH}
 BROKEN_PIECE = 99  # the server fails on this one
+LYING_PIECE = 7  # served with another piece's number in its metadata
+OVERSIZED_PIECE = 8  # its frame claims more bytes than any piece may have
+CUT_PIECE = 9  # stored in a file shorter than its metadata: the parent breaks off mid-piece
+BAD_DIGEST_PIECE = 10  # its bytes do not match its digest
+SLOW_PIECE = 11  # a prefix of the largest piece, for the slow reader
+CUT_LENGTH = 4 * MiB
 
 
 def piece_bytes(number: int, length: int) -> bytes:
@@ -69,7 +80,16 @@ class Collector(BufferedPieceWriter):
 
 
 class TransportConformance:
-    """Every transport plugin passes these; subclass and provide ``transport``."""
+    """Every transport plugin passes these; subclass and provide ``transport``.
+
+    ``slow_piece_length`` is the piece the slow-reader test moves while counting
+    every allocation; a transport whose protocol runs in pure Python (and so runs
+    many times slower under ``tracemalloc``) may lower it, never below twice
+    ``memory_bound``, so a transport that buffers a whole piece still fails.
+    """
+
+    slow_piece_length: int = MAX_PIECE_LENGTH
+    memory_bound: int = 16 * MiB
 
     @pytest.fixture
     def transport(self) -> Transport:
@@ -80,10 +100,25 @@ class TransportConformance:
         return {n: piece_bytes(n, length) for n, length in SIZES.items()}
 
     @pytest.fixture
-    async def address(self, transport: Transport, pieces: dict[int, bytes]) -> AsyncIterator[str]:
+    async def address(self, transport: Transport, pieces: dict[int, bytes], tmp_path: Path) -> AsyncIterator[str]:
+        cut_file = tmp_path / "cut-piece"
+        cut_file.write_bytes(piece_bytes(CUT_PIECE, CUT_LENGTH // 4))
+
         async def lookup(task_id: str, number: int) -> ServedPiece:
             if number == BROKEN_PIECE:
                 raise RuntimeError("the disk is on fire")
+            if number == LYING_PIECE:
+                data = pieces[1]
+                return ServedPiece(vortex.PieceMetadata(LYING_PIECE + 1, 0, len(data), digest(data)), data=data)
+            if number == OVERSIZED_PIECE:
+                meta = vortex.PieceMetadata(number, 0, vortex.DEFAULT_MAX_FRAME + 1, "crc32:00000000")
+                return ServedPiece(meta, data=b"x" * 16)
+            if number == CUT_PIECE:
+                meta = vortex.PieceMetadata(number, 0, CUT_LENGTH, digest(piece_bytes(CUT_PIECE, CUT_LENGTH)))
+                return ServedPiece(meta, region=FileRegion(cut_file, 0, CUT_LENGTH))
+            if number == BAD_DIGEST_PIECE:
+                data = pieces[2]
+                return ServedPiece(vortex.PieceMetadata(number, 0, len(data), digest(data[:-1] + b"?")), data=data)
             if task_id != TASK_ID or number not in pieces:
                 raise NotFound(f"piece {number} of {task_id[:12]} is not here")
             data = pieces[number]
@@ -151,21 +186,71 @@ class TransportConformance:
     async def test_a_slow_reader_holds_back_the_sender(
         self, transport: Transport, address: str, pieces: dict[int, bytes]
     ):
-        """The largest piece to a reader that takes 10 ms per buffer: memory stays bounded."""
+        """A big piece to a reader that takes 10 ms per buffer: memory stays bounded."""
+        assert self.slow_piece_length >= 2 * self.memory_bound
+        data = pieces[3][: self.slow_piece_length]
+        pieces[SLOW_PIECE] = data
         tracemalloc.start()
         try:
             conn = await transport.connect(address, 5)
-            sink = Collector(len(pieces[3]), keep=False, delay=0.01)
+            sink = Collector(len(data), keep=False, delay=0.01)
             baseline = tracemalloc.get_traced_memory()[0]
-            meta = await conn.fetch(TASK_ID, 3, sink)
+            meta = await conn.fetch(TASK_ID, SLOW_PIECE, sink)
             await sink.commit(meta.digest)
             peak = tracemalloc.get_traced_memory()[1] - baseline
             await conn.close()
         finally:
             tracemalloc.stop()
         assert sink.record is not None
-        assert sink.record.digest == digest(pieces[3])
-        assert peak < 16 * MiB, f"{peak / MiB:.1f} MiB held for a {MAX_PIECE_LENGTH // MiB} MiB piece"
+        assert sink.record.digest == digest(data)
+        assert peak < self.memory_bound, f"{peak / MiB:.1f} MiB held for a {len(data) // MiB} MiB piece"
+
+    async def test_a_lying_frame_is_a_protocol_error(
+        self, transport: Transport, address: str, pieces: dict[int, bytes]
+    ):
+        conn = await transport.connect(address, 5)
+        try:
+            with pytest.raises(ProtocolError, match="lying parent"):
+                await conn.fetch(TASK_ID, LYING_PIECE, Collector(1))
+        finally:
+            await conn.close()
+        assert await self._fetch(transport, address, 1, pieces) == pieces[1]
+
+    async def test_an_oversized_frame_is_refused_before_its_bytes(
+        self, transport: Transport, address: str, pieces: dict[int, bytes]
+    ):
+        conn = await transport.connect(address, 5)
+        sink = Collector(16)
+        try:
+            with pytest.raises((ProtocolError, PeerError)):
+                await conn.fetch(TASK_ID, OVERSIZED_PIECE, sink)
+        finally:
+            await conn.close()
+        assert sink.data == b""
+        assert await self._fetch(transport, address, 2, pieces) == pieces[2]
+
+    async def test_a_parent_breaking_off_mid_piece_is_a_peer_error(
+        self, transport: Transport, address: str, pieces: dict[int, bytes]
+    ):
+        conn = await transport.connect(address, 5)
+        sink = Collector(CUT_LENGTH)
+        try:
+            with pytest.raises(PeerError):
+                await asyncio.wait_for(conn.fetch(TASK_ID, CUT_PIECE, sink), 30)
+        finally:
+            await conn.close()
+        assert len(sink.data) < CUT_LENGTH
+        assert await self._fetch(transport, address, 1, pieces) == pieces[1]
+
+    async def test_a_wrong_digest_is_caught_at_commit(self, transport: Transport, address: str):
+        conn = await transport.connect(address, 5)
+        try:
+            sink = Collector(SIZES[2])
+            meta = await conn.fetch(TASK_ID, BAD_DIGEST_PIECE, sink)
+            with pytest.raises(PieceCorrupt):
+                await sink.commit(meta.digest)
+        finally:
+            await conn.close()
 
     async def test_clean_close(self, transport: Transport, address: str, pieces: dict[int, bytes]):
         conn = await transport.connect(address, 5)

@@ -9,7 +9,6 @@ a connection holds at most that buffer, whatever the piece length.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from damselfly.contracts import FileRegion, PieceConnection, PieceLookup, PieceS
 from damselfly.core import vortex
 from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound, PeerError, ProtocolError
 from damselfly.hookspecs import hookimpl
+from damselfly.plugins.transport.common import SEND_SLICE, ParentRefused, PieceResponse, answer
 
 
 class TcpConfig(BaseModel):
@@ -90,13 +90,11 @@ async def _serve_connection(
                 return
     except (ConnectionError, asyncio.IncompleteReadError):
         return
+    except PeerError as exc:  # the piece broke off mid-frame: hang up so the child sees it
+        logger.warning("dropping {}: {}", peer, exc)
+        return
     finally:
         writer.close()
-
-
-def _read_region(region: FileRegion) -> bytes:
-    with open(region.path, "rb") as f:
-        return os.pread(f.fileno(), region.length, region.offset)
 
 
 async def _send_piece(
@@ -106,35 +104,14 @@ async def _send_piece(
     req: vortex.DownloadPiece,
     use_sendfile: bool,
 ) -> None:
-    try:
-        served = await lookup(req.task_id, req.number)
-    except Exception as exc:  # every failure reaches the child as an Error frame
-        if isinstance(exc, NotFound):
-            code = vortex.ErrorCode.NOT_FOUND
-        elif isinstance(exc, InvalidArgument):
-            code = vortex.ErrorCode.INVALID_ARGUMENT
-        else:
-            code = vortex.ErrorCode.INTERNAL
-            logger.warning("serving piece {} of {} failed: {}", req.number, req.task_id[:12], exc)
-        writer.write(vortex.encode_error(code, str(exc) or type(exc).__name__, req.packet_id))
+    async def send_region(region: FileRegion) -> None:
         await writer.drain()
-        return
-    writer.write(vortex.encode_piece_header(served.metadata, req.packet_id))
-    if served.region is not None and use_sendfile:
-        with open(served.region.path, "rb") as f:
-            sent = await loop.sendfile(writer.transport, f, served.region.offset, served.region.length)
-        if sent != served.region.length:
-            raise ConnectionError(f"sendfile sent {sent} of {served.region.length} bytes")
-    else:
-        data = served.data
-        if data is None and served.region is not None:
-            data = await asyncio.to_thread(_read_region, served.region)
-        # In slices, draining between them: a slow reader holds back the sender instead
-        # of the transport buffering the rest of the piece.
-        view = memoryview(data or b"")
-        for i in range(0, len(view), _SEND_SLICE):
-            writer.write(view[i : i + _SEND_SLICE])
-            await writer.drain()
+        with open(region.path, "rb") as f:
+            sent = await loop.sendfile(writer.transport, f, region.offset, region.length)
+        if sent != region.length:
+            raise PeerError(f"sendfile sent {sent} of {region.length} bytes")
+
+    await answer(writer, lookup, req, SEND_SLICE, send_region if use_sendfile else None)
 
 
 # -- client -----------------------------------------------------------------------
@@ -145,7 +122,6 @@ async def _send_piece(
 # ends at once; the storage writer refuses writes after ``abort``.
 
 _HEAD_READ = 4096
-_SEND_SLICE = 256 * 1024
 _FETCH_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="damselfly-tcp")
 
 
@@ -153,7 +129,6 @@ class TcpConnection(PieceConnection):
     def __init__(self, sock: socket.socket, read_buffer: int):
         self._sock = sock
         self._view = memoryview(bytearray(read_buffer))
-        self._decoder = vortex.Decoder()
         self._busy = False
         self._turn = asyncio.Lock()
         self._lost: Exception | None = None
@@ -172,47 +147,25 @@ class TcpConnection(PieceConnection):
         return exc
 
     def _fetch(self, task_id: str, number: int, sink: PieceWriter) -> vortex.PieceMetadata:
-        sock, view, decoder = self._sock, self._view, self._decoder
+        sock, view = self._sock, self._view
+        resp = PieceResponse(number)
         try:
             sock.sendall(vortex.encode_download_piece(task_id, number))
-            meta: vortex.PieceMetadata | None = None
-            while True:
-                event = decoder.next_event()
-                if event is vortex.NEED_DATA:
-                    left = decoder.piece_left
-                    # Inside a piece, wait for as much of it as the buffer holds: one
-                    # syscall, one pwrite and one crc32 per buffer, all without the GIL.
-                    if left:
-                        n = sock.recv_into(view, min(left, len(view)), socket.MSG_WAITALL)
-                    else:  # a frame head: read little, so the decoder never buffers piece bytes
-                        n = sock.recv_into(view, _HEAD_READ)
-                    if n == 0:
-                        try:
-                            decoder.receive_data(b"")
-                            decoder.next_event()
-                        except ProtocolError as exc:  # cut off mid-frame: the parent vanished
-                            raise PeerError(f"parent hung up: {exc}") from None
-                        raise PeerError("parent closed the connection")
-                    decoder.receive_data(view[:n])
-                elif isinstance(event, vortex.PieceData):
-                    sink.write(event.data)
-                elif isinstance(event, vortex.PieceContentStart):
-                    if event.metadata.number != number:
-                        raise ProtocolError(f"lying parent: asked for piece {number}, got {event.metadata.number}")
-                    meta = event.metadata
-                elif isinstance(event, vortex.PieceContentEnd):
-                    assert meta is not None
-                    return meta
-                elif isinstance(event, vortex.Error):
-                    if event.code == vortex.ErrorCode.NOT_FOUND:
-                        raise NotFound(f"parent: {event.message}")
-                    # an error frame ends the request, not the connection
-                    raise _ParentRefused(f"parent error {event.code}: {event.message}")
-                elif isinstance(event, vortex.Close):
-                    raise PeerError("parent closed the Vortex session")
-                else:
-                    raise ProtocolError(f"unexpected {type(event).__name__} from parent")
-        except (NotFound, _ParentRefused):
+            while not resp.done:
+                left = resp.piece_left
+                # Inside a piece, wait for as much of it as the buffer holds: one
+                # syscall, one pwrite and one crc32 per buffer, all without the GIL.
+                if left:
+                    n = sock.recv_into(view, min(left, len(view)), socket.MSG_WAITALL)
+                else:  # a frame head: read little, so the decoder never buffers piece bytes
+                    n = sock.recv_into(view, _HEAD_READ)
+                for chunk in resp.feed(view[:n]):
+                    sink.write(chunk)
+                if n == 0:
+                    raise PeerError("parent closed the connection")
+            assert resp.metadata is not None
+            return resp.metadata
+        except (NotFound, ParentRefused):
             raise
         except DamselflyError as exc:
             raise self._fail(exc) from None
@@ -230,7 +183,7 @@ class TcpConnection(PieceConnection):
         try:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(_FETCH_THREADS, self._fetch, task_id, number, sink)
-        except _ParentRefused as exc:
+        except ParentRefused as exc:
             raise PeerError(str(exc)) from None
         except asyncio.CancelledError:
             self._fail(PeerError("fetch cancelled"))  # the thread sees a dead socket and ends
@@ -246,10 +199,6 @@ class TcpConnection(PieceConnection):
                 pass
         self._fail(PeerError("closed"))
         self._sock.close()
-
-
-class _ParentRefused(PeerError):
-    """An Error frame that is not NOT_FOUND; the connection stays usable."""
 
 
 class TcpTransport(Transport):

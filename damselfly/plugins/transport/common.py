@@ -1,0 +1,207 @@
+"""What every transport does the same way: answer one request, read one response.
+
+A transport plugin moves bytes; the Vortex codec (``core.vortex``) turns them into
+frames. This module holds the two halves that sit between them, written once:
+
+- ``answer``: the parent's side of one DownloadPiece request. It looks the piece up,
+  writes an Error frame when that fails, or the piece frame in slices, awaiting the
+  transport's ``drain`` between slices so a slow child holds back the sender.
+- ``PieceResponse``: the child's side. Bytes in, piece bytes for the storage writer
+  out, and the piece's metadata once the frame is whole. It raises ``NotFound`` for a
+  NOT_FOUND frame, ``ParentRefused`` for any other Error frame (the connection stays
+  usable) and ``ProtocolError`` for a frame that lies or breaks the format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from loguru import logger
+
+from damselfly.contracts import FileRegion, PieceLookup, PieceWriter
+from damselfly.core import vortex
+from damselfly.core.errors import InvalidArgument, NotFound, PeerError, ProtocolError
+
+SEND_SLICE = 256 * 1024
+
+
+class ParentRefused(PeerError):
+    """An Error frame other than NOT_FOUND: this request failed, the connection did not."""
+
+
+class FrameSink(Protocol):
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
+def error_frame(exc: BaseException, packet_id: int = 0) -> bytes:
+    """The Error frame a failed lookup becomes; only unexpected failures are logged."""
+    if isinstance(exc, NotFound):
+        code = vortex.ErrorCode.NOT_FOUND
+    elif isinstance(exc, InvalidArgument):
+        code = vortex.ErrorCode.INVALID_ARGUMENT
+    else:
+        code = vortex.ErrorCode.INTERNAL
+        logger.warning("serving a piece failed: {}", exc)
+    return vortex.encode_error(code, str(exc) or type(exc).__name__, packet_id)
+
+
+def read_region(region: FileRegion, offset: int = 0, length: int | None = None) -> bytes:
+    length = region.length - offset if length is None else length
+    with open(region.path, "rb") as f:
+        return os.pread(f.fileno(), length, region.offset + offset)
+
+
+async def answer(
+    sink: FrameSink,
+    lookup: PieceLookup,
+    req: vortex.DownloadPiece,
+    slice_size: int = SEND_SLICE,
+    send_region: Callable[[FileRegion], Awaitable[None]] | None = None,
+) -> None:
+    """Answer one request on ``sink``; ``send_region`` may send a stored piece its own way (sendfile).
+
+    Raises ``PeerError`` when the stored piece turns out shorter than its metadata
+    after the header went out: the transport must then abort the stream or the
+    connection, never send a shorter frame.
+    """
+    try:
+        served = await lookup(req.task_id, req.number)
+    except Exception as exc:  # every lookup failure reaches the child as an Error frame
+        sink.write(error_frame(exc, req.packet_id))
+        await sink.drain()
+        return
+    length = served.metadata.length
+    sink.write(vortex.encode_piece_header(served.metadata, req.packet_id))
+    if served.region is None:
+        view = memoryview(served.data or b"")
+        if len(view) != length:
+            raise PeerError(f"piece {req.number} holds {len(view)} bytes, its metadata says {length}")
+        for i in range(0, length, slice_size):
+            sink.write(view[i : i + slice_size])
+            await sink.drain()
+        return
+    region = served.region
+    if send_region is not None:
+        await send_region(region)
+        return
+    for i in range(0, length, slice_size):
+        want = min(slice_size, length - i)
+        chunk = await asyncio.to_thread(read_region, region, i, want)
+        if len(chunk) != want:
+            raise PeerError(f"piece {req.number} is cut short on disk at {i + len(chunk)} of {length} bytes")
+        sink.write(chunk)
+        await sink.drain()
+
+
+class PieceResponse:
+    """The child's decoder for the answer to one request for piece ``number``."""
+
+    def __init__(self, number: int, max_frame: int = vortex.DEFAULT_MAX_FRAME):
+        self.number = number
+        self.decoder = vortex.Decoder(max_frame)
+        self.metadata: vortex.PieceMetadata | None = None
+        self.done = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[memoryview]:
+        """Take bytes (``b""`` for the end of the stream); return the piece bytes they complete."""
+        self.decoder.receive_data(data)
+        out: list[memoryview] = []
+        while not self.done:
+            try:
+                event = self.decoder.next_event()
+            except ProtocolError as exc:
+                if not data:  # cut off mid-frame: the parent vanished, it did not lie
+                    raise PeerError(f"parent hung up: {exc}") from None
+                raise
+            if event is vortex.NEED_DATA:
+                if not data:
+                    raise PeerError("parent ended the stream before the piece was whole")
+                break
+            if isinstance(event, vortex.PieceData):
+                out.append(event.data)
+            elif isinstance(event, vortex.PieceContentStart):
+                if event.metadata.number != self.number:
+                    raise ProtocolError(f"lying parent: asked for piece {self.number}, got {event.metadata.number}")
+                self.metadata = event.metadata
+            elif isinstance(event, vortex.PieceContentEnd):
+                self.done = True
+            elif isinstance(event, vortex.Error):
+                self.done = True
+                if event.code == vortex.ErrorCode.NOT_FOUND:
+                    raise NotFound(f"parent: {event.message}")
+                raise ParentRefused(f"parent error {event.code}: {event.message}")
+            elif isinstance(event, vortex.Close):
+                raise PeerError("parent closed the Vortex session")
+            else:
+                raise ProtocolError(f"unexpected {type(event).__name__} from parent")
+        return out
+
+    @property
+    def piece_left(self) -> int:
+        return self.decoder.piece_left
+
+
+class PendingResponse:
+    """One request's answer arriving on an event loop, waiting for the storage to take it.
+
+    The transport's receive callback calls ``receive``; the fetching coroutine runs
+    ``deliver``. ``received - buffered`` is how many of the response's bytes the
+    storage has taken: a transport grants the parent credit from it.
+    """
+
+    def __init__(self, number: int):
+        self.response = PieceResponse(number)
+        self.chunks: list[memoryview] = []
+        self.received = 0
+        self.buffered = 0
+        self.error: Exception | None = None
+        self.changed = asyncio.Event()
+
+    def receive(self, data: bytes, end: bool = False) -> None:
+        parts: list[memoryview] = []
+        self.received += len(data)
+        try:
+            if data and not self.response.done:
+                parts = self.response.feed(data)
+            if end and not self.response.done:
+                self.response.feed(b"")
+        except Exception as exc:  # handed to the coroutine waiting in ``deliver``
+            self.error = self.error or exc
+        self.chunks += parts
+        self.buffered += sum(len(c) for c in parts)
+        self.changed.set()
+
+    def fail(self, exc: Exception) -> None:
+        self.error = self.error or exc
+        self.changed.set()
+
+    async def deliver(self, sink: PieceWriter, batch: int, taken: Callable[[int], None]) -> vortex.PieceMetadata:
+        """Hand piece bytes to ``sink`` in a worker thread, ``batch`` bytes at a time at least."""
+        while True:
+            await self.changed.wait()
+            self.changed.clear()
+            if self.buffered < batch and not self.response.done and self.error is None:
+                continue  # big writes: a thread hop per packet would cost more than the copy
+            chunks, self.chunks = self.chunks, []
+            self.buffered -= sum(len(c) for c in chunks)
+            if chunks:
+                await asyncio.to_thread(_write_all, sink, chunks)
+            taken(self.received - self.buffered)
+            if self.chunks:
+                self.changed.set()  # more came while the storage wrote
+                continue
+            if self.error is not None:
+                raise self.error
+            if self.response.done:
+                assert self.response.metadata is not None
+                return self.response.metadata
+
+
+def _write_all(sink: PieceWriter, chunks: list[memoryview]) -> None:
+    for c in chunks:
+        sink.write(c)
