@@ -421,12 +421,20 @@ def cluster_down(directory: str) -> None:
 @click.option("--origin-rate", default="", help="Token-bucket limit on the origin, e.g. 50MB/s.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--dir", "directory", default=None, type=click.Path(file_okay=False), help="Keep files here.")
-def demo(peers: int, size: str, origin_rate: str, as_json: bool, directory: str | None) -> None:
+@click.option("--transport", default="tcp", show_default=True, help="Piece transport every peer uses (tcp, quic, ...).")
+def demo(peers: int, size: str, origin_rate: str, as_json: bool, directory: str | None, transport: str) -> None:
     """Run a local swarm: N peers download one file while the origin sends it once."""
     from damselfly import demo as dm
 
     try:
-        result = dm.run(peers=peers, size=parse_size(size), origin_rate=origin_rate, directory=directory, quiet=as_json)
+        result = dm.run(
+            peers=peers,
+            size=parse_size(size),
+            origin_rate=origin_rate,
+            directory=directory,
+            quiet=as_json,
+            transport=transport,
+        )
     except DamselflyError as exc:
         _fail(str(exc))
     if as_json:

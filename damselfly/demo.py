@@ -93,8 +93,18 @@ async def _direct(url: str, n: int, out: Path) -> float:
     return time.monotonic() - t0
 
 
+# Options a transport gets in the demo, where every peer is on loopback.
+LOOPBACK_OPTIONS: dict[str, dict[str, Any]] = {"quic": {"max_datagram_size": 8192}}
+
+
 def run(
-    *, peers: int = 8, size: int = 128 << 20, origin_rate: str = "", directory: str | None = None, quiet: bool = False
+    *,
+    peers: int = 8,
+    size: int = 128 << 20,
+    origin_rate: str = "",
+    directory: str | None = None,
+    quiet: bool = False,
+    transport: str = "tcp",
 ) -> dict[str, Any]:
     keep = directory is not None
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="damselfly-demo-"))
@@ -115,7 +125,8 @@ def run(
             quiet,
             f"demo: origin on {base}{' at ' + origin_rate if origin_rate else ''}; starting a seed and {peers} peers",
         )
-        cluster = cl.up(cluster_dir, peers)
+        choice = {"type": transport, **LOOPBACK_OPTIONS.get(transport, {})}
+        cluster = cl.up(cluster_dir, peers, env={"DAMSELFLY_DAEMON__TRANSPORTS": json.dumps([choice])})
         _get_json(f"{base}/__stats/reset", "POST")
         _say(quiet, f"demo: {peers} peers download through the swarm")
         p2p_seconds, results = asyncio.run(_p2p(cluster, url, out))
@@ -124,6 +135,13 @@ def run(
             scrape(d["metrics"], "dragonfly_dfdaemon_download_traffic_bytes_total", '{traffic_type="back_to_source"}')
             for d in cluster["daemons"]
         )
+        by_transport: dict[str, int] = {}
+        for d in cluster["daemons"]:
+            for name in dict.fromkeys((transport, "tcp", "quic", "webrtc", "rdma")):
+                label = f'{{transport="{name}"}}'
+                got = scrape(d["metrics"], "dragonfly_dfdaemon_download_transport_bytes_total", label)
+                if got:
+                    by_transport[name] = by_transport.get(name, 0) + int(got)
         digests_ok = all(_sha256(out / f"peer{i}.bin") == want for i in range(1, peers + 1))
         for i in range(1, peers + 1):
             (out / f"peer{i}.bin").unlink()
@@ -136,6 +154,8 @@ def run(
         return {
             "file_size": size,
             "peers": peers,
+            "transport": transport,
+            "transport_bytes": by_transport,
             "origin_rate": origin_rate or None,
             "origin_bytes": p2p_stats["bytes"],
             "origin_requests": p2p_stats["requests"],

@@ -36,6 +36,12 @@ class DaemonMetrics:
             registry=r,
         )
         self.tasks = Gauge(p + "tasks", "Tasks held in storage.", registry=r)
+        self.transport_traffic = Counter(
+            p + "download_transport_bytes_total",
+            "Piece bytes fetched from parents, by transport.",
+            ["transport"],
+            registry=r,
+        )
 
 
 class SchedulerMetrics:

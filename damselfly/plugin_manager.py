@@ -28,6 +28,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "damselfly.plugins.source.file",
     "damselfly.plugins.transport.tcp",
     "damselfly.plugins.transport.quic",
+    "damselfly.plugins.transport.webrtc",
     "damselfly.plugins.storage.disk",
     "damselfly.plugins.storage.memory",
     "damselfly.plugins.scheduler.default",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
 from dragonfly_api import common_pb2
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -115,3 +117,36 @@ def peer_to_proto(p: Peer, host: Host, task: Task) -> common_pb2.Peer:
         created_at=timestamp(p.created_at),
         updated_at=timestamp(p.updated_at),
     )
+
+
+# -- transport negotiation ------------------------------------------------------------
+#
+# A parent names the transports it serves, with their addresses, in the initial
+# metadata of its SyncPieces answer (JSON under ``x-damselfly-transports``).
+# SyncPiecesResponse's own ``tcp_port``/``quic_port`` are still filled, and are what a
+# child falls back on when the parent (an upstream dfdaemon, say) sends no list.
+
+TRANSPORTS_KEY = "x-damselfly-transports"
+
+
+def transports_to_metadata(addresses: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return ((TRANSPORTS_KEY, json.dumps(addresses, separators=(",", ":"))),)
+
+
+def transports_from_metadata(metadata: Any) -> dict[str, str]:
+    for key, value in metadata or ():
+        if key == TRANSPORTS_KEY:
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                return {}
+            if isinstance(parsed, dict):
+                return {str(k): str(v) for k, v in parsed.items() if isinstance(v, str)}
+    return {}
+
+
+def addresses_from_response(resp: Any) -> dict[str, str]:
+    found = {"tcp": f"{resp.ip}:{resp.tcp_port}"} if resp.tcp_port else {}
+    if resp.quic_port:
+        found["quic"] = f"{resp.ip}:{resp.quic_port}"
+    return found

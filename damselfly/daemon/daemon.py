@@ -21,9 +21,9 @@ from loguru import logger
 
 from damselfly import __version__
 from damselfly.config import Settings
-from damselfly.contracts import PieceServer
+from damselfly.contracts import PieceServer, Transport
 from damselfly.core import ids
-from damselfly.core.errors import InvalidArgument, PieceCorrupt, StorageError
+from damselfly.core.errors import InvalidArgument, PieceCorrupt, StorageError, Unavailable
 from damselfly.core.host import Host, HostType
 from damselfly.core.piece import covers, crc32
 from damselfly.core.task import Task, TaskState
@@ -129,17 +129,18 @@ class Daemon:
         self.host_id = ids.host_id(settings.host.ip, settings.host.hostname, seed=cfg.seed)
         self.metrics = DaemonMetrics()
         self.storage = self.plugins.make_storage(cfg.storage, cfg.data_dir)
-        self.transport = self.plugins.make_transport(cfg.transports[0])
+        self.transports = self._usable_transports()
         self.picker = self.plugins.make_picker(cfg.piece_picker)
-        self.pool = ConnectionPool(self.transport, cfg.piece_connect_timeout)
+        self.pool = ConnectionPool(self.transports, cfg.piece_connect_timeout)
         self.schedulers = SchedulerPool(cfg.schedulers, cfg.scheduler_connect_timeout)
         self.board = TaskBoard()
         self.uploaded_bytes = 0
         self.piece_port = 0
+        self.piece_addresses: dict[str, str] = {}  # transport name -> the address children use
         self.upload_port = 0
         self.metrics_port = 0
         self.socket_path = settings.socket_path
-        self._piece_server: PieceServer | None = None
+        self._piece_servers: list[PieceServer] = []
         self._upload_server: grpc.aio.Server | None = None
         self._local_server: grpc.aio.Server | None = None
         self._metrics_runner: object = None
@@ -162,11 +163,19 @@ class Daemon:
         async def lookup(task_id: str, number: int):  # type: ignore[no-untyped-def]
             return await lookup_piece(self, task_id, number)
 
-        self._piece_server = await self.transport.serve(cfg.listen_ip, cfg.piece_port, lookup)
-        self.piece_port = self._piece_server.port
+        grpc_handlers = []
+        for i, transport in enumerate(self.transports):
+            transport.state_dir = cfg.data_dir / "transport" / transport.name
+            server = await transport.serve(cfg.listen_ip, cfg.piece_port if i == 0 else 0, lookup)
+            self._piece_servers.append(server)
+            self.piece_addresses[transport.name] = transport.served_address(server, self.settings.host.ip)
+            grpc_handlers += transport.grpc_handlers()
+        self.piece_port = self._piece_servers[0].port
 
         self._upload_server = grpc.aio.server(options=GRPC_OPTIONS)
         dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(UploadService(self), self._upload_server)
+        if grpc_handlers:
+            self._upload_server.add_generic_rpc_handlers(tuple(grpc_handlers))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._upload_server)
         self.upload_port = self._upload_server.add_insecure_port(f"{cfg.listen_ip}:{cfg.upload_port}")
@@ -191,12 +200,11 @@ class Daemon:
         )
         self._spawn(self._announce_loop())
         logger.info(
-            "daemon {} ready: socket {}, upload :{}, pieces :{} ({}), metrics :{}",
+            "daemon {} ready: socket {}, upload :{}, pieces {}, metrics :{}",
             self.host_id,
             self.socket_path,
             self.upload_port,
-            self.piece_port,
-            self.transport.name,
+            ", ".join(f"{name} {addr}" for name, addr in self.piece_addresses.items()),
             self.metrics_port,
         )
 
@@ -212,8 +220,8 @@ class Daemon:
         for server in (self._local_server, self._upload_server):
             if server is not None:
                 await server.stop(0.5)
-        if self._piece_server is not None:
-            await self._piece_server.close()
+        for piece_server in self._piece_servers:
+            await piece_server.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()  # type: ignore[attr-defined]
         await self.pool.close()
@@ -222,6 +230,19 @@ class Daemon:
             await ch.close()
         await self.storage.close()
         self.socket_path.unlink(missing_ok=True)
+
+    def _usable_transports(self) -> list[Transport]:
+        """The configured transports this host can run, in order; the others are logged and skipped."""
+        usable = []
+        for choice in self.settings.daemon.transports:
+            try:
+                usable.append(self.plugins.make_transport(choice))
+            except Unavailable as exc:
+                logger.warning("transport {} is skipped, using the next one: {}", choice.type, exc)
+        if not usable:
+            names = ", ".join(c.type for c in self.settings.daemon.transports)
+            raise Unavailable(f"none of the configured transports ({names}) can run on this host")
+        return usable
 
     def _spawn(self, coro: object) -> asyncio.Task[None]:
         t = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]

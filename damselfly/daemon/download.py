@@ -34,7 +34,7 @@ from damselfly.core.errors import (
 from damselfly.core.piece import Layout, PieceSpan
 from damselfly.core.task import PieceRecord, Task, TaskState
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started, TaskRuntime
-from damselfly.wire import piece_to_proto
+from damselfly.wire import addresses_from_response, piece_to_proto, transports_from_metadata
 
 if TYPE_CHECKING:
     from damselfly.daemon.daemon import Daemon
@@ -129,7 +129,7 @@ class _Parent:
     peer_id: str
     ip: str
     upload_port: int
-    piece_address: str = ""
+    piece_addresses: dict[str, str] = field(default_factory=dict)  # transport name -> address
     weight: float = 1.0
     alive: bool = True
     synced: bool = False  # its SyncPieces stream ended normally
@@ -138,36 +138,66 @@ class _Parent:
 
 
 class ConnectionPool:
-    """Idle piece connections per parent address, reused across pieces and tasks."""
+    """Piece connections to parents, reused across pieces and tasks, over negotiated transports.
 
-    def __init__(self, transport: Transport, connect_timeout: float, keep: int = 16):
-        self.transport = transport
+    A parent announces the transports it serves with their addresses; the child tries
+    its own transports in its configured order among those, and falls back to the
+    next one, per parent, when a connection cannot be made, logging why. A transport
+    that failed to a parent is not tried there again for ``retry_after`` seconds.
+    """
+
+    def __init__(self, transports: list[Transport], connect_timeout: float, keep: int = 16, retry_after: float = 60):
+        self.transports = transports
         self.connect_timeout = connect_timeout
         self.keep = keep
+        self.retry_after = retry_after
         self._idle: dict[str, list[PieceConnection]] = {}
+        self._failed: dict[str, tuple[float, str]] = {}
 
-    async def acquire(self, address: str) -> PieceConnection:
-        idle = self._idle.get(address)
-        while idle:
-            conn = idle.pop()
-            if not conn.broken:
-                return conn
-        return await self.transport.connect(address, self.connect_timeout)
+    async def acquire(self, addresses: dict[str, str]) -> tuple[str, PieceConnection]:
+        """A connection to the parent serving ``addresses`` (transport name -> address) and its pool key."""
+        reasons: list[str] = []
+        now = time.monotonic()
+        for t in self.transports:
+            address = addresses.get(t.name)
+            if address is None:
+                continue
+            key = f"{t.name}|{address}"
+            idle = self._idle.get(key)
+            while idle:
+                conn = idle.pop()
+                if not conn.broken:
+                    return key, conn
+            failed = self._failed.get(key)
+            if failed is not None and now - failed[0] < self.retry_after:
+                reasons.append(f"{t.name}: {failed[1]}")
+                continue
+            try:
+                return key, await t.connect(address, self.connect_timeout)
+            except DamselflyError as exc:
+                self._failed[key] = (now, str(exc))
+                reasons.append(f"{t.name}: {exc}")
+                logger.warning("transport {} to {} failed, trying the next one: {}", t.name, address, exc)
+        if not reasons:
+            mine = ", ".join(t.name for t in self.transports)
+            theirs = ", ".join(sorted(addresses)) or "none"
+            raise PeerError(f"no common transport with the parent (mine: {mine}; theirs: {theirs})")
+        raise PeerError("no transport reached the parent: " + "; ".join(reasons))
 
-    async def release(self, address: str, conn: PieceConnection) -> None:
-        idle = self._idle.setdefault(address, [])
+    async def release(self, key: str, conn: PieceConnection) -> None:
+        idle = self._idle.setdefault(key, [])
         if conn.broken or len(idle) >= self.keep:
             await conn.close()
         else:
             idle.append(conn)
 
-    async def drop(self, address: str) -> None:
-        for conn in self._idle.pop(address, []):
+    async def drop(self, key: str) -> None:
+        for conn in self._idle.pop(key, []):
             await conn.close()
 
     async def close(self) -> None:
-        for address in list(self._idle):
-            await self.drop(address)
+        for key in list(self._idle):
+            await self.drop(key)
 
 
 class SchedulerLink:
@@ -615,8 +645,9 @@ class Downloader:
                     host_id=self.d.host_id, task_id=self.task_id, interested_piece_numbers=interested
                 )
             )
+            announced = transports_from_metadata(await call.initial_metadata())
             async for resp in call:
-                parent.piece_address = f"{resp.ip}:{resp.tcp_port}"
+                parent.piece_addresses = announced or addresses_from_response(resp)
                 parent.pieces.add(resp.number)
                 self._first_seen.setdefault(resp.number, time.monotonic())
                 poke()
@@ -695,14 +726,14 @@ class Downloader:
     async def _parent_piece(self, parent: _Parent, number: int) -> None:
         assert self.task is not None
         span = self.task.layout.span(number)
-        address = parent.piece_address
         pool = self.d.pool
+        key = ""
         started = time.monotonic()
         expected = self.authoritative.get(number)
         writer = self.d.storage.writer(self.task_id, span)
         conn: PieceConnection | None = None
         try:
-            conn = await pool.acquire(address)
+            key, conn = await pool.acquire(parent.piece_addresses)
             meta = await asyncio.wait_for(
                 conn.fetch(self.task_id, number, writer), self.d.settings.daemon.piece_timeout
             )
@@ -731,7 +762,8 @@ class Downloader:
                 await conn.close()
                 conn = None
             parent.alive = False
-            await pool.drop(address)
+            if key:
+                await pool.drop(key)
             self._parent_failed(parent, number, f"parent failed: {exc or 'timeout'}", block=False)
             raise
         except BaseException:
@@ -742,7 +774,8 @@ class Downloader:
             raise
         finally:
             if conn is not None:
-                await pool.release(address, conn)
+                await pool.release(key, conn)
+        self.d.metrics.transport_traffic.labels(key.partition("|")[0]).inc(record.length)
         await self._stored(record, TRAFFIC_PEER, parent.peer_id, time.monotonic() - started)
 
     def _parent_failed(self, parent: _Parent, number: int, reason: str, *, block: bool) -> None:

@@ -17,7 +17,7 @@ from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound
 from damselfly.core.ids import is_task_id
 from damselfly.daemon.download import DownloadRequest
 from damselfly.daemon.local import abort_with, progress_stream
-from damselfly.wire import host_to_proto, task_to_proto
+from damselfly.wire import host_to_proto, task_to_proto, transports_to_metadata
 
 if TYPE_CHECKING:
     from damselfly.daemon.daemon import Daemon
@@ -43,14 +43,21 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
                 pass
         wanted = set(request.interested_piece_numbers) or set(range(task.piece_count))
         sent: set[int] = set()
-        ip, tcp_port = d.settings.host.ip, d.piece_port
+        ip = d.settings.host.ip
+        tcp_port, quic_port = (_port_of(d.piece_addresses.get(name, "")) for name in ("tcp", "quic"))
+        await context.send_initial_metadata(transports_to_metadata(d.piece_addresses))
         while True:
             changed = d.board.event(request.task_id)
             for number in sorted((wanted - sent) & task.pieces.keys()):
                 rec = task.pieces[number]
                 sent.add(number)
                 yield dfdaemon_pb2.SyncPiecesResponse(
-                    number=rec.number, offset=rec.offset, length=rec.length, ip=ip, tcp_port=tcp_port
+                    number=rec.number,
+                    offset=rec.offset,
+                    length=rec.length,
+                    ip=ip,
+                    tcp_port=tcp_port,
+                    quic_port=quic_port,
                 )
             if sent >= wanted or d.storage.get(request.task_id) is not task:
                 return
@@ -124,3 +131,8 @@ async def lookup_piece(daemon: Daemon, task_id: str, number: int) -> ServedPiece
     if region is not None:
         return ServedPiece(meta, region=region)
     return ServedPiece(meta, data=await daemon.storage.read_piece(task_id, number))
+
+
+def _port_of(address: str) -> int:
+    port = address.rpartition(":")[2]
+    return int(port) if port.isdigit() else 0
