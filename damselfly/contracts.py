@@ -261,6 +261,8 @@ class Transport(Plugin, abc.ABC):
     """
 
     state_dir: Path | None = None
+    # how many connections to one parent a child opens before fetches share them
+    connections_per_parent: ClassVar[int] = 1
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options or self.Config()

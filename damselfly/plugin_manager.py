@@ -29,6 +29,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "damselfly.plugins.transport.tcp",
     "damselfly.plugins.transport.quic",
     "damselfly.plugins.transport.webrtc",
+    "damselfly.plugins.transport.rdma",
     "damselfly.plugins.storage.disk",
     "damselfly.plugins.storage.memory",
     "damselfly.plugins.scheduler.default",

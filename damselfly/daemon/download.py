@@ -138,20 +138,25 @@ class _Parent:
 
 
 class ConnectionPool:
-    """Piece connections to parents, reused across pieces and tasks, over negotiated transports.
+    """Piece connections to parents, shared across pieces and tasks, over negotiated transports.
 
     A parent announces the transports it serves with their addresses; the child tries
     its own transports in its configured order among those, and falls back to the
     next one, per parent, when a connection cannot be made, logging why. A transport
     that failed to a parent is not tried there again for ``retry_after`` seconds.
+
+    Each transport says how many connections to one parent are worth having
+    (``connections_per_parent``): many for TCP, where a request holds its connection,
+    one for QUIC, whose streams multiplex. Beyond that, fetches share the least busy.
     """
 
-    def __init__(self, transports: list[Transport], connect_timeout: float, keep: int = 16, retry_after: float = 60):
+    def __init__(self, transports: list[Transport], connect_timeout: float, retry_after: float = 60):
         self.transports = transports
         self.connect_timeout = connect_timeout
-        self.keep = keep
         self.retry_after = retry_after
-        self._idle: dict[str, list[PieceConnection]] = {}
+        self._conns: dict[str, list[PieceConnection]] = {}
+        self._load: dict[int, int] = {}
+        self._opening: dict[str, int] = {}
         self._failed: dict[str, tuple[float, str]] = {}
 
     async def acquire(self, addresses: dict[str, str]) -> tuple[str, PieceConnection]:
@@ -163,21 +168,29 @@ class ConnectionPool:
             if address is None:
                 continue
             key = f"{t.name}|{address}"
-            idle = self._idle.get(key)
-            while idle:
-                conn = idle.pop()
-                if not conn.broken:
-                    return key, conn
+            conns = self._conns[key] = [c for c in self._conns.get(key, []) if not c.broken]
+            idle = [c for c in conns if not self._load.get(id(c))]
+            if idle or (conns and len(conns) + self._opening.get(key, 0) >= t.connections_per_parent):
+                conn = idle[0] if idle else min(conns, key=lambda c: self._load.get(id(c), 0))
+                self._load[id(conn)] = self._load.get(id(conn), 0) + 1
+                return key, conn
             failed = self._failed.get(key)
             if failed is not None and now - failed[0] < self.retry_after:
                 reasons.append(f"{t.name}: {failed[1]}")
                 continue
+            self._opening[key] = self._opening.get(key, 0) + 1
             try:
-                return key, await t.connect(address, self.connect_timeout)
+                conn = await t.connect(address, self.connect_timeout)
             except DamselflyError as exc:
                 self._failed[key] = (now, str(exc))
                 reasons.append(f"{t.name}: {exc}")
                 logger.warning("transport {} to {} failed, trying the next one: {}", t.name, address, exc)
+                continue
+            finally:
+                self._opening[key] -= 1
+            self._conns.setdefault(key, []).append(conn)
+            self._load[id(conn)] = 1
+            return key, conn
         if not reasons:
             mine = ", ".join(t.name for t in self.transports)
             theirs = ", ".join(sorted(addresses)) or "none"
@@ -185,18 +198,24 @@ class ConnectionPool:
         raise PeerError("no transport reached the parent: " + "; ".join(reasons))
 
     async def release(self, key: str, conn: PieceConnection) -> None:
-        idle = self._idle.setdefault(key, [])
-        if conn.broken or len(idle) >= self.keep:
-            await conn.close()
-        else:
-            idle.append(conn)
+        self._load[id(conn)] = max(0, self._load.get(id(conn), 1) - 1)
+        if conn.broken:
+            await self._forget(key, conn)
+
+    async def _forget(self, key: str, conn: PieceConnection) -> None:
+        conns = self._conns.get(key, [])
+        if conn in conns:
+            conns.remove(conn)
+        self._load.pop(id(conn), None)
+        await conn.close()
 
     async def drop(self, key: str) -> None:
-        for conn in self._idle.pop(key, []):
+        for conn in self._conns.pop(key, []):
+            self._load.pop(id(conn), None)
             await conn.close()
 
     async def close(self) -> None:
-        for key in list(self._idle):
+        for key in list(self._conns):
             await self.drop(key)
 
 
@@ -747,8 +766,7 @@ class Downloader:
         except (PieceCorrupt, ProtocolError) as exc:
             writer.abort()
             if conn is not None:
-                await conn.close()
-                conn = None
+                await conn.close()  # a parent that lies is not asked again on this connection
             self._parent_failed(parent, number, f"bad piece: {exc}", block=True)
             raise
         except NotFound as exc:
@@ -758,19 +776,13 @@ class Downloader:
             raise
         except (PeerError, TimeoutError, OSError) as exc:
             writer.abort()
-            if conn is not None:
-                await conn.close()
-                conn = None
             parent.alive = False
             if key:
                 await pool.drop(key)
             self._parent_failed(parent, number, f"parent failed: {exc or 'timeout'}", block=False)
             raise
-        except BaseException:
+        except BaseException:  # a cancelled fetch leaves its connection broken where that matters (tcp)
             writer.abort()
-            if conn is not None:
-                await conn.close()
-                conn = None
             raise
         finally:
             if conn is not None:

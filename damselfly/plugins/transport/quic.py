@@ -305,6 +305,19 @@ def _client_classes() -> tuple[type, type]:
             super().__init__(quic, **kw)
             self.requests: dict[int, PendingResponse] = {}
             self.lost: Exception | None = None
+            self.heard = asyncio.Event()
+
+        def datagram_received(self, data: bytes | str, addr: Any) -> None:
+            super().datagram_received(data, addr)
+            self.heard.set()
+
+        async def confirmed(self) -> None:
+            """Until the server confirms the handshake (HANDSHAKE_DONE): it may still refuse our certificate."""
+            while not self._quic._handshake_confirmed:
+                if self.lost is not None:
+                    raise self.lost
+                self.heard.clear()
+                await self.heard.wait()
 
         def quic_event_received(self, event: events.QuicEvent) -> None:
             # not the base class's handler: it would copy every byte into a StreamReader
@@ -463,8 +476,10 @@ class QuicTransport(Transport):
             raise PeerError(f"cannot reach {address}: {exc}") from None
         protocol.connect(remote)
         try:
-            await asyncio.wait_for(protocol.wait_connected(), timeout)
-        except (TimeoutError, ConnectionError) as exc:
+            async with asyncio.timeout(timeout):
+                await protocol.wait_connected()
+                await protocol.confirmed()
+        except (TimeoutError, ConnectionError, PeerError) as exc:
             transport.close()
             reason = protocol.lost or exc or "timeout"
             raise PeerError(f"QUIC handshake with {address} failed: {reason}") from None

@@ -203,6 +203,7 @@ class TcpConnection(PieceConnection):
 
 class TcpTransport(Transport):
     name: ClassVar[str] = "tcp"
+    connections_per_parent: ClassVar[int] = 16  # a request holds its connection until its piece is in
     Config = TcpConfig
     options: TcpConfig
 

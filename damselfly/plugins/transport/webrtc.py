@@ -252,6 +252,7 @@ class WebrtcConnection(PieceConnection):
 
 class WebrtcTransport(Transport):
     name: ClassVar[str] = "webrtc"
+    connections_per_parent: ClassVar[int] = 2  # one channel answers one request at a time
     Config = WebrtcConfig
     options: WebrtcConfig
 
