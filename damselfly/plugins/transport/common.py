@@ -38,6 +38,15 @@ class FrameSink(Protocol):
     async def drain(self) -> None: ...
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 hosts in brackets) as a host and a port, or a one-line InvalidArgument."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise InvalidArgument(f"bad piece address {address!r}, expected host:port")
+    return host, int(port)
+
+
 def error_frame(exc: BaseException, packet_id: int = 0) -> bytes:
     """The Error frame a failed lookup becomes; only unexpected failures are logged."""
     if isinstance(exc, NotFound):

@@ -40,7 +40,7 @@ from damselfly.contracts import PieceConnection, PieceLookup, PieceServer, Piece
 from damselfly.core import vortex
 from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound, PeerError, ProtocolError
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.transport.common import ParentRefused, PendingResponse, answer
+from damselfly.plugins.transport.common import ParentRefused, PendingResponse, answer, split_address
 
 ALPN = "vortex"
 _QUIC_INTERNAL_ERROR = 0x1
@@ -455,10 +455,7 @@ class QuicTransport(Transport):
         return server
 
     async def connect(self, address: str, timeout: float) -> PieceConnection:
-        host, _, port = address.rpartition(":")
-        host = host.strip("[]")
-        if not host or not port.isdigit():
-            raise InvalidArgument(f"bad piece address {address!r}, expected host:port")
+        host, port = split_address(address)
         client_protocol, credited = _client_classes()
         config = self._configuration(True, [])
         config.server_name = host
@@ -467,7 +464,7 @@ class QuicTransport(Transport):
         loop = asyncio.get_running_loop()
         quic = credited(configuration=config)
         try:
-            infos = await loop.getaddrinfo(host, int(port), type=2)  # SOCK_DGRAM
+            infos = await loop.getaddrinfo(host, port, type=2)  # SOCK_DGRAM
             remote = infos[0][4]
             transport, protocol = await loop.create_datagram_endpoint(
                 lambda: client_protocol(quic), remote_addr=remote[:2]

@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from damselfly.contracts import FileRegion, PieceConnection, PieceLookup, PieceServer, PieceWriter, Transport
 from damselfly.core import vortex
-from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound, PeerError, ProtocolError
+from damselfly.core.errors import DamselflyError, NotFound, PeerError, ProtocolError
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.transport.common import SEND_SLICE, ParentRefused, PieceResponse, answer
+from damselfly.plugins.transport.common import SEND_SLICE, ParentRefused, PieceResponse, answer, split_address
 
 
 class TcpConfig(BaseModel):
@@ -225,15 +225,11 @@ class TcpTransport(Transport):
         return _Server(server, handlers)
 
     async def connect(self, address: str, timeout: float) -> PieceConnection:
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise InvalidArgument(f"bad piece address {address!r}, expected host:port")
+        host, port = split_address(address)
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
-            sock = await loop.run_in_executor(
-                _FETCH_THREADS, socket.create_connection, (host.strip("[]"), int(port)), timeout
-            )
+            sock = await loop.run_in_executor(_FETCH_THREADS, socket.create_connection, (host, port), timeout)
         except OSError as exc:
             raise PeerError(f"cannot connect to {address} after {time.monotonic() - started:.1f}s: {exc}") from None
         sock.settimeout(None)

@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from damselfly.contracts import PieceConnection, PieceLookup, PieceServer, PieceWriter, Transport
 from damselfly.core import vortex
-from damselfly.core.errors import InvalidArgument, PeerError, ProtocolError
+from damselfly.core.errors import PeerError, ProtocolError
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.transport.common import PendingResponse, answer
+from damselfly.plugins.transport.common import PendingResponse, answer, split_address
 
 OFFER_PATH = "/vortex/webrtc/offer"
 MESSAGE_SIZE = 60 * 1024  # under aiortc's 64 KiB message limit
@@ -316,10 +316,7 @@ class WebrtcTransport(Transport):
         import aiohttp
         from aiortc import RTCPeerConnection, RTCSessionDescription
 
-        host, _, port = address.rpartition(":")
-        host = host.strip("[]")
-        if not host or not port.isdigit():
-            raise InvalidArgument(f"bad piece address {address!r}, expected host:port")
+        host, port = split_address(address)
         _patch_aioice()
         _HOST_ADDRESSES.set(_addresses_for(self.options, host))
         pc = RTCPeerConnection(configuration=_rtc_configuration(self.options))
