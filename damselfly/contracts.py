@@ -256,8 +256,7 @@ class Transport(Plugin, abc.ABC):
     ``state_dir`` is a directory the plugin may keep files in (certificates, keys);
     the daemon sets it before ``serve``. ``served_address`` is the address children
     are told to use, where it is not simply the daemon's ``ip:port`` (a unix socket
-    path, say); ``grpc_handlers`` are extra gRPC handlers the daemon adds to its
-    upload server, for transports that set up connections through it (RDMA).
+    path, say).
     """
 
     state_dir: Path | None = None
@@ -269,9 +268,6 @@ class Transport(Plugin, abc.ABC):
 
     def served_address(self, server: PieceServer, advertised_ip: str) -> str:
         return f"{advertised_ip}:{server.port}"
-
-    def grpc_handlers(self) -> list[Any]:
-        return []
 
     @abc.abstractmethod
     async def serve(self, host: str, port: int, lookup: PieceLookup) -> PieceServer: ...

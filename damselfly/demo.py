@@ -67,6 +67,17 @@ def scrape(metrics_addr: str, name: str, labels: str = "") -> float:
     return 0.0
 
 
+def scrape_by_label(metrics_addr: str, name: str) -> dict[str, float]:
+    """The samples of a metric with one label, by that label's value."""
+    found: dict[str, float] = {}
+    with urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + "{"):
+                labels, _, value = line[len(name) :].rpartition(" ")
+                found[labels.split('"')[1]] = float(value)
+    return found
+
+
 async def _p2p(cluster: dict[str, Any], url: str, out: Path) -> tuple[float, list[Any]]:
     peers = [d for d in cluster["daemons"] if not d["seed"]]
 
@@ -137,11 +148,8 @@ def run(
         )
         by_transport: dict[str, int] = {}
         for d in cluster["daemons"]:
-            for name in dict.fromkeys((transport, "tcp", "quic", "webrtc", "rdma")):
-                label = f'{{transport="{name}"}}'
-                got = scrape(d["metrics"], "dragonfly_dfdaemon_download_transport_bytes_total", label)
-                if got:
-                    by_transport[name] = by_transport.get(name, 0) + int(got)
+            for name, got in scrape_by_label(d["metrics"], "dragonfly_dfdaemon_download_transport_bytes_total").items():
+                by_transport[name] = by_transport.get(name, 0) + int(got)
         digests_ok = all(_sha256(out / f"peer{i}.bin") == want for i in range(1, peers + 1))
         for i in range(1, peers + 1):
             (out / f"peer{i}.bin").unlink()

@@ -163,19 +163,15 @@ class Daemon:
         async def lookup(task_id: str, number: int):  # type: ignore[no-untyped-def]
             return await lookup_piece(self, task_id, number)
 
-        grpc_handlers = []
         for i, transport in enumerate(self.transports):
             transport.state_dir = cfg.data_dir / "transport" / transport.name
             server = await transport.serve(cfg.listen_ip, cfg.piece_port if i == 0 else 0, lookup)
             self._piece_servers.append(server)
             self.piece_addresses[transport.name] = transport.served_address(server, self.settings.host.ip)
-            grpc_handlers += transport.grpc_handlers()
         self.piece_port = self._piece_servers[0].port
 
         self._upload_server = grpc.aio.server(options=GRPC_OPTIONS)
         dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(UploadService(self), self._upload_server)
-        if grpc_handlers:
-            self._upload_server.add_generic_rpc_handlers(tuple(grpc_handlers))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._upload_server)
         self.upload_port = self._upload_server.add_insecure_port(f"{cfg.listen_ip}:{cfg.upload_port}")

@@ -155,7 +155,7 @@ class ConnectionPool:
         self.connect_timeout = connect_timeout
         self.retry_after = retry_after
         self._conns: dict[str, list[PieceConnection]] = {}
-        self._load: dict[int, int] = {}
+        self._load: dict[PieceConnection, int] = {}  # fetches using each connection
         self._opening: dict[str, int] = {}
         self._failed: dict[str, tuple[float, str]] = {}
 
@@ -168,11 +168,18 @@ class ConnectionPool:
             if address is None:
                 continue
             key = f"{t.name}|{address}"
-            conns = self._conns[key] = [c for c in self._conns.get(key, []) if not c.broken]
-            idle = [c for c in conns if not self._load.get(id(c))]
-            if idle or (conns and len(conns) + self._opening.get(key, 0) >= t.connections_per_parent):
-                conn = idle[0] if idle else min(conns, key=lambda c: self._load.get(id(c), 0))
-                self._load[id(conn)] = self._load.get(id(conn), 0) + 1
+            conns = self._conns.setdefault(key, [])
+            for dead in [c for c in conns if c.broken and not self._load[c]]:  # broke while idle
+                conns.remove(dead)
+                del self._load[dead]
+                await dead.close()
+            live = [c for c in conns if not c.broken]
+            if live and (
+                min(self._load[c] for c in live) == 0
+                or len(live) + self._opening.get(key, 0) >= t.connections_per_parent
+            ):
+                conn = min(live, key=self._load.__getitem__)  # an idle one, else the least busy
+                self._load[conn] += 1
                 return key, conn
             failed = self._failed.get(key)
             if failed is not None and now - failed[0] < self.retry_after:
@@ -189,7 +196,7 @@ class ConnectionPool:
             finally:
                 self._opening[key] -= 1
             self._conns.setdefault(key, []).append(conn)
-            self._load[id(conn)] = 1
+            self._load[conn] = 1
             return key, conn
         if not reasons:
             mine = ", ".join(t.name for t in self.transports)
@@ -198,20 +205,17 @@ class ConnectionPool:
         raise PeerError("no transport reached the parent: " + "; ".join(reasons))
 
     async def release(self, key: str, conn: PieceConnection) -> None:
-        self._load[id(conn)] = max(0, self._load.get(id(conn), 1) - 1)
-        if conn.broken:
-            await self._forget(key, conn)
-
-    async def _forget(self, key: str, conn: PieceConnection) -> None:
-        conns = self._conns.get(key, [])
-        if conn in conns:
-            conns.remove(conn)
-        self._load.pop(id(conn), None)
-        await conn.close()
+        if conn not in self._load:
+            return  # dropped while this fetch ran
+        self._load[conn] -= 1
+        if conn.broken and not self._load[conn]:
+            self._conns[key].remove(conn)
+            del self._load[conn]
+            await conn.close()
 
     async def drop(self, key: str) -> None:
         for conn in self._conns.pop(key, []):
-            self._load.pop(id(conn), None)
+            del self._load[conn]
             await conn.close()
 
     async def close(self) -> None:

@@ -48,14 +48,13 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 def error_frame(exc: BaseException, packet_id: int = 0) -> bytes:
-    """The Error frame a failed lookup becomes; only unexpected failures are logged."""
+    """The Error frame a failed lookup becomes."""
     if isinstance(exc, NotFound):
         code = vortex.ErrorCode.NOT_FOUND
     elif isinstance(exc, InvalidArgument):
         code = vortex.ErrorCode.INVALID_ARGUMENT
     else:
         code = vortex.ErrorCode.INTERNAL
-        logger.warning("serving a piece failed: {}", exc)
     return vortex.encode_error(code, str(exc) or type(exc).__name__, packet_id)
 
 
@@ -81,6 +80,8 @@ async def answer(
     try:
         served = await lookup(req.task_id, req.number)
     except Exception as exc:  # every lookup failure reaches the child as an Error frame
+        if not isinstance(exc, NotFound | InvalidArgument):
+            logger.warning("serving piece {} of {} failed: {}", req.number, req.task_id[:12], exc)
         sink.write(error_frame(exc, req.packet_id))
         await sink.drain()
         return

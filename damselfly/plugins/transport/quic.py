@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import ipaddress
 import ssl
 from pathlib import Path
@@ -38,9 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from damselfly.contracts import PieceConnection, PieceLookup, PieceServer, PieceWriter, Transport
 from damselfly.core import vortex
-from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound, PeerError, ProtocolError
+from damselfly.core.errors import DamselflyError, InvalidArgument, PeerError, ProtocolError
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.transport.common import ParentRefused, PendingResponse, answer, split_address
+from damselfly.plugins.transport.common import PendingResponse, answer, split_address
 
 ALPN = "vortex"
 _QUIC_INTERNAL_ERROR = 0x1
@@ -126,6 +127,7 @@ def _load_chain(config: Any, cert_pem: bytes, key_pem: bytes) -> None:
 # -- the parent's side ----------------------------------------------------------------
 
 
+@functools.cache
 def _server_classes() -> tuple[type, type]:
     """Built on first use, so importing the plugin does not need aioquic."""
     from aioquic.asyncio import QuicConnectionProtocol
@@ -278,6 +280,7 @@ class _Server:
 # -- the child's side -----------------------------------------------------------------
 
 
+@functools.cache
 def _client_classes() -> tuple[type, type]:
     from aioquic.asyncio import QuicConnectionProtocol
     from aioquic.quic import events
@@ -366,10 +369,7 @@ class QuicPieceConnection(PieceConnection):
             return await req.deliver(
                 sink, min(256 * 1024, self._window // 4), lambda taken: p.grant(stream_id, taken + self._window)
             )
-        except (NotFound, ParentRefused, asyncio.CancelledError):
-            self._reset(stream_id)
-            raise
-        except DamselflyError:
+        except (DamselflyError, asyncio.CancelledError):
             self._reset(stream_id)
             raise
         finally:

@@ -292,7 +292,7 @@ class WebrtcTransport(Transport):
                     server.peers.discard(pc)
                     await pc.close()
 
-            _HOST_ADDRESSES.set(_addresses_for(self.options, request.remote or ""))
+            chosen = _HOST_ADDRESSES.set(_addresses_for(self.options, request.remote or ""))
             try:
                 await pc.setRemoteDescription(desc)
                 await pc.setLocalDescription(await pc.createAnswer())
@@ -300,6 +300,8 @@ class WebrtcTransport(Transport):
                 server.peers.discard(pc)
                 await pc.close()
                 return web.json_response({"error": f"cannot answer the offer: {exc}"}, status=400)
+            finally:
+                _HOST_ADDRESSES.reset(chosen)
             local = pc.localDescription
             return web.json_response({"sdp": local.sdp, "type": local.type})
 
@@ -318,14 +320,17 @@ class WebrtcTransport(Transport):
 
         host, port = split_address(address)
         _patch_aioice()
-        _HOST_ADDRESSES.set(_addresses_for(self.options, host))
         pc = RTCPeerConnection(configuration=_rtc_configuration(self.options))
         channel = pc.createDataChannel("vortex", ordered=True)
         opened = asyncio.get_running_loop().create_future()
         channel.on("open", lambda: opened.done() or opened.set_result(None))
         try:
             async with asyncio.timeout(max(timeout, self.options.connect_timeout)):
-                await pc.setLocalDescription(await pc.createOffer())
+                chosen = _HOST_ADDRESSES.set(_addresses_for(self.options, host))
+                try:
+                    await pc.setLocalDescription(await pc.createOffer())
+                finally:
+                    _HOST_ADDRESSES.reset(chosen)
                 offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
                 url = f"http://{'[' + host + ']' if ':' in host else host}:{port}{OFFER_PATH}"
                 async with aiohttp.ClientSession() as http, http.post(url, json=offer) as resp:
