@@ -137,6 +137,14 @@ class _Parent:
     task: asyncio.Task[None] | None = None
 
 
+@dataclass
+class _Opening:
+    """Connections being made to one parent over one transport, and a wake-up for when one is."""
+
+    count: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class ConnectionPool:
     """Piece connections to parents, shared across pieces and tasks, over negotiated transports.
 
@@ -156,53 +164,63 @@ class ConnectionPool:
         self.retry_after = retry_after
         self._conns: dict[str, list[PieceConnection]] = {}
         self._load: dict[PieceConnection, int] = {}  # fetches using each connection
-        self._opening: dict[str, int] = {}
+        self._opening: dict[str, _Opening] = {}
         self._failed: dict[str, tuple[float, str]] = {}
 
     async def acquire(self, addresses: dict[str, str]) -> tuple[str, PieceConnection]:
         """A connection to the parent serving ``addresses`` (transport name -> address) and its pool key."""
         reasons: list[str] = []
-        now = time.monotonic()
         for t in self.transports:
             address = addresses.get(t.name)
             if address is None:
                 continue
             key = f"{t.name}|{address}"
-            conns = self._conns.setdefault(key, [])
-            for dead in [c for c in conns if c.broken and not self._load[c]]:  # broke while idle
-                conns.remove(dead)
-                del self._load[dead]
-                await dead.close()
-            live = [c for c in conns if not c.broken]
-            if live and (
-                min(self._load[c] for c in live) == 0
-                or len(live) + self._opening.get(key, 0) >= t.connections_per_parent
-            ):
-                conn = min(live, key=self._load.__getitem__)  # an idle one, else the least busy
-                self._load[conn] += 1
-                return key, conn
-            failed = self._failed.get(key)
-            if failed is not None and now - failed[0] < self.retry_after:
-                reasons.append(f"{t.name}: {failed[1]}")
-                continue
-            self._opening[key] = self._opening.get(key, 0) + 1
             try:
-                conn = await t.connect(address, self.connect_timeout)
+                return key, await self._acquire(t, key, address)
             except DamselflyError as exc:
-                self._failed[key] = (now, str(exc))
                 reasons.append(f"{t.name}: {exc}")
-                logger.warning("transport {} to {} failed, trying the next one: {}", t.name, address, exc)
-                continue
-            finally:
-                self._opening[key] -= 1
-            self._conns.setdefault(key, []).append(conn)
-            self._load[conn] = 1
-            return key, conn
         if not reasons:
             mine = ", ".join(t.name for t in self.transports)
             theirs = ", ".join(sorted(addresses)) or "none"
             raise PeerError(f"no common transport with the parent (mine: {mine}; theirs: {theirs})")
         raise PeerError("no transport reached the parent: " + "; ".join(reasons))
+
+    async def _acquire(self, t: Transport, key: str, address: str) -> PieceConnection:
+        while True:
+            conns = self._conns.setdefault(key, [])  # anew each time: ``drop`` may have replaced it
+            for dead in [c for c in conns if c.broken and not self._load[c]]:  # broke while idle
+                conns.remove(dead)
+                del self._load[dead]
+                await dead.close()
+            live = [c for c in conns if not c.broken]
+            opening = self._opening.get(key)
+            at_cap = len(live) + (opening.count if opening else 0) >= t.connections_per_parent
+            if live and (min(self._load[c] for c in live) == 0 or at_cap):
+                conn = min(live, key=self._load.__getitem__)  # an idle one, else the least busy
+                self._load[conn] += 1
+                return conn
+            failed = self._failed.get(key)
+            if failed is not None and time.monotonic() - failed[0] < self.retry_after:
+                raise PeerError(failed[1])
+            if not at_cap:
+                break
+            assert opening is not None
+            await opening.done.wait()  # the connections being made are all we may have: wait for one
+        opening = self._opening.setdefault(key, _Opening())
+        opening.count += 1
+        try:
+            conn = await t.connect(address, self.connect_timeout)
+        except DamselflyError as exc:
+            self._failed[key] = (time.monotonic(), str(exc))
+            logger.warning("transport {} to {} failed, trying the next one: {}", t.name, address, exc)
+            raise
+        finally:
+            opening.count -= 1
+            opening.done.set()
+            opening.done = asyncio.Event()
+        self._conns.setdefault(key, []).append(conn)
+        self._load[conn] = 1
+        return conn
 
     async def release(self, key: str, conn: PieceConnection) -> None:
         if conn not in self._load:

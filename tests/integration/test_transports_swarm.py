@@ -92,18 +92,21 @@ def test_an_unknown_transport_is_a_one_line_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_demo_over_quic(tmp_path):
+@pytest.mark.parametrize("transport", ["quic", "webrtc"])
+def test_demo_over_one_transport(transport):
+    args = ["demo", "--transport", transport, "--peers", "3", "--size", "8MiB", "--json"]
     proc = subprocess.run(
-        [sys.executable, "-m", "damselfly", "demo", "--transport", "quic", "--peers", "2", "--size", "8MiB", "--json"],
+        [sys.executable, "-m", "damselfly", *args],
         capture_output=True,
         text=True,
         timeout=200,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)
-    assert r["transport"] == "quic" and r["all_digests_ok"]
+    assert r["transport"] == transport and r["all_digests_ok"]
     assert r["origin_bytes"] == r["file_size"]
-    assert r["transport_bytes"] == {"quic": r["p2p_bytes"]}
+    assert r["p2p_bytes"] == 3 * r["file_size"]
+    assert r["transport_bytes"] == {transport: r["p2p_bytes"]}
 
 
 async def test_rdma_without_a_device_gives_way_to_the_next_transport(
