@@ -56,3 +56,46 @@ def test_demo_json(tmp_path):
     assert r["p2p_bytes"] == 3 * r["file_size"]
     for key in ("peers", "origin_requests", "back_to_source_bytes", "p2p_seconds", "direct_seconds"):
         assert key in r
+
+
+@pytest.mark.timeout(300)
+def test_unix_transport_package_installs_and_passes_the_conformance_kit(tmp_path):
+    """examples/damselfly-unix: found through its entry point, and the kit passes against it."""
+    package = ROOT / "examples" / "damselfly-unix"
+    target = tmp_path / "site"
+    pip = ["pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(package)]
+    subprocess.run(
+        [sys.executable, "-m", *pip],
+        check=True,
+        capture_output=True,
+    )
+    env = {**clean_env(), "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-m", "damselfly", "plugins", "--json"], env=env, capture_output=True, text=True, check=True
+    )
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert {
+        "name": "unix",
+        "kind": "transport",
+        "origin": "entry point damselfly-unix 0.1.0",
+        "unavailable": None,
+    } in rows
+    kit = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(package),
+            str(package / "tests"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert kit.returncode == 0, kit.stdout[-3000:]
+    assert "13 passed" in kit.stdout

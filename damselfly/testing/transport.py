@@ -86,10 +86,14 @@ class TransportConformance:
     every allocation; a transport whose protocol runs in pure Python (and so runs
     many times slower under ``tracemalloc``) may lower it, never below twice
     ``memory_bound``, so a transport that buffers a whole piece still fails.
+    Addresses come from the plugin's ``served_address``, so a transport whose
+    addresses are not ``host:port`` (a socket path) sets ``refused_address`` too.
     """
 
     slow_piece_length: int = MAX_PIECE_LENGTH
     memory_bound: int = 16 * MiB
+    # where nothing listens, in the transport's own address form
+    refused_address: str = "127.0.0.1:9"
 
     @pytest.fixture
     def transport(self) -> Transport:
@@ -127,7 +131,7 @@ class TransportConformance:
 
         server: PieceServer = await transport.serve("127.0.0.1", 0, lookup)
         try:
-            yield f"127.0.0.1:{server.port}"
+            yield transport.served_address(server, "127.0.0.1")
         finally:
             await server.close()
 
@@ -181,7 +185,7 @@ class TransportConformance:
 
     async def test_a_refused_connection_is_a_peer_error(self, transport: Transport):
         with pytest.raises(PeerError):
-            await transport.connect("127.0.0.1:9", 2)
+            await transport.connect(self.refused_address, 2)
 
     async def test_a_slow_reader_holds_back_the_sender(
         self, transport: Transport, address: str, pieces: dict[int, bytes]
