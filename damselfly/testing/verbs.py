@@ -55,7 +55,8 @@ class LoopbackQueuePair:
         self.remote = remote.num
 
     def post_recv(self, slot: int) -> None:
-        assert 0 <= slot < self.recv_depth and slot not in self.recv_posted, f"receive slot {slot} posted twice"
+        if not 0 <= slot < self.recv_depth or slot in self.recv_posted:
+            raise ValueError(f"receive slot {slot} is out of range or posted twice")
         if self.error:
             self._complete(Completion(True, slot, error="WR flushed"))
             return
@@ -67,7 +68,8 @@ class LoopbackQueuePair:
     def post_send(self, slot: int, data: bytes | memoryview, imm: int | None = None) -> None:
         if len(data) > self.message_size:
             raise ValueError(f"{len(data)} bytes do not fit a {self.message_size}-byte slot")
-        assert len(self.outbox) < self.send_depth, "more sends posted than the send queue holds"
+        if len(self.outbox) >= self.send_depth:
+            raise ValueError("more sends posted than the send queue holds")
         self.outbox.append((slot, bytes(data), imm))
         self._pump()
 
