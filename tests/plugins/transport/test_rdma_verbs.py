@@ -34,9 +34,7 @@ def test_receive_work_requests_are_told_from_sends():
 def test_completions():
     from pyverbs.cq import WC
 
-    ok = rdma.completion(
-        WC(wr_id=rdma._RECV_BIT | 4, status=e.IBV_WC_SUCCESS, opcode=e.IBV_WC_RECV, byte_len=100)
-    )
+    ok = rdma.completion(WC(wr_id=rdma._RECV_BIT | 4, status=e.IBV_WC_SUCCESS, opcode=e.IBV_WC_RECV, byte_len=100))
     assert ok == rdma.Completion(recv=True, slot=4, length=100)
     imm = rdma.completion(
         WC(
