@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
+from google.protobuf import json_format
 
 from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument, NotFound, PeerError, StorageError
 from damselfly.core.vortex import TrafficType
@@ -62,12 +63,25 @@ def _error(exc: grpc.aio.AioRpcError) -> DamselflyError:
     if code == grpc.StatusCode.NOT_FOUND:
         return BackendError(msg, status_code=404) if error_type == "backend" else NotFound(msg)
     if error_type == "backend":
-        return BackendError(msg)
+        return BackendError(msg, status_code=403 if code == grpc.StatusCode.PERMISSION_DENIED else 0)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return StorageError(msg)
     if code == grpc.StatusCode.UNAVAILABLE and ("unix:" in msg or "failed to connect" in msg.lower()):
         return PeerError(f"cannot reach the daemon: {msg}")
     return PeerError(msg)
+
+
+_TO_END = (1 << 63) - 1
+
+
+def _fill_source_options(download: common_pb2.Download, options: dict[str, dict[str, Any]] | None) -> None:
+    for name, values in (options or {}).items():
+        if name not in ("object_storage", "hdfs", "hugging_face"):
+            raise InvalidArgument(f"unknown source option group {name!r} (object_storage, hdfs, hugging_face)")
+        try:
+            json_format.ParseDict({k: v for k, v in values.items() if v is not None}, getattr(download, name))
+        except json_format.ParseError as exc:
+            raise InvalidArgument(f"bad {name} options: {exc}") from None
 
 
 class Client:
@@ -110,12 +124,16 @@ class Client:
         disable_back_to_source: bool = False,
         overwrite: bool = True,
         byte_range: tuple[int, int] | None = None,
+        source_options: dict[str, dict[str, Any]] | None = None,
         on_progress: Callable[[Progress], Any] | None = None,
     ) -> DownloadResult:
         """Download ``url`` through the daemon; with ``output`` the daemon writes it there atomically.
 
         ``byte_range=(start, length)`` fetches only the pieces that overlap those bytes, and
-        writes only those bytes to ``output``.
+        writes only those bytes to ``output``. ``source_options`` fills the Download's
+        ``object_storage``, ``hdfs`` and ``hugging_face`` messages (keys as in the proto,
+        e.g. ``{"object_storage": {"region": ..., "endpoint": ...}}``), which the source
+        plugin that reads the origin takes its credentials and endpoint from.
         """
         if not self.socket.exists():
             raise PeerError(f"no daemon socket at {self.socket} (is `damselfly daemon` running?)")
@@ -138,6 +156,7 @@ class Client:
             download.timeout.CopyFrom(duration(timeout))
         if byte_range is not None:
             download.range.CopyFrom(common_pb2.Range(start=byte_range[0], length=byte_range[1]))
+        _fill_source_options(download, source_options)
         progress = Progress()
         peer_id = ""
         started = time.monotonic()
@@ -178,6 +197,81 @@ class Client:
             progress.bytes_by_parent,
         )
 
+    async def read(self, url: str, start: int = 0, length: int | None = None, **kwargs: Any) -> bytes:
+        """The bytes ``[start, start + length)`` of ``url`` (to the end when ``length`` is None).
+
+        Only the pieces that overlap the range are fetched (from peers, else the origin)
+        and kept in the daemon's cache; their bytes come back in the gRPC stream, so
+        nothing is written to a file. Keyword arguments are those of ``read_pieces``.
+        """
+        if length == 0:
+            return b""
+        content_length, pieces = await self.read_pieces(url, start, length, **kwargs)
+        end = content_length if length is None else min(start + length, content_length)
+        out = bytearray()
+        for offset in sorted(pieces):
+            data = pieces[offset]
+            lo, hi = max(start, offset), min(end, offset + len(data))
+            if lo < hi:
+                if lo != start + len(out):
+                    raise PeerError(f"read of {url}: the daemon left a gap at byte {start + len(out)}")
+                out += data[lo - offset : hi - offset]
+        if start < end and len(out) != end - start:
+            raise PeerError(f"read of {url}: got {len(out)} of {end - start} bytes")
+        return bytes(out)
+
+    async def read_pieces(
+        self,
+        url: str,
+        start: int = 0,
+        length: int | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        tag: str = "",
+        application: str = "",
+        filtered_query_params: list[str] | tuple[str, ...] = (),
+        piece_length: int = 0,
+        timeout: float | None = None,
+        source_options: dict[str, dict[str, Any]] | None = None,
+    ) -> tuple[int, dict[int, bytes]]:
+        """The content length of ``url`` and the whole pieces (by offset) that overlap the range."""
+        if not self.socket.exists():
+            raise PeerError(f"no daemon socket at {self.socket} (is `damselfly daemon` running?)")
+        if start < 0 or (length is not None and length <= 0):
+            raise InvalidArgument(f"bad range start={start} length={length}")
+        download = common_pb2.Download(
+            url=url,
+            type=common_pb2.TaskType.STANDARD,
+            tag=tag,
+            application=application,
+            filtered_query_params=list(filtered_query_params),
+            request_header=dict(headers or {}),
+            piece_length=piece_length,
+            need_piece_content=True,
+        )
+        if start or length is not None:  # else the whole task, as a full peer
+            # an open-ended range asks for a huge length; the daemon clips it to the content
+            download.range.CopyFrom(common_pb2.Range(start=start, length=length if length is not None else _TO_END))
+        if timeout:
+            download.timeout.CopyFrom(duration(timeout))
+        _fill_source_options(download, source_options)
+        pieces: dict[int, bytes] = {}
+        content_length = -1
+        call = self._stub().DownloadTask(dfdaemon_pb2.DownloadTaskRequest(download=download), timeout=timeout)
+        try:
+            async for resp in call:
+                kind = resp.WhichOneof("response")
+                if kind == "download_task_started_response":
+                    content_length = resp.download_task_started_response.content_length
+                elif kind == "download_piece_finished_response":
+                    piece = resp.download_piece_finished_response.piece
+                    pieces[piece.offset] = piece.content
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise PeerError(f"read of {url} timed out after {timeout}s") from None
+            raise _error(exc) from None
+        return content_length, pieces
+
     async def list_tasks(self) -> list[dfdaemon_pb2.StatLocalTaskResponse]:
         try:
             resp = await self._stub().ListLocalTasks(dfdaemon_pb2.ListLocalTasksRequest(), timeout=10)
@@ -213,6 +307,9 @@ class SyncClient:
 
     def download(self, url: str, output: str | Path | None = None, **kwargs: Any) -> DownloadResult:
         return self._run("download", url, output, **kwargs)
+
+    def read(self, url: str, start: int = 0, length: int | None = None, **kwargs: Any) -> bytes:
+        return self._run("read", url, start, length, **kwargs)  # type: ignore[no-any-return]
 
     def list_tasks(self) -> list[dfdaemon_pb2.StatLocalTaskResponse]:
         return self._run("list_tasks")

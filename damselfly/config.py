@@ -139,6 +139,10 @@ class Settings(BaseSettings):
     host: HostConfig = Field(default_factory=HostConfig, description="This host's identity and capacity.")
     daemon: DaemonConfig = Field(default_factory=DaemonConfig, description="The peer daemon.")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="The scheduler service.")
+    sources: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Options of source plugins by name, e.g. `{s3: {endpoint: ..., region: ...}}`.",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -70,9 +70,23 @@ class Source(Plugin, abc.ABC):
     """Reads content from an origin. Errors are ``BackendError`` when the origin's."""
 
     schemes: ClassVar[tuple[str, ...]]
+    # the field of Dragonfly's ``Download`` whose values a request may set options from:
+    # "object_storage", "hdfs" or "hugging_face" (their keys named as in the proto)
+    request_field: ClassVar[str] = ""
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options or self.Config()
+
+    @classmethod
+    def handles(cls, scheme: str) -> bool:
+        """A fallback for schemes no plugin names in ``schemes`` (the fsspec adapter)."""
+        return False
+
+    @classmethod
+    def request_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Options from a request's ``request_field`` values; by default the keys ``Config`` has."""
+        fields = getattr(cls.Config, "model_fields", {})
+        return {k: v for k, v in values.items() if k in fields and v not in ("", None)}
 
     @abc.abstractmethod
     async def stat(self, url: str, headers: dict[str, str]) -> SourceInfo: ...

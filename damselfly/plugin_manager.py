@@ -26,6 +26,7 @@ ENTRY_POINT_GROUP = "damselfly"
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "damselfly.plugins.source.http",
     "damselfly.plugins.source.file",
+    "damselfly.plugins.source.fsspec_source",
     "damselfly.plugins.transport.tcp",
     "damselfly.plugins.transport.quic",
     "damselfly.plugins.transport.webrtc",
@@ -153,14 +154,22 @@ class Plugins:
         scheme = parts.scheme.lower()
         if not scheme:
             raise InvalidArgument(f"url {url!r} has no scheme")
-        for cls in self.sources.classes():
+        classes = self.sources.classes()
+        for cls in classes:
             if scheme in cls.schemes:
+                return cls
+        for cls in classes:
+            if cls.handles(scheme):
                 return cls
         raise InvalidArgument(f"no source plugin handles {scheme}:// urls (url {url!r})")
 
-    def make_source(self, url: str) -> Source:
+    def make_source(self, url: str, request: dict[str, dict[str, Any]] | None = None) -> Source:
+        """A source for ``url``: options from config (``sources.NAME``), then from the request."""
         cls = self.source_for(url)
-        return cls(cls.parse_options({}, f"source.{cls.name}"))
+        options = dict(self.settings.sources.get(cls.name, {}))
+        if request and cls.request_field:
+            options.update(cls.request_options(request.get(cls.request_field, {})))
+        return cls(cls.parse_options(options, f"sources.{cls.name}"))
 
     def make_storage(self, choice: PluginChoice, data_dir: Any) -> Storage:
         cls = self.storages[choice.type]

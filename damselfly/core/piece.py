@@ -107,10 +107,18 @@ ByteRange = tuple[int, int]
 """(start, length) of a ranged download; None stands for the whole content."""
 
 
-def covers(outer: ByteRange | None, inner: ByteRange | None) -> bool:
-    """Whether a download of ``outer`` (None: everything) brings every byte of ``inner``."""
+def covers(outer: ByteRange | None, inner: ByteRange | None, layout: Layout | None = None) -> bool:
+    """Whether a download of ``outer`` (None: everything) brings every byte of ``inner``.
+
+    With the task's ``layout`` the question is asked of whole pieces, which is what
+    downloads fetch: a range of bytes 10-20 brings all of bytes 0-4MiB.
+    """
     if outer is None:
         return True
+    if layout is not None:
+        want = layout.numbers_for_range(*inner) if inner is not None else range(layout.piece_count)
+        have = layout.numbers_for_range(*outer)
+        return not want or (bool(have) and have.start <= want.start and have.stop >= want.stop)
     if inner is None:
         return False
     return outer[0] <= inner[0] and outer[0] + outer[1] >= inner[0] + inner[1]

@@ -13,10 +13,11 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, errordetails_pb2, scheduler_pb2
+from google.protobuf import json_format
 from loguru import logger
 
 from damselfly.contracts import PieceConnection, Source, Transport
@@ -43,6 +44,9 @@ TRAFFIC_SOURCE = vortex.TrafficType.BACK_TO_SOURCE
 TRAFFIC_PEER = vortex.TrafficType.REMOTE_PEER
 
 
+SOURCE_OPTION_FIELDS = ("object_storage", "hdfs", "hugging_face")
+
+
 @dataclass
 class DownloadRequest:
     """What a client asked for: the fields of Dragonfly's ``Download`` that we act on."""
@@ -61,6 +65,8 @@ class DownloadRequest:
     content_for_calculating_task_id: str = ""
     range: tuple[int, int] | None = None  # (start, length): only the pieces that overlap it
     use_blob_digest: bool = False
+    # the Download's object_storage / hdfs / hugging_face messages, as dicts: source options
+    source_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def from_proto(cls, d: common_pb2.Download) -> DownloadRequest:
@@ -79,6 +85,11 @@ class DownloadRequest:
             content_for_calculating_task_id=d.content_for_calculating_task_id,
             use_blob_digest=d.enable_task_id_based_blob_digest,
             range=(d.range.start, d.range.length) if d.HasField("range") and d.range.length > 0 else None,
+            source_options={
+                name: json_format.MessageToDict(getattr(d, name), preserving_proto_field_name=True)
+                for name in SOURCE_OPTION_FIELDS
+                if d.HasField(name)
+            },
         )
 
     def to_proto(self, task: Task | None = None) -> common_pb2.Download:
@@ -100,6 +111,8 @@ class DownloadRequest:
         )
         if self.range is not None:
             d.range.CopyFrom(common_pb2.Range(start=self.range[0], length=self.range[1]))
+        for name, values in self.source_options.items():
+            json_format.ParseDict(values, getattr(d, name), ignore_unknown_fields=True)
         if task is not None and task.known_length:
             d.actual_content_length = task.content_length
             d.actual_piece_length = task.piece_length
@@ -586,7 +599,7 @@ class Downloader:
     async def _prepare_from_source(self) -> None:
         if self.task is not None and self.task.known_length:
             return
-        self.source = self.d.plugins.make_source(self.req.url)
+        self.source = self.d.plugins.make_source(self.req.url, self.req.source_options)
         info = await self.source.stat(self.req.url, self.req.request_header)
         if info.content_length < 0:
             raise BackendError(f"origin gives no content length for {self.req.url}")
@@ -595,7 +608,7 @@ class Downloader:
     async def _from_source(self, *, report: bool) -> None:
         await self._prepare_from_source()
         if self.source is None:
-            self.source = self.d.plugins.make_source(self.req.url)
+            self.source = self.d.plugins.make_source(self.req.url, self.req.source_options)
         if not report:
             self.link = None
         assert self.task is not None

@@ -24,7 +24,7 @@ from damselfly.config import Settings
 from damselfly.contracts import Candidate, Strategy
 from damselfly.core.host import Host
 from damselfly.core.peer import Peer, PeerState
-from damselfly.core.piece import ByteRange, covers
+from damselfly.core.piece import ByteRange, Layout, covers
 from damselfly.core.task import Task, TaskState
 from damselfly.metrics import SchedulerMetrics, serve_metrics
 from damselfly.plugin_manager import Plugins, build_plugins
@@ -53,6 +53,11 @@ class TaskEntry:
     def notify(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
+
+
+def _layout(entry: TaskEntry) -> Layout | None:
+    """The task's piece layout once its length is known: ranges are then compared piece by piece."""
+    return entry.task.layout if entry.task.known_length else None
 
 
 class SchedulerState:
@@ -111,7 +116,7 @@ class SchedulerState:
             h = self.hosts.get(p.host_id)
             if h is None or h.id == child_host.id or h.disable_shared:
                 continue
-            if not covers(self.range_of(p.id), self.range_of(child.id)):
+            if not covers(self.range_of(p.id), self.range_of(child.id), _layout(entry)):
                 continue  # a ranged parent never holds the pieces outside its range
             if p.state not in ELIGIBLE or p.is_bad():
                 logger.debug("candidate {} skipped: state {}", p.id, p.state.value)
@@ -364,7 +369,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         wanted = st.range_of(peer.id)
         for pid in entry.task.peer_ids:
             p = st.peers.get(pid)
-            if p is None or p.id == peer.id or not covers(st.range_of(p.id), wanted):
+            if p is None or p.id == peer.id or not covers(st.range_of(p.id), wanted, _layout(entry)):
                 continue
             if p.state in (PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED) or (p.need_back_to_source and not p.done):
                 return True
@@ -375,7 +380,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         """The seed has been asked for (at least) ``wanted`` and has not failed since."""
         if not entry.seed_triggered_at or entry.seed_failed_at >= entry.seed_triggered_at:
             return False
-        return any(covers(asked, wanted) for asked in entry.seed_requests)
+        return any(covers(asked, wanted, _layout(entry)) for asked in entry.seed_requests)
 
     def _back_to_source(self, entry: TaskEntry, peer: Peer, why: str) -> scheduler_pb2.AnnouncePeerResponse:
         entry.back_to_source_peers.add(peer.id)

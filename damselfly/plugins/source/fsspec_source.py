@@ -1,0 +1,235 @@
+"""Sources over fsspec: ``s3://`` (s3fs), and any other installed fsspec protocol.
+
+``FsspecSource`` is the generic adapter: a URL whose scheme no other source plugin
+names, but which fsspec knows (``gs://`` with gcsfs installed, ``abfs://``,
+``memory://``, ...), is read through that filesystem. Its options are handed to the
+filesystem as they are (``sources: {fsspec: {gs: {token: ...}}}``: one dict per
+protocol).
+
+``S3Source`` is the same adapter with S3's options named the way Dragonfly's
+``ObjectStorage`` message (and dfget's ``--storage-*`` flags) name them, so a
+request can carry its own region, endpoint and credentials.
+
+Reads run on the filesystem's own event loop integration when it is async (s3fs)
+and in worker threads otherwise, ``chunk`` bytes per call, so a piece is never held
+twice in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from damselfly.contracts import Source, SourceEntry, SourceInfo
+from damselfly.core.errors import BackendError, InvalidArgument
+from damselfly.hookspecs import hookimpl
+
+CHUNK = 8 << 20
+# schemes the other built-in sources (or fsspec's chaining) own, never taken by the fallback
+_NOT_OURS = {"http", "https", "file", "local", "p2p", "hf", "hdfs", "webhdfs", "oci", "blockcache", "filecache"}
+
+
+def _backend_error(exc: BaseException, url: str) -> BackendError:
+    """An fsspec exception as a one-line BackendError with the HTTP-like status it means."""
+    if isinstance(exc, FileNotFoundError):
+        return BackendError(f"not found: {url}", status_code=404)
+    if isinstance(exc, PermissionError):
+        return BackendError(f"access denied to {url}: {exc}", status_code=403)
+    if isinstance(exc, IsADirectoryError):
+        return BackendError(f"{url} is a directory", status_code=400)
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return BackendError(f"reading {url} failed: {text}")
+
+
+class FsspecConfig(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    chunk: int = Field(CHUNK, ge=64 * 1024, description="Bytes read per call to the filesystem.")
+
+
+class FsspecSource(Source):
+    """Any fsspec protocol as a source (the fallback for schemes no other plugin names)."""
+
+    name: ClassVar[str] = "fsspec"
+    schemes: ClassVar[tuple[str, ...]] = ()
+    Config: ClassVar[type[BaseModel]] = FsspecConfig
+
+    def __init__(self, options: BaseModel | None = None):
+        super().__init__(options)
+        self._filesystems: dict[str, Any] = {}
+
+    @classmethod
+    def handles(cls, scheme: str) -> bool:
+        if scheme in _NOT_OURS:
+            return False
+        try:
+            from fsspec.registry import known_implementations, registry
+        except ImportError:
+            return False
+        return scheme in registry or scheme in known_implementations
+
+    @classmethod
+    def available(cls) -> str | None:
+        try:
+            import fsspec  # noqa: F401
+        except ImportError:
+            return "fsspec is not installed (pip install fsspec)"
+        return None
+
+    # -- what subclasses change --------------------------------------------------------
+
+    def storage_options(self, protocol: str) -> dict[str, Any]:
+        extra = dict(self.options.model_extra or {})
+        options = extra.get(protocol, {})
+        if not isinstance(options, dict):
+            raise InvalidArgument(f"sources.fsspec.{protocol} must be a mapping of filesystem options")
+        return options
+
+    def path_of(self, url: str, fs: Any) -> str:
+        return fs._strip_protocol(url)
+
+    # -- the source contract -------------------------------------------------------------
+
+    async def filesystem(self, url: str) -> Any:
+        import fsspec
+
+        protocol = urlsplit(url).scheme.lower()
+        fs = self._filesystems.get(protocol)
+        if fs is not None:
+            return fs
+        try:
+            cls = fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as exc:
+            raise InvalidArgument(f"cannot read {protocol}:// urls: {exc}") from None
+        options = self.storage_options(protocol)
+        if getattr(cls, "async_impl", False):
+            fs = cls(asynchronous=True, loop=asyncio.get_running_loop(), skip_instance_cache=True, **options)
+            if hasattr(fs, "set_session"):
+                await fs.set_session()
+        else:
+            fs = await asyncio.to_thread(lambda: cls(skip_instance_cache=True, **options))
+        self._filesystems[protocol] = fs
+        return fs
+
+    async def _call(self, fs: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+        if getattr(fs, "async_impl", False) and getattr(fs, "asynchronous", False):
+            return await getattr(fs, "_" + name)(*args, **kwargs)
+        return await asyncio.to_thread(getattr(fs, name), *args, **kwargs)
+
+    async def stat(self, url: str, headers: dict[str, str]) -> SourceInfo:
+        fs = await self.filesystem(url)
+        try:
+            info = await self._call(fs, "info", self.path_of(url, fs))
+        except Exception as exc:  # fsspec backends raise anything; each becomes a one-line error
+            raise _backend_error(exc, url) from None
+        if info.get("type") == "directory":
+            raise BackendError(f"{url} is a directory (use a recursive download)", status_code=400)
+        size = info.get("size")
+        meta = {k: str(v) for k, v in info.items() if k in ("ETag", "LastModified", "etag", "mtime")}
+        return SourceInfo(int(size) if size is not None else -1, True, meta)
+
+    async def read(self, url: str, offset: int, length: int, headers: dict[str, str]) -> AsyncIterator[bytes]:
+        fs = await self.filesystem(url)
+        path = self.path_of(url, fs)
+        step = getattr(self.options, "chunk", CHUNK)
+        end = offset + length
+        while offset < end:
+            want = min(step, end - offset)
+            try:
+                data = await self._call(fs, "cat_file", path, start=offset, end=offset + want)
+            except Exception as exc:  # one-line error, whatever the backend raised
+                raise _backend_error(exc, url) from None
+            if not data:
+                raise BackendError(f"{url} ended {end - offset} bytes early")
+            offset += len(data)
+            yield data[: len(data) - max(0, offset - end)]
+
+    async def list(self, url: str, headers: dict[str, str]) -> list[SourceEntry]:
+        fs = await self.filesystem(url)
+        scheme = urlsplit(url).scheme
+        try:
+            found = await self._call(fs, "find", self.path_of(url, fs), detail=True)
+        except Exception as exc:  # as above
+            raise _backend_error(exc, url) from None
+        return [
+            SourceEntry(f"{scheme}://{name.lstrip('/')}", int(info.get("size") or 0), info.get("type") == "directory")
+            for name, info in sorted(found.items())
+        ]
+
+    async def close(self) -> None:
+        for fs in self._filesystems.values():
+            session = getattr(fs, "_s3", None)
+            if session is not None and getattr(fs, "asynchronous", False):
+                try:
+                    await session.close()
+                except Exception:  # closing a client that already failed: nothing to do
+                    pass
+        self._filesystems.clear()
+
+
+class S3Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    region: str = Field("", description="Bucket region (dfget --storage-region).")
+    endpoint: str = Field("", description="S3 API endpoint URL, e.g. http://127.0.0.1:9000 (--storage-endpoint).")
+    access_key_id: str = Field("", description="Access key id (--storage-access-key-id); empty: the usual chain.")
+    access_key_secret: str = Field("", description="Secret access key (--storage-access-key-secret).")
+    session_token: str = Field("", description="Session token of temporary credentials (--storage-session-token).")
+    insecure_skip_verify: bool = Field(False, description="Do not verify the endpoint's TLS certificate.")
+    anonymous: bool = Field(False, description="Unsigned requests (public buckets).")
+    chunk: int = Field(CHUNK, ge=64 * 1024, description="Bytes per ranged GET.")
+
+
+class S3Source(FsspecSource):
+    """``s3://bucket/key`` through s3fs, options as Dragonfly's ``ObjectStorage`` names them."""
+
+    name: ClassVar[str] = "s3"
+    schemes: ClassVar[tuple[str, ...]] = ("s3", "s3a")
+    request_field: ClassVar[str] = "object_storage"
+    Config: ClassVar[type[BaseModel]] = S3Config
+    options: S3Config
+
+    @classmethod
+    def handles(cls, scheme: str) -> bool:
+        return False
+
+    @classmethod
+    def available(cls) -> str | None:
+        try:
+            import s3fs  # noqa: F401
+        except ImportError:
+            return "s3fs is not installed (pip install 'damselfly[s3]')"
+        return None
+
+    def storage_options(self, protocol: str) -> dict[str, Any]:
+        o = self.options
+        client: dict[str, Any] = {}
+        if o.region:
+            client["region_name"] = o.region
+        if o.endpoint:
+            client["endpoint_url"] = o.endpoint
+        if o.insecure_skip_verify:
+            client["verify"] = False
+        options: dict[str, Any] = {"client_kwargs": client, "anon": o.anonymous}
+        if o.access_key_id:
+            options.update(key=o.access_key_id, secret=o.access_key_secret, token=o.session_token or None)
+        return options
+
+    async def filesystem(self, url: str) -> Any:
+        if urlsplit(url).scheme.lower() == "s3a":
+            url = "s3" + url[3:]
+        return await super().filesystem(url)
+
+    def path_of(self, url: str, fs: Any) -> str:
+        parts = urlsplit(url)
+        if not parts.netloc:
+            raise InvalidArgument(f"s3 url {url!r} names no bucket (s3://bucket/key)")
+        return f"{parts.netloc}{parts.path}"
+
+
+@hookimpl
+def damselfly_add_sources(registry):  # type: ignore[no-untyped-def]
+    registry.add(S3Source)
+    registry.add(FsspecSource)
