@@ -36,3 +36,11 @@ def damselfly_cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]
     finally:
         for c in started:
             c.down()
+
+
+@pytest.fixture(scope="session")
+def damselfly_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3 API (moto_server): ``.bucket()`` makes a fresh bucket, ``.requests(bucket)`` reads the log."""
+    from damselfly.testing.s3 import s3_server
+
+    yield from s3_server(tmp_path_factory.mktemp("s3"))
