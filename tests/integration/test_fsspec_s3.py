@@ -6,7 +6,6 @@ import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import pytest
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -60,7 +59,7 @@ async def test_pandas_and_pyarrow_through_two_peers(damselfly_s3, damselfly_clus
     pd.testing.assert_frame_equal(second, table)
     assert read_dataset("peer2").equals(got)
     after = _objects_read(s3, bucket)
-    assert after == before, f"the second peer's reads reached S3: {after[len(before):]}"
+    assert after == before, f"the second peer's reads reached S3: {after[len(before) :]}"
     back_to_source = '{traffic_type="back_to_source"}'
     assert not cluster.metric("peer2", "dragonfly_dfdaemon_download_traffic_bytes_total", back_to_source)
 
