@@ -301,6 +301,7 @@ class P2PFileSystem(ChainedFileSystem):
             os.makedirs(lpath, exist_ok=True)
             return
         kw = self._read_kwargs()
+        os.makedirs(os.path.dirname(os.path.abspath(lpath)), exist_ok=True)
         self._run(
             "download",
             rpath,

@@ -78,7 +78,7 @@ def filter_query_params(url: str, filtered: list[str] | tuple[str, ...]) -> str:
         parts = urlsplit(url)
     except ValueError as exc:
         raise InvalidArgument(f"invalid url {url!r}: {exc}") from None
-    if not parts.scheme or not parts.netloc:
+    if not parts.scheme or not (parts.netloc or parts.scheme.lower() == "file"):
         raise InvalidArgument(f"invalid url {url!r}: scheme and host are required")
     drop = set(filtered)
     pairs: list[tuple[str, str]] = []
