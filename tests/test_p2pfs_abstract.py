@@ -29,19 +29,19 @@ class TestP2PGet(AbstractFixtures, AbstractGetTests):
 
     @pytest.fixture
     def fs_bulk_operations_scenario_0(self, origin_fs, fs_join, fs_path):
-        yield self._bulk_operations_scenario_0(origin_fs, fs_join, fs_path)
+        return self._bulk_operations_scenario_0(origin_fs, fs_join, fs_path)
 
     @pytest.fixture
     def fs_glob_edge_cases_files(self, origin_fs, fs_join, fs_path):
-        yield self._glob_edge_cases_files(origin_fs, fs_join, fs_path)
+        return self._glob_edge_cases_files(origin_fs, fs_join, fs_path)
 
     @pytest.fixture
     def fs_dir_and_file_with_same_name_prefix(self, origin_fs, fs_join, fs_path):
-        yield self._dir_and_file_with_same_name_prefix(origin_fs, fs_join, fs_path)
+        return self._dir_and_file_with_same_name_prefix(origin_fs, fs_join, fs_path)
 
     @pytest.fixture
     def fs_10_files_with_hashed_names(self, origin_fs, fs_join, fs_path):
-        yield self._10_files_with_hashed_names(origin_fs, fs_join, fs_path)
+        return self._10_files_with_hashed_names(origin_fs, fs_join, fs_path)
 
     @pytest.mark.skip(reason="writes its source through the filesystem under test, and p2p is read-only")
     def test_get_directory_recursive(self):
