@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import os
 import signal
@@ -11,12 +12,13 @@ import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
 from damselfly import __version__
 from damselfly.config import Settings, load_settings
-from damselfly.core.errors import DamselflyError
+from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound
 from damselfly.core.units import format_size, parse_size
 
 
@@ -190,9 +192,49 @@ def _parse_headers(values: tuple[str, ...]) -> dict[str, str]:
     return headers
 
 
+def _source_options(
+    region: str,
+    endpoint: str,
+    access_key_id: str,
+    access_key_secret: str,
+    session_token: str,
+    credential_path: str,
+    predefined_acl: str,
+    hdfs_token: str,
+    hf_token: str,
+    hf_revision: str,
+) -> dict[str, dict[str, str]]:
+    """dfget's --storage-*, --hdfs-* and --hf-* flags as the Download's source option messages."""
+    groups = {
+        "object_storage": {
+            "region": region,
+            "endpoint": endpoint,
+            "access_key_id": access_key_id,
+            "access_key_secret": access_key_secret,
+            "session_token": session_token,
+            "credential_path": credential_path,
+            "predefined_acl": predefined_acl,
+        },
+        "hdfs": {"delegation_token": hdfs_token},
+        "hugging_face": {"token": hf_token, "revision": hf_revision},
+    }
+    return {name: {k: v for k, v in values.items() if v} for name, values in groups.items() if any(values.values())}
+
+
+def _relative(base: str, url: str) -> str:
+    """Where an entry of a recursive download goes under the output directory (never outside it)."""
+    base_path = urlsplit(base).path.rstrip("/")
+    path = urlsplit(url).path
+    rel = path[len(base_path) :] if path.startswith(base_path) else path.rsplit("/", 1)[-1]
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise InvalidArgument(f"entry {url!r} does not lie under {base!r}")
+    return "/".join(parts)
+
+
 @cli.command()
 @click.argument("url")
-@click.option("-O", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the content.")
+@click.option("-O", "--output", required=True, type=click.Path(), help="Where to write the content (-r: a directory).")
 @click.option("-H", "--header", "headers", multiple=True, help="Request header 'Name: value' (repeatable).")
 @click.option("--digest", default="", help="Verify the whole content, e.g. sha256:HEX.")
 @click.option("--tag", default="", help="Tag: different tags are different tasks.")
@@ -203,6 +245,19 @@ def _parse_headers(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--timeout", type=float, default=0.0, help="Give up after this many seconds (0: never).")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
 @click.option("--disable-back-to-source", is_flag=True, help="Never let this download read the origin.")
+@click.option("-r", "--recursive", is_flag=True, help="URL is a directory (prefix): download every file under it.")
+@click.option("--include", "includes", multiple=True, help="With -r: only paths matching this glob (repeatable).")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=4, help="With -r: files downloaded at once.")
+@click.option("--storage-region", default="", help="Object storage region.")
+@click.option("--storage-endpoint", default="", help="Object storage endpoint URL.")
+@click.option("--storage-access-key-id", default="", help="Object storage access key id.")
+@click.option("--storage-access-key-secret", default="", help="Object storage secret access key.")
+@click.option("--storage-session-token", default="", help="Object storage session token.")
+@click.option("--storage-credential-path", default="", help="Object storage credential file (GCS).")
+@click.option("--storage-predefined-acl", default="", help="Object storage predefined ACL.")
+@click.option("--hdfs-delegation-token", default="", help="HDFS delegation token.")
+@click.option("--hf-token", default="", help="Hugging Face access token.")
+@click.option("--hf-revision", default="", help="Hugging Face revision (branch, tag or commit).")
 @click.option("--socket", "socket_path", default=None, help="Daemon socket (else from config).")
 @click.pass_context
 def get(
@@ -219,6 +274,19 @@ def get(
     timeout: float,
     no_progress: bool,
     disable_back_to_source: bool,
+    recursive: bool,
+    includes: tuple[str, ...],
+    concurrency: int,
+    storage_region: str,
+    storage_endpoint: str,
+    storage_access_key_id: str,
+    storage_access_key_secret: str,
+    storage_session_token: str,
+    storage_credential_path: str,
+    storage_predefined_acl: str,
+    hdfs_delegation_token: str,
+    hf_token: str,
+    hf_revision: str,
     socket_path: str | None,
 ) -> None:
     """Download URL through the local daemon into OUTPUT (written to a temp file, then renamed)."""
@@ -230,25 +298,42 @@ def get(
         plen = parse_size(piece_length) if piece_length else 0
     except DamselflyError as exc:
         _fail(str(exc), 2)
+    if includes and not recursive:
+        _fail("--include needs -r/--recursive", 2)
+    if recursive and digest:
+        _fail("--digest names one file; it cannot go with -r/--recursive", 2)
     hdrs = _parse_headers(headers)
+    options = _source_options(
+        storage_region,
+        storage_endpoint,
+        storage_access_key_id,
+        storage_access_key_secret,
+        storage_session_token,
+        storage_credential_path,
+        storage_predefined_acl,
+        hdfs_delegation_token,
+        hf_token,
+        hf_revision,
+    )
+    common: dict[str, Any] = {
+        "headers": hdrs,
+        "tag": tag,
+        "application": application,
+        "filtered_query_params": list(filtered),
+        "piece_length": plen,
+        "priority": priority,
+        "timeout": timeout or None,
+        "disable_back_to_source": disable_back_to_source,
+        "source_options": options,
+    }
+    if recursive:
+        _get_recursive(socket_path or str(settings.socket_path), url, Path(output), includes, concurrency, common)
+        return
     bar = _Bar(not no_progress)
 
     async def main() -> Any:
         async with Client(socket_path or settings.socket_path) as c:
-            return await c.download(
-                url,
-                output,
-                headers=hdrs,
-                digest=digest,
-                tag=tag,
-                application=application,
-                filtered_query_params=list(filtered),
-                piece_length=plen,
-                priority=priority,
-                timeout=timeout or None,
-                disable_back_to_source=disable_back_to_source,
-                on_progress=bar,
-            )
+            return await c.download(url, output, digest=digest, on_progress=bar, **common)
 
     try:
         result = asyncio.run(main())
@@ -266,6 +351,56 @@ def get(
             f"local {format_size(result.local_bytes)}) task {result.task_id}",
             err=True,
         )
+
+
+def _get_recursive(
+    socket_path: str, url: str, out_dir: Path, includes: tuple[str, ...], concurrency: int, common: dict[str, Any]
+) -> None:
+    """dfget --recursive: list through the daemon, then download each file, ``concurrency`` at a time."""
+    from damselfly.client import Client
+
+    if out_dir.exists() and not out_dir.is_dir():
+        _fail(f"output {str(out_dir)!r} exists and is not a directory", 2)
+
+    async def main() -> list[tuple[str, Any]]:
+        async with Client(socket_path) as c:
+            entries = await c.list_entries(
+                url, headers=common["headers"], source_options=common["source_options"], timeout=common["timeout"] or 60
+            )
+            files = []
+            for e in entries:
+                if e.is_dir:
+                    continue
+                rel = _relative(url, e.url)
+                if includes and not any(fnmatch.fnmatchcase(rel, g) for g in includes):
+                    continue
+                files.append((e.url, rel))
+            if not files:
+                raise NotFound(f"no files under {url}" + (f" match {', '.join(includes)}" if includes else ""))
+            limit = asyncio.Semaphore(concurrency)
+
+            async def one(entry_url: str, rel: str) -> tuple[str, Any]:
+                async with limit:
+                    target = out_dir / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    return rel, await c.download(entry_url, target, **common)
+
+            return list(await asyncio.gather(*(one(u, r) for u, r in files)))
+
+    try:
+        results = asyncio.run(main())
+    except DamselflyError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    total = sum(r.content_length for _, r in results)
+    peers = sum(r.peer_bytes for _, r in results)
+    source = sum(r.source_bytes for _, r in results)
+    click.echo(
+        f"{out_dir}: {len(results)} files, {format_size(total)} (peers {format_size(peers)}, "
+        f"source {format_size(source)})",
+        err=True,
+    )
 
 
 # -- tasks ----------------------------------------------------------------------------

@@ -272,6 +272,26 @@ class Client:
             raise _error(exc) from None
         return content_length, pieces
 
+    async def list_entries(
+        self,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        source_options: dict[str, dict[str, Any]] | None = None,
+        timeout: float = 60,
+    ) -> list[dfdaemon_pb2.Entry]:
+        """What lies under ``url`` at the origin (files and directories, recursively), via the daemon's source."""
+        req = dfdaemon_pb2.ListTaskEntriesRequest(url=url, request_header=dict(headers or {}))
+        for name, values in (source_options or {}).items():
+            if name not in ("object_storage", "hdfs", "hugging_face"):
+                raise InvalidArgument(f"unknown source option group {name!r} (object_storage, hdfs, hugging_face)")
+            json_format.ParseDict({k: v for k, v in values.items() if v is not None}, getattr(req, name))
+        try:
+            resp = await self._stub().ListTaskEntries(req, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+        return list(resp.entries)
+
     async def list_tasks(self) -> list[dfdaemon_pb2.StatLocalTaskResponse]:
         try:
             resp = await self._stub().ListLocalTasks(dfdaemon_pb2.ListLocalTasksRequest(), timeout=10)
@@ -310,6 +330,9 @@ class SyncClient:
 
     def read(self, url: str, start: int = 0, length: int | None = None, **kwargs: Any) -> bytes:
         return self._run("read", url, start, length, **kwargs)  # type: ignore[no-any-return]
+
+    def list_entries(self, url: str, **kwargs: Any) -> list[dfdaemon_pb2.Entry]:
+        return self._run("list_entries", url, **kwargs)  # type: ignore[no-any-return]
 
     def list_tasks(self) -> list[dfdaemon_pb2.StatLocalTaskResponse]:
         return self._run("list_tasks")

@@ -27,6 +27,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "damselfly.plugins.source.http",
     "damselfly.plugins.source.file",
     "damselfly.plugins.source.fsspec_source",
+    "damselfly.plugins.source.hf",
+    "damselfly.plugins.source.hdfs",
     "damselfly.plugins.transport.tcp",
     "damselfly.plugins.transport.quic",
     "damselfly.plugins.transport.webrtc",

@@ -128,6 +128,7 @@ class DownloadRequest:
             self.url,
             tag=self.tag or None,
             application=self.application or None,
+            revision=self.source_options.get("hugging_face", {}).get("revision") or None,
             piece_length=self.piece_length or None,
             filtered_query_params=self.filtered_query_params or list(ids.DEFAULT_FILTERED_QUERY_PARAMS),
         )

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
-from google.protobuf import empty_pb2
+from google.protobuf import empty_pb2, json_format
 
 from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument, NotFound, StorageError
 from damselfly.core.piece import ByteRange, Layout
@@ -167,6 +167,33 @@ class LocalService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
         if task is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
         return _local(task)
+
+    async def ListTaskEntries(
+        self, request: dfdaemon_pb2.ListTaskEntriesRequest, context: grpc.aio.ServicerContext
+    ) -> dfdaemon_pb2.ListTaskEntriesResponse:
+        """A directory of the origin (a bucket prefix, an HDFS directory, a repository), through its source."""
+        from damselfly.daemon.download import SOURCE_OPTION_FIELDS
+
+        options = {
+            name: json_format.MessageToDict(getattr(request, name), preserving_proto_field_name=True)
+            for name in SOURCE_OPTION_FIELDS
+            if request.HasField(name)
+        }
+        source = None
+        try:
+            source = self.d.plugins.make_source(request.url, options)
+            entries = await source.list(request.url, dict(request.request_header))
+        except DamselflyError as exc:
+            await abort_with(context, exc)
+            raise AssertionError("unreachable") from None
+        finally:
+            if source is not None:
+                await source.close()
+        return dfdaemon_pb2.ListTaskEntriesResponse(
+            content_length=sum(e.content_length for e in entries),
+            status_code=200,
+            entries=[dfdaemon_pb2.Entry(url=e.url, content_length=e.content_length, is_dir=e.is_dir) for e in entries],
+        )
 
     async def ListLocalTasks(
         self, request: dfdaemon_pb2.ListLocalTasksRequest, context: grpc.aio.ServicerContext
