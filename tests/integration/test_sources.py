@@ -46,7 +46,8 @@ async def test_hugging_face_files_come_from_the_hub_once(hub, damselfly_cluster_
     assert hub.bytes_sent == len(weights)  # the hub sent the file once, to the seed
     # another revision is another task, with its own content
     async with Client(cluster.daemon("peer1")["socket"]) as c:
-        await c.download(url, tmp_path / "v2.bin", source_options={"hugging_face": {"token": "hf_secret", "revision": "v2"}})
+        v2 = {"hugging_face": {"token": "hf_secret", "revision": "v2"}}
+        await c.download(url, tmp_path / "v2.bin", source_options=v2)
         await c.download("hf://acme/llm@v2/model.safetensors", tmp_path / "v2b.bin", source_options=options)
         with pytest.raises(BackendError, match="401"):
             await c.download("hf://acme/llm/other.bin", tmp_path / "nope.bin")
