@@ -460,6 +460,26 @@ def tasks_rm(ctx: click.Context, task_id: str, socket_path: str | None) -> None:
     click.echo(f"deleted {task_id}")
 
 
+@cli.command("gc")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--socket", "socket_path", default=None, help="Daemon socket (else from config).")
+@click.pass_context
+def gc_command(ctx: click.Context, as_json: bool, socket_path: str | None) -> None:
+    """Run the daemon's garbage collection now (task TTL, quota and watermarks)."""
+    report = _client_call(ctx, socket_path, "collect_garbage")
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    for task_id, why in report["removed"].items():
+        click.echo(f"removed {task_id}: {why}")
+    for task_id in report["kept_in_use"]:
+        click.echo(f"kept {task_id}: in use")
+    click.echo(
+        f"freed {format_size(report['freed_bytes'])}; {format_size(report['used_bytes'])} stored "
+        f"(high watermark {format_size(report['limit_bytes'])})"
+    )
+
+
 # -- plugins and config ------------------------------------------------------------
 
 

@@ -95,12 +95,17 @@ class Client:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _stub(self) -> dfdaemon_pb2_grpc.DfdaemonDownloadStub:
+    def _channel_or_open(self) -> grpc.aio.Channel:
+        if not self.socket.exists():
+            raise PeerError(f"no daemon socket at {self.socket} (is `damselfly daemon` running?)")
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(
                 f"unix://{self.socket}", options=[("grpc.max_receive_message_length", 128 * 1024 * 1024)]
             )
-        return dfdaemon_pb2_grpc.DfdaemonDownloadStub(self._channel)
+        return self._channel
+
+    def _stub(self) -> dfdaemon_pb2_grpc.DfdaemonDownloadStub:
+        return dfdaemon_pb2_grpc.DfdaemonDownloadStub(self._channel_or_open())
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -292,6 +297,19 @@ class Client:
             raise _error(exc) from None
         return list(resp.entries)
 
+    async def collect_garbage(self) -> dict[str, Any]:
+        """Run the daemon's garbage collection now; its report (removed tasks and why, bytes freed)."""
+        import json
+
+        call = self._channel_or_open().unary_unary(
+            "/damselfly.v1.Admin/Collect", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        )
+        try:
+            raw = await call(b"", timeout=120)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+        return json.loads(raw)  # type: ignore[no-any-return]
+
     async def list_tasks(self) -> list[dfdaemon_pb2.StatLocalTaskResponse]:
         try:
             resp = await self._stub().ListLocalTasks(dfdaemon_pb2.ListLocalTasksRequest(), timeout=10)
@@ -333,6 +351,9 @@ class SyncClient:
 
     def list_entries(self, url: str, **kwargs: Any) -> list[dfdaemon_pb2.Entry]:
         return self._run("list_entries", url, **kwargs)  # type: ignore[no-any-return]
+
+    def collect_garbage(self) -> dict[str, Any]:
+        return self._run("collect_garbage")  # type: ignore[no-any-return]
 
     def list_tasks(self) -> list[dfdaemon_pb2.StatLocalTaskResponse]:
         return self._run("list_tasks")

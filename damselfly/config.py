@@ -22,7 +22,7 @@ from pydantic_settings import (
 )
 
 from damselfly.core.errors import InvalidArgument
-from damselfly.core.units import parse_rate
+from damselfly.core.units import parse_rate, parse_size
 
 CONFIG_ENV = "DAMSELFLY_CONFIG"
 
@@ -74,6 +74,20 @@ class PluginChoice(BaseModel):
         return dict(self.model_extra or {})
 
 
+class GcConfig(Section):
+    interval: float = Field(60.0, gt=0, description="Seconds between garbage collections.")
+    task_ttl: float = Field(21600.0, gt=0, description="Seconds a task unused (not read, served or written) is kept.")
+    quota: int = Field(0, ge=0, description="Bytes of content kept at most (0: judge by the disk's own usage).")
+    high_watermark: float = Field(80.0, gt=0, le=100, description="Percent of quota (or disk) that starts eviction.")
+    low_watermark: float = Field(60.0, ge=0, lt=100, description="Percent eviction brings usage down to.")
+    serving_grace: float = Field(30.0, ge=0, description="Seconds after its last served piece a task counts as in use.")
+
+    @field_validator("quota", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return parse_size(v) if isinstance(v, str) else v
+
+
 class DaemonConfig(Section):
     seed: bool = Field(False, description="Run as a seed peer (the one that goes back to source).")
     data_dir: Path = Field(
@@ -95,6 +109,7 @@ class DaemonConfig(Section):
     piece_picker: str = Field("sequential", description="Piece-picker plugin: the order missing pieces are fetched in.")
     piece_timeout: float = Field(60.0, gt=0, description="Seconds one piece may take from a parent.")
     piece_connect_timeout: float = Field(3.0, gt=0, description="Seconds to open a piece connection to a parent.")
+    gc: GcConfig = Field(default_factory=GcConfig, description="Garbage collection of stored tasks.")
     parent_gather_window: float = Field(
         0.1, ge=0, description="Seconds a reported piece waits for other parents to report it too."
     )

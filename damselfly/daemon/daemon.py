@@ -28,7 +28,8 @@ from damselfly.core.host import Host, HostType
 from damselfly.core.piece import covers, crc32
 from damselfly.core.task import Task, TaskState
 from damselfly.daemon.download import ConnectionPool, Downloader, DownloadRequest
-from damselfly.daemon.local import LocalService
+from damselfly.daemon.gc import Collector
+from damselfly.daemon.local import LocalService, admin_handler
 from damselfly.daemon.runtime import TaskBoard, TaskRuntime
 from damselfly.daemon.upload import UploadService, lookup_piece
 from damselfly.metrics import DaemonMetrics, serve_metrics
@@ -134,6 +135,7 @@ class Daemon:
         self.pool = ConnectionPool(self.transports, cfg.piece_connect_timeout)
         self.schedulers = SchedulerPool(cfg.schedulers, cfg.scheduler_connect_timeout)
         self.board = TaskBoard()
+        self.gc = Collector(self)
         self.uploaded_bytes = 0
         self.piece_port = 0
         self.piece_addresses: dict[str, str] = {}  # transport name -> the address children use
@@ -185,6 +187,7 @@ class Daemon:
             self.socket_path.unlink()
         self._local_server = grpc.aio.server(options=GRPC_OPTIONS)
         dfdaemon_pb2_grpc.add_DfdaemonDownloadServicer_to_server(LocalService(self), self._local_server)
+        self._local_server.add_generic_rpc_handlers((admin_handler(self),))
         local_health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(local_health, self._local_server)
         self._local_server.add_insecure_port(f"unix://{self.socket_path}")
@@ -195,6 +198,7 @@ class Daemon:
             self.metrics.registry, cfg.listen_ip, cfg.metrics_port
         )
         self._spawn(self._announce_loop())
+        self._spawn(self._gc_loop())
         logger.info(
             "daemon {} ready: socket {}, upload :{}, pieces {}, metrics :{}",
             self.host_id,
@@ -362,6 +366,14 @@ class Daemon:
         rt.runner = self._spawn(downloader.run())
         rt.runner.add_done_callback(lambda _: self.board.remove(rt))
         return rt
+
+    async def _gc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.daemon.gc.interval)
+            try:
+                await self.gc.collect()
+            except Exception as exc:  # a failed round is logged; the next one tries again
+                logger.warning("garbage collection failed: {}", exc)
 
     async def delete_task(self, task_id: str) -> None:
         for rt in self.board.forget(task_id):

@@ -141,6 +141,7 @@ class LocalService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
             if dl.output_path:
                 check_output(dl.output_path, dl.overwrite)
             rt = await self.d.start_download(req)
+            self.d.gc.touch(rt.task_id)
         except DamselflyError as exc:
             await abort_with(context, exc)
             return
@@ -228,3 +229,20 @@ def _local(task: common_pb2.Task | object) -> dfdaemon_pb2.StatLocalTaskResponse
     if task.state is TaskState.SUCCEEDED:
         resp.finished_at.CopyFrom(timestamp(task.updated_at))
     return resp
+
+
+ADMIN_SERVICE = "damselfly.v1.Admin"
+
+
+def admin_handler(daemon: Daemon) -> grpc.GenericRpcHandler:
+    """Local-socket-only calls of damselfly's own (JSON in and out): ``Collect`` runs the GC now."""
+    import json
+
+    async def collect(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        report = await daemon.gc.collect()
+        return json.dumps(report.to_dict()).encode()
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        collect, request_deserializer=lambda b: b, response_serializer=lambda b: b
+    )
+    return grpc.method_handlers_generic_handler(ADMIN_SERVICE, {"Collect": handler})

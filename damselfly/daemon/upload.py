@@ -114,6 +114,7 @@ async def lookup_piece(daemon: Daemon, task_id: str, number: int) -> ServedPiece
     record = task.pieces.get(number)
     if record is None:
         raise NotFound(f"piece {number} of task {task_id} not found")
+    daemon.gc.served(task_id)
     meta = vortex.PieceMetadata(
         number=record.number,
         offset=record.offset,
