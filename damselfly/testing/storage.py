@@ -1,0 +1,258 @@
+"""The storage conformance kit: the cases every storage plugin passes.
+
+A storage package subclasses ``StorageConformance`` in its tests and provides a
+``make_storage`` fixture returning a function ``data_dir -> Storage`` (not yet
+opened); the kit opens, closes and reopens storages itself:
+
+    from damselfly.testing.storage import StorageConformance
+
+    class TestMyStorage(StorageConformance):
+        persistent = True            # tasks survive close + reopen on the same data_dir
+
+        @pytest.fixture
+        def make_storage(self):
+            return lambda data_dir: MyStorage(data_dir, MyStorage.Config())
+
+Cases: write, verify and read back (pieces, ranges, export); a piece with a wrong
+digest, a short or a long piece is refused and nothing of it is kept; an
+interrupted write (aborted mid-piece) leaves the piece absent and can be redone;
+readers of finished pieces run concurrently with writers of others; ``finish``
+refuses an incomplete task; ``delete``; restart (persistent storages keep what
+was committed, and only that; others start empty); a full disk (an 8 MiB tmpfs,
+when the process may mount one): a clear ``StorageError``, nothing corrupted, and
+the storage still usable. ``disk_backed = False`` skips the full-disk cases for
+storages that keep nothing in ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from damselfly.contracts import Storage
+from damselfly.core.errors import NotFound, PieceCorrupt, StorageError
+from damselfly.core.piece import Layout, digest
+from damselfly.core.task import Task, TaskState
+
+MiB = 1 << 20
+CONTENT = bytes(range(256)) * (10 * MiB // 256) + b"tail"
+
+
+def new_task(task_id: str = "ab" * 32, content: bytes = CONTENT) -> Task:
+    layout = Layout.for_content(len(content))
+    return Task(id=task_id, url="http://o/x", content_length=len(content), piece_length=layout.piece_length)
+
+
+async def write_piece(storage: Storage, task: Task, number: int, content: bytes = CONTENT) -> None:
+    span = task.layout.span(number)
+    data = content[span.offset : span.end]
+    w = storage.writer(task.id, span)
+    await asyncio.to_thread(w.write, data[: len(data) // 2])
+    await asyncio.to_thread(w.write, data[len(data) // 2 :])
+    await w.commit(digest(data))
+
+
+async def fill(storage: Storage, task: Task, content: bytes = CONTENT) -> None:
+    for n in range(task.piece_count):
+        await write_piece(storage, task, n, content)
+    await storage.finish(task.id)
+
+
+def _fill_disk(path: Path, most: int) -> None:
+    """Write up to ``most`` bytes, stopping quietly when the disk is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(most // MiB):
+            try:
+                os.write(fd, b"\1" * MiB)
+            except OSError:
+                return
+    finally:
+        os.close(fd)
+
+
+class StorageConformance:
+    persistent: bool = True
+    disk_backed: bool = True
+
+    @pytest.fixture
+    def make_storage(self) -> Callable[[Path], Storage]:
+        raise NotImplementedError("provide `make_storage`: a function data_dir -> Storage")
+
+    @pytest.fixture
+    async def storage(self, make_storage: Callable[[Path], Storage], tmp_path: Path) -> AsyncIterator[Storage]:
+        s = make_storage(tmp_path / "data")
+        await s.open()
+        yield s
+        await s.close()
+
+    @pytest.fixture
+    def tiny_disk(self, tmp_path: Path) -> Iterator[Path]:
+        """An 8 MiB tmpfs, for running out of space for real (needs root, as CI has)."""
+        if not self.disk_backed:
+            pytest.skip("this storage keeps nothing on disk")
+        mnt = tmp_path / "tiny"
+        mnt.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here")
+        try:
+            yield mnt
+        finally:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+    async def test_write_verify_read_and_export(self, storage: Storage, tmp_path: Path):
+        task = await storage.create(new_task())
+        assert task.piece_count == 3
+        await fill(storage, task)
+        assert storage.get(task.id).state is TaskState.SUCCEEDED  # type: ignore[union-attr]
+        assert await storage.read_piece(task.id, 2) == CONTENT[8 * MiB :]
+        got = b"".join([c async for c in storage.read_range(task.id, 3, 5 * MiB)])
+        assert got == CONTENT[3 : 3 + 5 * MiB]
+        out = tmp_path / "out.bin"
+        await storage.export(task.id, out)
+        assert out.read_bytes() == CONTENT
+        assert [t.id for t in storage.tasks()] == [task.id]
+
+    async def test_create_is_idempotent(self, storage: Storage):
+        a = await storage.create(new_task())
+        await write_piece(storage, a, 0)
+        b = await storage.create(new_task())
+        assert b.id == a.id and 0 in b.pieces
+
+    async def test_a_wrong_digest_keeps_nothing(self, storage: Storage):
+        task = await storage.create(new_task())
+        span = task.layout.span(0)
+        w = storage.writer(task.id, span)
+        w.write(CONTENT[: span.length])
+        with pytest.raises(PieceCorrupt):
+            await w.commit("crc32:1")
+        assert 0 not in storage.get(task.id).pieces  # type: ignore[union-attr]
+        with pytest.raises(NotFound):
+            await storage.read_piece(task.id, 0)
+
+    async def test_short_and_long_pieces_are_refused(self, storage: Storage):
+        task = await storage.create(new_task())
+        span = task.layout.span(1)
+        short = storage.writer(task.id, span)
+        short.write(CONTENT[span.offset : span.end - 1])
+        with pytest.raises((PieceCorrupt, StorageError)):
+            await short.commit(None)
+        long = storage.writer(task.id, span)
+        with pytest.raises((PieceCorrupt, StorageError)):
+            long.write(CONTENT[span.offset : span.end + 1])
+            await long.commit(None)
+        long.abort()
+        assert 1 not in storage.get(task.id).pieces  # type: ignore[union-attr]
+
+    async def test_an_interrupted_write_leaves_no_piece_and_can_be_redone(self, storage: Storage):
+        task = await storage.create(new_task())
+        span = task.layout.span(1)
+        w = storage.writer(task.id, span)
+        w.write(CONTENT[span.offset : span.offset + MiB])
+        w.abort()
+        assert 1 not in storage.get(task.id).pieces  # type: ignore[union-attr]
+        with pytest.raises(NotFound):
+            await storage.read_piece(task.id, 1)
+        await write_piece(storage, task, 1)
+        assert await storage.read_piece(task.id, 1) == CONTENT[span.offset : span.end]
+
+    async def test_readers_run_beside_writers(self, storage: Storage):
+        task = await storage.create(new_task())
+        await write_piece(storage, task, 0)
+        span0 = task.layout.span(0)
+
+        async def reader() -> bool:
+            for _ in range(5):
+                if await storage.read_piece(task.id, 0) != CONTENT[: span0.length]:
+                    return False
+                chunk = b"".join([c async for c in storage.read_range(task.id, 100, 1000)])
+                if chunk != CONTENT[100:1100]:
+                    return False
+            return True
+
+        results = await asyncio.gather(*(reader() for _ in range(8)), write_piece(storage, task, 1))
+        assert all(results[:8])
+        assert await storage.read_piece(task.id, 1) == CONTENT[4 * MiB : 8 * MiB]
+
+    async def test_finish_refuses_an_incomplete_task(self, storage: Storage):
+        task = await storage.create(new_task())
+        await write_piece(storage, task, 0)
+        with pytest.raises((StorageError, PieceCorrupt, NotFound)):
+            await storage.finish(task.id)
+        assert storage.get(task.id).state is not TaskState.SUCCEEDED  # type: ignore[union-attr]
+
+    async def test_delete(self, storage: Storage):
+        task = await storage.create(new_task())
+        await fill(storage, task)
+        await storage.delete(task.id)
+        assert storage.get(task.id) is None
+        with pytest.raises(NotFound):
+            await storage.read_piece(task.id, 0)
+        await storage.delete(task.id)  # twice is fine
+
+    async def test_restart(self, make_storage: Callable[[Path], Storage], tmp_path: Path):
+        data_dir = tmp_path / "restart"
+        s = make_storage(data_dir)
+        await s.open()
+        done = await s.create(new_task("aa" * 32))
+        await fill(s, done)
+        partial = await s.create(new_task("bb" * 32))
+        await write_piece(s, partial, 0)
+        w = s.writer(partial.id, partial.layout.span(1))  # in flight when the process goes
+        w.write(CONTENT[4 * MiB : 5 * MiB])
+        await s.close()
+        s2 = make_storage(data_dir)
+        await s2.open()
+        try:
+            if not self.persistent:
+                assert s2.tasks() == []
+                return
+            again = s2.get(done.id)
+            assert again is not None and again.state is TaskState.SUCCEEDED
+            assert await s2.read_piece(done.id, 2) == CONTENT[8 * MiB :]
+            p = s2.get(partial.id)
+            assert p is not None and set(p.pieces) == {0}  # the committed piece only
+            await write_piece(s2, p, 1)
+            await write_piece(s2, p, 2)
+            await s2.finish(p.id)
+            out = tmp_path / "p.out"
+            await s2.export(p.id, out)
+            assert out.read_bytes() == CONTENT
+        finally:
+            await s2.close()
+
+    async def test_a_full_disk_is_a_clear_error(self, make_storage: Callable[[Path], Storage], tiny_disk: Path):
+        """6 MiB + 6 MiB of tasks and 6 MiB of someone else's file on an 8 MiB disk: something must give."""
+        s = make_storage(tiny_disk / "data")
+        await s.open()
+        six = bytes(range(256)) * (6 * MiB // 256)
+        errors: list[StorageError] = []
+        try:
+            first = await s.create(new_task("ef" * 32, six))
+            _fill_disk(tiny_disk / "filler", 6 * MiB)  # someone else fills the disk
+            for task_id in ("ef" * 32, "cd" * 32):
+                try:
+                    task = await s.create(new_task(task_id, six))
+                    await fill(s, task, six)
+                except StorageError as exc:
+                    errors.append(exc)
+            assert errors, "nothing failed although the data cannot fit"
+            assert all("\n" not in str(e) for e in errors)
+            for task in s.tasks():  # never a torn piece: what is recorded reads back whole
+                for number in task.pieces:
+                    span = task.layout.span(number)
+                    assert await s.read_piece(task.id, number) == six[span.offset : span.end]
+            (tiny_disk / "filler").unlink()
+            for task in s.tasks():
+                await s.delete(task.id)
+            again = await s.create(new_task("12" * 32, six))
+            await fill(s, again, six)  # usable again once there is room
+            assert await s.read_piece(again.id, 1) == six[4 * MiB :]
+            assert first.id != again.id
+        finally:
+            await s.close()
