@@ -19,7 +19,7 @@ import click
 from damselfly import __version__
 from damselfly.config import Settings, load_settings
 from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound
-from damselfly.core.units import format_size, parse_size
+from damselfly.core.units import format_size, parse_duration, parse_size
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -411,14 +411,14 @@ def tasks() -> None:
     """The tasks the local daemon holds."""
 
 
-def _client_call(ctx: click.Context, socket_path: str | None, method: str, *args: Any) -> Any:
+def _client_call(ctx: click.Context, socket_path: str | None, method: str, *args: Any, **kwargs: Any) -> Any:
     from damselfly.client import Client
 
     settings = _settings(ctx)
 
     async def call() -> Any:
         async with Client(socket_path or settings.socket_path) as c:
-            return await getattr(c, method)(*args)
+            return await getattr(c, method)(*args, **kwargs)
 
     try:
         return asyncio.run(call())
@@ -458,6 +458,88 @@ def tasks_rm(ctx: click.Context, task_id: str, socket_path: str | None) -> None:
     """Delete a task from the daemon (and tell the scheduler)."""
     _client_call(ctx, socket_path, "delete_task", task_id)
     click.echo(f"deleted {task_id}")
+
+
+@cli.group()
+def cache() -> None:
+    """Persistent cache tasks: files put into the swarm by hand (Dragonfly's dfcache)."""
+
+
+@cache.command("import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--ttl", default="1h", help="How long the replicas keep it, e.g. 30m, 2h, 7d.")
+@click.option("--replicas", type=click.IntRange(1, 100), default=1, help="Hosts that keep a copy (this one included).")
+@click.option("--tag", default="", help="Tag: the same file under another tag is another task.")
+@click.option("--application", default="", help="Application name, part of the task id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
+@click.option("--socket", "socket_path", default=None, help="Daemon socket (else from config).")
+@click.pass_context
+def cache_import(
+    ctx: click.Context,
+    path: str,
+    ttl: str,
+    replicas: int,
+    tag: str,
+    application: str,
+    as_json: bool,
+    socket_path: str | None,
+) -> None:
+    """Import PATH; prints the task id that `damselfly cache export` takes on any peer."""
+    try:
+        seconds = parse_duration(ttl)
+    except DamselflyError as exc:
+        _fail(str(exc), 2)
+    result = _client_call(
+        ctx,
+        socket_path,
+        "cache_import",
+        os.path.abspath(path),
+        ttl=seconds,
+        replicas=replicas,
+        tag=tag,
+        application=application,
+    )
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(result["task_id"])
+    if len(result["replicas"]) < replicas:
+        click.echo(f"warning: only {len(result['replicas'])} of {replicas} replicas could be placed", err=True)
+
+
+@cache.command("export")
+@click.argument("task_id")
+@click.option("-O", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the content.")
+@click.option("--timeout", type=float, default=0.0, help="Give up after this many seconds (0: never).")
+@click.option("--socket", "socket_path", default=None, help="Daemon socket (else from config).")
+@click.pass_context
+def cache_export(ctx: click.Context, task_id: str, output: str, timeout: float, socket_path: str | None) -> None:
+    """Write cache task TASK_ID to OUTPUT, from the peers that keep it."""
+    r = _client_call(ctx, socket_path, "cache_export", task_id, os.path.abspath(output), timeout=timeout or None)
+    click.echo(f"{r.output}: {format_size(r.content_length)} (peers {format_size(r.peer_bytes)})", err=True)
+
+
+@cache.command("stat")
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("--socket", "socket_path", default=None, help="Daemon socket (else from config).")
+@click.pass_context
+def cache_stat(ctx: click.Context, task_id: str, as_json: bool, socket_path: str | None) -> None:
+    """What the swarm knows of cache task TASK_ID."""
+    t = _client_call(ctx, socket_path, "cache_stat", task_id)
+    info = {
+        "task_id": t.id,
+        "url": t.url,
+        "content_length": t.content_length,
+        "piece_count": t.piece_count,
+        "peer_count": t.peer_count,
+        "state": t.state,
+    }
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    for k, v in info.items():
+        click.echo(f"{k}: {v}")
 
 
 @cli.command("gc")

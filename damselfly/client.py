@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,6 +131,7 @@ class Client:
         overwrite: bool = True,
         byte_range: tuple[int, int] | None = None,
         source_options: dict[str, dict[str, Any]] | None = None,
+        content_for_calculating_task_id: str = "",
         on_progress: Callable[[Progress], Any] | None = None,
     ) -> DownloadResult:
         """Download ``url`` through the daemon; with ``output`` the daemon writes it there atomically.
@@ -156,6 +158,7 @@ class Client:
             need_back_to_source=need_back_to_source,
             disable_back_to_source=disable_back_to_source,
             overwrite=overwrite,
+            content_for_calculating_task_id=content_for_calculating_task_id,
         )
         if timeout:
             download.timeout.CopyFrom(duration(timeout))
@@ -297,18 +300,48 @@ class Client:
             raise _error(exc) from None
         return list(resp.entries)
 
-    async def collect_garbage(self) -> dict[str, Any]:
-        """Run the daemon's garbage collection now; its report (removed tasks and why, bytes freed)."""
-        import json
-
+    async def _admin(self, method: str, args: dict[str, Any], timeout: float) -> dict[str, Any]:
         call = self._channel_or_open().unary_unary(
-            "/damselfly.v1.Admin/Collect", request_serializer=lambda b: b, response_deserializer=lambda b: b
+            f"/damselfly.v1.Admin/{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b
         )
         try:
-            raw = await call(b"", timeout=120)
+            raw = await call(json.dumps(args).encode(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from None
         return json.loads(raw)  # type: ignore[no-any-return]
+
+    async def collect_garbage(self) -> dict[str, Any]:
+        """Run the daemon's garbage collection now; its report (removed tasks and why, bytes freed)."""
+        return await self._admin("Collect", {}, 120)
+
+    async def cache_import(
+        self, path: str | Path, *, ttl: float, replicas: int = 1, tag: str = "", application: str = ""
+    ) -> dict[str, Any]:
+        """Put a local file into the swarm as a persistent cache task, on ``replicas`` hosts for ``ttl`` seconds.
+
+        Returns ``task_id``, ``url``, ``content_length``, ``expires_at`` and ``replicas`` (host ids).
+        """
+        args = {
+            "path": str(Path(path).resolve()),
+            "ttl": ttl,
+            "replicas": replicas,
+            "tag": tag,
+            "application": application,
+        }
+        return await self._admin("ImportCache", args, 900)
+
+    async def cache_stat(self, task_id: str) -> common_pb2.Task:
+        task = await self.stat_task(task_id)
+        if not task.url.startswith("damselfly-cache://"):
+            raise InvalidArgument(f"task {task_id} is not a cache task (url {task.url!r})")
+        return task
+
+    async def cache_export(self, task_id: str, output: str | Path, *, timeout: float | None = None) -> DownloadResult:
+        """Write cache task ``task_id`` to ``output``, from whichever peer holds it."""
+        task = await self.cache_stat(task_id)
+        return await self.download(
+            task.url, output, content_for_calculating_task_id=task.url, disable_back_to_source=True, timeout=timeout
+        )
 
     async def list_tasks(self) -> list[dfdaemon_pb2.StatLocalTaskResponse]:
         try:
@@ -354,6 +387,15 @@ class SyncClient:
 
     def collect_garbage(self) -> dict[str, Any]:
         return self._run("collect_garbage")  # type: ignore[no-any-return]
+
+    def cache_import(self, path: str | Path, **kwargs: Any) -> dict[str, Any]:
+        return self._run("cache_import", path, **kwargs)  # type: ignore[no-any-return]
+
+    def cache_export(self, task_id: str, output: str | Path, **kwargs: Any) -> DownloadResult:
+        return self._run("cache_export", task_id, output, **kwargs)  # type: ignore[no-any-return]
+
+    def cache_stat(self, task_id: str) -> common_pb2.Task:
+        return self._run("cache_stat", task_id)  # type: ignore[no-any-return]
 
     def list_tasks(self) -> list[dfdaemon_pb2.StatLocalTaskResponse]:
         return self._run("list_tasks")

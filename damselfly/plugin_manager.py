@@ -29,6 +29,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "damselfly.plugins.source.fsspec_source",
     "damselfly.plugins.source.hf",
     "damselfly.plugins.source.hdfs",
+    "damselfly.plugins.source.cache",
     "damselfly.plugins.transport.tcp",
     "damselfly.plugins.transport.quic",
     "damselfly.plugins.transport.webrtc",

@@ -49,6 +49,7 @@ class Task:
     peer_ids: set[str] = field(default_factory=set)
     created_at: float = 0.0
     updated_at: float = 0.0
+    expires_at: float = 0.0  # a persistent cache task's end of life (0: an ordinary task)
 
     @property
     def known_length(self) -> bool:

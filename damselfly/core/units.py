@@ -55,3 +55,19 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|)\s*$")
+_SECONDS = {"ms": 0.001, "": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds from ``"90s"``, ``"30m"``, ``"2h"``, ``"7d"`` or a plain number of seconds."""
+    if isinstance(text, int | float):
+        if text < 0:
+            raise InvalidArgument(f"duration must not be negative, got {text}")
+        return float(text)
+    m = _DURATION.match(text.lower())
+    if not m:
+        raise InvalidArgument(f"not a duration: {text!r} (try 90s, 30m, 2h or 7d)")
+    return float(m.group(1)) * _SECONDS[m.group(2)]

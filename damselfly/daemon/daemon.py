@@ -328,29 +328,38 @@ class Daemon:
         for task in self.storage.tasks():
             if task.state is not TaskState.SUCCEEDED or self.board.running(task.id):
                 continue
-            stub = await self.schedulers.stub_for(task.id)
-            if stub is None:
+            if not await self.announce_finished(task):
                 return
-            peer = ids.peer_id(self.settings.host.ip, self.settings.host.hostname, seed=self.is_seed)
-            req = DownloadRequest(url=task.url, tag=task.tag, application=task.application)
-            download = req.to_proto(task)
-            download.metadata_only = True
 
-            def msg(task_id: str = task.id, peer_id: str = peer, **kw: object) -> scheduler_pb2.AnnouncePeerRequest:
-                return scheduler_pb2.AnnouncePeerRequest(host_id=self.host_id, task_id=task_id, peer_id=peer_id, **kw)
+    async def announce_finished(self, task: Task) -> bool:
+        """Register a finished task with its scheduler (``metadata_only``); False when none is reachable."""
+        stub = await self.schedulers.stub_for(task.id)
+        if stub is None:
+            return False
+        peer = ids.peer_id(self.settings.host.ip, self.settings.host.hostname, seed=self.is_seed)
+        key = task.url if task.url.startswith("damselfly-cache://") else ""
+        req = DownloadRequest(
+            url=task.url, tag=task.tag, application=task.application, content_for_calculating_task_id=key
+        )
+        download = req.to_proto(task)
+        download.metadata_only = True
 
-            call = stub.AnnouncePeer()
-            try:
-                await call.write(msg(register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download)))
-                await call.read()
-                await call.write(msg(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest()))
-                await call.done_writing()
-                await call.read()
-                logger.info("announced stored task {} to the scheduler", task.id[:12])
-            except grpc.aio.AioRpcError as exc:
-                logger.warning("cannot announce stored task {}: {}", task.id[:12], exc.details())
-            finally:
-                call.cancel()
+        def msg(**kw: object) -> scheduler_pb2.AnnouncePeerRequest:
+            return scheduler_pb2.AnnouncePeerRequest(host_id=self.host_id, task_id=task.id, peer_id=peer, **kw)
+
+        call = stub.AnnouncePeer()
+        try:
+            await call.write(msg(register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download)))
+            await call.read()
+            await call.write(msg(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest()))
+            await call.done_writing()
+            await call.read()
+            logger.info("announced stored task {} to the scheduler", task.id[:12])
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("cannot announce stored task {}: {}", task.id[:12], exc.details())
+        finally:
+            call.cancel()
+        return True
 
     # -- downloads ----------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ TRAFFIC_PEER = vortex.TrafficType.REMOTE_PEER
 
 
 SOURCE_OPTION_FIELDS = ("object_storage", "hdfs", "hugging_face")
+CACHE_EXPIRES_HEADER = "X-Damselfly-Cache-Expires"
 
 
 @dataclass
@@ -591,6 +592,12 @@ class Downloader:
         """A whole task is marked complete (and its digest checked); a range just ends."""
         assert self.task is not None
         if self.task.state is not TaskState.SUCCEEDED and len(self.task.pieces) == self.task.piece_count:
+            expires = self.req.request_header.get(CACHE_EXPIRES_HEADER)
+            if expires:  # a replica of a persistent cache task keeps it until then, not by LRU
+                try:
+                    self.task.expires_at = float(expires)
+                except ValueError:
+                    self.log.warning("ignoring a bad {} header {!r}", CACHE_EXPIRES_HEADER, expires)
             await self.d.storage.finish(self.task_id)
         if self.req.digest and self.req.range is None:
             await self.d.check_digest(self.task, self.req.digest)

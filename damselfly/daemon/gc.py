@@ -2,6 +2,8 @@
 
 Every ``daemon.gc.interval`` seconds (and on ``damselfly gc``):
 
+0. a persistent cache task (``damselfly cache import``) goes when its own TTL
+   ends, and never before, whatever the quota;
 1. a task unused for ``task_ttl`` seconds goes (unused: not written, read, exported
    or served; the clock starts at the daemon's start for tasks found on disk);
 2. if the stored bytes pass ``high_watermark`` percent of ``quota`` (or, with no
@@ -91,7 +93,13 @@ class Collector:
         report = GcReport()
         now = time.time()
         sizes = self._sizes()
+        for task in self.d.storage.tasks():
+            if task.expires_at and now > task.expires_at and not self.in_use(task.id):
+                await self._remove(task.id, "its cache TTL ran out", sizes, report)
+        pinned = {t.id for t in self.d.storage.tasks() if t.expires_at}  # persistent cache: kept until expiry
         for task_id in sorted(sizes, key=self.used_at):
+            if task_id in pinned:
+                continue
             if now - self.used_at(task_id) > self.cfg.task_ttl:
                 if self.in_use(task_id):
                     report.kept_in_use.append(task_id)
@@ -104,6 +112,8 @@ class Collector:
             for task_id in sorted(sizes, key=self.used_at):
                 if used <= low:
                     break
+                if task_id in pinned:
+                    continue
                 if self.in_use(task_id):
                     report.kept_in_use.append(task_id)
                     continue

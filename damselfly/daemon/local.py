@@ -7,7 +7,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
@@ -242,7 +242,30 @@ def admin_handler(daemon: Daemon) -> grpc.GenericRpcHandler:
         report = await daemon.gc.collect()
         return json.dumps(report.to_dict()).encode()
 
-    handler = grpc.unary_unary_rpc_method_handler(
-        collect, request_deserializer=lambda b: b, response_serializer=lambda b: b
+    async def import_cache(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        from damselfly.daemon.cache import import_file
+
+        try:
+            args = json.loads(request)
+            result = await import_file(
+                daemon,
+                str(args["path"]),
+                float(args["ttl"]),
+                int(args.get("replicas", 1)),
+                str(args.get("tag", "")),
+                str(args.get("application", "")),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            await abort_with(context, InvalidArgument(f"bad cache import request: {exc}"))
+        except DamselflyError as exc:
+            await abort_with(context, exc)
+        return json.dumps(result).encode()
+
+    def raw(fn: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=lambda b: b, response_serializer=lambda b: b
+        )
+
+    return grpc.method_handlers_generic_handler(
+        ADMIN_SERVICE, {"Collect": raw(collect), "ImportCache": raw(import_cache)}
     )
-    return grpc.method_handlers_generic_handler(ADMIN_SERVICE, {"Collect": handler})

@@ -52,6 +52,7 @@ def _task_to_json(task: Task) -> dict[str, Any]:
         "state": task.state.value,
         "created_at": task.created_at,
         "updated_at": task.updated_at,
+        "expires_at": task.expires_at,
         "pieces": [p.to_dict() for p in sorted(task.pieces.values(), key=lambda p: p.number)],
     }
 
@@ -70,6 +71,7 @@ def _task_from_json(raw: dict[str, Any]) -> Task:
         state=TaskState(raw.get("state", "Running")),
         created_at=float(raw.get("created_at", 0)),
         updated_at=float(raw.get("updated_at", 0)),
+        expires_at=float(raw.get("expires_at", 0)),
     )
     for p in raw.get("pieces", []):
         task.pieces[int(p["number"])] = PieceRecord(int(p["number"]), int(p["offset"]), int(p["length"]), p["digest"])

@@ -1,0 +1,135 @@
+"""Persistent cache tasks (Dragonfly's dfcache): content put into the swarm by hand, kept on replicas.
+
+``import_file`` stores a local file on this daemon as a task whose url is
+``damselfly-cache://SHA256`` (task id: the sha256 of that url), marks it finished
+with the scheduler, then asks ``replicas - 1`` other hosts, chosen by rendezvous
+hashing on the task id, to download it from the swarm (never from an origin:
+there is none). Each copy keeps the task until its TTL ends: garbage collection
+neither evicts it early nor keeps it longer. ``damselfly cache export ID`` on any
+peer then finds the url through the scheduler and downloads it from whichever
+replica is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
+from loguru import logger
+
+from damselfly.core.errors import InvalidArgument, StorageError, Unavailable
+from damselfly.core.piece import Layout, digest
+from damselfly.core.task import Task, TaskState
+from damselfly.daemon.download import CACHE_EXPIRES_HEADER
+from damselfly.plugins.source.cache import cache_task_id, cache_url
+
+if TYPE_CHECKING:
+    from damselfly.daemon.daemon import Daemon
+
+CHUNK = 1 << 20
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), length, offset)
+
+
+async def import_file(
+    d: Daemon, path: str, ttl: float, replicas: int, tag: str = "", application: str = ""
+) -> dict[str, Any]:
+    src = Path(path)
+    if not src.is_absolute():
+        raise InvalidArgument(f"cache import needs an absolute path, got {path!r}")
+    if not src.is_file():
+        raise InvalidArgument(f"cannot import {path!r}: not a readable file")
+    if ttl <= 0 or replicas < 1:
+        raise InvalidArgument("cache import needs a positive --ttl and at least one replica")
+    sha = await asyncio.to_thread(_sha256, src)
+    url = cache_url(sha, tag, application)
+    task_id = cache_task_id(url)
+    size = src.stat().st_size
+    expires = time.time() + ttl
+    task = d.storage.get(task_id)
+    if task is None or task.state is not TaskState.SUCCEEDED:
+        layout = Layout.for_content(size)
+        task = await d.storage.create(
+            Task(
+                id=task_id,
+                url=url,
+                content_length=size,
+                piece_length=layout.piece_length,
+                tag=tag,
+                application=application,
+            )
+        )
+        for span in task.layout.spans():
+            if span.number in task.pieces:
+                continue
+            data = await asyncio.to_thread(_read, src, span.offset, span.length)
+            if len(data) != span.length:
+                raise StorageError(f"{path} changed while it was imported")
+            writer = d.storage.writer(task_id, span)
+            try:
+                await asyncio.to_thread(writer.write, data)
+                await writer.commit(digest(data))
+            except BaseException:
+                writer.abort()
+                raise
+    task.expires_at = max(task.expires_at, expires)
+    await d.storage.finish(task_id)
+    d.gc.touch(task_id)
+    await d.announce_finished(task)
+    holders = [d.host_id]
+    if replicas > 1:
+        holders += await _replicate(d, task, url, task.expires_at, replicas - 1)
+    logger.info("cache task {} imported from {}, on {} hosts", task_id[:12], path, len(holders))
+    return {"task_id": task_id, "url": url, "content_length": size, "expires_at": task.expires_at, "replicas": holders}
+
+
+async def _replicate(d: Daemon, task: Task, url: str, expires: float, count: int) -> list[str]:
+    stub = await d.schedulers.stub_for(task.id)
+    if stub is None:
+        raise Unavailable("no scheduler is reachable, so no replicas can be placed (use --replicas 1)")
+    hosts = (await stub.ListHosts(scheduler_pb2.ListHostsRequest(), timeout=10)).hosts
+    others = sorted(
+        (h for h in hosts if h.id != d.host_id), key=lambda h: hashlib.sha256((task.id + h.id).encode()).digest()
+    )
+    done: list[str] = []
+    for host in others:
+        if len(done) == count:
+            break
+        download = common_pb2.Download(
+            url=url,
+            type=common_pb2.TaskType.STANDARD,
+            content_for_calculating_task_id=url,
+            disable_back_to_source=True,
+            request_header={CACHE_EXPIRES_HEADER: repr(expires)},
+        )
+        address = f"{host.ip}:{host.port}"
+        try:
+            call = dfdaemon_pb2_grpc.DfdaemonUploadStub(d.upload_channel(address)).DownloadTask(
+                dfdaemon_pb2.DownloadTaskRequest(download=download), timeout=600
+            )
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("host {} could not take a replica of {}: {}", host.id, task.id[:12], exc.details())
+            continue
+        done.append(host.id)
+    if len(done) < count:
+        logger.warning("cache task {}: {} of {} replicas placed", task.id[:12], len(done), count)
+    return done

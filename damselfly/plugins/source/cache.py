@@ -1,0 +1,47 @@
+"""``damselfly-cache://`` urls: persistent cache tasks, whose content lives only in the swarm.
+
+``damselfly cache import FILE`` stores a file on its peer and on replicas, under
+``damselfly-cache://SHA256[?tag=..&application=..]`` (the url is also what the task
+id is computed from). There is no origin to go back to: this source says so, and
+a download of such a task comes from peers or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from typing import ClassVar
+from urllib.parse import urlencode
+
+from damselfly.contracts import Source, SourceInfo
+from damselfly.core.errors import BackendError
+from damselfly.hookspecs import hookimpl
+
+SCHEME = "damselfly-cache"
+
+
+def cache_url(sha256_hex: str, tag: str = "", application: str = "") -> str:
+    query = urlencode({k: v for k, v in (("tag", tag), ("application", application)) if v})
+    return f"{SCHEME}://{sha256_hex}" + (f"?{query}" if query else "")
+
+
+def cache_task_id(url: str) -> str:
+    """The task id of a cache url: sha256 of the url, as ``content_for_calculating_task_id`` makes it."""
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+class CacheSource(Source):
+    name: ClassVar[str] = "cache"
+    schemes: ClassVar[tuple[str, ...]] = (SCHEME,)
+
+    async def stat(self, url: str, headers: dict[str, str]) -> SourceInfo:
+        raise BackendError(f"{url} is a persistent cache task: no peer holding it could be reached", status_code=404)
+
+    async def read(self, url: str, offset: int, length: int, headers: dict[str, str]) -> AsyncIterator[bytes]:
+        raise BackendError(f"{url} is a persistent cache task: no peer holding it could be reached", status_code=404)
+        yield b""  # pragma: no cover - makes this an async generator
+
+
+@hookimpl
+def damselfly_add_sources(registry):  # type: ignore[no-untyped-def]
+    registry.add(CacheSource)
