@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -26,6 +27,7 @@ from damselfly.core import vortex
 from damselfly.core.errors import InvalidArgument, NotFound, PeerError, ProtocolError
 
 SEND_SLICE = 256 * 1024
+INLINE_WRITE_LIMIT = 0.002  # seconds: a storage write slower than this goes to a worker thread
 
 
 class ParentRefused(PeerError):
@@ -169,6 +171,8 @@ class PendingResponse:
         self.chunks: list[memoryview] = []
         self.received = 0
         self.buffered = 0
+        self.batch = 0  # ``deliver`` wants waking only once this much is buffered (or at the end)
+        self.inline = True  # storage writes on the loop while they stay fast
         self.error: Exception | None = None
         self.changed = asyncio.Event()
 
@@ -184,7 +188,8 @@ class PendingResponse:
             self.error = self.error or exc
         self.chunks += parts
         self.buffered += sum(len(c) for c in parts)
-        self.changed.set()
+        if self.buffered >= self.batch or self.response.done or self.error is not None or end:
+            self.changed.set()  # not on every packet: a wakeup per datagram costs more than the copy
 
     def fail(self, exc: Exception) -> None:
         self.error = self.error or exc
@@ -192,6 +197,9 @@ class PendingResponse:
 
     async def deliver(self, sink: PieceWriter, batch: int, taken: Callable[[int], None]) -> vortex.PieceMetadata:
         """Hand piece bytes to ``sink`` in a worker thread, ``batch`` bytes at a time at least."""
+        self.batch = batch
+        if self.buffered >= batch:
+            self.changed.set()
         while True:
             await self.changed.wait()
             self.changed.clear()
@@ -200,7 +208,16 @@ class PendingResponse:
             chunks, self.chunks = self.chunks, []
             self.buffered -= sum(len(c) for c in chunks)
             if chunks:
-                await asyncio.to_thread(_write_all, sink, chunks)
+                if self.inline:
+                    started = time.perf_counter()
+                    _write_all(sink, chunks)
+                    # the page cache takes a batch in tens of microseconds; a thread hop costs
+                    # more than that on a busy loop. A slow write (a disk under writeback, a
+                    # slow storage) moves this response's writes to a worker thread for good.
+                    if time.perf_counter() - started > INLINE_WRITE_LIMIT:
+                        self.inline = False
+                else:
+                    await asyncio.to_thread(_write_all, sink, chunks)
             taken(self.received - self.buffered)
             if self.chunks:
                 self.changed.set()  # more came while the storage wrote
