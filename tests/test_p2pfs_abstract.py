@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 class TestP2PGet(AbstractFixtures, AbstractGetTests):
-    @pytest.fixture(scope="class")
+    @pytest.fixture
     def fs(self, tmp_path_factory):
         return P2PFileSystem(target_protocol="file", embedded_dir=str(tmp_path_factory.mktemp("embedded")))
 

@@ -23,6 +23,7 @@ from typing import Any
 
 ACCESS_KEY = "damselfly-test"
 SECRET_KEY = "damselfly-test-secret"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # werkzeug colours some status lines, depending on the terminal
 _LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[\d.]+" (?P<status>\d{3})')
 
 
@@ -64,7 +65,7 @@ class S3Server:
         """(method, path, status) of every request the server logged for ``bucket``."""
         out = []
         for line in self.log.read_text(errors="replace").splitlines():
-            m = _LINE.search(line)
+            m = _LINE.search(_ANSI.sub("", line))
             if m and (m["path"] == f"/{bucket}" or m["path"].startswith((f"/{bucket}/", f"/{bucket}?"))):
                 out.append((m["method"], m["path"], int(m["status"])))
         return out
