@@ -58,53 +58,8 @@ def test_demo_json(tmp_path):
         assert key in r
 
 
-@pytest.mark.timeout(300)
-def test_unix_transport_package_installs_and_passes_the_conformance_kit(tmp_path):
-    """examples/damselfly-unix: found through its entry point, and the kit passes against it."""
-    package = ROOT / "examples" / "damselfly-unix"
-    target = tmp_path / "site"
-    pip = ["pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(package)]
-    subprocess.run(
-        [sys.executable, "-m", *pip],
-        check=True,
-        capture_output=True,
-    )
-    env = {**clean_env(), "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run(
-        [sys.executable, "-m", "damselfly", "plugins", "--json"], env=env, capture_output=True, text=True, check=True
-    )
-    rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert {
-        "name": "unix",
-        "kind": "transport",
-        "origin": "entry point damselfly-unix 0.1.0",
-        "unavailable": None,
-    } in rows
-    kit = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--rootdir",
-            str(package),
-            str(package / "tests"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
-    assert kit.returncode == 0, kit.stdout[-3000:]
-    assert "13 passed" in kit.stdout
-
-
-@pytest.mark.timeout(300)
-def test_sqlite_storage_package_installs_and_passes_the_storage_kit(tmp_path):
-    """examples/damselfly-sqlite: a third-party storage found through its entry point; the storage kit passes."""
-    package = ROOT / "examples" / "damselfly-sqlite"
+def _install_and_run_kit(tmp_path, package: Path, row: dict, passed: str) -> None:
+    """pip-install an example package into a target dir; it must show up through its entry point and pass its kit."""
     target = tmp_path / "site"
     pip = ["pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(package)]
     subprocess.run([sys.executable, "-m", *pip], check=True, capture_output=True)
@@ -112,20 +67,22 @@ def test_sqlite_storage_package_installs_and_passes_the_storage_kit(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "damselfly", "plugins", "--json"], env=env, capture_output=True, text=True, check=True
     )
-    rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert {
-        "name": "sqlite",
-        "kind": "storage",
-        "origin": "entry point damselfly-sqlite 0.1.0",
-        "unavailable": None,
-    } in rows
+    assert row in [json.loads(line) for line in out.stdout.splitlines()]
     pytest_args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(package), str(package / "tests")]
-    kit = subprocess.run(
-        [sys.executable, *pytest_args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-    )
+    kit = subprocess.run([sys.executable, *pytest_args], env=env, capture_output=True, text=True, timeout=280)
     assert kit.returncode == 0, kit.stdout[-3000:]
-    assert "10 passed" in kit.stdout
+    assert passed in kit.stdout
+
+
+@pytest.mark.timeout(300)
+def test_unix_transport_package_installs_and_passes_the_conformance_kit(tmp_path):
+    """examples/damselfly-unix: found through its entry point, and the transport kit passes against it."""
+    row = {"name": "unix", "kind": "transport", "origin": "entry point damselfly-unix 0.1.0", "unavailable": None}
+    _install_and_run_kit(tmp_path, ROOT / "examples" / "damselfly-unix", row, "13 passed")
+
+
+@pytest.mark.timeout(300)
+def test_sqlite_storage_package_installs_and_passes_the_storage_kit(tmp_path):
+    """examples/damselfly-sqlite: a third-party storage found through its entry point; the storage kit passes."""
+    row = {"name": "sqlite", "kind": "storage", "origin": "entry point damselfly-sqlite 0.1.0", "unavailable": None}
+    _install_and_run_kit(tmp_path, ROOT / "examples" / "damselfly-sqlite", row, "10 passed")

@@ -60,6 +60,20 @@ def error_frame(exc: BaseException, packet_id: int = 0) -> bytes:
     return vortex.encode_error(code, str(exc) or type(exc).__name__, packet_id)
 
 
+def requests_in(decoder: vortex.Decoder, data: bytes) -> list[vortex.DownloadPiece | None]:
+    """The requests a child's bytes complete, in order (None for a Close); ProtocolError for anything else."""
+    decoder.receive_data(data)
+    out: list[vortex.DownloadPiece | None] = []
+    while (event := decoder.next_event()) is not vortex.NEED_DATA:
+        if isinstance(event, vortex.DownloadPiece):
+            out.append(event)
+        elif isinstance(event, vortex.Close):
+            out.append(None)
+        else:
+            raise ProtocolError(f"unexpected {type(event).__name__} from a child")
+    return out
+
+
 def read_region(region: FileRegion, offset: int = 0, length: int | None = None) -> bytes:
     length = region.length - offset if length is None else length
     with open(region.path, "rb") as f:

@@ -56,7 +56,7 @@ from damselfly.contracts import PieceConnection, PieceLookup, PieceServer, Piece
 from damselfly.core import vortex
 from damselfly.core.errors import DamselflyError, PeerError, ProtocolError, Unavailable
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.transport.common import PendingResponse, answer, split_address
+from damselfly.plugins.transport.common import PendingResponse, answer, requests_in, split_address
 
 SYSFS = Path("/sys/class/infiniband")
 IMM_ABORT = 1  # immediate data of an empty SEND: the parent broke off its answer
@@ -424,14 +424,8 @@ class _Answerer:
     def _message(self, data: bytes) -> None:
         self.m.release()
         try:
-            self.decoder.receive_data(data)
-            while (event := self.decoder.next_event()) is not vortex.NEED_DATA:
-                if isinstance(event, vortex.DownloadPiece):
-                    self.requests.put_nowait(event)
-                elif isinstance(event, vortex.Close):
-                    self.requests.put_nowait(None)
-                else:
-                    raise ProtocolError(f"unexpected {type(event).__name__} from a child")
+            for req in requests_in(self.decoder, data):
+                self.requests.put_nowait(req)
         except ProtocolError as exc:
             logger.debug("closing an RDMA child: {}", exc)
             self.write(vortex.encode_error(vortex.ErrorCode.INVALID_ARGUMENT, str(exc)))

@@ -31,7 +31,7 @@ from damselfly.contracts import PieceConnection, PieceLookup, PieceServer, Piece
 from damselfly.core import vortex
 from damselfly.core.errors import PeerError, ProtocolError
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.transport.common import PendingResponse, answer, split_address
+from damselfly.plugins.transport.common import PendingResponse, answer, requests_in, split_address
 
 OFFER_PATH = "/vortex/webrtc/offer"
 MESSAGE_SIZE = 60 * 1024  # under aiortc's 64 KiB message limit
@@ -124,14 +124,8 @@ class _ChannelServer:
             self.moved.set()
             return
         try:
-            self.decoder.receive_data(message)
-            while (event := self.decoder.next_event()) is not vortex.NEED_DATA:
-                if isinstance(event, vortex.DownloadPiece):
-                    self.requests.put_nowait(event)
-                elif isinstance(event, vortex.Close):
-                    self.requests.put_nowait(None)
-                else:
-                    raise ProtocolError(f"unexpected {type(event).__name__} from a child")
+            for req in requests_in(self.decoder, message):
+                self.requests.put_nowait(req)
         except ProtocolError as exc:
             logger.debug("closing a WebRTC child: {}", exc)
             self.channel.send(vortex.encode_error(vortex.ErrorCode.INVALID_ARGUMENT, str(exc)))
