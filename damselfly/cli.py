@@ -108,7 +108,7 @@ def daemon(ctx: click.Context, seed: bool | None, ready_file: str | None) -> Non
                     "upload": f"{ip}:{d.upload_port}",
                     "piece_port": f"{ip}:{d.piece_port}",
                     "metrics": f"{ip}:{d.metrics_port}",
-                    "proxy": None,
+                    "proxy": f"{ip}:{d.proxy.port}" if d.proxy is not None else None,
                     "data_dir": str(settings.daemon.data_dir),
                 },
             )

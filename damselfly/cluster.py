@@ -44,7 +44,7 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
 
 def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment without its DAMSELFLY_ settings, plus ``extra``."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("DAMSELFLY_")}
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DAMSELFLY_") or k.startswith("DAMSELFLY_PROXY__")}
     base.update(extra or {})
     return base
 

@@ -139,6 +139,21 @@ class SchedulerConfig(Section):
     peer_ttl: float = Field(86400.0, gt=0, description="Seconds a peer is kept after its last message.")
 
 
+class ProxyConfig(Section):
+    enabled: bool = Field(True, description="Serve the HTTP proxy and registry mirror.")
+    port: int = Field(0, ge=0, le=65535, description="Proxy port (0: the OS picks; Dragonfly uses 4001).")
+    registry_mirror: str = Field("", description="Default upstream registry, e.g. https://index.docker.io.")
+    rules: list[str] = Field(
+        default_factory=lambda: ["blobs/sha256.*"], description="URL regexes of GETs that go through the swarm."
+    )
+    insecure_registries: list[str] = Field(
+        default_factory=list, description="host:port of registries reached over plain HTTP (loopback always is)."
+    )
+    auth_cache_ttl: float = Field(60.0, ge=0, description="Seconds a registry's yes to a client's credentials holds.")
+    connect_timeout: float = Field(10.0, gt=0, description="Seconds to connect to an upstream.")
+    read_timeout: float = Field(300.0, gt=0, description="Seconds an upstream read may stall.")
+
+
 class Settings(BaseSettings):
     """The effective configuration of a damselfly process."""
 
@@ -154,6 +169,7 @@ class Settings(BaseSettings):
     host: HostConfig = Field(default_factory=HostConfig, description="This host's identity and capacity.")
     daemon: DaemonConfig = Field(default_factory=DaemonConfig, description="The peer daemon.")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="The scheduler service.")
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig, description="The daemon's proxy and registry mirror.")
     sources: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Options of source plugins by name, e.g. `{s3: {endpoint: ..., region: ...}}`.",

@@ -30,6 +30,7 @@ from damselfly.core.task import Task, TaskState
 from damselfly.daemon.download import ConnectionPool, Downloader, DownloadRequest
 from damselfly.daemon.gc import Collector
 from damselfly.daemon.local import LocalService, admin_handler
+from damselfly.daemon.proxy import Proxy
 from damselfly.daemon.runtime import TaskBoard, TaskRuntime
 from damselfly.daemon.upload import UploadService, lookup_piece
 from damselfly.metrics import DaemonMetrics, serve_metrics
@@ -141,6 +142,7 @@ class Daemon:
         self.piece_addresses: dict[str, str] = {}  # transport name -> the address children use
         self.upload_port = 0
         self.metrics_port = 0
+        self.proxy: Proxy | None = None
         self.socket_path = settings.socket_path
         self._piece_servers: list[PieceServer] = []
         self._upload_server: grpc.aio.Server | None = None
@@ -194,6 +196,9 @@ class Daemon:
         await self._local_server.start()
         await local_health.set("", health_pb2.HealthCheckResponse.SERVING)
 
+        if self.settings.proxy.enabled:
+            self.proxy = Proxy(self, self.settings.proxy)
+            await self.proxy.start(cfg.listen_ip)
         self._metrics_runner, self.metrics_port = await serve_metrics(
             self.metrics.registry, cfg.listen_ip, cfg.metrics_port
         )
@@ -217,6 +222,8 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.schedulers.addresses:
             await self.schedulers.delete_host(self.host_id)
+        if self.proxy is not None:
+            await self.proxy.stop()
         for server in (self._local_server, self._upload_server):
             if server is not None:
                 await server.stop(0.5)
@@ -274,6 +281,8 @@ class Daemon:
 
     def host_proto(self) -> common_pb2.Host:
         pb = host_to_proto(self.core_host())
+        if self.proxy is not None:
+            pb.proxy_port = self.proxy.port
         proc = psutil.Process()
         vm = psutil.virtual_memory()
         disk = psutil.disk_usage(str(self.settings.daemon.data_dir))
