@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 venv="${DAMSELFLY_VENV:-.venv}"
-# rdma-core's pyverbs: the rdma transport's verbs binding is checked against it (no device needed)
-system_packages=(python3-pyverbs)
+# rdma-core's pyverbs: the rdma transport's verbs binding is checked against it (no device needed);
+# a registry, skopeo, umoci and containerd: the proxy and registry-mirror tests pull real images
+system_packages=(python3-pyverbs docker-registry skopeo umoci containerd)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${system_packages[@]}"; do

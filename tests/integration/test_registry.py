@@ -1,0 +1,95 @@
+"""Container images through the swarm, with a real registry (docker-registry), containerd and skopeo."""
+
+import urllib.error
+import urllib.request
+
+import pytest
+
+from damselfly.testing import registry as reg
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(bool(reg.missing_tools()), reason=f"needs {', '.join(reg.missing_tools())} (.ci/run installs them)"),
+]
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def registry(tmp_path):
+    yield from reg.registry_fixture(tmp_path / "registry")
+
+
+@pytest.fixture
+def containerd(tmp_path):
+    c = reg.Containerd(tmp_path / "containerd").start()
+    yield c
+    c.stop()
+
+
+def test_three_runtimes_pull_each_blob_from_the_registry_once(registry, containerd, damselfly_cluster_factory, tmp_path):
+    image = reg.build_and_push(tmp_path / "image", registry, "test/app", [3 * MiB, 6 * MiB, 1 * MiB, 9 * MiB])
+    assert len(image.blobs) == 5  # four layers and the config
+    cluster = damselfly_cluster_factory(peers=3, env={"DAMSELFLY_PROXY__REGISTRY_MIRROR": f"http://{registry.address}"})
+    before = registry.blob_bytes()
+    pulled = containerd.pull(image.reference, cluster.daemon("peer1")["proxy"])
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    assert containerd.image_digest(image.reference) == image.manifest_digest
+    work = tmp_path / "skopeo"
+    work.mkdir()
+    for peer in ("peer2", "peer3"):
+        digest = reg.skopeo_pull(work, image.reference, cluster.daemon(peer)["proxy"], peer)
+        assert digest == image.manifest_digest
+    sent = registry.blob_bytes()
+    for digest, size in image.blobs.items():
+        assert sent.get(digest, 0) - before.get(digest, 0) == size, f"{digest}: the registry sent it more than once"
+
+
+def test_a_range_of_a_blob_fetches_only_its_pieces(registry, damselfly_cluster_factory, tmp_path):
+    image = reg.build_and_push(tmp_path / "image", registry, "test/big", [13 * MiB])
+    layer = max(image.blobs, key=image.blobs.get)
+    cluster = damselfly_cluster_factory(peers=1, env={"DAMSELFLY_PROXY__REGISTRY_MIRROR": f"http://{registry.address}"})
+    url = f"http://{cluster.daemon('peer1')['proxy']}/v2/test/big/blobs/{layer}"
+    req = urllib.request.Request(url, headers={"Range": f"bytes={5 * MiB}-{5 * MiB + 99}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        got = r.read()
+        assert r.status == 206 and r.headers["Content-Range"] == f"bytes {5 * MiB}-{5 * MiB + 99}/{image.blobs[layer]}"
+    layout_blob = tmp_path / "image" / "layout" / "blobs" / "sha256" / layer.split(":")[1]
+    assert got == layout_blob.read_bytes()[5 * MiB : 5 * MiB + 100]
+    assert registry.blob_bytes().get(layer, 0) == 4 * MiB  # the one 4 MiB piece holding those bytes
+
+
+@pytest.fixture
+def private_registry(tmp_path):
+    yield from reg.registry_fixture(tmp_path / "private", users={"alice": "s3cret"})
+
+
+def test_a_private_image_stays_private(private_registry, damselfly_cluster_factory, tmp_path):
+    image = reg.build_and_push(tmp_path / "image", private_registry, "team/secret", [2 * MiB], creds="alice:s3cret")
+    mirror = {"DAMSELFLY_PROXY__REGISTRY_MIRROR": f"http://{private_registry.address}"}
+    cluster = damselfly_cluster_factory(peers=1, env=mirror)
+    proxy = cluster.daemon("peer1")["proxy"]
+    work = tmp_path / "pulls"
+    work.mkdir()
+    assert reg.skopeo_pull(work, image.reference, proxy, "alice", creds="alice:s3cret") == image.manifest_digest
+    layer = max(image.blobs, key=image.blobs.get)
+    # the layer is on the peer's disk now; without credentials it is still refused
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://{proxy}/v2/team/secret/blobs/{layer}", timeout=30)
+    assert refused.value.code == 401
+    with pytest.raises(RuntimeError, match="unauthorized|authentication required|401"):
+        reg.skopeo_pull(work, image.reference, proxy, "mallory", creds="mallory:guess")
+    assert private_registry.blob_bytes().get(layer, 0) == image.blobs[layer]  # alice's pull only
+
+
+def test_with_the_daemon_down_containerd_falls_back_to_the_registry(
+    registry, containerd, damselfly_cluster_factory, tmp_path
+):
+    image = reg.build_and_push(tmp_path / "image", registry, "test/fallback", [2 * MiB])
+    cluster = damselfly_cluster_factory(peers=1, env={"DAMSELFLY_PROXY__REGISTRY_MIRROR": f"http://{registry.address}"})
+    proxy = cluster.daemon("peer1")["proxy"]
+    cluster.stop_daemon("peer1")
+    pulled = containerd.pull(image.reference, proxy)
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    assert containerd.image_digest(image.reference) == image.manifest_digest
