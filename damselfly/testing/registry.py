@@ -82,7 +82,8 @@ class Registry:
         if self.users:
             import bcrypt
 
-            lines = [f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=5)).decode()}" for u, p in self.users.items()]
+            salt = bcrypt.gensalt(rounds=5)
+            lines = [f"{u}:{bcrypt.hashpw(p.encode(), salt).decode()}" for u, p in self.users.items()]
             (self.directory / "htpasswd").write_text("\n".join(lines) + "\n")
             auth = f"auth:\n  htpasswd:\n    realm: damselfly-test\n    path: {self.directory / 'htpasswd'}\n"
         config = self.directory / "config.yml"
@@ -93,7 +94,8 @@ class Registry:
             f"http:\n  addr: {self.address}\n" + auth
         )
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=out, stderr=subprocess.STDOUT)
+            cmd = ["docker-registry", "serve", str(config)]
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         _wait_http(f"http://{self.address}/v2/", self.proc)
         return self
 

@@ -10,7 +10,7 @@ from damselfly.testing import registry as reg
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(300),
-    pytest.mark.skipif(bool(reg.missing_tools()), reason=f"needs {', '.join(reg.missing_tools())} (.ci/run installs them)"),
+    pytest.mark.skipif(bool(reg.missing_tools()), reason=f"needs {reg.missing_tools()} (.ci/run installs them)"),
 ]
 
 MiB = 1 << 20
@@ -28,7 +28,9 @@ def containerd(tmp_path):
     c.stop()
 
 
-def test_three_runtimes_pull_each_blob_from_the_registry_once(registry, containerd, damselfly_cluster_factory, tmp_path):
+def test_three_runtimes_pull_each_blob_from_the_registry_once(
+    registry, containerd, damselfly_cluster_factory, tmp_path
+):
     image = reg.build_and_push(tmp_path / "image", registry, "test/app", [3 * MiB, 6 * MiB, 1 * MiB, 9 * MiB])
     assert len(image.blobs) == 5  # four layers and the config
     cluster = damselfly_cluster_factory(peers=3, env={"DAMSELFLY_PROXY__REGISTRY_MIRROR": f"http://{registry.address}"})
@@ -78,7 +80,7 @@ def test_a_private_image_stays_private(private_registry, damselfly_cluster_facto
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"http://{proxy}/v2/team/secret/blobs/{layer}", timeout=30)
     assert refused.value.code == 401
-    with pytest.raises(RuntimeError, match="unauthorized|authentication required|401"):
+    with pytest.raises(RuntimeError, match=r"unauthorized|authentication required|401"):
         reg.skopeo_pull(work, image.reference, proxy, "mallory", creds="mallory:guess")
     assert private_registry.blob_bytes().get(layer, 0) == image.blobs[layer]  # alice's pull only
 
