@@ -542,6 +542,133 @@ def cache_stat(ctx: click.Context, task_id: str, as_json: bool, socket_path: str
         click.echo(f"{k}: {v}")
 
 
+@cli.command()
+@click.argument("url")
+@click.option(
+    "--scope",
+    type=click.Choice(["single_seed_peer", "all_seed_peers", "all_peers"]),
+    default="single_seed_peer",
+    help="Which hosts get it.",
+)
+@click.option("--platform", default="linux/amd64", help="Image platform, os/arch[/variant].")
+@click.option("--username", default="", help="Registry username.")
+@click.option("--password", default="", help="Registry password.")
+@click.option("-H", "--header", "headers", multiple=True, help="Request header 'Name: value' (repeatable).")
+@click.option("--tag", default="", help="Task tag.")
+@click.option("--application", default="", help="Task application.")
+@click.option("--ip", "ips", multiple=True, help="Only hosts with this IP (repeatable).")
+@click.option("--timeout", type=float, default=3600.0, help="Seconds for the whole preheat.")
+@click.option("--scheduler", "scheduler_address", default=None, help="Scheduler host:port (else the first configured).")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-layer report as JSON.")
+@click.pass_context
+def preheat(
+    ctx: click.Context,
+    url: str,
+    scope: str,
+    platform: str,
+    username: str,
+    password: str,
+    headers: tuple[str, ...],
+    tag: str,
+    application: str,
+    ips: tuple[str, ...],
+    timeout: float,
+    scheduler_address: str | None,
+    as_json: bool,
+) -> None:
+    """Put an image (oci://REGISTRY/REPO:TAG) or a file (any url) on the swarm's hosts ahead of use."""
+    import grpc
+    from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
+
+    from damselfly.wire import duration
+
+    settings = _settings(ctx)
+    address = scheduler_address or (settings.daemon.schedulers[0] if settings.daemon.schedulers else None)
+    if not address:
+        _fail("no scheduler: pass --scheduler HOST:PORT or set daemon.schedulers", 2)
+    hdrs = _parse_headers(headers)
+    image = url.startswith("oci://") or ("/v2/" in url and "/manifests/" in url)
+    common = {"url": url, "tag": tag, "application": application, "header": hdrs}
+
+    async def main() -> dict[str, Any]:
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = scheduler_pb2_grpc.SchedulerStub(ch)
+            if not image:
+                await stub.PreheatFile(
+                    scheduler_pb2.PreheatFileRequest(scope=scope, ips=list(ips), timeout=duration(timeout), **common),
+                    timeout=timeout + 30,
+                )
+                return {"url": url, "scope": scope}
+            auth = {"username": username, "password": password, "platform": platform}
+            await stub.PreheatImage(
+                scheduler_pb2.PreheatImageRequest(
+                    scope=scope, ips=list(ips), timeout=duration(timeout), **common, **auth
+                ),
+                timeout=timeout + 30,
+            )
+            stat = await stub.StatImage(scheduler_pb2.StatImageRequest(**common, **auth), timeout=120)
+            return {
+                "url": url,
+                "scope": scope,
+                "layers": [{"url": layer.url, "finished": layer.is_finished} for layer in stat.image.layers],
+                "hosts": {p.hostname: len(p.cached_layers) for p in stat.peers},
+            }
+
+    try:
+        report = asyncio.run(main())
+    except grpc.aio.AioRpcError as exc:
+        _fail(f"preheat failed: {exc.details()}")
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    for layer in report.get("layers", []):
+        click.echo(f"{'done' if layer['finished'] else 'MISSING'}  {layer['url']}")
+    for host, n in report.get("hosts", {}).items():
+        click.echo(f"{host}: {n} blobs cached")
+    click.echo(f"preheated {url} ({scope})")
+
+
+@cli.command("runtime-config")
+@click.argument("runtime", type=click.Choice(["containerd", "skopeo", "podman", "nydus"]))
+@click.option("--proxy", "proxy_address", required=True, help="The local daemon's proxy, host:port.")
+@click.option("--registry", default="docker.io", help="The registry to mirror (host[:port]).")
+def runtime_config(runtime: str, proxy_address: str, registry: str) -> None:
+    """Print the snippet that points RUNTIME's pulls at the daemon's proxy (registry mirror)."""
+    click.echo(runtime_snippet(runtime, proxy_address, registry), nl=False)
+
+
+def runtime_snippet(runtime: str, proxy_address: str, registry: str) -> str:
+    host = registry.removeprefix("https://").removeprefix("http://").rstrip("/")
+    if registry.startswith("http://"):
+        upstream = registry.rstrip("/")  # a plain-HTTP registry (a local one)
+    else:
+        upstream = "https://registry-1.docker.io" if host == "docker.io" else f"https://{host}"
+    plain = upstream.startswith("http://")
+    if runtime == "containerd":
+        return (
+            f'# /etc/containerd/certs.d/{host}/hosts.toml  (config_path = "/etc/containerd/certs.d")\n'
+            f'server = "{upstream}"\n\n'
+            f'[host."http://{proxy_address}"]\n'
+            '  capabilities = ["pull", "resolve"]\n'
+            '  [host."http://{0}".header]\n'.format(proxy_address)
+            + f'    X-Dragonfly-Registry = ["{upstream}"]\n'
+        )
+    if runtime in ("skopeo", "podman"):
+        return (
+            "# /etc/containers/registries.conf (or ~/.config/containers/registries.conf)\n"
+            f'[[registry]]\nprefix = "{host}"\nlocation = "{host}"\n' + ("insecure = true\n" if plain else "") + "\n"
+            f'[[registry.mirror]]\nlocation = "{proxy_address}"\ninsecure = true\n'
+        )
+    mirror = {
+        "host": f"http://{proxy_address}",
+        "auth_through": False,
+        "headers": {"X-Dragonfly-Registry": upstream},
+        "ping_url": f"http://{proxy_address}/server/ping",
+    }
+    backend = {"device": {"backend": {"type": "registry", "config": {"mirrors": [mirror]}}}}
+    return "# nydusd configuration: the registry backend's mirrors\n" + json.dumps(backend, indent=2) + "\n"
+
+
 @cli.command("gc")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--socket", "socket_path", default=None, help="Daemon socket (else from config).")

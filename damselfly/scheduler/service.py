@@ -28,6 +28,7 @@ from damselfly.core.piece import ByteRange, Layout, covers
 from damselfly.core.task import Task, TaskState
 from damselfly.metrics import SchedulerMetrics, serve_metrics
 from damselfly.plugin_manager import Plugins, build_plugins
+from damselfly.scheduler import preheat
 from damselfly.wire import host_from_proto, host_to_proto, peer_to_proto, piece_from_proto, task_to_proto
 
 _CLOSE = object()
@@ -232,6 +233,23 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self._refresh_gauges()
 
     # -- tasks and peers -------------------------------------------------------------
+
+    async def PreheatImage(
+        self, request: scheduler_pb2.PreheatImageRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        await preheat.preheat_image(self, request, context)
+        return empty_pb2.Empty()
+
+    async def StatImage(
+        self, request: scheduler_pb2.StatImageRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.StatImageResponse:
+        return await preheat.stat_image(self, request, context)  # type: ignore[no-any-return]
+
+    async def PreheatFile(
+        self, request: scheduler_pb2.PreheatFileRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        await preheat.preheat_file(self, request, context)
+        return empty_pb2.Empty()
 
     async def StatTask(
         self, request: scheduler_pb2.StatTaskRequest, context: grpc.aio.ServicerContext

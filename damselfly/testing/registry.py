@@ -169,12 +169,11 @@ def _runner():  # type: ignore[no-untyped-def]
 
 def skopeo_pull(work: Path, reference: str, mirror: str, name: str, creds: str = "") -> str:
     """Pull with skopeo through ``mirror`` (a registries.conf mirror); the pulled manifest's digest."""
+    from damselfly.cli import runtime_snippet
+
     registry = reference.split("/", 1)[0]
     conf = work / f"registries-{name}.conf"
-    conf.write_text(
-        f'[[registry]]\nlocation = "{registry}"\ninsecure = true\n'
-        f'[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n'
-    )
+    conf.write_text(runtime_snippet("skopeo", mirror, f"http://{registry}"))  # what `runtime-config skopeo` prints
     out = work / f"pulled-{name}"
     cmd = ["skopeo", "--registries-conf", str(conf), "copy", "--src-tls-verify=false"]
     if creds:
@@ -218,12 +217,13 @@ class Containerd:
 
     def pull(self, reference: str, mirror: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """``ctr images pull`` with a hosts.toml naming ``mirror`` first and the registry after it."""
+        from damselfly.cli import runtime_snippet
+
         registry = reference.split("/", 1)[0]
         hosts = self.directory / "hosts" / registry
         hosts.mkdir(parents=True, exist_ok=True)
-        (hosts / "hosts.toml").write_text(
-            f'server = "http://{registry}"\n[host."http://{mirror}"]\n  capabilities = ["pull", "resolve"]\n'
-        )
+        # the very snippet `damselfly runtime-config containerd` prints
+        (hosts / "hosts.toml").write_text(runtime_snippet("containerd", mirror, f"http://{registry}"))
         cmd = ["ctr", "--address", str(self.socket), "images", "pull", "--hosts-dir", str(self.directory / "hosts")]
         cmd += ["--plain-http", "--snapshotter", "native", reference]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)

@@ -95,3 +95,41 @@ def test_with_the_daemon_down_containerd_falls_back_to_the_registry(
     pulled = containerd.pull(image.reference, proxy)
     assert pulled.returncode == 0, pulled.stderr[-2000:]
     assert containerd.image_digest(image.reference) == image.manifest_digest
+
+
+def test_preheat_then_a_pull_reads_no_blob_from_the_registry(registry, damselfly_cluster_factory, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    image = reg.build_and_push(tmp_path / "image", registry, "test/pre", [2 * MiB, 5 * MiB])
+    cluster = damselfly_cluster_factory(peers=2, env={"DAMSELFLY_PROXY__REGISTRY_MIRROR": f"http://{registry.address}"})
+    cmd = [sys.executable, "-m", "damselfly", "preheat", f"oci://{image.reference}"]
+    cmd += ["--scheduler", cluster.info["scheduler"], "--scope", "all_seed_peers", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200, check=False)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert len(report["layers"]) == 3 and all(layer["finished"] for layer in report["layers"])
+    assert list(report["hosts"].values()) == [3]  # the seed holds all three blobs
+    preheated = registry.blob_bytes()
+    assert {d: preheated.get(d, 0) for d in image.blobs} == image.blobs  # read once, by the seed
+    work = tmp_path / "pull"
+    work.mkdir()
+    assert reg.skopeo_pull(work, image.reference, cluster.daemon("peer2")["proxy"], "after") == image.manifest_digest
+    assert registry.blob_bytes() == preheated  # the pull read no blob from the registry
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "damselfly",
+            "preheat",
+            f"oci://{registry.address}/test/none:v1",
+            "--scheduler",
+            cluster.info["scheduler"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 1 and "404" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
