@@ -225,7 +225,7 @@ def _relative(base: str, url: str) -> str:
     """Where an entry of a recursive download goes under the output directory (never outside it)."""
     base_path = urlsplit(base).path.rstrip("/")
     path = urlsplit(url).path
-    rel = path[len(base_path) :] if path.startswith(base_path) else path.rsplit("/", 1)[-1]
+    rel = path[len(base_path) :] if path.startswith(base_path) else path.rsplit("/", 1)[-1].rpartition("@")[2]
     parts = [p for p in rel.split("/") if p not in ("", ".")]
     if not parts or ".." in parts:
         raise InvalidArgument(f"entry {url!r} does not lie under {base!r}")

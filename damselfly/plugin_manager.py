@@ -30,6 +30,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "damselfly.plugins.source.hf",
     "damselfly.plugins.source.hdfs",
     "damselfly.plugins.source.cache",
+    "damselfly.plugins.source.oci",
     "damselfly.plugins.transport.tcp",
     "damselfly.plugins.transport.quic",
     "damselfly.plugins.transport.webrtc",

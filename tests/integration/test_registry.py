@@ -133,3 +133,32 @@ def test_preheat_then_a_pull_reads_no_blob_from_the_registry(registry, damselfly
         check=False,
     )
     assert bad.returncode == 1 and "404" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_the_oci_source(private_registry, damselfly_cluster_factory, tmp_path):
+    """`damselfly get oci://...`: a tag (its manifest), a blob by digest, -r of a whole image; Basic auth."""
+    import hashlib
+    import json
+    import subprocess
+    import sys
+
+    image = reg.build_and_push(tmp_path / "image", private_registry, "team/tool", [3 * MiB], creds="alice:s3cret")
+    creds = {"DAMSELFLY_SOURCES__OCI__USERNAME": "alice", "DAMSELFLY_SOURCES__OCI__PASSWORD": "s3cret"}
+    cluster = damselfly_cluster_factory(peers=1, env=creds)
+
+    def get(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "damselfly", "get", *args, "--socket", cluster.daemon("peer1")["socket"]]
+        return subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, timeout=120, check=False)
+
+    proc = get(f"oci://{image.reference}", "-O", str(tmp_path / "manifest.json"))
+    assert proc.returncode == 0, proc.stderr
+    manifest = (tmp_path / "manifest.json").read_bytes()
+    assert "sha256:" + hashlib.sha256(manifest).hexdigest() == image.manifest_digest
+    assert {layer["digest"] for layer in json.loads(manifest)["layers"]} <= set(image.blobs)
+    layer = max(image.blobs, key=image.blobs.get)
+    proc = get(f"oci://{private_registry.address}/team/tool@{layer}", "-O", str(tmp_path / "layer"))
+    assert proc.returncode == 0, proc.stderr
+    assert "sha256:" + hashlib.sha256((tmp_path / "layer").read_bytes()).hexdigest() == layer
+    proc = get("-r", f"oci://{image.reference}", "-O", str(tmp_path / "all"))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == sorted(image.blobs)
