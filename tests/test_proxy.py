@@ -113,3 +113,12 @@ async def test_errors_and_connect(daemon, origin):
     await writer.drain()
     assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 502")
     writer.close()
+
+
+async def test_a_tls_hello_is_refused_at_once(daemon):
+    """Clients that try HTTPS first (containers/image with insecure = true) must fall back quickly."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.proxy.port)
+    writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32))
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()

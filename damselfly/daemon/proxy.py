@@ -382,17 +382,24 @@ class _Sniffer(asyncio.Protocol):
                 self.buf += data  # the upstream connection is still being made
             return
         self.buf += data
-        if b"\r\n\r\n" not in self.buf and len(self.buf) < 65536:
+        if self.buf[:1] == b"\x16":  # a TLS ClientHello on this plain-HTTP port: refuse at once, so the
+            self.transport.close()  # client falls back to HTTP now rather than after its TLS timeout
             return
-        head, _, rest = self.buf.partition(b"\r\n\r\n")
-        first = head.split(b"\r\n", 1)[0].split()
-        if len(first) == 3 and first[0] == b"CONNECT":
-            self.tunnelling = True
-            self.buf = rest
-            task = asyncio.get_running_loop().create_task(self.proxy.tunnel(self, first[1].decode("latin-1")))
-            self.proxy._tunnels.add(task)
-            task.add_done_callback(self.proxy._tunnels.discard)
-            return
+        if not self.buf.startswith(b"CONNECT "):
+            if b"\r\n" not in self.buf and len(self.buf) < 8192:
+                return  # not even a request line yet
+        elif b"\r\n\r\n" in self.buf or len(self.buf) >= 65536:
+            head, _, rest = self.buf.partition(b"\r\n\r\n")
+            first = head.split(b"\r\n", 1)[0].split()
+            if len(first) == 3:
+                self.tunnelling = True
+                self.buf = rest
+                task = asyncio.get_running_loop().create_task(self.proxy.tunnel(self, first[1].decode("latin-1")))
+                self.proxy._tunnels.add(task)
+                task.add_done_callback(self.proxy._tunnels.discard)
+                return
+        else:
+            return  # a CONNECT whose headers have not all arrived
         handler = self.proxy._web()  # aiohttp's protocol takes over this connection from here
         self.transport.set_protocol(handler)
         handler.connection_made(self.transport)
