@@ -41,7 +41,8 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
         try:
             urllib.request.urlopen(url, timeout=2).close()
             return
-        except urllib.error.HTTPError:
+        except urllib.error.HTTPError as exc:
+            exc.close()
             return  # it answers (401 with auth on)
         except OSError:
             if proc.poll() is not None:

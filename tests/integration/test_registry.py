@@ -80,6 +80,7 @@ def test_a_private_image_stays_private(private_registry, damselfly_cluster_facto
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"http://{proxy}/v2/team/secret/blobs/{layer}", timeout=30)
     assert refused.value.code == 401
+    refused.value.close()
     with pytest.raises(RuntimeError, match=r"unauthorized|authentication required|401"):
         reg.skopeo_pull(work, image.reference, proxy, "mallory", creds="mallory:guess")
     assert private_registry.blob_bytes().get(layer, 0) == image.blobs[layer]  # alice's pull only
