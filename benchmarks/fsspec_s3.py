@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -99,6 +100,7 @@ def main() -> None:
             next(servers)
         except StopIteration:
             pass
+        shutil.rmtree(work, ignore_errors=True)
     result = {
         "machine": f"{os.cpu_count()} cpus, Python {platform.python_version()}",
         "size": size,

@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import tempfile
 import threading
 import time
@@ -136,6 +137,7 @@ def main() -> None:
             cluster.down()
     finally:
         registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
     out = {
         "machine": f"{os.cpu_count()} cpus, Python {platform.python_version()}",
         "peers": args.peers,

@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import threading
@@ -103,6 +104,8 @@ def main() -> None:
         if cluster is not None:
             cluster.down()
         origin.stop()
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
     if args.json:
         print(json.dumps(result))
     else:

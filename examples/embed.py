@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -51,6 +52,7 @@ async def main() -> None:
             await d.stop()
         await scheduler.stop()
         await origin.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
