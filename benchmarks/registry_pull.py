@@ -3,9 +3,11 @@
     python benchmarks/registry_pull.py [--peers 8] [--size 256MiB] [--rate 50MB/s] [--json]
 
 A real registry (docker-registry) holds an image of four layers of random bytes
-(``--size`` in all), built with umoci and pushed with skopeo. A forwarder in front
-of it caps what the registry can send at ``--rate`` (all connections together), as
-a registry's uplink would. Then, in one run:
+(``--size`` in all), built with umoci and pushed with skopeo. What the registry can
+send is capped at ``--rate``, all connections together, as its uplink would be: by
+default it runs in a network namespace whose veth ``tc tbf`` shapes (the kernel's
+work, so a busy CPU does not lower the cap); ``--shaper forwarder`` puts a Python
+forwarder on loopback in front of it instead. Then, in one run:
 
 - ``direct``: ``--peers`` skopeo pulls at once from the registry;
 - ``swarm``: a scheduler, a seed and ``--peers`` daemons; each skopeo pull goes
@@ -25,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -34,6 +37,58 @@ from pathlib import Path
 from damselfly.core.units import format_size, parse_rate, parse_size
 from damselfly.testing import registry as reg
 from damselfly.testing import start_cluster
+
+
+class ShapedNamespace:
+    """The registry in a network namespace of its own, behind a veth whose egress ``tc tbf`` caps at ``rate``.
+
+    The kernel does the shaping, so the cap holds however busy the CPUs are (a
+    forwarder written in Python slows down with the machine it measures). Needs
+    root; traffic stays on this host (10.203.0.0/30, a link made here).
+    """
+
+    NS, HOST_IF, NS_IF = "dfbench", "dfbench0", "dfbench1"
+    HOST_IP, NS_IP = "10.203.0.1", "10.203.0.2"
+
+    def __init__(self, rate: int):
+        self.rate = rate
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    def __enter__(self) -> ShapedNamespace:
+        self.__exit__()
+        self._ip("netns", "add", self.NS)
+        self._ip("link", "add", self.HOST_IF, "type", "veth", "peer", "name", self.NS_IF)
+        self._ip("link", "set", self.NS_IF, "netns", self.NS)
+        self._ip("addr", "add", f"{self.HOST_IP}/30", "dev", self.HOST_IF)
+        self._ip("link", "set", self.HOST_IF, "up")
+        ns = ["netns", "exec", self.NS, "ip"]
+        self._ip(*ns, "addr", "add", f"{self.NS_IP}/30", "dev", self.NS_IF)
+        self._ip(*ns, "link", "set", self.NS_IF, "up")
+        self._ip(*ns, "link", "set", "lo", "up")
+        bits = self.rate * 8
+        tbf = [
+            "qdisc",
+            "add",
+            "dev",
+            self.NS_IF,
+            "root",
+            "tbf",
+            "rate",
+            f"{bits}bit",
+            "burst",
+            "256kb",
+            "latency",
+            "100ms",
+        ]
+        subprocess.run(["ip", "netns", "exec", self.NS, "tc", *tbf], check=True, capture_output=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["ip", "netns", "del", self.NS], check=False, capture_output=True)
+        subprocess.run(["ip", "link", "del", self.HOST_IF], check=False, capture_output=True)
 
 
 class Limiter(threading.Thread):
@@ -106,19 +161,34 @@ def main() -> None:
     ap.add_argument("--peers", type=int, default=8)
     ap.add_argument("--size", default="256MiB", help="All four layers together.")
     ap.add_argument("--rate", default="50MB/s", help="What the registry can send, all pulls together.")
+    ap.add_argument(
+        "--shaper",
+        choices=["netns", "forwarder"],
+        default="netns",
+        help="netns: the registry in a namespace behind tc tbf (root); forwarder: a Python forwarder on loopback",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if reg.missing_tools():
         raise SystemExit(f"needs {', '.join(reg.missing_tools())} (scripts/setup.sh installs them)")
     size, rate = parse_size(args.size), parse_rate(args.rate)
     work = Path(tempfile.mkdtemp(prefix="damselfly-bench-registry-"))
-    registry = reg.Registry(work / "registry").start()
+    shaped = ShapedNamespace(rate) if args.shaper == "netns" else None
+    if shaped is not None:
+        shaped.__enter__()
+    registry = reg.Registry(work / "registry")
     try:
+        if shaped is not None:
+            registry.start(netns=shaped.NS, ip=shaped.NS_IP)
+            address = registry.address
+        else:
+            registry.start()
+            limiter = Limiter(("127.0.0.1", registry.port), rate)
+            limiter.start()
+            limiter.ready.wait(10)
+            address = f"127.0.0.1:{limiter.port}"
         image = reg.build_and_push(work / "image", registry, "bench/app", [size // 4] * 4)
-        limiter = Limiter(("127.0.0.1", registry.port), rate)
-        limiter.start()
-        limiter.ready.wait(10)
-        reference = f"127.0.0.1:{limiter.port}/bench/app:v1"
+        reference = f"{address}/bench/app:v1"
         image_bytes = sum(image.blobs.values())
         results = {}
 
@@ -126,7 +196,7 @@ def main() -> None:
         seconds = _pulls(work, reference, [None] * args.peers)
         results["direct"] = {"registry_bytes": sum(registry.blob_bytes().values()) - before, "slowest_s": seconds}
 
-        env = {"DAMSELFLY_PROXY__REGISTRY_MIRROR": f"http://127.0.0.1:{limiter.port}"}
+        env = {"DAMSELFLY_PROXY__REGISTRY_MIRROR": f"http://{address}"}
         cluster = start_cluster(work / "cluster", args.peers, env=env)
         try:
             proxies = [d["proxy"] for d in cluster.daemons if not d["seed"]]
@@ -137,6 +207,8 @@ def main() -> None:
             cluster.down()
     finally:
         registry.stop()
+        if shaped is not None:
+            shaped.__exit__()
         shutil.rmtree(work, ignore_errors=True)
     out = {
         "machine": f"{os.cpu_count()} cpus, Python {platform.python_version()}",
@@ -144,6 +216,7 @@ def main() -> None:
         "image_bytes": image_bytes,
         "layers": len(image.blobs) - 1,
         "registry_rate": rate,
+        "shaper": args.shaper,
         **results,
         "slowest_ratio": round(results["swarm"]["slowest_s"] / results["direct"]["slowest_s"], 3),
     }

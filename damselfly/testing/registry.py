@@ -67,18 +67,21 @@ class Registry:
     users: dict[str, str] = field(default_factory=dict)  # htpasswd auth when not empty
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    ip: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.ip}:{self.port}"
 
     @property
     def log(self) -> Path:
         return self.directory / "registry.log"
 
-    def start(self) -> Registry:
+    def start(self, netns: str = "", ip: str = "127.0.0.1") -> Registry:
+        """Listen on ``ip`` at a free port; inside network namespace ``netns`` when one is named."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.ip = ip
+        self.port = _free_port() if not netns else 5000
         auth = ""
         if self.users:
             import bcrypt
@@ -96,6 +99,8 @@ class Registry:
         )
         with open(self.log, "wb") as out:
             cmd = ["docker-registry", "serve", str(config)]
+            if netns:
+                cmd = ["ip", "netns", "exec", netns, *cmd]
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         _wait_http(f"http://{self.address}/v2/", self.proc)
         return self
