@@ -39,6 +39,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "damselfly.plugins.storage.memory",
     "damselfly.plugins.scheduler.default",
     "damselfly.plugins.scheduler.random",
+    "damselfly.plugins.scheduler.locality",
     "damselfly.plugins.scheduler.pickers",
 )
 

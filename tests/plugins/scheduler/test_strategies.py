@@ -62,3 +62,23 @@ def test_random_keeps_every_candidate():
     assert sorted(c.host.id for c in RandomStrategy().rank(cand("c"), cs, Task(id="t"))) == sorted(
         c.host.id for c in cs
     )
+
+
+def test_locality_puts_the_same_idc_and_the_nearest_location_first():
+    from damselfly.plugins.scheduler.locality import LocalityStrategy
+
+    child = cand("child", idc="hz", location="asia|cn|hz|rack1")
+    busy_same_rack = cand("busy-same-rack", idc="hz", location="asia|cn|hz|rack1", tx=GBIT * 9 // 10)
+    idle_same_idc = cand("idle-same-idc", idc="hz", location="asia|cn|hz|rack9")
+    idle_same_idc_2 = cand("idle-same-idc-2", idc="hz", location="asia|cn|hz|rack8", uploaded=10 * GBIT)
+    idle_far = cand("idle-far", idc="sh", location="asia|cn|sh|rack1")
+    idle_nowhere = cand("idle-nowhere")
+    ranked = LocalityStrategy().rank(
+        child, [idle_nowhere, idle_far, idle_same_idc_2, busy_same_rack, idle_same_idc], Task(id="t")
+    )
+    names = [c.host.id for c in ranked]
+    assert names[0] == "busy-same-rack"  # closest wins even though busier
+    assert names[1:3] == ["idle-same-idc", "idle-same-idc-2"]  # equally close: the less loaded first
+    assert names[3:] == ["idle-far", "idle-nowhere"]  # the far ones still rank, last
+    # default would have put the idle same-IDC parent ahead of the busy same-rack one
+    assert DefaultStrategy().rank(child, [busy_same_rack, idle_same_idc], Task(id="t"))[0].host.id == "idle-same-idc"
