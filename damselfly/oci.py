@@ -36,6 +36,16 @@ _CHALLENGE = re.compile(r'(\w+)="([^"]*)"')
 _DIGEST = re.compile(r"^[a-z0-9]+:[a-f0-9]{32,}$")
 
 
+def registry_scheme(registry: str, insecure: tuple[str, ...] | list[str] = ()) -> str:
+    """``http`` for a registry on loopback or named in ``insecure`` (host:port), else ``https``."""
+    host = registry.rsplit(":", 1)[0].strip("[]") if not registry.endswith("]") else registry.strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return "http" if loopback or registry in insecure else "https"
+
+
 @dataclass(frozen=True)
 class Reference:
     scheme: str  # http or https
@@ -70,12 +80,7 @@ class Reference:
             path, _, tag = path.rpartition(":")
         if not re.fullmatch(r"[a-z0-9]+(?:[._/-][a-z0-9]+)*", path):
             raise InvalidArgument(f"bad repository {path!r} in {url!r}")
-        host = registry.rsplit(":", 1)[0].strip("[]")
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = host == "localhost"
-        scheme = "http" if loopback or registry in insecure else "https"
+        scheme = registry_scheme(registry, insecure)
         return cls(scheme, registry, path, tag or ("" if digest else "latest"), digest)
 
     @property
@@ -107,7 +112,8 @@ class RegistryClient:
         self.password = password
         self.authorization = ""
 
-    async def _token(self, challenge: str, ref: Reference) -> str:
+    async def answer_challenge(self, challenge: str, ref: Reference) -> str:
+        """The Authorization value that answers a registry's ``WWW-Authenticate`` challenge."""
         kind, _, params = challenge.partition(" ")
         if kind.lower() == "basic":
             if not self.username:
@@ -141,7 +147,7 @@ class RegistryClient:
             try:
                 async with self.session.get(url, headers=headers) as r:
                     if r.status == 401 and attempt == 0 and "WWW-Authenticate" in r.headers:
-                        self.authorization = await self._token(r.headers["WWW-Authenticate"], ref)
+                        self.authorization = await self.answer_challenge(r.headers["WWW-Authenticate"], ref)
                         continue
                     if r.status >= 400:
                         raise BackendError(f"registry answered {r.status} for {url}", status_code=r.status)

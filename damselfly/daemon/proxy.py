@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -38,8 +37,10 @@ from loguru import logger
 
 from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument
 from damselfly.core.piece import Layout
+from damselfly.core.task import TaskState
 from damselfly.daemon.download import DownloadRequest
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started
+from damselfly.oci import registry_scheme
 
 if TYPE_CHECKING:
     from damselfly.config import ProxyConfig
@@ -80,13 +81,6 @@ def parse_range(value: str, size: int) -> tuple[int, int] | None:
     if start >= size or end < start:
         return None
     return start, end - start + 1
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 class Proxy:
@@ -134,8 +128,7 @@ class Proxy:
         query = [(k, v) for k, v in parse_qsl(request.query_string, keep_blank_values=True)]
         ns = next((v for k, v in query if k == "ns"), "")
         if not registry and ns:
-            scheme = "http" if _is_loopback(ns.rsplit(":", 1)[0]) or ns in self.cfg.insecure_registries else "https"
-            registry = f"{scheme}://{ns}"
+            registry = f"{registry_scheme(ns, self.cfg.insecure_registries)}://{ns}"
         registry = registry or self.cfg.registry_mirror
         if not registry:
             raise InvalidArgument("no upstream: send X-Dragonfly-Registry or ?ns=, or set proxy.registry_mirror")
@@ -252,7 +245,7 @@ class Proxy:
         req = self._download_request(request, url)
         range_header = request.headers.get("Range", "")
         task = self.d.storage.get(req.task_id())
-        finished_before = task is not None and task.state.value == "Succeeded"
+        finished_before = task is not None and task.state is TaskState.SUCCEEDED
         if range_header:
             size = await self._content_length(req, task)
             wanted = parse_range(range_header, size)

@@ -38,8 +38,12 @@ class OciSource(HttpSource):
     Config: ClassVar[type[BaseModel]] = OciConfig
     options: OciConfig
 
+    def __init__(self, options: BaseModel | None = None):
+        super().__init__(options)
+        self._registry_client: RegistryClient | None = None
+
     def _registry(self) -> RegistryClient:
-        client = getattr(self, "_registry_client", None)
+        client = self._registry_client
         if client is None:
             client = self._registry_client = RegistryClient(
                 self._client(), self.options.username, self.options.password
@@ -71,7 +75,7 @@ class OciSource(HttpSource):
                 async with self._client().head(target, headers=headers, allow_redirects=True) as r:
                     if r.status == 401 and "WWW-Authenticate" in r.headers:
                         registry = self._registry()
-                        registry.authorization = await registry._token(r.headers["WWW-Authenticate"], ref)
+                        registry.authorization = await registry.answer_challenge(r.headers["WWW-Authenticate"], ref)
                         headers = {**headers, **self._auth_headers(registry)}
             except aiohttp.ClientError as exc:
                 raise BackendError(f"cannot reach registry {ref.registry}: {exc}") from None
