@@ -11,7 +11,8 @@
 ``fsspec.specs`` entry point). Reads go to a damselfly daemon: the one named by the
 ``daemon=`` option (its socket), else the one the config names if its socket
 exists, else an embedded daemon started in this process (no scheduler unless the
-config names one, so it works with zero set-up). What the daemon fetches it fetches
+config names one, so it works with zero set-up). There is one embedded daemon per
+process: ``embedded_dir`` places it when it starts, and later filesystems share it. What the daemon fetches it fetches
 as whole pieces, from peers when the swarm has them and from the origin otherwise,
 and keeps; a file opened here holds the last few pieces it read, so small reads
 next to each other cost one daemon call.
@@ -251,11 +252,7 @@ class P2PFileSystem(ChainedFileSystem):
         size = self._swarm_size(path)
         if size is not None:
             return {"name": self._strip_protocol(path), "size": size, "type": "file"}
-        try:
-            info = dict(self.target.info(self._target_path(path), **kwargs))
-        except DamselflyError as exc:
-            raise _os_error(exc, path) from None
-        return info
+        return dict(self.target.info(self._target_path(path), **kwargs))
 
     def _swarm_size(self, path: str) -> int | None:
         """The content length the daemon or its scheduler knows for this url's task, if any."""
@@ -300,21 +297,8 @@ class P2PFileSystem(ChainedFileSystem):
         if self.isdir(rpath):
             os.makedirs(lpath, exist_ok=True)
             return
-        kw = self._read_kwargs()
         os.makedirs(os.path.dirname(os.path.abspath(lpath)), exist_ok=True)
-        self._run(
-            "download",
-            rpath,
-            self.url(rpath),
-            os.path.abspath(lpath),
-            headers=kw["headers"],
-            tag=kw["tag"],
-            application=kw["application"],
-            filtered_query_params=kw["filtered_query_params"],
-            piece_length=kw["piece_length"],
-            timeout=kw["timeout"],
-            source_options=kw["source_options"],
-        )
+        self._run("download", rpath, self.url(rpath), os.path.abspath(lpath), **self._read_kwargs())
 
     def _open(self, path: str, mode: str = "rb", block_size: int | None = None, **kwargs: Any) -> P2PFile:
         if mode != "rb":
