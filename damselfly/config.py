@@ -107,6 +107,18 @@ class DaemonConfig(Section):
     piece_port: int = Field(0, ge=0, le=65535, description="Port of the first transport's piece server.")
     concurrent_pieces: int = Field(8, ge=1, le=256, description="Pieces fetched at once per download.")
     piece_picker: str = Field("sequential", description="Piece-picker plugin: the order missing pieces are fetched in.")
+    super_seed: bool = Field(
+        False,
+        description="On a seed: decline a piece sent before while it holds one never sent (so new ones go first).",
+    )
+    upload_slots: int = Field(
+        0,
+        ge=0,
+        description="Pieces sent to children at once (0: no limit); a child that finds them taken asks elsewhere.",
+    )
+    source_concurrent_pieces: int = Field(
+        0, ge=0, le=256, description="Pieces fetched from the source at once (0: concurrent_pieces)."
+    )
     piece_timeout: float = Field(60.0, gt=0, description="Seconds one piece may take from a parent.")
     piece_connect_timeout: float = Field(3.0, gt=0, description="Seconds to open a piece connection to a parent.")
     gc: GcConfig = Field(default_factory=GcConfig, description="Garbage collection of stored tasks.")

@@ -238,6 +238,7 @@ class ServedPiece:
     metadata: PieceMetadata
     data: bytes | None = None
     region: FileRegion | None = None
+    release: Callable[[], None] | None = None  # called once the piece is sent (or sending failed)
 
 
 PieceLookup = Callable[[str, int], Awaitable[ServedPiece]]
@@ -306,13 +307,23 @@ class PiecePicker(Plugin, abc.ABC):
         self.options = options or self.Config()
 
     @abc.abstractmethod
-    def order(self, missing: set[int], holders: dict[int, int]) -> list[int]:
+    def order(self, missing: set[int], holders: dict[int, float]) -> list[int]:
         """The missing pieces in the order to fetch them. ``holders`` says how many of
-        the download's parents hold each piece (absent: none yet)."""
+        the download's parents hold each piece (absent: none yet); a seed counts half,
+        so a piece only a seed holds ranks rarest."""
 
 
 class Strategy(Plugin, abc.ABC):
-    """Ranks a child's candidate parents; a pure function of what it is handed."""
+    """Ranks a child's candidate parents; a pure function of what it is handed.
+
+    ``dag``: parents form a DAG (upstream's rule: never a parent from below), else a
+    mesh where two peers may each fetch from the other, as in BitTorrent, so that a
+    peer's upload is used from its first piece. ``parent_limit``: parents a child is
+    given (0: ``scheduler.candidate_parent_limit``).
+    """
+
+    dag: ClassVar[bool] = True
+    parent_limit: ClassVar[int] = 0
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options or self.Config()

@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "damselfly.plugins.scheduler.default",
     "damselfly.plugins.scheduler.random",
     "damselfly.plugins.scheduler.locality",
+    "damselfly.plugins.scheduler.swarm",
     "damselfly.plugins.scheduler.pickers",
 )
 

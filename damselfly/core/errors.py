@@ -22,6 +22,17 @@ class NotFound(DamselflyError, LookupError):
     """The task, piece or peer is not there."""
 
 
+class Busy(NotFound):
+    """The parent's upload slots are all taken: ask again shortly, or ask another parent.
+
+    A NotFound for the piece *now*, so every transport keeps the connection open.
+    """
+
+
+class Declined(NotFound):
+    """The parent will not send this piece now (it went out already: a peer holds it); ask another."""
+
+
 class BackendError(DamselflyError):
     """The origin (HTTP server, registry, bucket) failed or refused."""
 

@@ -50,6 +50,8 @@ class ErrorCode(enum.IntEnum):
     INVALID_ARGUMENT = 1
     NOT_FOUND = 2
     INTERNAL = 3
+    UNAVAILABLE = 4  # damselfly's: the parent is busy; a child asks again later or elsewhere
+    DECLINED = 5  # damselfly's: the parent will not send this piece now; a child asks another parent
 
 
 class TrafficType(enum.IntEnum):

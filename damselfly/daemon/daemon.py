@@ -32,6 +32,7 @@ from damselfly.daemon.gc import Collector
 from damselfly.daemon.local import LocalService, admin_handler
 from damselfly.daemon.proxy import Proxy
 from damselfly.daemon.runtime import TaskBoard, TaskRuntime
+from damselfly.daemon.superseed import SuperSeeder
 from damselfly.daemon.upload import UploadService, lookup_piece
 from damselfly.metrics import DaemonMetrics, serve_metrics
 from damselfly.plugin_manager import Plugins, build_plugins
@@ -136,6 +137,8 @@ class Daemon:
         self.pool = ConnectionPool(self.transports, cfg.piece_connect_timeout)
         self.schedulers = SchedulerPool(cfg.schedulers, cfg.scheduler_connect_timeout)
         self.board = TaskBoard()
+        self.super_seeders: dict[str, SuperSeeder] = {}
+        self.uploading = 0  # pieces being sent to children now
         self.gc = Collector(self)
         self.uploaded_bytes = 0
         self.piece_port = 0
@@ -398,8 +401,19 @@ class Daemon:
             if rt.runner is not None:
                 rt.runner.cancel()
         await self.storage.delete(task_id)
+        self.super_seeders.pop(task_id, None)
         self.metrics.tasks.set(len(self.storage.tasks()))
         await self.schedulers.delete_task(self.host_id, task_id)
+
+    def super_seeder(self, task_id: str) -> SuperSeeder | None:
+        """The task's super-seeding state, on a seed with ``daemon.super_seed`` (else None)."""
+        cfg = self.settings.daemon
+        if not (self.is_seed and cfg.super_seed):
+            return None
+        seeder = self.super_seeders.get(task_id)
+        if seeder is None:
+            seeder = self.super_seeders[task_id] = SuperSeeder()
+        return seeder
 
     def upload_channel(self, address: str) -> grpc.aio.Channel:
         ch = self._upload_channels.get(address)

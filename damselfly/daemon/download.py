@@ -24,7 +24,9 @@ from damselfly.contracts import PieceConnection, Source, Transport
 from damselfly.core import ids, vortex
 from damselfly.core.errors import (
     BackendError,
+    Busy,
     DamselflyError,
+    Declined,
     InvalidArgument,
     NotFound,
     PeerError,
@@ -32,6 +34,7 @@ from damselfly.core.errors import (
     ProtocolError,
     StorageError,
 )
+from damselfly.core.host import HostType
 from damselfly.core.piece import Layout, PieceSpan
 from damselfly.core.task import PieceRecord, Task, TaskState
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started, TaskRuntime
@@ -44,6 +47,11 @@ TRAFFIC_SOURCE = vortex.TrafficType.BACK_TO_SOURCE
 TRAFFIC_PEER = vortex.TrafficType.REMOTE_PEER
 
 
+# A seed counts as half a holder for the piece pickers: a piece only a seed holds is the
+# rarest there is (the seed's link is the one way new pieces enter the swarm).
+SEED_HOLDER = 0.5
+BUSY_BACKOFF = 0.2  # seconds before a parent whose upload slots were taken is asked again
+DECLINED_BACKOFF = 1.0  # seconds before a parent that declined a piece is asked for it again
 SOURCE_OPTION_FIELDS = ("object_storage", "hdfs", "hugging_face")
 CACHE_EXPIRES_HEADER = "X-Damselfly-Cache-Expires"
 
@@ -148,6 +156,11 @@ class _Parent:
     weight: float = 1.0
     alive: bool = True
     synced: bool = False  # its SyncPieces stream ended normally
+    is_seed: bool = False
+    busy_until: float = 0.0
+    declined: dict[int, float] = field(
+        default_factory=dict
+    )  # piece -> not asked for again before then  # it said its upload slots were taken: not asked again before then
     pieces: set[int] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
 
@@ -621,7 +634,8 @@ class Downloader:
             self.link = None
         assert self.task is not None
         layout = self.task.layout
-        limit = asyncio.Semaphore(self.d.settings.daemon.concurrent_pieces)
+        cfg = self.d.settings.daemon
+        limit = asyncio.Semaphore(cfg.source_concurrent_pieces or cfg.concurrent_pieces)
 
         async def one(span: PieceSpan) -> None:
             async with limit:
@@ -663,7 +677,9 @@ class Downloader:
             for c in more:
                 if c.id in parents or c.id in self.blocklist:
                     continue
-                p = parents[c.id] = _Parent(c.id, c.host.ip, c.host.port, weight=_weight(c.host))
+                p = parents[c.id] = _Parent(
+                    c.id, c.host.ip, c.host.port, weight=_weight(c.host), is_seed=c.host.type != HostType.NORMAL.value
+                )
                 p.task = asyncio.get_running_loop().create_task(self._sync(p, wake.set))
                 self.log.info("parent: {} (weight {:.3g})", p.peer_id, p.weight)
             wake.set()
@@ -724,6 +740,8 @@ class Downloader:
         assert self.task is not None
         cfg = self.d.settings.daemon
         inflight: dict[asyncio.Task[None], int] = {}
+        by_parent: dict[asyncio.Task[None], str] = {}
+        load: dict[str, int] = {}  # pieces in flight from each parent
         tried: dict[int, set[str]] = {}
         last_progress = time.monotonic()
         try:
@@ -735,14 +753,26 @@ class Downloader:
                 now = time.monotonic()
                 next_ready = 1.0
                 usable = [p for p in parents.values() if p.alive and p.peer_id not in self.blocklist]
-                held_by: dict[int, int] = {}
+                # parents that said "busy", or declined a piece, are asked again at these times
+                later = [p.busy_until for p in usable if p.busy_until > now]
+                later += [t for p in usable for n, t in p.declined.items() if t > now and n in missing]
+                if later:
+                    next_ready = min(next_ready, min(later) - now)
+                held_by: dict[int, float] = {}
                 for p in usable:
                     for n in p.pieces:
-                        held_by[n] = held_by.get(n, 0) + 1
+                        held_by[n] = held_by.get(n, 0) + (SEED_HOLDER if p.is_seed else 1)
                 for number in self.d.picker.order(missing - busy, held_by):
                     if len(inflight) >= cfg.concurrent_pieces:
                         break
-                    holders = [p for p in usable if number in p.pieces and p.peer_id not in tried.get(number, set())]
+                    holders = [
+                        p
+                        for p in usable
+                        if number in p.pieces
+                        and p.peer_id not in tried.get(number, set())
+                        and p.busy_until <= now
+                        and p.declined.get(number, 0.0) <= now
+                    ]
                     if not holders:
                         continue
                     # Upstream's gather window: give the other parents a moment to report the
@@ -751,18 +781,27 @@ class Downloader:
                     if age < cfg.parent_gather_window and any(not p.synced and number not in p.pieces for p in usable):
                         next_ready = min(next_ready, cfg.parent_gather_window - age)
                         continue
+                    # the least busy of them (pieces we are fetching from it), then by free upload
+                    fewest = min(load.get(p.peer_id, 0) for p in holders)
+                    holders = [p for p in holders if load.get(p.peer_id, 0) == fewest]
                     parent = random.choices(holders, weights=[max(p.weight, 1e-9) for p in holders])[0]
                     tried.setdefault(number, set()).add(parent.peer_id)
                     t = asyncio.get_running_loop().create_task(self._parent_piece(parent, number))
                     inflight[t] = number
+                    by_parent[t] = parent.peer_id
+                    load[parent.peer_id] = load.get(parent.peer_id, 0) + 1
                 if not inflight:
-                    if all(p.synced for p in usable):
+                    if all(p.synced for p in usable) and not later:
                         raise Reschedule(
                             f"{len(missing)} pieces missing and no live parent has them "
                             f"({len(parents) - len(usable)} of {len(parents)} parents failed)"
                         )
                     for n in missing:  # a parent still syncing may offer a piece again later
                         tried.pop(n, None)
+                # A piece in flight is progress, however slowly it comes (a busy parent shares its
+                # link); a fetch that stalls ends at piece_timeout and counts as the parent's failure.
+                if inflight:
+                    last_progress = time.monotonic()
                 if time.monotonic() - last_progress > cfg.schedule_timeout:
                     raise Reschedule(f"no piece arrived for {cfg.schedule_timeout:.0f}s")
                 waiters: set[asyncio.Future[object]] = set(inflight)  # type: ignore[arg-type]
@@ -773,7 +812,12 @@ class Downloader:
                 waiter.cancel()
                 for t in [t for t in done if t in inflight]:
                     number = inflight.pop(t)  # type: ignore[arg-type]
+                    parent_id = by_parent.pop(t)  # type: ignore[arg-type]
+                    load[parent_id] -= 1
                     exc = t.exception()
+                    if isinstance(exc, Busy | Declined):
+                        tried.get(number, set()).discard(parent_id)  # ask it again once it has a slot
+                        continue
                     if exc is None:
                         last_progress = time.monotonic()
                         tried.pop(number, None)
@@ -811,6 +855,14 @@ class Downloader:
             if conn is not None:
                 await conn.close()  # a parent that lies is not asked again on this connection
             self._parent_failed(parent, number, f"bad piece: {exc}", block=True)
+            raise
+        except Declined:
+            writer.abort()  # a peer has it: ask another, or this one again later; not its failure
+            parent.declined[number] = time.monotonic() + DECLINED_BACKOFF
+            raise
+        except Busy:
+            writer.abort()
+            parent.busy_until = time.monotonic() + BUSY_BACKOFF
             raise
         except NotFound as exc:
             writer.abort()

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from google.protobuf import empty_pb2
+from loguru import logger
 
 from damselfly.contracts import ServedPiece
 from damselfly.core import vortex
-from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound
+from damselfly.core.errors import Busy, DamselflyError, Declined, InvalidArgument, NotFound
 from damselfly.core.ids import is_task_id
 from damselfly.daemon.download import DownloadRequest
 from damselfly.daemon.local import abort_with, progress_stream
@@ -114,6 +115,15 @@ async def lookup_piece(daemon: Daemon, task_id: str, number: int) -> ServedPiece
     record = task.pieces.get(number)
     if record is None:
         raise NotFound(f"piece {number} of task {task_id} not found")
+    slots = daemon.settings.daemon.upload_slots
+    if slots and daemon.uploading >= slots:
+        logger.debug("piece {}: busy", number)
+        raise Busy(f"all {slots} upload slots are taken")
+    seeder = daemon.super_seeder(task_id)
+    if seeder is not None and not seeder.admit(number, task.pieces):
+        logger.debug("piece {}: declined", number)
+        raise Declined(f"piece {number} went out already; a peer holds it (super-seeding)")
+    logger.debug("piece {}: sending", number)
     daemon.gc.served(task_id)
     meta = vortex.PieceMetadata(
         number=record.number,
@@ -128,10 +138,23 @@ async def lookup_piece(daemon: Daemon, task_id: str, number: int) -> ServedPiece
     daemon.metrics.upload_traffic.inc(record.length)
     daemon.metrics.upload_pieces.inc()
     daemon.uploaded_bytes += record.length
-    region = daemon.storage.piece_region(task_id, number)
-    if region is not None:
-        return ServedPiece(meta, region=region)
-    return ServedPiece(meta, data=await daemon.storage.read_piece(task_id, number))
+    daemon.uploading += 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            daemon.uploading -= 1
+
+    try:
+        region = daemon.storage.piece_region(task_id, number)
+        if region is not None:
+            return ServedPiece(meta, region=region, release=release)
+        return ServedPiece(meta, data=await daemon.storage.read_piece(task_id, number), release=release)
+    except BaseException:
+        release()
+        raise
 
 
 def _port_of(address: str) -> int:

@@ -108,7 +108,7 @@ class SchedulerState:
     def candidates(self, child: Peer, exclude: set[str] | frozenset[str] = frozenset()) -> list[Candidate]:
         entry = self.tasks[child.task_id]
         child_host = self.hosts[child.host_id]
-        below = self.descendants(child.id)
+        below = self.descendants(child.id) if self.strategy.dag else set()
         pool: list[Candidate] = []
         for pid in entry.task.peer_ids:
             p = self.peers.get(pid)
@@ -127,9 +127,14 @@ class SchedulerState:
             pool.append(Candidate(p, h))
         # A random sample, in random order: parents that score the same share the load
         # instead of the first in iteration order taking every child.
-        pool = random.sample(pool, min(len(pool), self.cfg.filter_parent_limit))
+        limit = self.parent_limit
+        pool = random.sample(pool, min(len(pool), max(self.cfg.filter_parent_limit, limit)))
         ranked = self.strategy.rank(Candidate(child, child_host), pool, entry.task)
-        return ranked[: self.cfg.candidate_parent_limit]
+        return ranked[:limit]
+
+    @property
+    def parent_limit(self) -> int:
+        return self.strategy.parent_limit or self.cfg.candidate_parent_limit
 
     def remove_peer(self, peer_id: str) -> None:
         p = self.peers.pop(peer_id, None)
@@ -348,7 +353,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         client that replaces its list and one that merges it both end up right.
         """
         st = self.state
-        limit = self.cfg.candidate_parent_limit
+        limit = st.parent_limit
         entry = st.tasks[peer.task_id]
         while peer.id in st.peers and not peer.done and not peer.need_back_to_source:
             changed = entry.changed

@@ -18,14 +18,14 @@ from damselfly.hookspecs import hookimpl
 class SequentialPicker(PiecePicker):
     name: ClassVar[str] = "sequential"
 
-    def order(self, missing: set[int], holders: dict[int, int]) -> list[int]:
+    def order(self, missing: set[int], holders: dict[int, float]) -> list[int]:
         return sorted(missing)
 
 
 class RarestFirstPicker(PiecePicker):
     name: ClassVar[str] = "rarest-first"
 
-    def order(self, missing: set[int], holders: dict[int, int]) -> list[int]:
+    def order(self, missing: set[int], holders: dict[int, float]) -> list[int]:
         ranked = list(missing)
         random.shuffle(ranked)
         # pieces nobody holds yet cannot be fetched now: keep them last

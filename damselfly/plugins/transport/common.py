@@ -22,9 +22,9 @@ from typing import Protocol
 
 from loguru import logger
 
-from damselfly.contracts import FileRegion, PieceLookup, PieceWriter
+from damselfly.contracts import FileRegion, PieceLookup, PieceWriter, ServedPiece
 from damselfly.core import vortex
-from damselfly.core.errors import InvalidArgument, NotFound, PeerError, ProtocolError
+from damselfly.core.errors import Busy, Declined, InvalidArgument, NotFound, PeerError, ProtocolError
 
 SEND_SLICE = 256 * 1024
 INLINE_WRITE_LIMIT = 0.002  # seconds: a storage write slower than this goes to a worker thread
@@ -51,7 +51,11 @@ def split_address(address: str) -> tuple[str, int]:
 
 def error_frame(exc: BaseException, packet_id: int = 0) -> bytes:
     """The Error frame a failed lookup becomes."""
-    if isinstance(exc, NotFound):
+    if isinstance(exc, Declined):
+        code = vortex.ErrorCode.DECLINED
+    elif isinstance(exc, Busy):
+        code = vortex.ErrorCode.UNAVAILABLE
+    elif isinstance(exc, NotFound):
         code = vortex.ErrorCode.NOT_FOUND
     elif isinstance(exc, InvalidArgument):
         code = vortex.ErrorCode.INVALID_ARGUMENT
@@ -101,6 +105,20 @@ async def answer(
         sink.write(error_frame(exc, req.packet_id))
         await sink.drain()
         return
+    try:
+        await _send(sink, served, req, slice_size, send_region)
+    finally:
+        if served.release is not None:
+            served.release()
+
+
+async def _send(
+    sink: FrameSink,
+    served: ServedPiece,
+    req: vortex.DownloadPiece,
+    slice_size: int,
+    send_region: Callable[[FileRegion], Awaitable[None]] | None,
+) -> None:
     length = served.metadata.length
     sink.write(vortex.encode_piece_header(served.metadata, req.packet_id))
     if served.region is None:
@@ -160,6 +178,10 @@ class PieceResponse:
                 self.done = True
                 if event.code == vortex.ErrorCode.NOT_FOUND:
                     raise NotFound(f"parent: {event.message}")
+                if event.code == vortex.ErrorCode.UNAVAILABLE:
+                    raise Busy(f"parent: {event.message}")
+                if event.code == vortex.ErrorCode.DECLINED:
+                    raise Declined(f"parent: {event.message}")
                 raise ParentRefused(f"parent error {event.code}: {event.message}")
             elif isinstance(event, vortex.Close):
                 raise PeerError("parent closed the Vortex session")

@@ -1,0 +1,275 @@
+"""The scheduler under 10,000 peers: scheduling decisions per second, decision latency, RSS.
+
+    python benchmarks/scheduler_load.py [--peers 10000] [--hosts 1000] [--tasks 100]
+                                        [--concurrency 64] [--json]
+
+The real scheduler service runs as its own process (``damselfly scheduler``); this
+script drives it over gRPC like daemons would. It announces ``--hosts`` hosts, then
+runs ``--peers`` peers (each host downloads ``peers / hosts`` of the ``--tasks``
+tasks), ``--concurrency`` at a time. Each peer opens an AnnouncePeer stream and:
+
+- registers (a task whose length and piece layout are known) and waits for the
+  scheduler's answer: parents, or go back to the source (the first peer of a task,
+  as there is no seed);
+- reports it started, then four finished pieces (from its parents, or from the source);
+- one peer in ten asks to be rescheduled and waits for the new answer;
+- reports it finished, and the stream ends; the peer stays in the scheduler's
+  state as a parent for the peers that come later.
+
+A decision is one answer to a register or reschedule request; its latency is
+from the request being written to the answer being read, as the daemon sees it.
+The load generator shares the machine's cores with the scheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+from dragonfly_api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from google.protobuf import duration_pb2
+
+PIECE = 4 * 1024 * 1024
+PIECES = 64
+
+
+class Driver:
+    def __init__(self, address: str, hosts: int, tasks: int, channels: int):
+        # separate connections, so one HTTP/2 connection's flow control is not the limit
+        self.channels = [
+            grpc.aio.insecure_channel(address, options=[("grpc.primary_user_agent", f"load-{i}")])
+            for i in range(channels)
+        ]
+        self.hosts = [f"host-{i:04d}" for i in range(hosts)]
+        self.tasks = [f"{i:064x}" for i in range(1, tasks + 1)]
+        self.latencies: list[float] = []
+        self.answers: dict[str, int] = {}
+        self.errors: list[str] = []
+
+    def stub(self, i: int) -> scheduler_pb2_grpc.SchedulerStub:
+        return scheduler_pb2_grpc.SchedulerStub(self.channels[i % len(self.channels)])
+
+    async def announce_hosts(self) -> None:
+        async def one(i: int, host_id: str) -> None:
+            host = common_pb2.Host(
+                id=host_id,
+                type=0,
+                hostname=host_id,
+                ip=f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}",
+                port=4000,
+                download_port=4000,
+                idc=f"idc-{i % 4}",
+                location=f"region|zone-{i % 8}|rack-{i % 32}",
+            )
+            host.network.max_tx_bandwidth = 10_000_000_000
+            await self.stub(i).AnnounceHost(
+                scheduler_pb2.AnnounceHostRequest(host=host, interval=duration_pb2.Duration(seconds=300)), timeout=30
+            )
+
+        for start in range(0, len(self.hosts), 100):
+            await asyncio.gather(*(one(i, h) for i, h in enumerate(self.hosts[start : start + 100], start)))
+
+    async def peer(self, n: int) -> None:
+        host_id = self.hosts[n % len(self.hosts)]
+        task_id = self.tasks[(n // len(self.hosts) + n) % len(self.tasks)]
+        peer_id = f"10.0.0.1-{host_id}-peer-{n:06d}"
+        call = self.stub(n).AnnouncePeer()
+
+        def req(**kw: object) -> scheduler_pb2.AnnouncePeerRequest:
+            return scheduler_pb2.AnnouncePeerRequest(host_id=host_id, task_id=task_id, peer_id=peer_id, **kw)
+
+        async def decide(request: scheduler_pb2.AnnouncePeerRequest) -> scheduler_pb2.AnnouncePeerResponse:
+            t0 = time.perf_counter()
+            await call.write(request)
+            resp = await call.read()
+            self.latencies.append(time.perf_counter() - t0)
+            if resp is grpc.aio.EOF:
+                raise RuntimeError("the scheduler ended the stream")
+            kind = resp.WhichOneof("response")
+            self.answers[kind] = self.answers.get(kind, 0) + 1
+            return resp  # type: ignore[no-any-return]
+
+        download = common_pb2.Download(
+            url=f"http://origin.example/{task_id[-8:]}",
+            type=common_pb2.TaskType.STANDARD,
+            actual_content_length=PIECE * PIECES,
+            actual_piece_length=PIECE,
+            actual_piece_count=PIECES,
+        )
+        try:
+            resp = await decide(req(register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download)))
+            if resp.WhichOneof("response") == "normal_task_response":
+                parents = list(resp.normal_task_response.candidate_parents)
+                await call.write(req(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest()))
+                if random.random() < 0.1:
+                    resp = await decide(
+                        req(
+                            reschedule_peer_request=scheduler_pb2.ReschedulePeerRequest(
+                                candidate_parents=parents[:1], description="load test"
+                            )
+                        )
+                    )
+                    parents = list(resp.normal_task_response.candidate_parents) or parents
+                for k in range(4):
+                    piece = common_pb2.Piece(
+                        number=(n + k) % PIECES,
+                        parent_id=parents[k % len(parents)].id if parents else "",
+                        offset=((n + k) % PIECES) * PIECE,
+                        length=PIECE,
+                        digest="crc32:1",
+                        traffic_type=common_pb2.TrafficType.REMOTE_PEER,
+                        cost=duration_pb2.Duration(nanos=50_000_000),
+                    )
+                    await call.write(
+                        req(download_piece_finished_request=scheduler_pb2.DownloadPieceFinishedRequest(piece=piece))
+                    )
+                await call.write(req(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest()))
+            else:
+                await call.write(
+                    req(
+                        download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest()
+                    )
+                )
+                for k in range(4):
+                    piece = common_pb2.Piece(
+                        number=k,
+                        offset=k * PIECE,
+                        length=PIECE,
+                        digest="crc32:1",
+                        traffic_type=common_pb2.TrafficType.BACK_TO_SOURCE,
+                        cost=duration_pb2.Duration(nanos=50_000_000),
+                    )
+                    await call.write(
+                        req(
+                            download_piece_back_to_source_finished_request=scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(
+                                piece=piece
+                            )
+                        )
+                    )
+                await call.write(
+                    req(
+                        download_peer_back_to_source_finished_request=scheduler_pb2.DownloadPeerBackToSourceFinishedRequest()
+                    )
+                )
+            await call.done_writing()
+            async for _ in call:
+                pass
+        except (grpc.aio.AioRpcError, RuntimeError) as exc:
+            self.errors.append(str(exc))
+
+    async def run(self, peers: int, concurrency: int) -> float:
+        queue = iter(range(peers))
+
+        async def worker() -> None:
+            for n in queue:
+                await self.peer(n)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - t0
+
+    async def close(self) -> None:
+        for ch in self.channels:
+            await ch.close()
+
+
+def quantile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+def start_scheduler(work: Path) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
+    ready = work / "scheduler.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAMSELFLY_")}
+    env.update({"DAMSELFLY_LOG__LEVEL": "WARNING", "DAMSELFLY_PLUGINS__AUTOLOAD": "false"})
+    with (work / "scheduler.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "damselfly", "scheduler", "--ready-file", str(ready)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the scheduler did not start: {(work / 'scheduler.log').read_text()[-500:]}")
+        time.sleep(0.05)
+    return proc, json.loads(ready.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peers", type=int, default=10_000)
+    ap.add_argument("--hosts", type=int, default=1_000)
+    ap.add_argument("--tasks", type=int, default=100)
+    ap.add_argument("--concurrency", type=int, default=64, help="peers in flight at once")
+    ap.add_argument("--channels", type=int, default=4)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="dfload-"))
+    proc, info = start_scheduler(work)
+    try:
+        sched = psutil.Process(proc.pid)
+        driver = Driver(str(info["address"]), args.hosts, args.tasks, args.channels)
+
+        async def go() -> float:
+            try:
+                await driver.announce_hosts()
+                return await driver.run(args.peers, args.concurrency)
+            finally:
+                await driver.close()
+
+        cpu0 = sched.cpu_times()
+        seconds = asyncio.run(go())
+        cpu1 = sched.cpu_times()
+        rss = sched.memory_info().rss
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+    lat = driver.latencies
+    result = {
+        "peers": args.peers,
+        "hosts": args.hosts,
+        "tasks": args.tasks,
+        "concurrency": args.concurrency,
+        "decisions": len(lat),
+        "seconds": round(seconds, 2),
+        "decisions_per_second": round(len(lat) / seconds, 1),
+        "p50_ms": round(quantile(lat, 0.5) * 1000, 2),
+        "p99_ms": round(quantile(lat, 0.99) * 1000, 2),
+        "rss_mb": round(rss / 1e6, 1),
+        "scheduler_cpu_seconds": round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 1),
+        "answers": driver.answers,
+        "errors": len(driver.errors),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+    }
+    if driver.errors:
+        result["first_error"] = driver.errors[0]
+    print(
+        f"{'peers':>7} {'decisions':>9} {'per s':>8} {'p50 ms':>7} {'p99 ms':>7} {'RSS MB':>7}\n"
+        f"{args.peers:>7} {len(lat):>9} {result['decisions_per_second']:>8} {result['p50_ms']:>7} "
+        f"{result['p99_ms']:>7} {result['rss_mb']:>7}"
+    )
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
