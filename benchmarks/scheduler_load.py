@@ -58,6 +58,7 @@ class Driver:
         self.latencies: list[float] = []
         self.answers: dict[str, int] = {}
         self.errors: list[str] = []
+        self.draining: set[asyncio.Task[None]] = set()
 
     def stub(self, i: int) -> scheduler_pb2_grpc.SchedulerStub:
         return scheduler_pb2_grpc.SchedulerStub(self.channels[i % len(self.channels)])
@@ -71,9 +72,9 @@ class Driver:
                 ip=f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}",
                 port=4000,
                 download_port=4000,
-                idc=f"idc-{i % 4}",
-                location=f"region|zone-{i % 8}|rack-{i % 32}",
             )
+            host.network.idc = f"idc-{i % 4}"
+            host.network.location = f"region|zone-{i % 8}|rack-{i % 32}"
             host.network.max_tx_bandwidth = 10_000_000_000
             await self.stub(i).AnnounceHost(
                 scheduler_pb2.AnnounceHostRequest(host=host, interval=duration_pb2.Duration(seconds=300)), timeout=30
@@ -165,9 +166,19 @@ class Driver:
                     )
                 )
             await call.done_writing()
-            async for _ in call:
-                pass
         except (grpc.aio.AioRpcError, RuntimeError) as exc:
+            self.errors.append(str(exc))
+            return
+        # the stream's end is the scheduler's business: the next peer need not wait for it
+        drain = asyncio.ensure_future(self._drain(call))
+        self.draining.add(drain)
+        drain.add_done_callback(self.draining.discard)
+
+    async def _drain(self, call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError as exc:
             self.errors.append(str(exc))
 
     async def run(self, peers: int, concurrency: int) -> float:
@@ -179,6 +190,7 @@ class Driver:
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*self.draining)
         return time.perf_counter() - t0
 
     async def close(self) -> None:
@@ -225,9 +237,11 @@ def main() -> None:
     proc, info = start_scheduler(work)
     try:
         sched = psutil.Process(proc.pid)
-        driver = Driver(str(info["address"]), args.hosts, args.tasks, args.channels)
+        driver: Driver | None = None
 
         async def go() -> float:
+            nonlocal driver
+            driver = Driver(str(info["address"]), args.hosts, args.tasks, args.channels)
             try:
                 await driver.announce_hosts()
                 return await driver.run(args.peers, args.concurrency)
@@ -243,6 +257,7 @@ def main() -> None:
         proc.wait()
         shutil.rmtree(work, ignore_errors=True)
 
+    assert driver is not None
     lat = driver.latencies
     result = {
         "peers": args.peers,

@@ -755,12 +755,15 @@ def cluster() -> None:
 @click.option("--peers", type=click.IntRange(1, 256), default=3, help="Peer daemons besides the seed.")
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False), help="Cluster directory.")
 @click.option("--no-seed", is_flag=True, help="No seed peer: the first peer goes to the source.")
-def cluster_up(peers: int, directory: str, no_seed: bool) -> None:
+@click.option(
+    "--schedulers", type=click.IntRange(1, 16), default=1, help="Schedulers; each task goes to one by hashing its id."
+)
+def cluster_up(peers: int, directory: str, no_seed: bool, schedulers: int) -> None:
     """Start the cluster and write DIR/cluster.json."""
     from damselfly import cluster as cl
 
     try:
-        info = cl.up(Path(directory), peers, seed=not no_seed)
+        info = cl.up(Path(directory), peers, seed=not no_seed, schedulers=schedulers)
     except DamselflyError as exc:
         _fail(str(exc))
     click.echo(json.dumps(info, indent=2))

@@ -49,13 +49,13 @@ def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return base
 
 
-def daemon_env(directory: Path, name: str, scheduler: str, base: dict[str, str]) -> dict[str, str]:
+def daemon_env(directory: Path, name: str, scheduler: str | list[str], base: dict[str, str]) -> dict[str, str]:
     """The environment of daemon ``name`` (``seed`` or ``peerN``) of a cluster."""
     env = dict(base)
     env.update(
         {
             "DAMSELFLY_DAEMON__DATA_DIR": str(directory / name),
-            "DAMSELFLY_DAEMON__SCHEDULERS": json.dumps([scheduler]),
+            "DAMSELFLY_DAEMON__SCHEDULERS": json.dumps(scheduler if isinstance(scheduler, list) else [scheduler]),
             "DAMSELFLY_DAEMON__SEED": "true" if name == "seed" else "false",
             "DAMSELFLY_HOST__HOSTNAME": f"{socket.gethostname()}-{name}",
         }
@@ -65,7 +65,7 @@ def daemon_env(directory: Path, name: str, scheduler: str, base: dict[str, str])
     return env
 
 
-def start_daemon(directory: Path, name: str, scheduler: str, base: dict[str, str]) -> Proc:
+def start_daemon(directory: Path, name: str, scheduler: str | list[str], base: dict[str, str]) -> Proc:
     """Start one daemon of a cluster (again, after a stop: same data dir, same host id)."""
     ready_file = directory / "run" / f"{name}.json"
     ready_file.unlink(missing_ok=True)
@@ -116,6 +116,7 @@ def start(
     env: dict[str, str] | None = None,
     peer_env: dict[int, dict[str, str]] | None = None,
     timeout: float = READY_TIMEOUT,
+    schedulers: int = 1,
 ) -> tuple[dict[str, Any], list[Proc]]:
     """Like ``up``, and also hands back the processes (for callers that reap them)."""
     directory = directory.resolve()
@@ -125,25 +126,31 @@ def start(
     base = base_env(env)
     started: list[Proc] = []
     try:
-        ready_file = directory / "run" / "scheduler.json"
-        ready_file.unlink(missing_ok=True)
-        log = directory / "logs" / "scheduler.log"
-        sched = Proc("scheduler", _spawn(["scheduler", "--ready-file", str(ready_file)], base, log), ready_file, log)
-        started.append(sched)
-        sched_info = _wait_ready([sched], timeout)["scheduler"]
+        scheds: list[Proc] = []
+        for i in range(schedulers):
+            name = "scheduler" if i == 0 else f"scheduler{i + 1}"
+            ready_file = directory / "run" / f"{name}.json"
+            ready_file.unlink(missing_ok=True)
+            log = directory / "logs" / f"{name}.log"
+            sched = Proc(name, _spawn(["scheduler", "--ready-file", str(ready_file)], base, log), ready_file, log)
+            scheds.append(sched)
+            started.append(sched)
+        sched_infos = _wait_ready(scheds, timeout)
+        listed = [{"name": s.name, **sched_infos[s.name]} for s in scheds]
         daemons: list[Proc] = []
         names = (["seed"] if seed else []) + [f"peer{i}" for i in range(1, peers + 1)]
         for idx, name in enumerate(names):
             extra = (peer_env or {}).get(idx if seed else idx + 1, {})
-            p = start_daemon(directory, name, sched_info["address"], {**base, **extra})
+            p = start_daemon(directory, name, [s["address"] for s in listed], {**base, **extra})
             daemons.append(p)
             started.append(p)
         infos = _wait_ready(daemons, timeout)
         cluster = {
             "dir": str(directory),
-            "scheduler": sched_info["address"],
-            "scheduler_pid": sched_info["pid"],
-            "scheduler_metrics": sched_info["metrics"],
+            "scheduler": listed[0]["address"],
+            "scheduler_pid": listed[0]["pid"],
+            "scheduler_metrics": listed[0]["metrics"],
+            "schedulers": listed,
             "daemons": [{"name": p.name, **infos[p.name]} for p in daemons],
         }
         tmp = directory / "cluster.json.tmp"
@@ -175,7 +182,8 @@ def down(directory: Path, grace: float = 5.0) -> int:
     if not path.exists():
         raise DamselflyError(f"no cluster.json in {directory}")
     cluster = json.loads(path.read_text())
-    pids = [int(d["pid"]) for d in cluster["daemons"]] + [int(cluster["scheduler_pid"])]
+    scheds = cluster.get("schedulers") or [{"pid": cluster["scheduler_pid"]}]
+    pids = [int(d["pid"]) for d in cluster["daemons"]] + [int(s["pid"]) for s in scheds]
     running = [pid for pid in pids if _alive(pid)]
     stop_pids(running, grace)
     return len(running)

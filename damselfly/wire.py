@@ -106,12 +106,12 @@ def task_to_proto(t: Task, *, with_pieces: bool = True) -> common_pb2.Task:
     return pb
 
 
-def peer_to_proto(p: Peer, host: Host, task: Task) -> common_pb2.Peer:
+def peer_to_proto(p: Peer, host: Host, task: Task, task_pb: common_pb2.Task | None = None) -> common_pb2.Peer:
     return common_pb2.Peer(
         id=p.id,
         priority=p.priority,
         state=p.state.value,
-        task=task_to_proto(task),
+        task=task_pb if task_pb is not None else task_to_proto(task),
         host=host_to_proto(host),
         need_back_to_source=p.need_back_to_source,
         created_at=timestamp(p.created_at),

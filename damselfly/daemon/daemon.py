@@ -46,12 +46,33 @@ GRPC_OPTIONS = [
 
 
 class SchedulerPool:
-    """The configured schedulers; a task goes to one chosen by rendezvous hashing of its id."""
+    """The configured schedulers; a task goes to one chosen by rendezvous hashing of its id.
+
+    A scheduler that does not answer is marked down for ``DOWN_FOR`` seconds: its
+    tasks go to the next one in their order meanwhile, without waiting on it again.
+    """
+
+    DOWN_FOR = 30.0
 
     def __init__(self, addresses: list[str], connect_timeout: float):
         self.addresses = list(addresses)
         self.connect_timeout = connect_timeout
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._down: dict[str, float] = {}  # address -> monotonic time until which it is skipped
+
+    def is_down(self, address: str) -> bool:
+        return self._down.get(address, 0.0) > time.monotonic()
+
+    def mark_down(self, address: str) -> bool:
+        """Skip ``address`` for a while; True when it was up until now."""
+        was_up = not self.is_down(address)
+        self._down[address] = time.monotonic() + self.DOWN_FOR
+        return was_up
+
+    def home(self, task_id: str) -> str | None:
+        """The scheduler a task goes to now: the first in its order that is not marked down."""
+        live = [a for a in self.order(task_id) if not self.is_down(a)]
+        return live[0] if live else None
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -71,15 +92,24 @@ class SchedulerPool:
             return None
 
     async def stub_for(self, task_id: str) -> scheduler_pb2_grpc.SchedulerStub | None:
-        for address in self.order(task_id):
+        picked = await self.pick(task_id)
+        return picked[1] if picked is not None else None
+
+    async def pick(self, task_id: str) -> tuple[str, scheduler_pb2_grpc.SchedulerStub] | None:
+        """The task's scheduler and a stub for it: the first in its order that answers."""
+        order = self.order(task_id)
+        for address in [a for a in order if not self.is_down(a)] + [a for a in order if self.is_down(a)]:
             ch = await self._ready(address)
             if ch is not None:
-                return scheduler_pb2_grpc.SchedulerStub(ch)
-            logger.warning("scheduler {} does not answer", address)
+                self._down.pop(address, None)
+                return address, scheduler_pb2_grpc.SchedulerStub(ch)
+            logger.warning("scheduler {} does not answer; trying the next", address)
+            self.mark_down(address)
         return None
 
-    async def announce_host(self, host: common_pb2.Host, interval: float) -> int:
-        ok = 0
+    async def announce_host(self, host: common_pb2.Host, interval: float) -> tuple[int, list[str]]:
+        """AnnounceHost to every scheduler: how many took it, and those that just went down."""
+        ok, lost = 0, []
         for address in self.addresses:
             stub = scheduler_pb2_grpc.SchedulerStub(self._channel(address))
             try:
@@ -88,9 +118,12 @@ class SchedulerPool:
                     timeout=self.connect_timeout,
                 )
                 ok += 1
+                self._down.pop(address, None)
             except grpc.aio.AioRpcError as exc:
                 logger.debug("AnnounceHost to {} failed: {}", address, exc.code().name)
-        return ok
+                if self.mark_down(address):
+                    lost.append(address)
+        return ok, lost
 
     async def delete_host(self, host_id: str) -> None:
         for address in self.addresses:
@@ -323,7 +356,9 @@ class Daemon:
         announced_tasks = False
         delay = 0.2
         while True:
-            ok = await self.schedulers.announce_host(self.host_proto(), interval)
+            ok, lost = await self.schedulers.announce_host(self.host_proto(), interval)
+            for address in lost:
+                self.scheduler_lost(address, announced=False)
             if ok and not announced_tasks:
                 announced_tasks = True
                 self._spawn(self._announce_stored_tasks())
@@ -335,13 +370,22 @@ class Daemon:
             delay = 0.2
             await asyncio.sleep(interval)
 
-    async def _announce_stored_tasks(self) -> None:
-        """After a restart, tell the schedulers which finished tasks this daemon can serve."""
+    async def _announce_stored_tasks(self, lost: str | None = None) -> None:
+        """Tell the schedulers which finished tasks this daemon can serve: all of them after a
+        restart, or those whose scheduler was ``lost`` (they belong to the next one now)."""
         for task in self.storage.tasks():
             if task.state is not TaskState.SUCCEEDED or self.board.running(task.id):
                 continue
+            if lost is not None and self.schedulers.order(task.id)[0] != lost:
+                continue
             if not await self.announce_finished(task):
                 return
+
+    def scheduler_lost(self, address: str, *, announced: bool = True) -> None:
+        """A scheduler stopped answering: mark it down and move its finished tasks to the next one."""
+        if self.schedulers.mark_down(address) or not announced:
+            logger.warning("scheduler {} is down; its tasks go to the next scheduler", address)
+            self._spawn(self._announce_stored_tasks(lost=address))
 
     async def announce_finished(self, task: Task) -> bool:
         """Register a finished task with its scheduler (``metadata_only``); False when none is reachable."""

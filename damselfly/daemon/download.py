@@ -147,6 +147,10 @@ class Reschedule(Exception):
     """The current parents cannot finish the task."""
 
 
+class _SchedulerGone(Exception):
+    """The announce stream broke before any download from parents began: try the next scheduler."""
+
+
 @dataclass
 class _Parent:
     peer_id: str
@@ -329,6 +333,8 @@ class Downloader:
         self.task: Task | None = None
         self.source: Source | None = None
         self.link: SchedulerLink | None = None
+        self.scheduler = ""  # the address of the scheduler this download announces to
+        self.scheduler_lost = False  # it went away while parents carried the download on
         self.peer_bytes = 0
         self.source_bytes = 0
         self.authoritative: dict[int, str] = {}  # digests the scheduler learnt from the source
@@ -385,24 +391,36 @@ class Downloader:
             self.log.info("no scheduler configured: fetching {} from the source", self.req.url)
             await self._from_source(report=False)
             return
-        link = await self._open_link()
-        if link is None:
-            await self._source_without_scheduler(f"no scheduler answered for {self.req.url}")
+        for _ in self.d.schedulers.addresses:
+            link = await self._open_link()
+            if link is None:
+                break
+            self.link = link
+            try:
+                await self._with_scheduler(link)
+            except _SchedulerGone as gone:
+                self.d.scheduler_lost(self.scheduler)
+                self.log.warning("scheduler {} went away ({}); trying the next", self.scheduler, gone)
+                continue
+            finally:
+                await link.close()
+                if self._reader is not None:  # ends with the stream; never cancelled mid-read
+                    await asyncio.gather(self._reader, return_exceptions=True)
+                    self._reader = None
+            if self.scheduler_lost and self.task is not None and self.req.range is None:
+                # finished with the parents after the scheduler died: tell the next one this
+                # peer holds the task, so that later peers get it from here, not the origin
+                self.d._spawn(self.d.announce_finished(self.task))
             return
-        self.link = link
-        try:
-            await self._with_scheduler(link)
-        finally:
-            await link.close()
-            if self._reader is not None:  # ends with the stream; never cancelled mid-read
-                await asyncio.gather(self._reader, return_exceptions=True)
+        await self._source_without_scheduler(f"no scheduler answered for {self.req.url}")
 
     # -- the scheduler ------------------------------------------------------------------
 
     async def _open_link(self) -> SchedulerLink | None:
-        stub = await self.d.schedulers.stub_for(self.task_id)
-        if stub is None:
+        picked = await self.d.schedulers.pick(self.task_id)
+        if picked is None:
             return None
+        self.scheduler, stub = picked
         call = stub.AnnouncePeer()
         link = SchedulerLink(call, self.d.host_id, self.task_id, self.peer_id)
         download = self.req.to_proto(self.task)
@@ -464,9 +482,10 @@ class Downloader:
                     link_alive = False
                     if fetch is not None:
                         self.log.warning("scheduler went away ({}): going on with the parents", exc.details())
+                        self.scheduler_lost = True
+                        self.d.scheduler_lost(self.scheduler)
                         continue
-                    await self._source_without_scheduler(f"scheduler went away ({exc.details()})")
-                    return
+                    raise _SchedulerGone(exc.details()) from None
                 if resp is None:
                     link_alive = False
                     if fetch is not None:

@@ -109,8 +109,16 @@ class SchedulerState:
         entry = self.tasks[child.task_id]
         child_host = self.hosts[child.host_id]
         below = self.descendants(child.id) if self.strategy.dag else set()
+        limit = self.parent_limit
+        wanted = max(self.cfg.filter_parent_limit, limit)
         pool: list[Candidate] = []
-        for pid in entry.task.peer_ids:
+        # A random order, cut at ``wanted`` usable ones (upstream samples before it filters too):
+        # parents that score the same share the load, and a task with thousands of peers costs
+        # a scheduling decision no more than one with ``wanted``.
+        ids = list(entry.task.peer_ids)
+        for pid in random.sample(ids, len(ids)):
+            if len(pool) >= wanted:
+                break
             p = self.peers.get(pid)
             if p is None or p.id == child.id or p.id in child.blocklist or p.id in below or p.id in exclude:
                 continue
@@ -125,10 +133,6 @@ class SchedulerState:
             if not h.is_seed and not p.parents and p.state is PeerState.RUNNING:
                 continue  # a normal peer with no parent has nothing to give yet
             pool.append(Candidate(p, h))
-        # A random sample, in random order: parents that score the same share the load
-        # instead of the first in iteration order taking every child.
-        limit = self.parent_limit
-        pool = random.sample(pool, min(len(pool), max(self.cfg.filter_parent_limit, limit)))
         ranked = self.strategy.rank(Candidate(child, child_host), pool, entry.task)
         return ranked[:limit]
 
@@ -169,6 +173,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.state = SchedulerState(settings, plugins.make_strategy(self.cfg.strategy))
         self.metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
+        self._gauges_bound = False
 
     def _spawn(self, coro: object) -> None:
         t = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -176,11 +181,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         t.add_done_callback(self._background.discard)
 
     def _refresh_gauges(self) -> None:
-        hosts = self.state.hosts.values()
-        self.metrics.hosts.labels("seed").set(sum(1 for h in hosts if h.is_seed))
-        self.metrics.hosts.labels("normal").set(sum(1 for h in hosts if not h.is_seed))
-        self.metrics.tasks.set(len(self.state.tasks))
-        self.metrics.peers.set(len(self.state.peers))
+        """The gauges are read when /metrics is scraped (not on every change: O(hosts) each)."""
+        if self._gauges_bound:
+            return
+        self._gauges_bound = True
+        st = self.state
+        self.metrics.hosts.labels("seed").set_function(lambda: sum(1 for h in st.hosts.values() if h.is_seed))
+        self.metrics.hosts.labels("normal").set_function(lambda: sum(1 for h in st.hosts.values() if not h.is_seed))
+        self.metrics.tasks.set_function(lambda: len(st.tasks))
+        self.metrics.peers.set_function(lambda: len(st.peers))
 
     # -- hosts ---------------------------------------------------------------------
 
@@ -380,9 +389,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         for c in new:
             peer.parents.add(c.peer.id)
             c.peer.children.add(peer.id)
+        task_pb = task_to_proto(entry.task)  # once, not once per parent
         return scheduler_pb2.AnnouncePeerResponse(
             normal_task_response=scheduler_pb2.NormalTaskResponse(
-                candidate_parents=[peer_to_proto(c.peer, c.host, entry.task) for c in kept + new]
+                candidate_parents=[peer_to_proto(c.peer, c.host, entry.task, task_pb) for c in kept + new]
             )
         )
 
@@ -392,9 +402,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         wanted = st.range_of(peer.id)
         for pid in entry.task.peer_ids:
             p = st.peers.get(pid)
-            if p is None or p.id == peer.id or not covers(st.range_of(p.id), wanted, _layout(entry)):
+            if p is None or p.id == peer.id or p.id in peer.blocklist:
+                continue  # a peer this one will not take pieces from is nothing to wait for
+            if not covers(st.range_of(p.id), wanted, _layout(entry)):
                 continue
-            if p.state in (PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED) or (p.need_back_to_source and not p.done):
+            # Fetching from the source now: wait for its pieces. (A peer that has finished and
+            # is still no candidate, on this host, say, will not become one by waiting.)
+            if p.state is PeerState.BACK_TO_SOURCE or (p.need_back_to_source and not p.done):
                 return True
         return self._seed_covers(entry, wanted)
 

@@ -88,14 +88,16 @@ class Cluster:
     def restart_daemon(self, name: str) -> dict[str, Any]:
         idx = 0 if name == "seed" else int(name.removeprefix("peer"))
         base = cl.base_env({**self.env, **self.peer_env.get(idx, {})})
-        proc = cl.start_daemon(self.directory, name, self.info["scheduler"], base)
+        proc = cl.start_daemon(self.directory, name, [s["address"] for s in self.info["schedulers"]], base)
         self.procs.append(proc)
         info = {"name": name, **cl.wait_ready([proc])[name]}
         self.info["daemons"] = [info if d["name"] == name else d for d in self.daemons]
         return info
 
-    def stop_scheduler(self) -> None:
-        cl.stop_pids([int(self.info["scheduler_pid"])])
+    def stop_scheduler(self, address: str | None = None, *, kill: bool = False) -> None:
+        """Stop the scheduler at ``address`` (default: the first)."""
+        s = next(s for s in self.info["schedulers"] if address in (None, s["address"]))
+        cl.stop_pids([int(s["pid"])], grace=0.0 if kill else 5.0)
 
     def down(self) -> None:
         cl.stop_pids([p.popen.pid for p in self.procs])
@@ -110,6 +112,7 @@ def start_cluster(
     seed: bool = True,
     env: dict[str, str] | None = None,
     peer_env: dict[int, dict[str, str]] | None = None,
+    schedulers: int = 1,
 ) -> Cluster:
-    info, procs = cl.start(directory, peers, seed=seed, env=env, peer_env=peer_env)
+    info, procs = cl.start(directory, peers, seed=seed, env=env, peer_env=peer_env, schedulers=schedulers)
     return Cluster(directory, info, dict(env or {}), dict(peer_env or {}), procs)

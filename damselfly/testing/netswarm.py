@@ -572,3 +572,32 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _strategy(name: str) -> dict[str, str]:
+    return {"DAMSELFLY_SCHEDULER__STRATEGY": name}
+
+
+# What each strategy under test sets in the scheduler, the peers and the seed. ``default``,
+# ``random`` and ``locality`` keep the daemons' defaults (upstream's behaviour: sequential
+# pieces, a DAG, a seed that answers every request); ``swarm`` is the combination built to
+# approach the bound.
+PROFILES: dict[str, Profile] = {
+    "default": Profile("default", _strategy("default"), {}),
+    "random": Profile("random", _strategy("random"), {}),
+    "locality": Profile("locality", _strategy("locality"), {}),
+    "swarm": Profile(
+        "swarm",
+        _strategy("swarm"),
+        {
+            "DAMSELFLY_DAEMON__PIECE_PICKER": "rarest-first",
+            "DAMSELFLY_DAEMON__CONCURRENT_PIECES": "3",
+            "DAMSELFLY_DAEMON__UPLOAD_SLOTS": "2",
+        },
+        {
+            "DAMSELFLY_DAEMON__SUPER_SEED": "true",
+            "DAMSELFLY_DAEMON__UPLOAD_SLOTS": "4",
+            "DAMSELFLY_DAEMON__SOURCE_CONCURRENT_PIECES": "2",
+        },
+    ),
+}

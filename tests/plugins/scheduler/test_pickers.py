@@ -16,3 +16,9 @@ def test_rarest_first_orders_by_holders_and_puts_unheld_last():
 def test_rarest_first_breaks_ties_at_random():
     orders = {tuple(RarestFirstPicker().order(set(range(8)), dict.fromkeys(range(8), 1))) for _ in range(20)}
     assert len(orders) > 1
+
+
+def test_rarest_first_takes_a_piece_only_the_seed_holds_before_one_a_peer_holds():
+    # the fetch loop counts a seed as half a holder: its link is the one way new pieces come in
+    order = RarestFirstPicker().order({1, 2, 3}, {1: 1, 2: 0.5, 3: 1.5})
+    assert order == [2, 1, 3]

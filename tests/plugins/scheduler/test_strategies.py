@@ -82,3 +82,45 @@ def test_locality_puts_the_same_idc_and_the_nearest_location_first():
     assert names[3:] == ["idle-far", "idle-nowhere"]  # the far ones still rank, last
     # default would have put the idle same-IDC parent ahead of the busy same-rack one
     assert DefaultStrategy().rank(child, [busy_same_rack, idle_same_idc], Task(id="t"))[0].host.id == "idle-same-idc"
+
+
+def test_swarm_puts_the_seed_first_then_peers_with_more_pieces():
+    from damselfly.plugins.scheduler.swarm import SwarmStrategy
+
+    child = cand("child")
+    seed = cand("seed", seed=True, state=PeerState.RUNNING)
+    rich, poor = cand("rich", state=PeerState.RUNNING), cand("poor", state=PeerState.RUNNING)
+    rich.peer.finished_pieces.update(range(10))
+    poor.peer.finished_pieces.update(range(2))
+    ranked = SwarmStrategy().rank(child, [poor, rich, seed], Task(id="t"))
+    assert [c.host.id for c in ranked] == ["seed", "rich", "poor"]
+    assert SwarmStrategy.dag is False and DefaultStrategy.dag is True
+
+
+def test_a_mesh_strategy_lets_two_peers_be_parents_of_each_other():
+    """Upstream's DAG keeps a peer's descendants from becoming its parents; ``swarm`` does not."""
+    from damselfly.config import Settings
+    from damselfly.core.peer import Peer
+    from damselfly.plugins.scheduler.swarm import SwarmStrategy
+    from damselfly.scheduler.service import SchedulerState
+
+    def state(strategy):
+        st = SchedulerState(Settings(), strategy)
+        for name in ("a", "b"):
+            st.hosts[name] = cand(name).host
+        task = st.entry("t").task
+        a = Peer(id="a-p", task_id="t", host_id="a", state=PeerState.RUNNING)
+        b = Peer(id="b-p", task_id="t", host_id="b", state=PeerState.RUNNING)
+        a.children.add(b.id)  # b fetches from a
+        b.parents.add(a.id)
+        a.parents.add("elsewhere")  # a has a parent, so it has pieces to give
+        for p in (a, b):
+            st.peers[p.id] = p
+            task.peer_ids.add(p.id)
+        return st, a
+
+    st, a = state(DefaultStrategy())
+    assert st.candidates(a) == []  # b is below a in the DAG
+    st, a = state(SwarmStrategy())
+    assert [c.peer.id for c in st.candidates(a)] == ["b-p"]
+    assert st.parent_limit == SwarmStrategy.parent_limit

@@ -1,0 +1,386 @@
+"""A fluid simulator of a swarm: pieces and links, driven by the same strategy and picker plugins.
+
+    python benchmarks/simulate.py [--hosts 16] [--rate 50mbit] [--size 128MiB]
+                                  [--strategy swarm] [--json]
+    python benchmarks/simulate.py --hosts 1000 --size 100GiB      # where this machine cannot go
+
+What it models, as benchmarks/swarm.py runs it: an origin with its own rate, a seed
+and ``--hosts`` peers, each with an upload and a download rate; pieces of the length
+the daemon would choose; every host starting at once. Each download follows the
+settings of the chosen profile (``damselfly.testing.netswarm.PROFILES``): the
+scheduler's strategy plugin ranks each peer's parents (``parent_limit`` of them,
+a DAG or a mesh), the daemon's piece-picker plugin orders the missing pieces
+(a seed counting half a holder), ``concurrent_pieces`` fetches run at once per
+peer, a parent with ``upload_slots`` taken answers busy, a super-seeding seed
+declines (``SuperSeeder.admit``) a piece it sent before while it holds one never
+sent, and the seed fetches ``source_concurrent_pieces`` pieces at a time from the
+origin. A piece is served on only once it is whole.
+
+Links are fluid: every ``--step`` seconds each transfer gets the smaller of its
+parent's upload and its child's download, each shared equally among their
+transfers, then what either side leaves unused is handed out again (a few rounds
+of progressive filling). Rates are scaled by ``--efficiency`` (tc counts whole
+frames: payload is about 0.956 of the link) and each fetch starts ``--latency``
+seconds after it is chosen (request, lookup, the first bytes). No CPU limit is
+modelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from damselfly.config import Settings  # noqa: E402
+from damselfly.contracts import Candidate  # noqa: E402
+from damselfly.core.host import Host, HostType  # noqa: E402
+from damselfly.core.peer import Peer, PeerState  # noqa: E402
+from damselfly.core.piece import piece_length_for  # noqa: E402
+from damselfly.core.task import Task  # noqa: E402
+from damselfly.core.units import parse_size  # noqa: E402
+from damselfly.daemon.superseed import SuperSeeder  # noqa: E402
+from damselfly.plugin_manager import build_plugins  # noqa: E402
+from damselfly.testing import netswarm  # noqa: E402
+
+SEED_HOLDER = 0.5  # as the daemon's fetch loop counts a seed
+SEED_SLOT = os.environ.get("SIM_SEED_SLOT") == "1"
+
+
+def parse_bits(text: str) -> int:
+    t = text.strip().lower().removesuffix("/s")
+    for suffix, scale in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3), ("bit", 1)):
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * scale)
+    return parse_size(text.removesuffix("/s")) * 8
+
+
+@dataclass
+class Node:
+    idx: int
+    name: str
+    up: float  # bytes/s
+    down: float
+    is_seed: bool = False
+    have: set[int] = field(default_factory=set)
+    parents: list[int] = field(default_factory=list)
+    fetching: dict[int, int] = field(default_factory=dict)  # piece -> transfer id
+    uploading: int = 0
+    busy_until: dict[int, float] = field(default_factory=dict)  # parent -> when to ask again
+    done_at: float = 0.0
+
+
+@dataclass
+class Profile:
+    strategy: str
+    picker: str
+    concurrent: int
+    upload_slots: int
+    seed_upload_slots: int
+    super_seed: bool
+    source_concurrent: int
+
+
+def profile_settings(name: str) -> Profile:
+    p = netswarm.PROFILES[name]
+    daemon = p.daemon_env
+    seed = {**daemon, **(p.seed_env or {})}
+    defaults = Settings().daemon
+
+    def num(env: dict[str, str], key: str, default: int) -> int:
+        return int(env.get(f"DAMSELFLY_DAEMON__{key}", default))
+
+    return Profile(
+        strategy=p.scheduler_env.get("DAMSELFLY_SCHEDULER__STRATEGY", "default"),
+        picker=daemon.get("DAMSELFLY_DAEMON__PIECE_PICKER", defaults.piece_picker),
+        concurrent=num(daemon, "CONCURRENT_PIECES", defaults.concurrent_pieces),
+        upload_slots=num(daemon, "UPLOAD_SLOTS", defaults.upload_slots),
+        seed_upload_slots=num(seed, "UPLOAD_SLOTS", defaults.upload_slots),
+        super_seed=seed.get("DAMSELFLY_DAEMON__SUPER_SEED", "false") == "true",
+        source_concurrent=num(seed, "SOURCE_CONCURRENT_PIECES", 0) or num(seed, "CONCURRENT_PIECES", 8),
+    )
+
+
+class Simulation:
+    ORIGIN = -1
+
+    def __init__(self, args: argparse.Namespace, prof: Profile):
+        self.args = args
+        self.prof = prof
+        self.size = parse_size(args.size)
+        self.piece = piece_length_for(self.size)
+        self.count = -(-self.size // self.piece)
+        eff = args.efficiency
+        rate = parse_bits(args.rate) / 8 * eff
+        seed_rate = (parse_bits(args.seed_rate) if args.seed_rate else parse_bits(args.rate)) / 8 * eff
+        self.origin_rate = parse_bits(args.origin_rate) / 8 * eff
+        self.nodes = [Node(0, "seed", seed_rate, seed_rate, is_seed=True)]
+        self.nodes += [Node(i, f"h{i}", rate, rate) for i in range(1, args.hosts + 1)]
+        plugins = build_plugins(Settings())
+        self.strategy = plugins.make_strategy(prof.strategy)
+        self.picker = plugins.make_picker(prof.picker)
+        self.seeder = SuperSeeder() if prof.super_seed else None
+        self.rng = random.Random(args.seed)
+        random.seed(args.seed)
+        # transfers, as parallel arrays: parent, child, piece, bytes left, start time
+        self.t_parent: list[int] = []
+        self.t_child: list[int] = []
+        self.t_piece: list[int] = []
+        self.t_left: list[float] = []
+        self.t_start: list[float] = []
+        self.active: set[int] = set()
+        self.origin_bytes = 0
+        self.seed_sent = 0
+        self.source_next = 0
+
+    # -- the scheduler's choice of parents, through the strategy plugin -----------------
+
+    def _core(self, n: Node) -> Candidate:
+        host = Host(
+            id=n.name,
+            ip="10.0.0.1",
+            hostname=n.name,
+            port=1,
+            type=HostType.SUPER_SEED if n.is_seed else HostType.NORMAL,
+            max_tx_bandwidth=int(n.up * 8),
+        )
+        state = PeerState.BACK_TO_SOURCE if n.is_seed else PeerState.RUNNING
+        peer = Peer(id=n.name, task_id="t", host_id=n.name, state=state, finished_pieces=set(n.have))
+        return Candidate(peer, host)
+
+    def assign_parents(self) -> None:
+        cfg = Settings().scheduler
+        limit = self.strategy.parent_limit or cfg.candidate_parent_limit
+        task = Task(id="t", content_length=self.size, piece_length=self.piece)
+        order = list(range(1, len(self.nodes)))
+        self.rng.shuffle(order)  # the order peers register in
+        registered: list[int] = [0]
+        below: dict[int, set[int]] = {i: set() for i in range(len(self.nodes))}
+        for i in order:
+            pool = [j for j in registered if self.strategy.dag is False or i not in below[j]]
+            pool = self.rng.sample(pool, min(len(pool), max(cfg.filter_parent_limit, limit)))
+            ranked = self.strategy.rank(self._core(self.nodes[i]), [self._core(self.nodes[j]) for j in pool], task)
+            names = {n.name: n.idx for n in self.nodes}
+            chosen = [names[c.host.id] for c in ranked[:limit]]
+            self.nodes[i].parents = chosen
+            if self.strategy.dag:
+                for j in chosen:  # i and all below it are below each new parent and its ancestors
+                    below[j].add(i)
+            registered.append(i)
+        if not self.strategy.dag:
+            # the scheduler's refresh later offers every peer the others too, up to the limit
+            for i in order:
+                n = self.nodes[i]
+                extra = [j for j in order if j != i and j not in n.parents]
+                self.rng.shuffle(extra)
+                n.parents += extra[: max(0, limit - len(n.parents))]
+
+    # -- one step ------------------------------------------------------------------------
+
+    def start(self, parent: int, child: int, piece: int, now: float) -> None:
+        tid = len(self.t_parent)
+        self.t_parent.append(parent)
+        self.t_child.append(child)
+        self.t_piece.append(piece)
+        self.t_left.append(float(self.piece_len(piece)))
+        self.t_start.append(now + self.args.latency)
+        self.active.add(tid)
+        self.nodes[child].fetching[piece] = tid
+        if parent >= 0:
+            self.nodes[parent].uploading += 1
+
+    def piece_len(self, n: int) -> int:
+        return min(self.piece, self.size - n * self.piece)
+
+    def schedule(self, now: float) -> None:
+        seed = self.nodes[0]
+        while len(seed.fetching) < self.prof.source_concurrent and self.source_next < self.count:
+            self.start(self.ORIGIN, 0, self.source_next, now)
+            self.source_next += 1
+        for n in self.nodes[1:]:
+            if n.done_at or len(n.fetching) >= self.prof.concurrent:
+                continue
+            missing = set(range(self.count)) - n.have - set(n.fetching)
+            if not missing:
+                continue
+            holders: dict[int, float] = {}
+            for j in n.parents:
+                p = self.nodes[j]
+                for k in p.have & missing:
+                    holders[k] = holders.get(k, 0) + (SEED_HOLDER if p.is_seed else 1)
+            load: dict[int, int] = {}
+            for tid in n.fetching.values():
+                load[self.t_parent[tid]] = load.get(self.t_parent[tid], 0) + 1
+            from_seed = any(self.t_parent[t] == 0 for t in n.fetching.values())
+            for k in self.picker.order(set(holders), holders):
+                seed_only = holders[k] == SEED_HOLDER
+                if len(n.fetching) >= self.prof.concurrent + (SEED_SLOT and seed_only and not from_seed):
+                    if seed_only or not SEED_SLOT:
+                        break
+                    continue
+                options = [j for j in n.parents if k in self.nodes[j].have and n.busy_until.get(j, 0) <= now]
+                if not options:
+                    continue
+                fewest = min(load.get(j, 0) for j in options)
+                j = self.rng.choice([j for j in options if load.get(j, 0) == fewest])
+                p = self.nodes[j]
+                slots = self.prof.seed_upload_slots if p.is_seed else self.prof.upload_slots
+                if slots and p.uploading >= slots:
+                    n.busy_until[j] = now + 0.2  # BUSY_BACKOFF
+                    continue
+                if p.is_seed and self.seeder is not None and not self.seeder.admit(k, p.have):
+                    continue  # declined: a peer holds it
+                if p.is_seed:
+                    self.seed_sent += self.piece_len(k)
+                load[j] = load.get(j, 0) + 1
+                self.start(j, n.idx, k, now)
+
+    def flow(self, dt: float, now: float) -> None:
+        ids = [t for t in self.active if self.t_start[t] <= now]
+        if not ids:
+            return
+        parent = np.array([self.t_parent[t] for t in ids])
+        child = np.array([self.t_child[t] for t in ids])
+        n_nodes = len(self.nodes)
+        up = np.array([n.up for n in self.nodes] + [self.origin_rate])  # the origin is the last index
+        down = np.array([n.down for n in self.nodes] + [0.0])
+        pi = np.where(parent < 0, n_nodes, parent)
+        rate = np.zeros(len(ids))
+        up_left, down_left = up.copy(), down.copy()
+        open_ = np.ones(len(ids), dtype=bool)
+        for _ in range(4):  # progressive filling: share what is left among the transfers not yet capped
+            if not open_.any():
+                break
+            n_up = np.bincount(pi[open_], minlength=n_nodes + 1)
+            n_down = np.bincount(child[open_], minlength=n_nodes + 1)
+            share = np.minimum(up_left[pi] / np.maximum(n_up[pi], 1), down_left[child] / np.maximum(n_down[child], 1))
+            share[~open_] = 0
+            rate += share
+            np.subtract.at(up_left, pi, share)
+            np.subtract.at(down_left, child, share)
+            open_ &= (up_left[pi] > 1e-6) & (down_left[child] > 1e-6)
+        for t, r in zip(ids, rate, strict=True):
+            self.t_left[t] -= r * dt
+            if self.t_parent[t] < 0:
+                self.origin_bytes += int(r * dt)
+            if self.t_left[t] <= 0:
+                self.finish(t, now + dt)
+
+    def finish(self, t: int, now: float) -> None:
+        self.active.discard(t)
+        c, p, k = self.nodes[self.t_child[t]], self.t_parent[t], self.t_piece[t]
+        if p >= 0:
+            self.nodes[p].uploading -= 1
+        del c.fetching[k]
+        c.have.add(k)
+        if len(c.have) == self.count and not c.done_at:
+            c.done_at = now
+
+    def run(self) -> dict[str, float | list[float]]:
+        self.assign_parents()
+        now, dt = 0.0, self.args.step
+        while not all(n.done_at for n in self.nodes[1:]):
+            self.schedule(now)
+            self.flow(dt, now)
+            now += dt
+            if now > self.args.max_seconds:
+                raise SystemExit(f"not done after {self.args.max_seconds:.0f} simulated seconds")
+        return {"seconds": [n.done_at for n in self.nodes[1:]]}
+
+
+def summary(cfg: netswarm.SwarmConfig, times: list[float], origin: int, seed_sent: int, size: int) -> dict:
+    t_min = cfg.t_min()
+    return {
+        "t_min_seconds": round(t_min, 3),
+        "p50_seconds": round(netswarm.quantile(times, 0.5), 2),
+        "max_seconds": round(max(times), 2),
+        "p50_ratio": round(netswarm.quantile(times, 0.5) / t_min, 3),
+        "p90_ratio": round(netswarm.quantile(times, 0.9) / t_min, 3),
+        "max_ratio": round(max(times) / t_min, 3),
+        "origin_ratio": round(origin / size, 3),
+        "seed_upload_ratio": round(seed_sent / size, 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hosts", type=int, default=16)
+    ap.add_argument("--rate", default="50mbit")
+    ap.add_argument("--seed-rate", default="")
+    ap.add_argument("--origin-rate", default="400mbit")
+    ap.add_argument("--size", default="128MiB")
+    ap.add_argument("--strategy", default="swarm", help=f"a profile of {', '.join(netswarm.PROFILES)}")
+    ap.add_argument("--step", type=float, default=0.0, help="seconds per step (default: a 20th of a piece's time)")
+    ap.add_argument("--efficiency", type=float, default=0.956, help="payload / link rate")
+    ap.add_argument("--latency", type=float, default=0.05, help="seconds from choosing a fetch to its first byte")
+    ap.add_argument("--seed", type=int, default=1, help="random seed")
+    ap.add_argument("--max-seconds", type=float, default=1e7)
+    ap.add_argument("--concurrent", type=int, help="override the profile's concurrent_pieces")
+    ap.add_argument("--upload-slots", type=int, help="override the peers' upload_slots")
+    ap.add_argument("--seed-upload-slots", type=int, help="override the seed's upload_slots")
+    ap.add_argument("--source-concurrent", type=int, help="override the seed's source_concurrent_pieces")
+    ap.add_argument("--measured", default="", help="benchmarks/swarm.py --json output to compare with")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    prof = profile_settings(args.strategy)
+    for key in ("concurrent", "upload_slots", "seed_upload_slots", "source_concurrent"):
+        if getattr(args, key) is not None:
+            setattr(prof, key, getattr(args, key))
+    size = parse_size(args.size)
+    rate = parse_bits(args.rate)
+    if not args.step:
+        args.step = piece_length_for(size) * 8 / rate / 20
+    cfg = netswarm.SwarmConfig(
+        hosts=args.hosts,
+        rate_bits=rate,
+        seed_rate_bits=parse_bits(args.seed_rate) if args.seed_rate else 0,
+        origin_rate_bits=parse_bits(args.origin_rate),
+        size=size,
+    )
+    t0 = time.monotonic()
+    sim = Simulation(args, prof)
+    times = sim.run()["seconds"]
+    assert isinstance(times, list)
+    result = {
+        "strategy": args.strategy,
+        "hosts": args.hosts,
+        "rate": args.rate,
+        "size": args.size,
+        "piece_length": sim.piece,
+        **summary(cfg, times, sim.origin_bytes, sim.seed_sent, size),
+        "wall_seconds": round(time.monotonic() - t0, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+    }
+    if args.measured:
+        measured = json.loads(Path(args.measured).read_text().strip().splitlines()[-1])["strategies"][args.strategy]
+        result["measured_p50_ratio"] = measured["p50_ratio"]
+        result["measured_max_ratio"] = measured["max_ratio"]
+        result["p50_error"] = round(result["p50_ratio"] / measured["p50_ratio"] - 1, 3)
+        result["max_error"] = round(result["max_ratio"] / measured["max_ratio"] - 1, 3)
+    print(
+        f"{args.strategy}: {args.hosts} hosts at {args.rate}, F = {args.size} (pieces of {sim.piece >> 20} MiB): "
+        f"T_min {result['t_min_seconds']:.1f} s, p50 {result['p50_ratio']:.3f}, p90 {result['p90_ratio']:.3f}, "
+        f"max {result['max_ratio']:.3f} x T_min; origin {result['origin_ratio']:.2f} x F, "
+        f"seed sent {result['seed_upload_ratio']:.2f} x F"
+    )
+    if args.measured:
+        print(
+            f"measured: p50 {result['measured_p50_ratio']:.3f}, max {result['measured_max_ratio']:.3f} "
+            f"(error {result['p50_error']:+.1%}, {result['max_error']:+.1%})"
+        )
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

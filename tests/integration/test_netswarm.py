@@ -1,0 +1,69 @@
+"""A small version of benchmarks/swarm.py: shaped hosts in network namespaces, checked for correctness.
+
+Four hosts, a seed and an origin, each in its own namespace with tc-shaped links;
+every host downloads one file at once through the swarm. This checks what must
+hold at any speed: every copy is whole (sha256), the origin sent the file once,
+the hosts also fetched it straight from the origin for the baseline, and nothing
+(namespace, link, process) is left behind. Speed is benchmarks/swarm.py's job.
+"""
+
+import json
+import subprocess
+
+import pytest
+
+from damselfly.testing import netswarm
+
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(netswarm.unavailable() is not None, reason=f"netns: {netswarm.unavailable()}"),
+]
+
+PREFIX = "dfci"
+
+
+def leftovers() -> list[str]:
+    listed = subprocess.run(["ip", "-j", "netns", "list"], check=False, capture_output=True, text=True).stdout
+    names = [n["name"] for n in json.loads(listed or "[]") if n["name"].startswith(PREFIX + "-")]
+    bridge = subprocess.run(["ip", "link", "show", f"{PREFIX}br"], check=False, capture_output=True)
+    return names + ([f"{PREFIX}br"] if bridge.returncode == 0 else [])
+
+
+def test_a_shaped_swarm_delivers_every_copy_and_reads_the_origin_once(tmp_path):
+    cfg = netswarm.SwarmConfig(
+        hosts=4,
+        rate_bits=200_000_000,
+        origin_rate_bits=400_000_000,
+        size=16 * netswarm.MiB,
+        prefix=PREFIX,
+        subnet="10.79.0",
+    )
+    with netswarm.SwarmLab(cfg, tmp_path) as lab:
+        assert sorted(h.name for h in lab.peer_hosts) == ["h1", "h2", "h3", "h4"]
+        swarm = lab.run(netswarm.PROFILES["swarm"], verify=True)  # verify: each copy's sha256
+        default = lab.run(netswarm.PROFILES["default"], verify=True)
+        direct = lab.direct()
+    assert leftovers() == []
+    for r in (swarm, default):
+        assert len(r["seconds"]) == 4
+        assert r["origin_ratio"] == 1.0  # the seed read the origin once; no peer went back to source
+        assert r["max_ratio"] >= 1.0  # nothing beats the bound
+    assert direct["origin_ratio"] == 4.0 and len(direct["seconds"]) == 4
+    assert cfg.t_min() == pytest.approx(16 * netswarm.MiB * 8 / 200_000_000)
+
+
+def test_the_bound_takes_the_slowest_of_its_terms():
+    cfg = netswarm.SwarmConfig(hosts=16, rate_bits=50_000_000, size=128 * netswarm.MiB)
+    assert cfg.t_min() == pytest.approx(21.47483648)  # F / d_min, as in shared/BASELINES.md
+    slow_origin = netswarm.SwarmConfig(hosts=16, rate_bits=50_000_000, origin_rate_bits=10_000_000, size=1 << 20)
+    assert slow_origin.t_min() == pytest.approx((1 << 20) * 8 / 10_000_000)  # the seed must first get F
+    many = netswarm.SwarmConfig(hosts=100, rate_bits=10_000_000, seed_rate_bits=10_000_000, size=1 << 20)
+    assert many.t_min() == pytest.approx(100 * (1 << 23) / (10_000_000 * 101))
+
+
+def test_a_killed_run_is_swept_by_the_next(tmp_path):
+    net = netswarm.Network(PREFIX, "10.79.0")
+    net.add_host("stale", 10_000_000)
+    assert leftovers()  # as if the run had been killed here
+    netswarm.Network.sweep(PREFIX)
+    assert leftovers() == []
