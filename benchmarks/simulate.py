@@ -41,16 +41,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from damselfly.config import Settings  # noqa: E402
-from damselfly.contracts import Candidate  # noqa: E402
-from damselfly.core.host import Host, HostType  # noqa: E402
-from damselfly.core.peer import Peer, PeerState  # noqa: E402
-from damselfly.core.piece import piece_length_for  # noqa: E402
-from damselfly.core.task import Task  # noqa: E402
-from damselfly.core.units import parse_size  # noqa: E402
-from damselfly.daemon.superseed import SuperSeeder  # noqa: E402
-from damselfly.plugin_manager import build_plugins  # noqa: E402
-from damselfly.testing import netswarm  # noqa: E402
+from damselfly.config import Settings
+from damselfly.contracts import Candidate
+from damselfly.core.host import Host, HostType
+from damselfly.core.peer import Peer, PeerState
+from damselfly.core.piece import piece_length_for
+from damselfly.core.task import Task
+from damselfly.core.units import parse_size
+from damselfly.daemon.superseed import SuperSeeder
+from damselfly.plugin_manager import build_plugins
+from damselfly.testing import netswarm
 
 SEED_HOLDER = 0.5  # as the daemon's fetch loop counts a seed
 SEED_SLOT = os.environ.get("SIM_SEED_SLOT") == "1"

@@ -350,6 +350,8 @@ class SwarmLab:
 
     def close(self) -> None:
         if getattr(self, "origin", None) is not None:
+            if self.origin.stdout is not None:
+                self.origin.stdout.close()
             try:
                 os.killpg(self.origin.pid, signal.SIGKILL)
             except ProcessLookupError:
