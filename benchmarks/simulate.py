@@ -53,7 +53,8 @@ from damselfly.plugin_manager import build_plugins
 from damselfly.testing import netswarm
 
 SEED_HOLDER = 0.5  # as the daemon's fetch loop counts a seed
-SEED_SLOT = os.environ.get("SIM_SEED_SLOT") == "1"
+BUSY_BACKOFF = 0.2  # as damselfly.daemon.download
+DECLINED_BACKOFF = 1.0
 
 
 def parse_bits(text: str) -> int:
@@ -77,6 +78,8 @@ class Node:
     uploading: int = 0
     busy_until: dict[int, float] = field(default_factory=dict)  # parent -> when to ask again
     done_at: float = 0.0
+    dirty: bool = True  # something it could act on changed since it last chose fetches
+    wake_at: float = float("inf")  # a busy parent may have a slot then
 
 
 @dataclass
@@ -117,7 +120,7 @@ class Simulation:
         self.args = args
         self.prof = prof
         self.size = parse_size(args.size)
-        self.piece = piece_length_for(self.size)
+        self.piece = args.piece_length or piece_length_for(self.size)
         self.count = -(-self.size // self.piece)
         eff = args.efficiency
         rate = parse_bits(args.rate) / 8 * eff
@@ -209,6 +212,9 @@ class Simulation:
         for n in self.nodes[1:]:
             if n.done_at or len(n.fetching) >= self.prof.concurrent:
                 continue
+            if self.args.fast and not n.dirty and now < n.wake_at:
+                continue  # nothing it could act on changed: it would choose nothing new
+            n.dirty, n.wake_at = False, float("inf")
             missing = set(range(self.count)) - n.have - set(n.fetching)
             if not missing:
                 continue
@@ -220,13 +226,9 @@ class Simulation:
             load: dict[int, int] = {}
             for tid in n.fetching.values():
                 load[self.t_parent[tid]] = load.get(self.t_parent[tid], 0) + 1
-            from_seed = any(self.t_parent[t] == 0 for t in n.fetching.values())
             for k in self.picker.order(set(holders), holders):
-                seed_only = holders[k] == SEED_HOLDER
-                if len(n.fetching) >= self.prof.concurrent + (SEED_SLOT and seed_only and not from_seed):
-                    if seed_only or not SEED_SLOT:
-                        break
-                    continue
+                if len(n.fetching) >= self.prof.concurrent:
+                    break
                 options = [j for j in n.parents if k in self.nodes[j].have and n.busy_until.get(j, 0) <= now]
                 if not options:
                     continue
@@ -235,9 +237,11 @@ class Simulation:
                 p = self.nodes[j]
                 slots = self.prof.seed_upload_slots if p.is_seed else self.prof.upload_slots
                 if slots and p.uploading >= slots:
-                    n.busy_until[j] = now + 0.2  # BUSY_BACKOFF
+                    n.busy_until[j] = now + BUSY_BACKOFF
+                    n.wake_at = min(n.wake_at, now + BUSY_BACKOFF)
                     continue
                 if p.is_seed and self.seeder is not None and not self.seeder.admit(k, p.have):
+                    n.wake_at = min(n.wake_at, now + DECLINED_BACKOFF)
                     continue  # declined: a peer holds it
                 if p.is_seed:
                     self.seed_sent += self.piece_len(k)
@@ -278,8 +282,13 @@ class Simulation:
     def finish(self, t: int, now: float) -> None:
         self.active.discard(t)
         c, p, k = self.nodes[self.t_child[t]], self.t_parent[t], self.t_piece[t]
+        c.dirty = True
+        for j in self.children_of[c.idx]:
+            self.nodes[j].dirty = True  # a parent of theirs has a new piece
         if p >= 0:
             self.nodes[p].uploading -= 1
+            for j in self.children_of[p]:
+                self.nodes[j].dirty = True  # a slot there is free
         del c.fetching[k]
         c.have.add(k)
         if len(c.have) == self.count and not c.done_at:
@@ -287,6 +296,10 @@ class Simulation:
 
     def run(self) -> dict[str, float | list[float]]:
         self.assign_parents()
+        self.children_of: dict[int, list[int]] = {n.idx: [] for n in self.nodes}
+        for n in self.nodes:
+            for j in n.parents:
+                self.children_of[j].append(n.idx)
         now, dt = 0.0, self.args.step
         while not all(n.done_at for n in self.nodes[1:]):
             self.schedule(now)
@@ -323,6 +336,14 @@ def main() -> None:
     ap.add_argument("--efficiency", type=float, default=0.956, help="payload / link rate")
     ap.add_argument("--latency", type=float, default=0.05, help="seconds from choosing a fetch to its first byte")
     ap.add_argument("--seed", type=int, default=1, help="random seed")
+    ap.add_argument(
+        "--fast",
+        action="store_true",
+        help="a peer chooses fetches only after an event that concerns it (big projections), not every step",
+    )
+    ap.add_argument(
+        "--piece-length", type=parse_size, default=0, help="coarser pieces for big projections (default: the daemon's)"
+    )
     ap.add_argument("--max-seconds", type=float, default=1e7)
     ap.add_argument("--concurrent", type=int, help="override the profile's concurrent_pieces")
     ap.add_argument("--upload-slots", type=int, help="override the peers' upload_slots")
@@ -339,7 +360,7 @@ def main() -> None:
     size = parse_size(args.size)
     rate = parse_bits(args.rate)
     if not args.step:
-        args.step = piece_length_for(size) * 8 / rate / 20
+        args.step = (args.piece_length or piece_length_for(size)) * 8 / rate / 20
     cfg = netswarm.SwarmConfig(
         hosts=args.hosts,
         rate_bits=rate,
