@@ -57,14 +57,6 @@ BUSY_BACKOFF = 0.2  # as damselfly.daemon.download
 DECLINED_BACKOFF = 1.0
 
 
-def parse_bits(text: str) -> int:
-    t = text.strip().lower().removesuffix("/s")
-    for suffix, scale in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3), ("bit", 1)):
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * scale)
-    return parse_size(text.removesuffix("/s")) * 8
-
-
 @dataclass
 class Node:
     idx: int
@@ -123,9 +115,11 @@ class Simulation:
         self.piece = args.piece_length or piece_length_for(self.size)
         self.count = -(-self.size // self.piece)
         eff = args.efficiency
-        rate = parse_bits(args.rate) / 8 * eff
-        seed_rate = (parse_bits(args.seed_rate) if args.seed_rate else parse_bits(args.rate)) / 8 * eff
-        self.origin_rate = parse_bits(args.origin_rate) / 8 * eff
+        rate = netswarm.parse_bits(args.rate) / 8 * eff
+        seed_rate = (
+            (netswarm.parse_bits(args.seed_rate) if args.seed_rate else netswarm.parse_bits(args.rate)) / 8 * eff
+        )
+        self.origin_rate = netswarm.parse_bits(args.origin_rate) / 8 * eff
         self.nodes = [Node(0, "seed", seed_rate, seed_rate, is_seed=True)]
         self.nodes += [Node(i, f"h{i}", rate, rate) for i in range(1, args.hosts + 1)]
         plugins = build_plugins(Settings())
@@ -358,14 +352,14 @@ def main() -> None:
         if getattr(args, key) is not None:
             setattr(prof, key, getattr(args, key))
     size = parse_size(args.size)
-    rate = parse_bits(args.rate)
+    rate = netswarm.parse_bits(args.rate)
     if not args.step:
         args.step = (args.piece_length or piece_length_for(size)) * 8 / rate / 20
     cfg = netswarm.SwarmConfig(
         hosts=args.hosts,
         rate_bits=rate,
-        seed_rate_bits=parse_bits(args.seed_rate) if args.seed_rate else 0,
-        origin_rate_bits=parse_bits(args.origin_rate),
+        seed_rate_bits=netswarm.parse_bits(args.seed_rate) if args.seed_rate else 0,
+        origin_rate_bits=netswarm.parse_bits(args.origin_rate),
         size=size,
     )
     t0 = time.monotonic()

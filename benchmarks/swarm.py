@@ -38,15 +38,6 @@ from damselfly.core.units import parse_size
 from damselfly.testing import netswarm
 
 
-def parse_bits(text: str) -> int:
-    """Bits per second from ``50mbit``, ``1gbit``, ``400Mbit/s`` or ``6MB/s``."""
-    t = text.strip().lower().removesuffix("/s")
-    for suffix, scale in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3), ("bit", 1)):
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * scale)
-    return parse_size(text.removesuffix("/s")) * 8
-
-
 def table(result: dict) -> str:
     rows = [
         f"T_min = {result['t_min_seconds']:.2f} s ({result['hosts']} hosts at {result['rate']}, F = {result['size']})"
@@ -83,9 +74,9 @@ def main() -> None:
         raise SystemExit(f"unknown strategies: {', '.join(unknown)} (known: {', '.join(netswarm.PROFILES)})")
     cfg = netswarm.SwarmConfig(
         hosts=args.hosts,
-        rate_bits=parse_bits(args.rate),
-        seed_rate_bits=parse_bits(args.seed_rate) if args.seed_rate else 0,
-        origin_rate_bits=parse_bits(args.origin_rate),
+        rate_bits=netswarm.parse_bits(args.rate),
+        seed_rate_bits=netswarm.parse_bits(args.seed_rate) if args.seed_rate else 0,
+        origin_rate_bits=netswarm.parse_bits(args.origin_rate),
         size=parse_size(args.size),
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below cleans up

@@ -32,7 +32,7 @@ def _say(quiet: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
@@ -128,7 +128,7 @@ def run(
     try:
         _say(quiet, f"demo: generating a {format_size(size)} file")
         src = make_file(files / "demo.bin", size)
-        want = _sha256(src)
+        want = sha256_of(src)
         origin, port = start_origin(files, origin_rate)
         base = f"http://127.0.0.1:{port}"
         url = f"{base}/demo.bin?run={int(time.time() * 1000)}"
@@ -150,7 +150,7 @@ def run(
         for d in cluster["daemons"]:
             for name, got in scrape_by_label(d["metrics"], "dragonfly_dfdaemon_download_transport_bytes_total").items():
                 by_transport[name] = by_transport.get(name, 0) + int(got)
-        digests_ok = all(_sha256(out / f"peer{i}.bin") == want for i in range(1, peers + 1))
+        digests_ok = all(sha256_of(out / f"peer{i}.bin") == want for i in range(1, peers + 1))
         for i in range(1, peers + 1):
             (out / f"peer{i}.bin").unlink()
         cl.down(cluster_dir)
@@ -158,7 +158,7 @@ def run(
         _say(quiet, f"demo: the same {peers} downloads straight from the origin")
         direct_seconds = asyncio.run(_direct(url, peers, out))
         direct_stats = _get_json(f"{base}/__stats")
-        direct_ok = all(_sha256(out / f"direct{i}.bin") == want for i in range(peers))
+        direct_ok = all(sha256_of(out / f"direct{i}.bin") == want for i in range(peers))
         return {
             "file_size": size,
             "peers": peers,

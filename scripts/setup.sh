@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 venv="${DAMSELFLY_VENV:-.venv}"
 # rdma-core's pyverbs: the rdma transport's verbs binding is checked against it (no device needed);
-# a registry, skopeo, umoci and containerd: the proxy and registry-mirror tests pull real images
-system_packages=(python3-pyverbs docker-registry skopeo umoci containerd)
+# a registry, skopeo, umoci and containerd: the proxy and registry-mirror tests pull real images;
+# iproute2 (ip, tc): the swarm test and benchmark shape links between network namespaces
+system_packages=(python3-pyverbs docker-registry skopeo umoci containerd iproute2)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${system_packages[@]}"; do

@@ -295,6 +295,17 @@ class SwarmConfig:
         )
 
 
+def parse_bits(text: str) -> int:
+    """Bits per second from ``50mbit``, ``1gbit``, ``400Mbit/s`` or ``6MB/s`` (tc's units)."""
+    from damselfly.core.units import parse_size
+
+    t = text.strip().lower().removesuffix("/s")
+    for suffix, scale in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3), ("bit", 1)):
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * scale)
+    return parse_size(text.removesuffix("/s")) * 8
+
+
 def quantile(values: list[float], q: float) -> float:
     s = sorted(values)
     if not s:
@@ -322,12 +333,13 @@ class SwarmLab:
             raise
 
     def _start_origin(self) -> None:
+        from damselfly.demo import sha256_of
         from damselfly.origin import make_file
 
         root = self.workdir / "origin"
         root.mkdir(parents=True, exist_ok=True)
         self.file = make_file(root / "blob", self.cfg.size)
-        self.digest = "sha256:" + _sha256(self.file)
+        self.digest = "sha256:" + sha256_of(self.file)
         argv = self.origin_host.argv(
             sys.executable, "-m", "damselfly.origin", "--dir", str(root), "--host", self.origin_host.ip
         )
@@ -564,16 +576,6 @@ def _scrape(address: str, name: str) -> float:
             if line.startswith(name + " "):
                 return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _strategy(name: str) -> dict[str, str]:

@@ -12,6 +12,7 @@ from damselfly.client import Client
 from damselfly.daemon.daemon import SchedulerPool
 from damselfly.daemon.download import DownloadRequest
 from damselfly.testing import OriginProcess
+from tests.helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -20,20 +21,6 @@ MiB = 1 << 20
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-async def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def peers_known(address: str, task_id: str) -> int:

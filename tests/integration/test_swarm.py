@@ -15,6 +15,7 @@ from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
 from damselfly.client import Client
 from damselfly.core.errors import DamselflyError
 from damselfly.testing import OriginProcess
+from tests.helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -29,24 +30,6 @@ def sha(path: Path) -> str:
 async def download(cluster, name: str, url: str, out: Path, **kw):
     async with Client(cluster.daemon(name)["socket"]) as c:
         return await c.download(url, out, **kw)
-
-
-async def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    """Poll ``predicate`` (a function, or a coroutine function) until it is true.
-
-    Other processes' state can only be polled; this fails after ``timeout`` seconds.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_five_peers_one_origin_read(damselfly_origin, damselfly_cluster_factory, tmp_path):
