@@ -35,8 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from damselfly.core.units import format_size, parse_rate, parse_size
+from damselfly.testing import netswarm, start_cluster
 from damselfly.testing import registry as reg
-from damselfly.testing import start_cluster
 
 
 class ShapedNamespace:
@@ -167,6 +167,11 @@ def main() -> None:
         default="netns",
         help="netns: the registry in a namespace behind tc tbf (root); forwarder: a Python forwarder on loopback",
     )
+    ap.add_argument(
+        "--profile",
+        default="default",
+        help="scheduling settings of the swarm, as benchmarks/swarm.py names them (default, swarm, ...)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if reg.missing_tools():
@@ -197,7 +202,9 @@ def main() -> None:
         results["direct"] = {"registry_bytes": sum(registry.blob_bytes().values()) - before, "slowest_s": seconds}
 
         env = {"DAMSELFLY_PROXY__REGISTRY_MIRROR": f"http://{address}"}
-        cluster = start_cluster(work / "cluster", args.peers, env=env)
+        profile = netswarm.PROFILES[args.profile]
+        env = {**env, **profile.scheduler_env, **profile.daemon_env}
+        cluster = start_cluster(work / "cluster", args.peers, env=env, peer_env={0: dict(profile.seed_env or {})})
         try:
             proxies = [d["proxy"] for d in cluster.daemons if not d["seed"]]
             before = sum(registry.blob_bytes().values())
