@@ -30,10 +30,11 @@ class Proc:
     log: Path
 
 
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], env: dict[str, str], log: Path, prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """``python -m damselfly ARGS`` in its own session, logging to ``log``; under ``prefix`` if given."""
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "damselfly", *args],
+            [*(prefix or []), sys.executable, "-m", "damselfly", *args],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

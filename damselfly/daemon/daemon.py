@@ -69,10 +69,10 @@ class SchedulerPool:
         self._down[address] = time.monotonic() + self.DOWN_FOR
         return was_up
 
-    def home(self, task_id: str) -> str | None:
-        """The scheduler a task goes to now: the first in its order that is not marked down."""
-        live = [a for a in self.order(task_id) if not self.is_down(a)]
-        return live[0] if live else None
+    def preference(self, task_id: str) -> list[str]:
+        """The task's schedulers in the order to try them now: those marked down last."""
+        order = self.order(task_id)
+        return [a for a in order if not self.is_down(a)] + [a for a in order if self.is_down(a)]
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -97,8 +97,7 @@ class SchedulerPool:
 
     async def pick(self, task_id: str) -> tuple[str, scheduler_pb2_grpc.SchedulerStub] | None:
         """The task's scheduler and a stub for it: the first in its order that answers."""
-        order = self.order(task_id)
-        for address in [a for a in order if not self.is_down(a)] + [a for a in order if self.is_down(a)]:
+        for address in self.preference(task_id):
             ch = await self._ready(address)
             if ch is not None:
                 self._down.pop(address, None)
@@ -108,8 +107,8 @@ class SchedulerPool:
         return None
 
     async def announce_host(self, host: common_pb2.Host, interval: float) -> tuple[int, list[str]]:
-        """AnnounceHost to every scheduler: how many took it, and those that just went down."""
-        ok, lost = 0, []
+        """AnnounceHost to every scheduler: how many took it, and the addresses that did not."""
+        ok, failed = 0, []
         for address in self.addresses:
             stub = scheduler_pb2_grpc.SchedulerStub(self._channel(address))
             try:
@@ -121,9 +120,8 @@ class SchedulerPool:
                 self._down.pop(address, None)
             except grpc.aio.AioRpcError as exc:
                 logger.debug("AnnounceHost to {} failed: {}", address, exc.code().name)
-                if self.mark_down(address):
-                    lost.append(address)
-        return ok, lost
+                failed.append(address)
+        return ok, failed
 
     async def delete_host(self, host_id: str) -> None:
         for address in self.addresses:
@@ -356,9 +354,9 @@ class Daemon:
         announced_tasks = False
         delay = 0.2
         while True:
-            ok, lost = await self.schedulers.announce_host(self.host_proto(), interval)
-            for address in lost:
-                self.scheduler_lost(address, announced=False)
+            ok, failed = await self.schedulers.announce_host(self.host_proto(), interval)
+            for address in failed:
+                self.scheduler_lost(address)
             if ok and not announced_tasks:
                 announced_tasks = True
                 self._spawn(self._announce_stored_tasks())
@@ -381,9 +379,9 @@ class Daemon:
             if not await self.announce_finished(task):
                 return
 
-    def scheduler_lost(self, address: str, *, announced: bool = True) -> None:
+    def scheduler_lost(self, address: str) -> None:
         """A scheduler stopped answering: mark it down and move its finished tasks to the next one."""
-        if self.schedulers.mark_down(address) or not announced:
+        if self.schedulers.mark_down(address):
             logger.warning("scheduler {} is down; its tasks go to the next scheduler", address)
             self._spawn(self._announce_stored_tasks(lost=address))
 

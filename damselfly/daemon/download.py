@@ -161,10 +161,8 @@ class _Parent:
     alive: bool = True
     synced: bool = False  # its SyncPieces stream ended normally
     is_seed: bool = False
-    busy_until: float = 0.0
-    declined: dict[int, float] = field(
-        default_factory=dict
-    )  # piece -> not asked for again before then  # it said its upload slots were taken: not asked again before then
+    busy_until: float = 0.0  # it said its upload slots were taken: not asked again before then
+    declined: dict[int, float] = field(default_factory=dict)  # piece -> not asked for it again before then
     pieces: set[int] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
 

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from damselfly import cluster as cl
 from damselfly.core.errors import DamselflyError
+from damselfly.demo import scrape
 
 READY_TIMEOUT = 90.0
 QUEUE_SECONDS = 0.03
@@ -178,65 +180,15 @@ def _kill_namespace(ns: str) -> None:
     subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
-@dataclass
-class Service:
-    """A damselfly process in a host's namespace."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    ready_file: Path
-    log: Path
-    info: dict[str, Any] | None = None
-
-    def stop(self, grace: float = 5.0) -> None:
-        if self.popen.poll() is not None:
-            return
-        try:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
-
-
-def spawn(host: NetHost, args: list[str], env: dict[str, str], workdir: Path, name: str) -> Service:
+def spawn(host: NetHost, args: list[str], env: dict[str, str], workdir: Path, name: str) -> cl.Proc:
     """Start ``python -m damselfly ARGS --ready-file ...`` in ``host``'s namespace."""
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     (workdir / "run").mkdir(parents=True, exist_ok=True)
     ready = workdir / "run" / f"{name}.json"
     ready.unlink(missing_ok=True)
     log = workdir / "logs" / f"{name}.log"
-    with log.open("ab") as out:
-        popen = subprocess.Popen(
-            host.argv(sys.executable, "-m", "damselfly", *args, "--ready-file", str(ready)),
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    return Service(name, popen, ready, log)
-
-
-def wait_ready(services: list[Service], timeout: float = READY_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        waiting = [s for s in services if s.info is None]
-        for s in waiting:
-            if s.ready_file.exists():
-                s.info = json.loads(s.ready_file.read_text())
-            elif s.popen.poll() is not None:
-                tail = s.log.read_text(errors="replace").strip().splitlines()[-5:]
-                raise DamselflyError(f"{s.name} exited with {s.popen.returncode}: {' | '.join(tail)}")
-        if all(s.info is not None for s in services):
-            return
-        if time.monotonic() > deadline:
-            names = ", ".join(s.name for s in services if s.info is None)
-            raise DamselflyError(f"not ready after {timeout:.0f}s: {names}")
-        time.sleep(0.05)
+    popen = cl._spawn([*args, "--ready-file", str(ready)], env, log, prefix=host.argv())
+    return cl.Proc(name, popen, ready, log)
 
 
 # -- a swarm run ---------------------------------------------------------------------------
@@ -404,14 +356,11 @@ class SwarmLab:
 
         work = self.workdir / profile.name
         shutil.rmtree(work, ignore_errors=True)
-        services: list[Service] = []
+        services: list[cl.Proc] = []
         try:
             env = self._env(self.sched_host, profile.scheduler_env)
-            sched = spawn(self.sched_host, ["scheduler"], env, work, "sched")
-            services.append(sched)
-            wait_ready([sched])
-            assert sched.info is not None
-            scheduler = sched.info["address"]
+            services.append(spawn(self.sched_host, ["scheduler"], env, work, "sched"))
+            scheduler = cl.wait_ready(services, READY_TIMEOUT)["sched"]["address"]
             daemons = []
             for host in [self.seed_host, *self.peer_hosts]:
                 is_seed = host is self.seed_host
@@ -431,24 +380,26 @@ class SwarmLab:
                     extra["DAMSELFLY_SWARM_TRACE"] = str(trace / f"{host.name}.jsonl")
                 daemons.append(spawn(host, ["daemon"], self._env(host, extra), work, host.name))
             services += daemons
-            wait_ready(daemons)
+            info = cl.wait_ready(daemons, READY_TIMEOUT)
+            sockets = [info[d.name]["socket"] for d in daemons[1:]]
             asyncio.run(_wait_hosts(scheduler, len(daemons)))
             self._origin_stats(reset=True)
             self.started_at = time.time()
-            times, errors = asyncio.run(self._download_all([d.info["socket"] for d in daemons[1:]]))  # type: ignore[index]
+            times, errors = asyncio.run(self._download_all(sockets))
             origin = self._origin_stats()
             if errors:
                 raise DamselflyError(f"{profile.name}: {len(errors)} downloads failed: {errors[0]}")
             if verify:
-                asyncio.run(self._verify([d.info["socket"] for d in daemons[1:]]))  # type: ignore[index]
+                asyncio.run(self._verify(sockets))
             cpu = sum(_cpu_seconds(s.popen.pid) for s in services)
             uploaded = {
-                d.name: _scrape(d.info["metrics"], "dragonfly_dfdaemon_upload_traffic_bytes_total")  # type: ignore[index]
+                d.name: scrape(info[d.name]["metrics"], "dragonfly_dfdaemon_upload_traffic_bytes_total")
                 for d in daemons
             }
         finally:
-            for s in services:
-                s.stop()
+            cl.stop_pids([p.popen.pid for p in services])
+            for p in services:
+                p.popen.wait()
             if not os.environ.get("DAMSELFLY_KEEP_SWARM"):
                 shutil.rmtree(work, ignore_errors=True)
         summary = self._summary(times, origin["bytes"], uploaded)
@@ -566,16 +517,6 @@ def _cpu_seconds(pid: int) -> float:
         return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
     except psutil.Error:
         return 0.0
-
-
-def _scrape(address: str, name: str) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def _strategy(name: str) -> dict[str, str]:

@@ -42,7 +42,7 @@ def test_tasks_are_spread_over_schedulers_by_their_id():
     assert pool.order("ab" * 32) == pool.order("ab" * 32)  # stable
     first = pool.order("cd" * 32)[0]
     pool.mark_down(first)
-    assert pool.home("cd" * 32) == pool.order("cd" * 32)[1]  # its tasks go to the next one
+    assert pool.preference("cd" * 32)[0] == pool.order("cd" * 32)[1]  # its tasks go to the next one
     assert not pool.mark_down(first)  # already down
 
 
