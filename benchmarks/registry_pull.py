@@ -22,14 +22,12 @@ most 0.4 x the direct one.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -91,54 +89,6 @@ class ShapedNamespace:
         subprocess.run(["ip", "link", "del", self.HOST_IF], check=False, capture_output=True)
 
 
-class Limiter(threading.Thread):
-    """A TCP forwarder to ``target`` whose downstream bytes, all connections together, stay under ``rate``."""
-
-    def __init__(self, target: tuple[str, int], rate: int):
-        super().__init__(daemon=True)
-        self.target, self.rate = target, rate
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        self.ready = threading.Event()
-        self.allowance = 0.0
-        self.stamp = time.monotonic()
-
-    async def _take(self, n: int) -> None:
-        while True:
-            now = time.monotonic()
-            self.allowance = min(self.rate * 0.05, self.allowance + (now - self.stamp) * self.rate)
-            self.stamp = now
-            if self.allowance >= n:
-                self.allowance -= n
-                return
-            await asyncio.sleep((n - self.allowance) / self.rate)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limited: bool) -> None:
-        try:
-            while data := await reader.read(64 * 1024):
-                if limited:
-                    await self._take(len(data))
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        await asyncio.gather(self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True))
-
-    def run(self) -> None:
-        async def main() -> None:
-            server = await asyncio.start_server(self._client, "127.0.0.1", 0)
-            self.port = server.sockets[0].getsockname()[1]
-            self.ready.set()
-            await asyncio.Event().wait()
-
-        self.loop.run_until_complete(main())
-
-
 def _pulls(work: Path, reference: str, mirrors: list[str | None]) -> float:
     """Run one skopeo pull per entry at once (through that mirror, or direct); the slowest one's seconds."""
 
@@ -188,7 +138,7 @@ def main() -> None:
             address = registry.address
         else:
             registry.start()
-            limiter = Limiter(("127.0.0.1", registry.port), rate)
+            limiter = reg.Limiter(("127.0.0.1", registry.port), rate)
             limiter.start()
             limiter.ready.wait(10)
             address = f"127.0.0.1:{limiter.port}"

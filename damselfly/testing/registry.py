@@ -8,12 +8,14 @@ access log, so a test can count what the registry really sent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -234,6 +236,20 @@ class Containerd:
         cmd += ["--plain-http", "--snapshotter", "native", reference]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
+    def active(self) -> dict[str, int]:
+        """Bytes received so far of each transfer under way (``ctr content active``), by ingest ref."""
+        out = subprocess.run(
+            ["ctr", "--address", str(self.socket), "content", "active"], capture_output=True, text=True, check=True
+        ).stdout
+        units = {"B": 1, "kB": 10**3, "MB": 10**6, "GB": 10**9}
+        active = {}
+        for line in out.splitlines()[1:]:
+            cols = line.split("\t")
+            m = re.fullmatch(r"([\d.]+)\s*([kMG]?B)", cols[1].strip()) if len(cols) > 1 else None
+            if m:
+                active[cols[0]] = int(float(m[1]) * units[m[2]])
+        return active
+
     def image_digest(self, reference: str) -> str:
         out = subprocess.run(
             ["ctr", "--address", str(self.socket), "images", "ls"], capture_output=True, text=True, check=True
@@ -251,3 +267,82 @@ def registry_fixture(directory: Path, users: dict[str, str] | None = None) -> It
         yield r
     finally:
         r.stop()
+
+
+class Limiter(threading.Thread):
+    """A TCP forwarder on 127.0.0.1 to ``target``; what it sends back, all connections together, stays under ``rate``.
+
+    ``forwarded`` counts the bytes it has sent back so far.
+    """
+
+    def __init__(self, target: tuple[str, int], rate: int):
+        super().__init__(daemon=True)
+        self.target, self.rate = target, rate
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self.forwarded = 0
+        self.ready = threading.Event()
+        self.allowance = 0.0
+        self.stamp = time.monotonic()
+        self._stop_event: asyncio.Event | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _take(self, n: int) -> None:
+        while True:
+            now = time.monotonic()
+            self.allowance = min(self.rate * 0.05, self.allowance + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.allowance >= n:
+                self.allowance -= n
+                return
+            await asyncio.sleep((n - self.allowance) / self.rate)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limited: bool) -> None:
+        try:
+            while data := await reader.read(64 * 1024):
+                if limited:
+                    await self._take(len(data))
+                writer.write(data)
+                await writer.drain()
+                if limited:
+                    self.forwarded += len(data)
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True))
+
+    def run(self) -> None:
+        async def main() -> None:
+            self._stop_event = asyncio.Event()
+            server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            self.ready.set()
+            async with server:
+                await self._stop_event.wait()
+
+        self.loop.run_until_complete(main())
+        self.loop.close()
+
+    def __enter__(self) -> Limiter:
+        self.start()
+        self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._stop_event is not None and self.is_alive():
+            self.loop.call_soon_threadsafe(self._stop_event.set)
+            self.join(10)

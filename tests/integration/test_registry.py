@@ -1,11 +1,14 @@
 """Container images through the swarm, with a real registry (docker-registry), containerd and skopeo."""
 
+import subprocess
+import threading
 import urllib.error
 import urllib.request
 
 import pytest
 
 from damselfly.testing import registry as reg
+from tests.helpers.waiting import wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -96,6 +99,44 @@ def test_with_the_daemon_down_containerd_falls_back_to_the_registry(
     pulled = containerd.pull(image.reference, proxy)
     assert pulled.returncode == 0, pulled.stderr[-2000:]
     assert containerd.image_digest(image.reference) == image.manifest_digest
+
+
+def test_a_daemon_killed_mid_pull_leaves_containerd_to_finish_from_the_registry(
+    registry, containerd, damselfly_cluster_factory, tmp_path
+):
+    image = reg.build_and_push(tmp_path / "image", registry, "test/midpull", [24 * MiB])
+    layer = max(image.blobs, key=image.blobs.get)
+    size = image.blobs[layer]
+    # The registry is reached through a 4 MiB/s forwarder, and the seed reads one piece at a time,
+    # so the blob reaches containerd piece by piece, slowly enough to kill the daemon between two.
+    with reg.Limiter(("127.0.0.1", registry.port), 4 * MiB) as slow:
+        reference = image.reference.replace(registry.address, slow.address)
+        cluster = damselfly_cluster_factory(
+            peers=1,
+            env={"DAMSELFLY_PROXY__REGISTRY_MIRROR": f"http://{slow.address}"},
+            peer_env={0: {"DAMSELFLY_DAEMON__SOURCE_CONCURRENT_PIECES": "1"}},
+        )
+        result: dict[str, subprocess.CompletedProcess[str]] = {}
+        pull = threading.Thread(
+            target=lambda: result.update(p=containerd.pull(reference, cluster.daemon("peer1")["proxy"]))
+        )
+        pull.start()
+        try:
+
+            def part_of_the_layer() -> int:
+                got = next((n for ref, n in containerd.active().items() if layer in ref), 0)
+                return got if 0 < got < size // 2 else 0
+
+            received = wait_until(part_of_the_layer, timeout=60, what="containerd to receive part of the layer")
+            cluster.stop_daemon("peer1", kill=True)
+        finally:
+            pull.join(150)
+    pulled = result["p"]
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    assert containerd.image_digest(reference) == image.manifest_digest
+    # containerd went on from where the daemon stopped: one ranged GET of the rest, from the registry
+    rest = [n for method, uri, status, n in registry.requests() if layer in uri and method == "GET" and status == 206]
+    assert any(4 * MiB < n <= size - received for n in rest), (received, rest)
 
 
 def test_preheat_then_a_pull_reads_no_blob_from_the_registry(registry, damselfly_cluster_factory, tmp_path):
