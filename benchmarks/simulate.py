@@ -11,10 +11,11 @@ settings of the chosen profile (``damselfly.testing.netswarm.PROFILES``): the
 scheduler's strategy plugin ranks each peer's parents (``parent_limit`` of them,
 a DAG or a mesh), the daemon's piece-picker plugin orders the missing pieces
 (a seed counting half a holder), ``concurrent_pieces`` fetches run at once per
-peer, a parent with ``upload_slots`` taken answers busy, a super-seeding seed
-declines (``SuperSeeder.admit``) a piece it sent before while it holds one never
-sent, and the seed fetches ``source_concurrent_pieces`` pieces at a time from the
-origin. A piece is served on only once it is whole.
+peer and ``seed_extra_pieces`` more from the seed, a parent with ``upload_slots``
+taken answers busy, a super-seeding seed offers each piece to one child at a time
+(``SuperSeeder``, the class the seed daemon runs), and the seed reads the origin
+in ``source_concurrent_pieces`` long reads (``source_stream``) or one read per
+piece. A piece is served on only once it is whole.
 
 Links are fluid: every ``--step`` seconds each transfer gets the smaller of its
 parent's upload and its child's download, each shared equally among their
@@ -54,7 +55,6 @@ from damselfly.testing import netswarm
 
 SEED_HOLDER = 0.5  # as the daemon's fetch loop counts a seed
 BUSY_BACKOFF = 0.2  # as damselfly.daemon.download
-DECLINED_BACKOFF = 1.0
 
 
 @dataclass
@@ -83,6 +83,11 @@ class Profile:
     seed_upload_slots: int
     super_seed: bool
     source_concurrent: int
+    seed_extra: int = 0  # fetches from the seed a peer may run beyond ``concurrent``
+    source_stream: bool = False  # the seed reads the whole task from the source in one request
+    offer_timeout: float = 2.0
+    offers_per_child: int = 1
+    busy_backoff: float = BUSY_BACKOFF
 
 
 def profile_settings(name: str) -> Profile:
@@ -102,6 +107,11 @@ def profile_settings(name: str) -> Profile:
         seed_upload_slots=num(seed, "UPLOAD_SLOTS", defaults.upload_slots),
         super_seed=seed.get("DAMSELFLY_DAEMON__SUPER_SEED", "false") == "true",
         source_concurrent=num(seed, "SOURCE_CONCURRENT_PIECES", 0) or num(seed, "CONCURRENT_PIECES", 8),
+        seed_extra=num(daemon, "SEED_EXTRA_PIECES", defaults.seed_extra_pieces),
+        source_stream=seed.get("DAMSELFLY_DAEMON__SOURCE_STREAM", str(defaults.source_stream)).lower() == "true",
+        offer_timeout=float(seed.get("DAMSELFLY_DAEMON__OFFER_TIMEOUT", defaults.offer_timeout)),
+        offers_per_child=num(seed, "OFFERS_PER_CHILD", defaults.offers_per_child),
+        busy_backoff=float(daemon.get("DAMSELFLY_DAEMON__BUSY_BACKOFF", defaults.busy_backoff)),
     )
 
 
@@ -125,7 +135,11 @@ class Simulation:
         plugins = build_plugins(Settings())
         self.strategy = plugins.make_strategy(prof.strategy)
         self.picker = plugins.make_picker(prof.picker)
-        self.seeder = SuperSeeder() if prof.super_seed else None
+        self.seeder = (
+            SuperSeeder(self.count, offer_timeout=prof.offer_timeout, per_child=prof.offers_per_child)
+            if prof.super_seed
+            else None
+        )
         self.rng = random.Random(args.seed)
         random.seed(args.seed)
         # transfers, as parallel arrays: parent, child, piece, bytes left, start time
@@ -189,7 +203,9 @@ class Simulation:
         self.t_child.append(child)
         self.t_piece.append(piece)
         self.t_left.append(float(self.piece_len(piece)))
-        self.t_start.append(now + self.args.latency)
+        # a seed streaming the source in one read waits for the first bytes once, not per piece
+        streamed = parent == self.ORIGIN and self.prof.source_stream and piece > 0
+        self.t_start.append(now + (0.0 if streamed else self.args.latency))
         self.active.add(tid)
         self.nodes[child].fetching[piece] = tid
         if parent >= 0:
@@ -200,11 +216,18 @@ class Simulation:
 
     def schedule(self, now: float) -> None:
         seed = self.nodes[0]
-        while len(seed.fetching) < self.prof.source_concurrent and self.source_next < self.count:
+        concurrent = 1 if self.prof.source_stream else self.prof.source_concurrent
+        while len(seed.fetching) < concurrent and self.source_next < self.count:
             self.start(self.ORIGIN, 0, self.source_next, now)
             self.source_next += 1
+        if self.seeder is not None:
+            for child in self.seeder.sync(seed.have, now):
+                self.nodes[child].dirty = True
         for n in self.nodes[1:]:
-            if n.done_at or len(n.fetching) >= self.prof.concurrent:
+            if n.done_at:
+                continue
+            seed_fetches = sum(1 for tid in n.fetching.values() if self.t_parent[tid] == 0)
+            if len(n.fetching) - seed_fetches >= self.prof.concurrent and seed_fetches >= self.prof.seed_extra:
                 continue
             if self.args.fast and not n.dirty and now < n.wake_at:
                 continue  # nothing it could act on changed: it would choose nothing new
@@ -213,17 +236,22 @@ class Simulation:
             if not missing:
                 continue
             holders: dict[int, float] = {}
+            views: dict[int, set[int]] = {}
             for j in n.parents:
                 p = self.nodes[j]
-                for k in p.have & missing:
+                view = views[j] = self.seeder.visible(n.idx, p.have) if p.is_seed and self.seeder else p.have
+                for k in view & missing:
                     holders[k] = holders.get(k, 0) + (SEED_HOLDER if p.is_seed else 1)
             load: dict[int, int] = {}
             for tid in n.fetching.values():
                 load[self.t_parent[tid]] = load.get(self.t_parent[tid], 0) + 1
             for k in self.picker.order(set(holders), holders):
-                if len(n.fetching) >= self.prof.concurrent:
+                peer_fetches = len(n.fetching) - seed_fetches
+                if peer_fetches >= self.prof.concurrent and seed_fetches >= self.prof.seed_extra:
                     break
-                options = [j for j in n.parents if k in self.nodes[j].have and n.busy_until.get(j, 0) <= now]
+                options = [j for j in n.parents if k in views[j] and n.busy_until.get(j, 0) <= now]
+                if peer_fetches >= self.prof.concurrent:  # only the extra fetch from the seed is left
+                    options = [j for j in options if self.nodes[j].is_seed]
                 if not options:
                     continue
                 fewest = min(load.get(j, 0) for j in options)
@@ -231,14 +259,14 @@ class Simulation:
                 p = self.nodes[j]
                 slots = self.prof.seed_upload_slots if p.is_seed else self.prof.upload_slots
                 if slots and p.uploading >= slots:
-                    n.busy_until[j] = now + BUSY_BACKOFF
-                    n.wake_at = min(n.wake_at, now + BUSY_BACKOFF)
+                    n.busy_until[j] = now + self.prof.busy_backoff
+                    n.wake_at = min(n.wake_at, now + self.prof.busy_backoff)
                     continue
-                if p.is_seed and self.seeder is not None and not self.seeder.admit(k, p.have):
-                    n.wake_at = min(n.wake_at, now + DECLINED_BACKOFF)
-                    continue  # declined: a peer holds it
                 if p.is_seed:
                     self.seed_sent += self.piece_len(k)
+                    seed_fetches += 1
+                    if self.seeder is not None:
+                        self.seeder.taken(k)
                 load[j] = load.get(j, 0) + 1
                 self.start(j, n.idx, k, now)
 
@@ -285,8 +313,12 @@ class Simulation:
                 self.nodes[j].dirty = True  # a slot there is free
         del c.fetching[k]
         c.have.add(k)
+        if p == 0 and self.seeder is not None:
+            self.seeder.done(k)
         if len(c.have) == self.count and not c.done_at:
             c.done_at = now
+            if self.seeder is not None and not c.is_seed:
+                self.seeder.leave(c.idx)
 
     def run(self) -> dict[str, float | list[float]]:
         self.assign_parents()
@@ -294,6 +326,9 @@ class Simulation:
         for n in self.nodes:
             for j in n.parents:
                 self.children_of[j].append(n.idx)
+        if self.seeder is not None:
+            for j in self.children_of[0]:
+                self.seeder.join(j, range(self.count))
         now, dt = 0.0, self.args.step
         while not all(n.done_at for n in self.nodes[1:]):
             self.schedule(now)
@@ -343,12 +378,25 @@ def main() -> None:
     ap.add_argument("--upload-slots", type=int, help="override the peers' upload_slots")
     ap.add_argument("--seed-upload-slots", type=int, help="override the seed's upload_slots")
     ap.add_argument("--source-concurrent", type=int, help="override the seed's source_concurrent_pieces")
+    ap.add_argument("--seed-extra", type=int, help="override the peers' seed_extra_pieces")
+    ap.add_argument("--busy-backoff", type=float, help="override the peers' busy_backoff")
+    ap.add_argument("--offers-per-child", type=int, help="override the seed's offers_per_child")
+    ap.add_argument("--source-stream", type=int, choices=(0, 1), help="override source_stream (1: long reads)")
     ap.add_argument("--measured", default="", help="benchmarks/swarm.py --json output to compare with")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     prof = profile_settings(args.strategy)
-    for key in ("concurrent", "upload_slots", "seed_upload_slots", "source_concurrent"):
+    for key in (
+        "concurrent",
+        "upload_slots",
+        "seed_upload_slots",
+        "source_concurrent",
+        "seed_extra",
+        "busy_backoff",
+        "source_stream",
+        "offers_per_child",
+    ):
         if getattr(args, key) is not None:
             setattr(prof, key, getattr(args, key))
     size = parse_size(args.size)

@@ -34,6 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from damselfly.core.piece import piece_length_for
 from damselfly.core.units import parse_size
 from damselfly.testing import netswarm
 
@@ -60,6 +61,9 @@ def main() -> None:
     ap.add_argument("--seed-rate", default="", help="the seed host's rate (default: --rate)")
     ap.add_argument("--origin-rate", default="400mbit", help="what the origin sends, all clients together")
     ap.add_argument("--size", default="128MiB")
+    ap.add_argument(
+        "--piece-length", default="", help="fix the task's piece length (default: the daemon's choice for --size)"
+    )
     ap.add_argument("--strategies", default="default,swarm", help=f"comma-separated, of {', '.join(netswarm.PROFILES)}")
     ap.add_argument("--no-direct", action="store_true", help="skip the straight-from-the-origin baseline")
     ap.add_argument("--json", action="store_true")
@@ -78,6 +82,7 @@ def main() -> None:
         seed_rate_bits=netswarm.parse_bits(args.seed_rate) if args.seed_rate else 0,
         origin_rate_bits=netswarm.parse_bits(args.origin_rate),
         size=parse_size(args.size),
+        piece_length=parse_size(args.piece_length) if args.piece_length else 0,
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below cleans up
     work = Path(tempfile.mkdtemp(prefix="dfswarm-"))
@@ -85,6 +90,7 @@ def main() -> None:
         "hosts": cfg.hosts,
         "rate": args.rate,
         "size": args.size,
+        "piece_length": cfg.piece_length or piece_length_for(cfg.size),
         "origin_rate": args.origin_rate,
         "t_min_seconds": round(cfg.t_min(), 3),
         "strategies": {},

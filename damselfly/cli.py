@@ -240,7 +240,7 @@ def _relative(base: str, url: str) -> str:
 @click.option("--tag", default="", help="Tag: different tags are different tasks.")
 @click.option("--application", default="", help="Application name, part of the task id.")
 @click.option("--filtered-query-param", "filtered", multiple=True, help="Query parameter left out of the task id.")
-@click.option("--piece-length", default="", help="Fixed piece length (4MiB to 64MiB).")
+@click.option("--piece-length", default="", help="Fixed piece length (64KiB to 64MiB; upstream allows 4MiB and up).")
 @click.option("--priority", type=click.IntRange(0, 6), default=0, help="Priority level 0-6.")
 @click.option("--timeout", type=float, default=0.0, help="Give up after this many seconds (0: never).")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")

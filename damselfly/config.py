@@ -109,15 +109,35 @@ class DaemonConfig(Section):
     piece_picker: str = Field("sequential", description="Piece-picker plugin: the order missing pieces are fetched in.")
     super_seed: bool = Field(
         False,
-        description="On a seed: decline a piece sent before while it holds one never sent (so new ones go first).",
+        description="On a seed: tell one child at a time of each new piece, so each leaves the seed once at first.",
+    )
+    offer_timeout: float = Field(
+        2.0, gt=0, description="On a super-seeding seed: seconds before an offered piece is offered to one more child."
+    )
+    offers_per_child: int = Field(
+        1, ge=1, le=64, description="On a super-seeding seed: its pieces one child may be offered and not have yet."
     )
     upload_slots: int = Field(
         0,
         ge=0,
         description="Pieces sent to children at once (0: no limit); a child that finds them taken asks elsewhere.",
     )
+    busy_backoff: float = Field(
+        0.2, gt=0, description="Seconds before a parent that answered busy (its upload slots taken) is asked again."
+    )
+    seed_extra_pieces: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Fetches from seeds a download may run beyond concurrent_pieces (a new piece waits for none).",
+    )
     source_concurrent_pieces: int = Field(
         0, ge=0, le=256, description="Pieces fetched from the source at once (0: concurrent_pieces)."
+    )
+    source_stream: bool = Field(
+        True,
+        description="Read a whole task from the source in one request, cutting pieces as the bytes arrive "
+        "(else one ranged read per piece, source_concurrent_pieces at once).",
     )
     piece_timeout: float = Field(60.0, gt=0, description="Seconds one piece may take from a parent.")
     piece_connect_timeout: float = Field(3.0, gt=0, description="Seconds to open a piece connection to a parent.")

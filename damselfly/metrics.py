@@ -26,6 +26,9 @@ class DaemonMetrics:
         )
         self.upload_traffic = Counter(p + "upload_traffic_bytes_total", "Piece bytes served to children.", registry=r)
         self.upload_pieces = Counter(p + "upload_piece_total", "Pieces served to children.", registry=r)
+        self.upload_busy = Counter(
+            p + "upload_busy_total", "Piece requests answered busy (every upload slot taken).", registry=r
+        )
         self.piece_failures = Counter(
             p + "download_piece_failure_total", "Pieces that failed from a parent, by reason.", ["reason"], registry=r
         )

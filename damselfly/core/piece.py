@@ -19,6 +19,9 @@ crc32: Callable[[bytes | bytearray | memoryview, int], int] = _crc32
 MiB = 1 << 20
 MIN_PIECE_LENGTH = 4 * MiB
 MAX_PIECE_LENGTH = 64 * MiB
+# A piece length the user fixes may go below Dragonfly's 4 MiB floor (a damselfly extension):
+# smaller pieces spread through a swarm in fewer piece-times, each being served on only once whole.
+MIN_FIXED_PIECE_LENGTH = 64 * 1024
 PIECES_TARGET = 500
 DIGEST_ALGORITHM = "crc32"
 
@@ -28,10 +31,14 @@ def _next_power_of_two(n: int) -> int:
 
 
 def piece_length_for(content_length: int, fixed: int | None = None) -> int:
-    """The piece length of a task: the user's, else next_pow2(len / 500) in [4, 64] MiB."""
+    """The piece length of a task: the user's (64 KiB to 64 MiB), else next_pow2(len / 500) in [4, 64] MiB.
+
+    Upstream lets a user fix 4 to 64 MiB; damselfly also takes smaller fixed lengths. A fixed
+    length is part of the task id, so such a task never mixes with one laid out by upstream's rule.
+    """
     if fixed:
-        if not MIN_PIECE_LENGTH <= fixed <= MAX_PIECE_LENGTH:
-            raise InvalidArgument(f"piece length {fixed} is outside [{MIN_PIECE_LENGTH}, {MAX_PIECE_LENGTH}]")
+        if not MIN_FIXED_PIECE_LENGTH <= fixed <= MAX_PIECE_LENGTH:
+            raise InvalidArgument(f"piece length {fixed} is outside [{MIN_FIXED_PIECE_LENGTH}, {MAX_PIECE_LENGTH}]")
         return fixed
     if content_length < 0:
         raise InvalidArgument(f"content length must not be negative, got {content_length}")

@@ -447,14 +447,16 @@ class Daemon:
         self.metrics.tasks.set(len(self.storage.tasks()))
         await self.schedulers.delete_task(self.host_id, task_id)
 
-    def super_seeder(self, task_id: str) -> SuperSeeder | None:
+    def super_seeder(self, task: Task) -> SuperSeeder | None:
         """The task's super-seeding state, on a seed with ``daemon.super_seed`` (else None)."""
         cfg = self.settings.daemon
         if not (self.is_seed and cfg.super_seed):
             return None
-        seeder = self.super_seeders.get(task_id)
+        seeder = self.super_seeders.get(task.id)
         if seeder is None:
-            seeder = self.super_seeders[task_id] = SuperSeeder()
+            seeder = self.super_seeders[task.id] = SuperSeeder(
+                task.piece_count, offer_timeout=cfg.offer_timeout, per_child=cfg.offers_per_child
+            )
         return seeder
 
     def upload_channel(self, address: str) -> grpc.aio.Channel:

@@ -35,7 +35,7 @@ from damselfly.core.errors import (
     StorageError,
 )
 from damselfly.core.host import HostType
-from damselfly.core.piece import Layout, PieceSpan
+from damselfly.core.piece import Layout
 from damselfly.core.task import PieceRecord, Task, TaskState
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started, TaskRuntime
 from damselfly.wire import addresses_from_response, piece_to_proto, transports_from_metadata
@@ -50,7 +50,6 @@ TRAFFIC_PEER = vortex.TrafficType.REMOTE_PEER
 # A seed counts as half a holder for the piece pickers: a piece only a seed holds is the
 # rarest there is (the seed's link is the one way new pieces enter the swarm).
 SEED_HOLDER = 0.5
-BUSY_BACKOFF = 0.2  # seconds before a parent whose upload slots were taken is asked again
 DECLINED_BACKOFF = 1.0  # seconds before a parent that declined a piece is asked for it again
 SOURCE_OPTION_FIELDS = ("object_storage", "hdfs", "hugging_face")
 CACHE_EXPIRES_HEADER = "X-Damselfly-Cache-Expires"
@@ -650,28 +649,49 @@ class Downloader:
         if not report:
             self.link = None
         assert self.task is not None
-        layout = self.task.layout
         cfg = self.d.settings.daemon
-        limit = asyncio.Semaphore(cfg.source_concurrent_pieces or cfg.concurrent_pieces)
+        width = cfg.source_concurrent_pieces or cfg.concurrent_pieces
+        missing = sorted(self._missing())
+        # With source_stream, a few long reads, each cutting pieces as its bytes arrive: fewer
+        # requests for the origin, and no gap between one piece's last byte and the next one's first.
+        runs = source_runs(missing, width) if cfg.source_stream else [[n] for n in missing]
+        limit = asyncio.Semaphore(width)
 
-        async def one(span: PieceSpan) -> None:
+        async def one(run: list[int]) -> None:
             async with limit:
-                await self._source_piece(span)
+                await self._source_run(run)
 
-        await _gather_or_cancel([one(layout.span(n)) for n in sorted(self._missing())])
+        await _gather_or_cancel([one(run) for run in runs])
 
-    async def _source_piece(self, span: PieceSpan) -> None:
+    async def _source_run(self, numbers: list[int]) -> None:
+        """Read consecutive pieces ``numbers`` from the source in one request, storing each once whole."""
         assert self.source is not None
+        assert self.task is not None
+        spans = [self.task.layout.span(n) for n in numbers]
+        start, end = spans[0].offset, spans[-1].end
         started = time.monotonic()
-        writer = self.d.storage.writer(self.task_id, span)
+        storage = self.d.storage
+        i, pos = 0, start
+        writer = storage.writer(self.task_id, spans[0])
         try:
-            async for chunk in self.source.read(self.req.url, span.offset, span.length, self.req.request_header):
-                await asyncio.to_thread(writer.write, chunk)  # disk I/O and crc32 off the event loop
-            record = await writer.commit(None)
+            async for chunk in self.source.read(self.req.url, start, end - start, self.req.request_header):
+                view = memoryview(chunk)
+                while view and i < len(spans):
+                    take = min(len(view), spans[i].end - pos)
+                    await asyncio.to_thread(writer.write, view[:take])  # disk I/O and crc32 off the event loop
+                    view, pos = view[take:], pos + take
+                    if pos == spans[i].end:
+                        record = await writer.commit(None)
+                        now = time.monotonic()
+                        await self._stored(record, TRAFFIC_SOURCE, "", now - started)
+                        started, i = now, i + 1
+                        if i < len(spans):
+                            writer = storage.writer(self.task_id, spans[i])
+            if i < len(spans):
+                raise BackendError(f"the source ended {end - pos} bytes short of {self.req.url}")
         except BaseException:
             writer.abort()
             raise
-        await self._stored(record, TRAFFIC_SOURCE, "", time.monotonic() - started)
 
     # -- from parents ------------------------------------------------------------------------------
 
@@ -758,6 +778,7 @@ class Downloader:
         cfg = self.d.settings.daemon
         inflight: dict[asyncio.Task[None], int] = {}
         by_parent: dict[asyncio.Task[None], str] = {}
+        seed_fetch: dict[asyncio.Task[None], bool] = {}
         load: dict[str, int] = {}  # pieces in flight from each parent
         tried: dict[int, set[str]] = {}
         last_progress = time.monotonic()
@@ -766,47 +787,62 @@ class Downloader:
                 missing = self._missing()
                 if not missing:
                     return
-                busy = set(inflight.values())
                 now = time.monotonic()
                 next_ready = 1.0
+                # concurrent_pieces fetches, and seed_extra_pieces more from seeds: a seed's new piece
+                # (offered to this child alone by a super-seeding seed) never waits for a free slot
+                from_seeds = sum(seed_fetch.values())
+                peers_full = len(inflight) - from_seeds >= cfg.concurrent_pieces
+                full = peers_full and from_seeds >= cfg.seed_extra_pieces
                 usable = [p for p in parents.values() if p.alive and p.peer_id not in self.blocklist]
-                # parents that said "busy", or declined a piece, are asked again at these times
-                later = [p.busy_until for p in usable if p.busy_until > now]
-                later += [t for p in usable for n, t in p.declined.items() if t > now and n in missing]
-                if later:
-                    next_ready = min(next_ready, min(later) - now)
-                held_by: dict[int, float] = {}
-                for p in usable:
-                    for n in p.pieces:
-                        held_by[n] = held_by.get(n, 0) + (SEED_HOLDER if p.is_seed else 1)
-                for number in self.d.picker.order(missing - busy, held_by):
-                    if len(inflight) >= cfg.concurrent_pieces:
-                        break
-                    holders = [
-                        p
-                        for p in usable
-                        if number in p.pieces
-                        and p.peer_id not in tried.get(number, set())
-                        and p.busy_until <= now
-                        and p.declined.get(number, 0.0) <= now
-                    ]
-                    if not holders:
-                        continue
-                    # Upstream's gather window: give the other parents a moment to report the
-                    # piece too, so the choice below is among all who have it, not the fastest.
-                    age = now - self._first_seen.get(number, now)
-                    if age < cfg.parent_gather_window and any(not p.synced and number not in p.pieces for p in usable):
-                        next_ready = min(next_ready, cfg.parent_gather_window - age)
-                        continue
-                    # the least busy of them (pieces we are fetching from it), then by free upload
-                    fewest = min(load.get(p.peer_id, 0) for p in holders)
-                    holders = [p for p in holders if load.get(p.peer_id, 0) == fewest]
-                    parent = random.choices(holders, weights=[max(p.weight, 1e-9) for p in holders])[0]
-                    tried.setdefault(number, set()).add(parent.peer_id)
-                    t = asyncio.get_running_loop().create_task(self._parent_piece(parent, number))
-                    inflight[t] = number
-                    by_parent[t] = parent.peer_id
-                    load[parent.peer_id] = load.get(parent.peer_id, 0) + 1
+                later: list[float] = []
+                if not full:  # else only a fetch ending can let another start: nothing to choose
+                    # parents that said "busy", or declined a piece, are asked again at these times
+                    later = [p.busy_until for p in usable if p.busy_until > now]
+                    later += [t for p in usable for n, t in p.declined.items() if t > now and n in missing]
+                    if later:
+                        next_ready = min(next_ready, min(later) - now)
+                    choosable = [p for p in usable if p.is_seed] if peers_full else usable
+                    held_by: dict[int, float] = {}
+                    for p in choosable:
+                        for n in p.pieces:
+                            held_by[n] = held_by.get(n, 0) + (SEED_HOLDER if p.is_seed else 1)
+                    wanted = (held_by.keys() & missing).difference(inflight.values())
+                    for number in self.d.picker.order(wanted, held_by):
+                        peers_full = len(inflight) - from_seeds >= cfg.concurrent_pieces
+                        if peers_full and from_seeds >= cfg.seed_extra_pieces:
+                            break
+                        holders = [
+                            p
+                            for p in choosable
+                            if number in p.pieces
+                            and p.peer_id not in tried.get(number, set())
+                            and p.busy_until <= now
+                            and p.declined.get(number, 0.0) <= now
+                            and (p.is_seed or not peers_full)
+                        ]
+                        if not holders:
+                            continue
+                        # Upstream's gather window: give the other parents a moment to report the
+                        # piece too, so the choice below is among all who have it, not the fastest.
+                        age = now - self._first_seen.get(number, now)
+                        if age < cfg.parent_gather_window and any(
+                            not p.synced and number not in p.pieces for p in usable
+                        ):
+                            next_ready = min(next_ready, cfg.parent_gather_window - age)
+                            continue
+                        # the least busy of them (pieces we are fetching from it), then by free upload
+                        fewest = min(load.get(p.peer_id, 0) for p in holders)
+                        holders = [p for p in holders if load.get(p.peer_id, 0) == fewest]
+                        parent = random.choices(holders, weights=[max(p.weight, 1e-9) for p in holders])[0]
+                        tried.setdefault(number, set()).add(parent.peer_id)
+                        t = asyncio.get_running_loop().create_task(self._parent_piece(parent, number))
+                        inflight[t] = number
+                        by_parent[t] = parent.peer_id
+                        seed_fetch[t] = parent.is_seed
+                        from_seeds += parent.is_seed
+                        load[parent.peer_id] = load.get(parent.peer_id, 0) + 1
+                    full = len(inflight) - from_seeds >= cfg.concurrent_pieces and from_seeds >= cfg.seed_extra_pieces
                 if not inflight:
                     if all(p.synced for p in usable) and not later:
                         raise Reschedule(
@@ -822,14 +858,18 @@ class Downloader:
                 if time.monotonic() - last_progress > cfg.schedule_timeout:
                     raise Reschedule(f"no piece arrived for {cfg.schedule_timeout:.0f}s")
                 waiters: set[asyncio.Future[object]] = set(inflight)  # type: ignore[arg-type]
-                waiter = asyncio.ensure_future(wake.wait())
-                waiters.add(waiter)
+                waiter = None
+                if not full:  # a new piece at a parent, or a parent gone, matters only with a free slot
+                    waiter = asyncio.ensure_future(wake.wait())
+                    waiters.add(waiter)
                 done, _ = await asyncio.wait(waiters, timeout=next_ready, return_when=asyncio.FIRST_COMPLETED)
                 wake.clear()  # nothing ran since the wait returned: the next pass sees every change
-                waiter.cancel()
+                if waiter is not None:
+                    waiter.cancel()
                 for t in [t for t in done if t in inflight]:
                     number = inflight.pop(t)  # type: ignore[arg-type]
                     parent_id = by_parent.pop(t)  # type: ignore[arg-type]
+                    seed_fetch.pop(t)  # type: ignore[arg-type]
                     load[parent_id] -= 1
                     exc = t.exception()
                     if isinstance(exc, Busy | Declined):
@@ -879,7 +919,7 @@ class Downloader:
             raise
         except Busy:
             writer.abort()
-            parent.busy_until = time.monotonic() + BUSY_BACKOFF
+            parent.busy_until = time.monotonic() + self.d.settings.daemon.busy_backoff
             raise
         except NotFound as exc:
             writer.abort()
@@ -920,6 +960,28 @@ def _weight(host: common_pb2.Host) -> float:
     """Free upload bandwidth, the weight of a parent in per-piece choice."""
     free = host.network.max_tx_bandwidth - host.network.tx_bandwidth
     return float(max(free, 1))
+
+
+def source_runs(numbers: list[int], width: int) -> list[list[int]]:
+    """Sorted piece numbers as at most ``width`` runs of consecutive pieces (more where they have gaps).
+
+    The runs are read from the source at once, so a whole task becomes ``width``
+    long reads of about equal length rather than one request per piece.
+    """
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and runs[-1][-1] == n - 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    while len(runs) < width:
+        longest = max(range(len(runs)), key=lambda r: len(runs[r]), default=None)
+        if longest is None or len(runs[longest]) < 2:
+            break
+        run = runs[longest]
+        half = len(run) // 2
+        runs[longest : longest + 1] = [run[:half], run[half:]]
+    return runs
 
 
 async def _gather_or_cancel(coros: list) -> None:  # type: ignore[type-arg]

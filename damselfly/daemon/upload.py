@@ -14,7 +14,7 @@ from loguru import logger
 
 from damselfly.contracts import ServedPiece
 from damselfly.core import vortex
-from damselfly.core.errors import Busy, DamselflyError, Declined, InvalidArgument, NotFound
+from damselfly.core.errors import Busy, DamselflyError, InvalidArgument, NotFound
 from damselfly.core.ids import is_task_id
 from damselfly.daemon.download import DownloadRequest
 from damselfly.daemon.local import abort_with, progress_stream
@@ -47,27 +47,46 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
         ip = d.settings.host.ip
         tcp_port, quic_port = (_port_of(d.piece_addresses.get(name, "")) for name in ("tcp", "quic"))
         await context.send_initial_metadata(transports_to_metadata(d.piece_addresses))
-        while True:
-            changed = d.board.event(request.task_id)
-            for number in sorted((wanted - sent) & task.pieces.keys()):
-                rec = task.pieces[number]
-                sent.add(number)
-                yield dfdaemon_pb2.SyncPiecesResponse(
-                    number=rec.number,
-                    offset=rec.offset,
-                    length=rec.length,
-                    ip=ip,
-                    tcp_port=tcp_port,
-                    quic_port=quic_port,
-                )
-            if sent >= wanted or d.storage.get(request.task_id) is not task:
-                return
-            if not d.board.running(request.task_id):
-                return  # no more pieces will land here; the child looks elsewhere
-            try:
-                await asyncio.wait_for(changed.wait(), 1.0)
-            except TimeoutError:
-                pass
+        seeder = d.super_seeder(task)
+        child = object()  # this stream, as the super-seeder tells children apart
+        if seeder is not None:
+            seeder.join(child, wanted)
+        try:
+            while True:
+                changed = d.board.event(request.task_id)
+                wait = 1.0
+                if seeder is None:
+                    visible = task.pieces.keys()
+                else:
+                    if seeder.sync(task.pieces.keys(), time.monotonic()):
+                        d.board.poke(request.task_id)  # the children told of something new
+                    visible = seeder.visible(child, task.pieces.keys())
+                    deadline = seeder.next_deadline()
+                    if deadline is not None:
+                        wait = min(wait, max(deadline - time.monotonic(), 0.01))
+                for number in sorted((wanted - sent) & visible):
+                    rec = task.pieces[number]
+                    sent.add(number)
+                    yield dfdaemon_pb2.SyncPiecesResponse(
+                        number=rec.number,
+                        offset=rec.offset,
+                        length=rec.length,
+                        ip=ip,
+                        tcp_port=tcp_port,
+                        quic_port=quic_port,
+                    )
+                if sent >= wanted or d.storage.get(request.task_id) is not task:
+                    return
+                if not d.board.running(request.task_id) and (seeder is None or seeder.open(task.pieces.keys())):
+                    return  # no more pieces will land here; the child looks elsewhere
+                try:
+                    await asyncio.wait_for(changed.wait(), wait)
+                except TimeoutError:
+                    pass
+        finally:
+            if seeder is not None:
+                seeder.leave(child)
+                d.board.poke(request.task_id)  # what it was offered goes to another child
 
     async def DownloadTask(
         self, request: dfdaemon_pb2.DownloadTaskRequest, context: grpc.aio.ServicerContext
@@ -118,11 +137,13 @@ async def lookup_piece(daemon: Daemon, task_id: str, number: int) -> ServedPiece
     slots = daemon.settings.daemon.upload_slots
     if slots and daemon.uploading >= slots:
         logger.debug("piece {}: busy", number)
+        daemon.metrics.upload_busy.inc()
         raise Busy(f"all {slots} upload slots are taken")
-    seeder = daemon.super_seeder(task_id)
-    if seeder is not None and not seeder.admit(number, task.pieces):
-        logger.debug("piece {}: declined", number)
-        raise Declined(f"piece {number} went out already; a peer holds it (super-seeding)")
+    seeder = daemon.super_seeder(task)
+    if seeder is not None:
+        seeder.taken(number)
+        if seeder.open(task.pieces.keys()):
+            daemon.board.poke(task_id)  # every piece went out once: all children may see all now
     logger.debug("piece {}: sending", number)
     daemon.gc.served(task_id)
     meta = vortex.PieceMetadata(
@@ -146,6 +167,9 @@ async def lookup_piece(daemon: Daemon, task_id: str, number: int) -> ServedPiece
         if not released:
             released = True
             daemon.uploading -= 1
+            if seeder is not None:
+                seeder.done(number)
+                daemon.board.poke(task_id)  # the child has room for another offer
 
     try:
         region = daemon.storage.piece_region(task_id, number)

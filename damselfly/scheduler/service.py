@@ -136,6 +136,22 @@ class SchedulerState:
         ranked = self.strategy.rank(Candidate(child, child_host), pool, entry.task)
         return ranked[:limit]
 
+    def reciprocal(self, peer: Peer) -> list[Candidate]:
+        """The peers fetching from ``peer`` that could serve it too (for mesh strategies)."""
+        entry = self.tasks[peer.task_id]
+        out = []
+        for cid in sorted(peer.children - peer.parents - peer.blocklist):
+            c = self.peers.get(cid)
+            h = self.hosts.get(c.host_id) if c is not None else None
+            if c is None or h is None or h.id == peer.host_id or h.disable_shared:
+                continue
+            if c.state not in ELIGIBLE or c.is_bad():
+                continue
+            if not covers(self.range_of(c.id), self.range_of(peer.id), _layout(entry)):
+                continue
+            out.append(Candidate(c, h))
+        return out
+
     @property
     def parent_limit(self) -> int:
         return self.strategy.parent_limit or self.cfg.candidate_parent_limit
@@ -373,14 +389,21 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             if peer.id not in st.peers or peer.done or peer.need_back_to_source:
                 return
             live = [pid for pid in peer.parents if pid in st.peers]
-            if len(live) >= limit:
-                continue
-            new = st.candidates(peer, exclude=set(peer.parents))[: limit - len(live)]
+            new = []
+            if len(live) < limit:
+                new = st.candidates(peer, exclude=set(peer.parents))[: limit - len(live)]
+            if not st.strategy.dag:
+                # In a mesh a child is a parent too: a peer that fetches from this one is offered
+                # back to it, beyond the limit, so every peer's pieces have somewhere to go.
+                known = set(peer.parents) | {c.peer.id for c in new}
+                new += [c for c in st.reciprocal(peer) if c.peer.id not in known]
             if not new:
                 continue
             kept = [Candidate(st.peers[pid], st.hosts[st.peers[pid].host_id]) for pid in live]
             self.metrics.schedule.labels("refresh").inc()
             out.put_nowait(self._offer(entry, peer, kept, new))
+            if not st.strategy.dag:
+                entry.notify()  # the new parents now have a child to offer back
 
     def _offer(
         self, entry: TaskEntry, peer: Peer, kept: list[Candidate], new: list[Candidate]

@@ -32,6 +32,19 @@ from damselfly.core.errors import DamselflyError
 from damselfly.demo import scrape
 
 READY_TIMEOUT = 90.0
+# Per-namespace TCP settings of the emulated hosts. Seventeen hosts share two cores here, so
+# the emulation's cost per packet matters: this machine defaults to BBR, which paces each flow
+# with timers in bursts of about a millisecond of data (a few segments at tens of Mbit/s).
+# Reno (allowed in any namespace; at these round-trip times cubic behaves the same) with
+# larger TSO bursts moves the same bytes in far fewer packets; rates are unchanged
+# (tc shapes every link). DAMSELFLY_SWARM_CC and DAMSELFLY_SWARM_TSO_SEGS override them.
+SYSCTLS = {
+    "net.ipv4.tcp_congestion_control": os.environ.get("DAMSELFLY_SWARM_CC", "reno"),
+    "net.ipv4.tcp_min_tso_segs": os.environ.get("DAMSELFLY_SWARM_TSO_SEGS", "44"),
+    # A piece connection idles between pieces; by default the next piece then starts over
+    # from the initial window. Keeping the window is the usual tuning for such reuse.
+    "net.ipv4.tcp_slow_start_after_idle": os.environ.get("DAMSELFLY_SWARM_SSAI", "0"),
+}
 QUEUE_SECONDS = 0.03
 
 
@@ -119,6 +132,8 @@ class Network:
         _run(*in_ns, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
         _run(*in_ns, "ip", "link", "set", "eth0", "up")
         _run(*in_ns, "ip", "link", "set", "lo", "up")
+        for key, value in SYSCTLS.items():
+            _run(*in_ns, "sysctl", "-q", "-w", f"{key}={value}")
         if rate_bits:
             shape(rate_bits, "eth0", ns)  # what the host sends
             shape(rate_bits, link)  # what the host receives
@@ -138,31 +153,84 @@ class Network:
 
 
 def shape(rate_bits: int, dev: str, ns: str | None = None) -> None:
-    """Cap what ``dev`` sends at ``rate_bits``: an htb class over a short bfifo."""
+    """Cap what ``dev`` sends at ``rate_bits``: htb, small packets first, bulk over a short bfifo.
+
+    Packets under 256 bytes (TCP ACKs, piece requests, control messages) have a class of
+    their own that is served first, as a fair-queuing qdisc would serve them (this kernel
+    has no fq_codel or sfq): otherwise a host whose upload is full delays the ACKs of
+    everything it downloads by the whole queue, and its downloads slow down too.
+    """
     pre = ["ip", "netns", "exec", ns] if ns else []
-    _run(*pre, "tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "1")
+    tc = [*pre, "tc"]
+    _run(*tc, "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "20", "r2q", "100")
+    rate = f"{rate_bits}bit"
+    _run(*tc, "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", rate, "ceil", rate)
+    small = f"{max(rate_bits // 20, 8000)}bit"
     _run(
-        *pre,
-        "tc",
+        *tc,
         "class",
         "add",
         "dev",
         dev,
         "parent",
-        "1:",
-        "classid",
         "1:1",
+        "classid",
+        "1:10",
         "htb",
         "rate",
-        f"{rate_bits}bit",
+        small,
         "ceil",
-        f"{rate_bits}bit",
+        rate,
+        "prio",
+        "0",
     )
+    bulk = f"{max(rate_bits - rate_bits // 20, 8000)}bit"
+    _run(
+        *tc,
+        "class",
+        "add",
+        "dev",
+        dev,
+        "parent",
+        "1:1",
+        "classid",
+        "1:20",
+        "htb",
+        "rate",
+        bulk,
+        "ceil",
+        rate,
+        "prio",
+        "1",
+    )
+    # an IPv4 packet whose total length is under 256 bytes
+    _run(
+        *tc,
+        "filter",
+        "add",
+        "dev",
+        dev,
+        "parent",
+        "1:",
+        "protocol",
+        "ip",
+        "prio",
+        "1",
+        "u32",
+        "match",
+        "u16",
+        "0x0000",
+        "0xff00",
+        "at",
+        "2",
+        "flowid",
+        "1:10",
+    )
+    _run(*tc, "qdisc", "add", "dev", dev, "parent", "1:10", "pfifo", "limit", "1000")
     # A queue of QUEUE_SECONDS at the rate, counted in bytes (veths pass 64 KiB GSO packets,
-    # so a packet count would let seconds of data queue): control messages (a piece request,
-    # a SyncPieces message) do not wait long behind bulk data.
+    # so a packet count would let seconds of data queue): what waits behind bulk data is short.
     limit = max(int(rate_bits / 8 * QUEUE_SECONDS), 64 * 1024)
-    _run(*pre, "tc", "qdisc", "add", "dev", dev, "parent", "1:1", "bfifo", "limit", str(limit))
+    _run(*tc, "qdisc", "add", "dev", dev, "parent", "1:20", "bfifo", "limit", str(limit))
 
 
 def _kill_namespace(ns: str) -> None:
@@ -396,6 +464,7 @@ class SwarmLab:
                 d.name: scrape(info[d.name]["metrics"], "dragonfly_dfdaemon_upload_traffic_bytes_total")
                 for d in daemons
             }
+            busy = sum(scrape(info[d.name]["metrics"], "dragonfly_dfdaemon_upload_busy_total") for d in daemons)
         finally:
             cl.stop_pids([p.popen.pid for p in services])
             for p in services:
@@ -404,6 +473,7 @@ class SwarmLab:
                 shutil.rmtree(work, ignore_errors=True)
         summary = self._summary(times, origin["bytes"], uploaded)
         summary["cpu_seconds"] = round(cpu, 1)
+        summary["busy_answers"] = int(busy)
         return summary
 
     def _summary(self, times: list[float], origin_bytes: int, uploaded: dict[str, float]) -> dict[str, Any]:
@@ -536,13 +606,17 @@ PROFILES: dict[str, Profile] = {
         _strategy("swarm"),
         {
             "DAMSELFLY_DAEMON__PIECE_PICKER": "rarest-first",
-            "DAMSELFLY_DAEMON__CONCURRENT_PIECES": "3",
-            "DAMSELFLY_DAEMON__UPLOAD_SLOTS": "2",
+            "DAMSELFLY_DAEMON__CONCURRENT_PIECES": "4",
+            "DAMSELFLY_DAEMON__UPLOAD_SLOTS": "4",
+            "DAMSELFLY_DAEMON__SEED_EXTRA_PIECES": "1",
+            "DAMSELFLY_DAEMON__BUSY_BACKOFF": "0.2",
+            "DAMSELFLY_DAEMON__PARENT_GATHER_WINDOW": "0",
         },
         {
             "DAMSELFLY_DAEMON__SUPER_SEED": "true",
-            "DAMSELFLY_DAEMON__UPLOAD_SLOTS": "4",
-            "DAMSELFLY_DAEMON__SOURCE_CONCURRENT_PIECES": "2",
+            "DAMSELFLY_DAEMON__UPLOAD_SLOTS": "6",
+            "DAMSELFLY_DAEMON__SOURCE_CONCURRENT_PIECES": "1",
+            "DAMSELFLY_DAEMON__SOURCE_STREAM": "true",
         },
     ),
 }

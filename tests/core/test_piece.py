@@ -24,8 +24,9 @@ def test_piece_length_rule(length, expected):
 
 def test_fixed_piece_length_is_kept_and_bounded():
     assert piece_length_for(10, 16 * MiB) == 16 * MiB
+    assert piece_length_for(10, 1 * MiB) == 1 * MiB  # below upstream's 4 MiB: damselfly's extension
     with pytest.raises(InvalidArgument, match="outside"):
-        piece_length_for(10, 1 * MiB)
+        piece_length_for(10, 32 * 1024)
     with pytest.raises(InvalidArgument):
         piece_length_for(10, 128 * MiB)
 

@@ -13,7 +13,7 @@ import pytest
 from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
 
 from damselfly.client import Client
-from damselfly.core.errors import DamselflyError
+from damselfly.core.errors import DamselflyError, InvalidArgument
 from damselfly.testing import OriginProcess
 from tests.helpers.waiting import wait_for
 
@@ -40,7 +40,7 @@ async def test_five_peers_one_origin_read(damselfly_origin, damselfly_cluster_fa
     results = await asyncio.gather(*(download(cluster, f"peer{i}", url, tmp_path / f"out{i}") for i in range(1, 6)))
     stats = damselfly_origin.stats()
     assert stats["bytes"] == src.stat().st_size  # the origin sent the file exactly once
-    assert stats["by_method"] == {"HEAD": 1, "GET": 16}  # one stat, one GET per 4 MiB piece
+    assert stats["by_method"] == {"HEAD": 1, "GET": 8}  # one stat; 16 pieces of 4 MiB read as 8 runs of two
     want = sha(src)
     assert all(sha(tmp_path / f"out{i}") == want for i in range(1, 6))
     assert all(r.source_bytes == 0 and r.peer_bytes == 64 * MiB for r in results)
@@ -336,3 +336,23 @@ async def test_ranged_downloads_fetch_only_the_pieces_they_overlap(
     # a range outside the content is a clear error
     with pytest.raises(DamselflyError, match="outside the content"):
         await download(cluster, "peer2", url, tmp_path / "bad", byte_range=(64 * MiB, 10))
+
+
+async def test_a_seed_reads_a_whole_task_in_one_request_with_pieces_below_4_mib(
+    damselfly_origin, damselfly_cluster_factory, tmp_path
+):
+    src = damselfly_origin.make("small-pieces.bin", 12 * MiB + 5)
+    cluster = damselfly_cluster_factory(peers=2, peer_env={0: {"DAMSELFLY_DAEMON__SOURCE_CONCURRENT_PIECES": "1"}})
+    damselfly_origin.reset()
+    url = damselfly_origin.url("small-pieces.bin")
+    results = await asyncio.gather(
+        *(download(cluster, f"peer{i}", url, tmp_path / f"s{i}", piece_length=1 * MiB) for i in (1, 2))
+    )
+    stats = damselfly_origin.stats()
+    assert stats["by_method"] == {"HEAD": 1, "GET": 1}  # 13 pieces of 1 MiB, one long read
+    assert stats["bytes"] == src.stat().st_size
+    assert all(sha(tmp_path / f"s{i}") == sha(src) for i in (1, 2))
+    assert all(r.peer_bytes == src.stat().st_size for r in results)
+    async with Client(cluster.daemon("peer1")["socket"]) as c:
+        with pytest.raises(InvalidArgument, match="outside"):
+            await c.download(url, tmp_path / "tiny", piece_length=1024)

@@ -216,3 +216,42 @@ async def test_a_downloading_peer_is_offered_new_parents_as_they_appear(sched):
     entry.notify()
     await asyncio.wait_for(refresh, 5)
     assert out.empty()
+
+
+async def test_in_a_mesh_a_peer_at_its_parent_limit_is_offered_back_its_children():
+    """swarm's mesh: a peer that others fetch from gets them as parents too, past the limit."""
+    from damselfly.core.host import Host
+    from damselfly.core.peer import Peer, PeerState
+
+    settings = load_settings(scheduler={"strategy": "swarm", "seed_wait": 2, "retry_interval": 0.05})
+    server = await start_scheduler(settings)
+    try:
+        svc = server.service
+        st = svc.state
+        limit = st.parent_limit
+        entry = st.entry(TASK)
+        names = [f"h{i}" for i in range(limit + 2)]
+        for name in names:
+            st.hosts[name] = Host(id=name, ip="127.0.0.1", hostname=name, port=1, max_tx_bandwidth=8 << 30)
+        peers = [Peer(id=f"p{n}", task_id=TASK, host_id=n, state=PeerState.RUNNING) for n in names]
+        for p in peers:
+            st.peers[p.id] = p
+            entry.task.peer_ids.add(p.id)
+        late, others = peers[-1], peers[:-1]
+        late.parents = {p.id for p in others[:limit]}  # it registered last: its parents are full
+        for p in others[:limit]:
+            p.children.add(late.id)
+        child = others[0]
+        child.parents = {p.id for p in others[1 : limit + 1]}  # nobody had taken the late peer on
+        out: asyncio.Queue = asyncio.Queue()
+        refresh = asyncio.ensure_future(svc.refresh(child, out))
+        entry.notify()
+        resp = await asyncio.wait_for(out.get(), 5)
+        offered = [c.id for c in resp.normal_task_response.candidate_parents]
+        assert late.id in offered and len(offered) == limit + 1
+        assert late.id in child.parents and child.id in late.children
+        child.state = PeerState.SUCCEEDED
+        entry.notify()
+        await asyncio.wait_for(refresh, 5)
+    finally:
+        await server.stop()

@@ -26,7 +26,7 @@ from damselfly.plugins.scheduler.default import score
 class SwarmStrategy(Strategy):
     name: ClassVar[str] = "swarm"
     dag: ClassVar[bool] = False
-    parent_limit: ClassVar[int] = 24
+    parent_limit: ClassVar[int] = 12
 
     def rank(self, child: Candidate, candidates: list[Candidate], task: Task) -> list[Candidate]:
         def key(c: Candidate) -> tuple[bool, int, float]:

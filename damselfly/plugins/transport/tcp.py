@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
@@ -125,10 +126,21 @@ _HEAD_READ = 4096
 _FETCH_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="damselfly-tcp")
 
 
+_buffers = threading.local()  # each fetch thread's read buffer, made once per thread and size
+
+
+def _thread_buffer(size: int) -> memoryview:
+    """This worker thread's read buffer: a fetch runs on one thread, so connections share them."""
+    view: memoryview | None = getattr(_buffers, "view", None)
+    if view is None or len(view) != size:
+        view = _buffers.view = memoryview(bytearray(size))
+    return view
+
+
 class TcpConnection(PieceConnection):
     def __init__(self, sock: socket.socket, read_buffer: int):
         self._sock = sock
-        self._view = memoryview(bytearray(read_buffer))
+        self._read_buffer = read_buffer
         self._busy = False
         self._turn = asyncio.Lock()
         self._lost: Exception | None = None
@@ -147,7 +159,7 @@ class TcpConnection(PieceConnection):
         return exc
 
     def _fetch(self, task_id: str, number: int, sink: PieceWriter) -> vortex.PieceMetadata:
-        sock, view = self._sock, self._view
+        sock, view = self._sock, _thread_buffer(self._read_buffer)
         resp = PieceResponse(number)
         try:
             sock.sendall(vortex.encode_download_piece(task_id, number))
