@@ -122,6 +122,9 @@ class DaemonConfig(Section):
         ge=0,
         description="Pieces sent to children at once (0: no limit); a child that finds them taken asks elsewhere.",
     )
+    upload_wait: float = Field(
+        0.0, ge=0, description="Seconds a request waits for a free upload slot before the answer is busy."
+    )
     busy_backoff: float = Field(
         0.2, gt=0, description="Seconds before a parent that answered busy (its upload slots taken) is asked again."
     )

@@ -120,6 +120,11 @@ class PieceWriter(Protocol):
     def abort(self) -> None: ...
 
 
+# Seconds: a storage write on the event loop slower than this sends the rest of that
+# piece's (or read's) writes to a worker thread; page-cache writes take microseconds.
+INLINE_WRITE_LIMIT = 0.002
+
+
 class BufferedPieceWriter(abc.ABC):
     """The common half of a storage's writer: length checks, crc32 and abort.
 

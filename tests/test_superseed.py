@@ -174,3 +174,24 @@ async def test_a_super_seeding_seed_tells_each_child_of_different_pieces(tmp_pat
         await channel.close()
         await server.stop(None)
         await d.storage.close()
+
+
+async def test_a_request_may_wait_for_an_upload_slot_and_is_handed_the_next_one():
+    from damselfly.daemon.upload import UploadSlots
+
+    slots = UploadSlots()
+    assert await slots.acquire(1, 0.0)
+    assert not await slots.acquire(1, 0.0)  # full, no wait: busy at once
+    assert not await slots.acquire(1, 0.05)  # full for longer than the wait
+    waiter = asyncio.ensure_future(slots.acquire(1, 5.0))
+    await asyncio.sleep(0)
+    slots.release()  # handed straight to the waiter: still one in use
+    assert await waiter and slots.used == 1
+    cancelled = asyncio.ensure_future(slots.acquire(1, 5.0))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    slots.release()  # nobody waits any more: the slot is free
+    assert slots.used == 0
+    assert await slots.acquire(0, 0.0) and await slots.acquire(0, 0.0)  # 0: no limit

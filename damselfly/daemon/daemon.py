@@ -33,7 +33,7 @@ from damselfly.daemon.local import LocalService, admin_handler
 from damselfly.daemon.proxy import Proxy
 from damselfly.daemon.runtime import TaskBoard, TaskRuntime
 from damselfly.daemon.superseed import SuperSeeder
-from damselfly.daemon.upload import UploadService, lookup_piece
+from damselfly.daemon.upload import UploadService, UploadSlots, lookup_piece
 from damselfly.metrics import DaemonMetrics, serve_metrics
 from damselfly.plugin_manager import Plugins, build_plugins
 from damselfly.wire import duration, host_to_proto
@@ -169,7 +169,8 @@ class Daemon:
         self.schedulers = SchedulerPool(cfg.schedulers, cfg.scheduler_connect_timeout)
         self.board = TaskBoard()
         self.super_seeders: dict[str, SuperSeeder] = {}
-        self.uploading = 0  # pieces being sent to children now
+        self.offer_events: dict[str, dict[object, asyncio.Event]] = {}  # task -> SyncPieces stream -> wake-up
+        self.upload_slots = UploadSlots()  # pieces being sent to children now
         self.gc = Collector(self)
         self.uploaded_bytes = 0
         self.piece_port = 0
@@ -444,8 +445,15 @@ class Daemon:
                 rt.runner.cancel()
         await self.storage.delete(task_id)
         self.super_seeders.pop(task_id, None)
+        for event in self.offer_events.pop(task_id, {}).values():
+            event.set()
         self.metrics.tasks.set(len(self.storage.tasks()))
         await self.schedulers.delete_task(self.host_id, task_id)
+
+    @property
+    def uploading(self) -> int:
+        """Pieces being sent to children now."""
+        return self.upload_slots.used
 
     def super_seeder(self, task: Task) -> SuperSeeder | None:
         """The task's super-seeding state, on a seed with ``daemon.super_seed`` (else None)."""
@@ -458,6 +466,20 @@ class Daemon:
                 task.piece_count, offer_timeout=cfg.offer_timeout, per_child=cfg.offers_per_child
             )
         return seeder
+
+    def offer_pieces(self, task: Task) -> None:
+        """On a super-seeding seed: offer what can be offered, and wake the streams of the children told."""
+        seeder = self.super_seeder(task)
+        if seeder is None:
+            return
+        events = self.offer_events.get(task.id, {})
+        told = seeder.sync(task.pieces.keys(), time.monotonic())
+        if seeder.open(task.pieces.keys()):
+            told = list(events)  # every piece went out once: every child may see every piece
+        for child in told:
+            event = events.get(child)
+            if event is not None:
+                event.set()
 
     def upload_channel(self, address: str) -> grpc.aio.Channel:
         ch = self._upload_channels.get(address)

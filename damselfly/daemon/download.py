@@ -20,7 +20,7 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, errordeta
 from google.protobuf import json_format
 from loguru import logger
 
-from damselfly.contracts import PieceConnection, Source, Transport
+from damselfly.contracts import INLINE_WRITE_LIMIT, PieceConnection, Source, Transport
 from damselfly.core import ids, vortex
 from damselfly.core.errors import (
     BackendError,
@@ -616,6 +616,8 @@ class Downloader:
             else:
                 self.link.send(download_piece_finished_request=scheduler_pb2.DownloadPieceFinishedRequest(piece=piece))
         self.rt.publish(PieceEvent(record, int(traffic), parent_id, cost))
+        if self.d.is_seed:
+            self.d.offer_pieces(self.task)  # a super-seeding seed tells one child of the new piece
 
     async def _finish(self) -> None:
         """A whole task is marked complete (and its digest checked); a range just ends."""
@@ -673,12 +675,20 @@ class Downloader:
         storage = self.d.storage
         i, pos = 0, start
         writer = storage.writer(self.task_id, spans[0])
+        inline = True  # the page cache takes a chunk in microseconds: cheaper than a thread hop
         try:
             async for chunk in self.source.read(self.req.url, start, end - start, self.req.request_header):
                 view = memoryview(chunk)
                 while view and i < len(spans):
                     take = min(len(view), spans[i].end - pos)
-                    await asyncio.to_thread(writer.write, view[:take])  # disk I/O and crc32 off the event loop
+                    if inline:
+                        began = time.perf_counter()
+                        writer.write(view[:take])
+                        # a slow write (a disk under writeback, a slow storage) sends the rest
+                        # of this read's writes to a worker thread, off the event loop
+                        inline = time.perf_counter() - began <= INLINE_WRITE_LIMIT
+                    else:
+                        await asyncio.to_thread(writer.write, view[:take])
                     view, pos = view[take:], pos + take
                     if pos == spans[i].end:
                         record = await writer.commit(None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -49,20 +50,23 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
         await context.send_initial_metadata(transports_to_metadata(d.piece_addresses))
         seeder = d.super_seeder(task)
         child = object()  # this stream, as the super-seeder tells children apart
+        offered = asyncio.Event()  # a super-seeding seed wakes this stream alone when it offers it a piece
         if seeder is not None:
             seeder.join(child, wanted)
+            d.offer_events.setdefault(request.task_id, {})[child] = offered
+            d.offer_pieces(task)
         try:
             while True:
-                changed = d.board.event(request.task_id)
                 wait = 1.0
                 if seeder is None:
+                    changed = d.board.event(request.task_id)
                     visible = task.pieces.keys()
                 else:
-                    if seeder.sync(task.pieces.keys(), time.monotonic()):
-                        d.board.poke(request.task_id)  # the children told of something new
+                    changed = offered
+                    offered.clear()
                     visible = seeder.visible(child, task.pieces.keys())
                     deadline = seeder.next_deadline()
-                    if deadline is not None:
+                    if deadline is not None:  # an offer may time out and go to one more child
                         wait = min(wait, max(deadline - time.monotonic(), 0.01))
                 for number in sorted((wanted - sent) & visible):
                     rec = task.pieces[number]
@@ -82,11 +86,13 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
                 try:
                     await asyncio.wait_for(changed.wait(), wait)
                 except TimeoutError:
-                    pass
+                    if seeder is not None:
+                        d.offer_pieces(task)  # offers that timed out go to one more child
         finally:
             if seeder is not None:
                 seeder.leave(child)
-                d.board.poke(request.task_id)  # what it was offered goes to another child
+                d.offer_events.get(request.task_id, {}).pop(child, None)
+                d.offer_pieces(task)  # what it was offered goes to another child
 
     async def DownloadTask(
         self, request: dfdaemon_pb2.DownloadTaskRequest, context: grpc.aio.ServicerContext
@@ -134,16 +140,16 @@ async def lookup_piece(daemon: Daemon, task_id: str, number: int) -> ServedPiece
     record = task.pieces.get(number)
     if record is None:
         raise NotFound(f"piece {number} of task {task_id} not found")
-    slots = daemon.settings.daemon.upload_slots
-    if slots and daemon.uploading >= slots:
+    cfg = daemon.settings.daemon
+    if not await daemon.upload_slots.acquire(cfg.upload_slots, cfg.upload_wait):
         logger.debug("piece {}: busy", number)
         daemon.metrics.upload_busy.inc()
-        raise Busy(f"all {slots} upload slots are taken")
+        raise Busy(f"all {cfg.upload_slots} upload slots are taken")
     seeder = daemon.super_seeder(task)
     if seeder is not None:
         seeder.taken(number)
         if seeder.open(task.pieces.keys()):
-            daemon.board.poke(task_id)  # every piece went out once: all children may see all now
+            daemon.offer_pieces(task)  # every piece went out once: all children may see all now
     logger.debug("piece {}: sending", number)
     daemon.gc.served(task_id)
     meta = vortex.PieceMetadata(
@@ -159,17 +165,16 @@ async def lookup_piece(daemon: Daemon, task_id: str, number: int) -> ServedPiece
     daemon.metrics.upload_traffic.inc(record.length)
     daemon.metrics.upload_pieces.inc()
     daemon.uploaded_bytes += record.length
-    daemon.uploading += 1
     released = False
 
     def release() -> None:
         nonlocal released
         if not released:
             released = True
-            daemon.uploading -= 1
+            daemon.upload_slots.release()
             if seeder is not None:
                 seeder.done(number)
-                daemon.board.poke(task_id)  # the child has room for another offer
+                daemon.offer_pieces(task)  # the child has room for another offer
 
     try:
         region = daemon.storage.piece_region(task_id, number)
@@ -179,6 +184,50 @@ async def lookup_piece(daemon: Daemon, task_id: str, number: int) -> ServedPiece
     except BaseException:
         release()
         raise
+
+
+class UploadSlots:
+    """Pieces being sent to children, at most ``limit`` at once (0: no limit).
+
+    A request that finds them taken may wait up to ``wait`` seconds for one: a slot
+    that frees is handed to the oldest waiter, so a child is served a little later
+    rather than told "busy" and left to ask around.
+    """
+
+    def __init__(self) -> None:
+        self.used = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self, limit: int, wait: float) -> bool:
+        if not limit or self.used < limit:
+            self.used += 1
+            return True
+        if wait <= 0:
+            return False
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), wait)
+            return True  # handed a slot by release (counted there)
+        except TimeoutError:
+            pass
+        except BaseException:  # cancelled while waiting: a slot handed over meanwhile goes back
+            if fut.done() and not fut.cancelled():
+                self.release()
+            fut.cancel()
+            raise
+        if fut.done() and not fut.cancelled():
+            return True  # handed over right at the deadline
+        fut.cancel()
+        return False
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot passes straight to this waiter
+                return
+        self.used -= 1
 
 
 def _port_of(address: str) -> int:

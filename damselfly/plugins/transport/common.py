@@ -22,12 +22,11 @@ from typing import Protocol
 
 from loguru import logger
 
-from damselfly.contracts import FileRegion, PieceLookup, PieceWriter, ServedPiece
+from damselfly.contracts import INLINE_WRITE_LIMIT, FileRegion, PieceLookup, PieceWriter, ServedPiece
 from damselfly.core import vortex
 from damselfly.core.errors import Busy, Declined, InvalidArgument, NotFound, PeerError, ProtocolError
 
 SEND_SLICE = 256 * 1024
-INLINE_WRITE_LIMIT = 0.002  # seconds: a storage write slower than this goes to a worker thread
 
 
 class ParentRefused(PeerError):
