@@ -66,7 +66,7 @@ class Node:
     is_seed: bool = False
     have: set[int] = field(default_factory=set)
     parents: list[int] = field(default_factory=list)
-    fetching: dict[int, int] = field(default_factory=dict)  # piece -> transfer id
+    fetching: dict[int, list[int]] = field(default_factory=dict)  # piece -> transfer ids (endgame: several)
     uploading: int = 0
     busy_until: dict[int, float] = field(default_factory=dict)  # parent -> when to ask again
     done_at: float = 0.0
@@ -87,6 +87,7 @@ class Profile:
     source_stream: bool = False  # the seed reads the whole task from the source in one request
     offer_timeout: float = 2.0
     offers_per_child: int = 1
+    endgame: int = 0  # duplicate fetches per piece once every missing piece is in flight
     busy_backoff: float = BUSY_BACKOFF
 
 
@@ -111,6 +112,7 @@ def profile_settings(name: str) -> Profile:
         source_stream=seed.get("DAMSELFLY_DAEMON__SOURCE_STREAM", str(defaults.source_stream)).lower() == "true",
         offer_timeout=float(seed.get("DAMSELFLY_DAEMON__OFFER_TIMEOUT", defaults.offer_timeout)),
         offers_per_child=num(seed, "OFFERS_PER_CHILD", defaults.offers_per_child),
+        endgame=num(daemon, "ENDGAME_DUPLICATES", 0),
         busy_backoff=float(daemon.get("DAMSELFLY_DAEMON__BUSY_BACKOFF", defaults.busy_backoff)),
     )
 
@@ -194,6 +196,11 @@ class Simulation:
                 extra = [j for j in order if j != i and j not in n.parents]
                 self.rng.shuffle(extra)
                 n.parents += extra[: max(0, limit - len(n.parents))]
+            # and offers each peer back the peers that fetch from it (a mesh is symmetric)
+            for i in order:
+                for j in order:
+                    if i != j and i in self.nodes[j].parents and j not in self.nodes[i].parents:
+                        self.nodes[i].parents.append(j)
 
     # -- one step ------------------------------------------------------------------------
 
@@ -207,7 +214,7 @@ class Simulation:
         streamed = parent == self.ORIGIN and self.prof.source_stream and piece > 0
         self.t_start.append(now + (0.0 if streamed else self.args.latency))
         self.active.add(tid)
-        self.nodes[child].fetching[piece] = tid
+        self.nodes[child].fetching.setdefault(piece, []).append(tid)
         if parent >= 0:
             self.nodes[parent].uploading += 1
 
@@ -217,7 +224,7 @@ class Simulation:
     def schedule(self, now: float) -> None:
         seed = self.nodes[0]
         concurrent = 1 if self.prof.source_stream else self.prof.source_concurrent
-        while len(seed.fetching) < concurrent and self.source_next < self.count:
+        while sum(map(len, seed.fetching.values())) < concurrent and self.source_next < self.count:
             self.start(self.ORIGIN, 0, self.source_next, now)
             self.source_next += 1
         if self.seeder is not None:
@@ -226,13 +233,14 @@ class Simulation:
         for n in self.nodes[1:]:
             if n.done_at:
                 continue
-            seed_fetches = sum(1 for tid in n.fetching.values() if self.t_parent[tid] == 0)
-            if len(n.fetching) - seed_fetches >= self.prof.concurrent and seed_fetches >= self.prof.seed_extra:
+            tids = [tid for ts in n.fetching.values() for tid in ts]
+            seed_fetches = sum(1 for tid in tids if self.t_parent[tid] == 0)
+            if len(tids) - seed_fetches >= self.prof.concurrent and seed_fetches >= self.prof.seed_extra:
                 continue
             if self.args.fast and not n.dirty and now < n.wake_at:
                 continue  # nothing it could act on changed: it would choose nothing new
             n.dirty, n.wake_at = False, float("inf")
-            missing = set(range(self.count)) - n.have - set(n.fetching)
+            missing = set(range(self.count)) - n.have
             if not missing:
                 continue
             holders: dict[int, float] = {}
@@ -243,13 +251,20 @@ class Simulation:
                 for k in view & missing:
                     holders[k] = holders.get(k, 0) + (SEED_HOLDER if p.is_seed else 1)
             load: dict[int, int] = {}
-            for tid in n.fetching.values():
+            for tid in tids:
                 load[self.t_parent[tid]] = load.get(self.t_parent[tid], 0) + 1
-            for k in self.picker.order(set(holders), holders):
-                peer_fetches = len(n.fetching) - seed_fetches
+            # the missing pieces not in flight, rarest first; then, in endgame, those in flight
+            # longest, from one more holder each
+            order = self.picker.order(set(holders) - set(n.fetching), holders)
+            if self.prof.endgame and not order:
+                oldest = {k: min(self.t_start[t] for t in ts) for k, ts in n.fetching.items()}
+                order = sorted((k for k in n.fetching if len(n.fetching[k]) <= self.prof.endgame), key=oldest.get)
+            for k in order:
+                peer_fetches = len(tids) - seed_fetches
                 if peer_fetches >= self.prof.concurrent and seed_fetches >= self.prof.seed_extra:
                     break
-                options = [j for j in n.parents if k in views[j] and n.busy_until.get(j, 0) <= now]
+                already = {self.t_parent[t] for t in n.fetching.get(k, [])}
+                options = [j for j in n.parents if k in views[j] and n.busy_until.get(j, 0) <= now and j not in already]
                 if peer_fetches >= self.prof.concurrent:  # only the extra fetch from the seed is left
                     options = [j for j in options if self.nodes[j].is_seed]
                 if not options:
@@ -269,6 +284,7 @@ class Simulation:
                         self.seeder.taken(k)
                 load[j] = load.get(j, 0) + 1
                 self.start(j, n.idx, k, now)
+                tids.append(len(self.t_parent) - 1)
 
     def flow(self, dt: float, now: float) -> None:
         ids = [t for t in self.active if self.t_start[t] <= now]
@@ -298,23 +314,30 @@ class Simulation:
             self.t_left[t] -= r * dt
             if self.t_parent[t] < 0:
                 self.origin_bytes += int(r * dt)
-            if self.t_left[t] <= 0:
+            if self.t_left[t] <= 0 and t in self.active:  # not an endgame loser ended this step
                 self.finish(t, now + dt)
 
-    def finish(self, t: int, now: float) -> None:
+    def _end(self, t: int) -> None:
+        """Transfer ``t`` ends (done, or cancelled as an endgame loser): its parent's slot frees."""
         self.active.discard(t)
-        c, p, k = self.nodes[self.t_child[t]], self.t_parent[t], self.t_piece[t]
-        c.dirty = True
-        for j in self.children_of[c.idx]:
-            self.nodes[j].dirty = True  # a parent of theirs has a new piece
+        p = self.t_parent[t]
         if p >= 0:
             self.nodes[p].uploading -= 1
             for j in self.children_of[p]:
                 self.nodes[j].dirty = True  # a slot there is free
-        del c.fetching[k]
-        c.have.add(k)
         if p == 0 and self.seeder is not None:
-            self.seeder.done(k)
+            self.seeder.done(self.t_piece[t])
+
+    def finish(self, t: int, now: float) -> None:
+        c, k = self.nodes[self.t_child[t]], self.t_piece[t]
+        self._end(t)
+        c.dirty = True
+        for j in self.children_of[c.idx]:
+            self.nodes[j].dirty = True  # a parent of theirs has a new piece
+        for loser in c.fetching.pop(k):
+            if loser != t and loser in self.active:
+                self._end(loser)  # endgame: the other fetches of this piece are cancelled
+        c.have.add(k)
         if len(c.have) == self.count and not c.done_at:
             c.done_at = now
             if self.seeder is not None and not c.is_seed:
@@ -381,6 +404,7 @@ def main() -> None:
     ap.add_argument("--seed-extra", type=int, help="override the peers' seed_extra_pieces")
     ap.add_argument("--busy-backoff", type=float, help="override the peers' busy_backoff")
     ap.add_argument("--offers-per-child", type=int, help="override the seed's offers_per_child")
+    ap.add_argument("--endgame", type=int, help="override the peers' endgame_duplicates")
     ap.add_argument("--source-stream", type=int, choices=(0, 1), help="override source_stream (1: long reads)")
     ap.add_argument("--measured", default="", help="benchmarks/swarm.py --json output to compare with")
     ap.add_argument("--json", action="store_true")
@@ -396,6 +420,7 @@ def main() -> None:
         "busy_backoff",
         "source_stream",
         "offers_per_child",
+        "endgame",
     ):
         if getattr(args, key) is not None:
             setattr(prof, key, getattr(args, key))

@@ -128,6 +128,13 @@ class DaemonConfig(Section):
     busy_backoff: float = Field(
         0.2, gt=0, description="Seconds before a parent that answered busy (its upload slots taken) is asked again."
     )
+    endgame_duplicates: int = Field(
+        0,
+        ge=0,
+        le=4,
+        description="Endgame: once every missing piece is in flight, fetch each from this many more parents "
+        "(the first copy wins, the others are cancelled; 0: off).",
+    )
     seed_extra_pieces: int = Field(
         0,
         ge=0,

@@ -8,6 +8,7 @@ daemon or scheduler instantiates it from config.
 from __future__ import annotations
 
 import abc
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -173,6 +174,40 @@ class BufferedPieceWriter(abc.ABC):
     def abort(self) -> None:
         with self._lock:
             self._closed = True
+
+
+class StagedPieceWriter(BufferedPieceWriter):
+    """A second fetch of a piece (endgame): verified like any other, kept aside until it wins.
+
+    Its bytes go to a temporary file (in memory while small), never into the task, so a
+    losing copy can be dropped at any moment, even with a worker thread still writing,
+    and a winning one reaches the storage through ``land`` with an ordinary writer,
+    once the other fetches of the piece have been stopped.
+    """
+
+    def __init__(self, span: PieceSpan, directory: Path | None = None, in_memory: int = 1 << 20):
+        super().__init__(span)
+        self._file = tempfile.SpooledTemporaryFile(max_size=in_memory, dir=directory)  # noqa: SIM115 (closed by abort)
+        self.record: PieceRecord | None = None
+
+    def _put(self, chunk: bytes | memoryview, offset: int) -> None:
+        self._file.seek(offset - self.span.offset)
+        self._file.write(chunk)
+
+    def _keep(self, record: PieceRecord) -> None:
+        self.record = record  # verified; stored only by ``land``
+
+    def land(self, writer: PieceWriter, chunk: int = 1 << 20) -> None:
+        """Copy the verified bytes into ``writer`` (blocking: call it from a worker thread)."""
+        with self._lock:
+            self._file.seek(0)
+            while data := self._file.read(chunk):
+                writer.write(data)
+
+    def abort(self) -> None:
+        super().abort()
+        with self._lock:
+            self._file.close()
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,9 @@ class DaemonMetrics:
         )
         self.upload_traffic = Counter(p + "upload_traffic_bytes_total", "Piece bytes served to children.", registry=r)
         self.upload_pieces = Counter(p + "upload_piece_total", "Pieces served to children.", registry=r)
+        self.endgame_fetches = Counter(
+            p + "endgame_piece_total", "Second fetches of pieces already in flight (endgame).", registry=r
+        )
         self.upload_busy = Counter(
             p + "upload_busy_total", "Piece requests answered busy (every upload slot taken).", registry=r
         )

@@ -20,7 +20,14 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, errordeta
 from google.protobuf import json_format
 from loguru import logger
 
-from damselfly.contracts import INLINE_WRITE_LIMIT, PieceConnection, Source, Transport
+from damselfly.contracts import (
+    INLINE_WRITE_LIMIT,
+    PieceConnection,
+    PieceWriter,
+    Source,
+    StagedPieceWriter,
+    Transport,
+)
 from damselfly.core import ids, vortex
 from damselfly.core.errors import (
     BackendError,
@@ -164,6 +171,16 @@ class _Parent:
     declined: dict[int, float] = field(default_factory=dict)  # piece -> not asked for it again before then
     pieces: set[int] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _Staged:
+    """An endgame copy of a piece, verified and waiting to be landed."""
+
+    writer: StagedPieceWriter
+    parent_id: str
+    transport: str
+    cost: float
 
 
 @dataclass
@@ -786,9 +803,10 @@ class Downloader:
     async def _fetch_loop(self, parents: dict[str, _Parent], wake: asyncio.Event) -> None:
         assert self.task is not None
         cfg = self.d.settings.daemon
-        inflight: dict[asyncio.Task[None], int] = {}
-        by_parent: dict[asyncio.Task[None], str] = {}
-        seed_fetch: dict[asyncio.Task[None], bool] = {}
+        inflight: dict[asyncio.Task[_Staged | None], int] = {}
+        by_parent: dict[asyncio.Task[_Staged | None], str] = {}
+        seed_fetch: dict[asyncio.Task[_Staged | None], bool] = {}
+        started_at: dict[asyncio.Task[_Staged | None], float] = {}
         load: dict[str, int] = {}  # pieces in flight from each parent
         tried: dict[int, set[str]] = {}
         last_progress = time.monotonic()
@@ -850,8 +868,35 @@ class Downloader:
                         inflight[t] = number
                         by_parent[t] = parent.peer_id
                         seed_fetch[t] = parent.is_seed
+                        started_at[t] = now
                         from_seeds += parent.is_seed
                         load[parent.peer_id] = load.get(parent.peer_id, 0) + 1
+                    if cfg.endgame_duplicates and not peers_full and not (wanted - set(inflight.values())):
+                        # Endgame: every piece a parent holds is being fetched, and slots are free.
+                        # The pieces in flight longest get one more fetch each, from another
+                        # holder, into a staged writer; the first copy in wins, the rest are cancelled.
+                        for number in self._endgame_order(inflight, started_at, cfg.endgame_duplicates):
+                            if len(inflight) - from_seeds >= cfg.concurrent_pieces:
+                                break
+                            fetching = {by_parent[t] for t, n in inflight.items() if n == number}
+                            holders = [
+                                p
+                                for p in usable
+                                if number in p.pieces
+                                and p.peer_id not in fetching
+                                and p.busy_until <= now
+                                and p.declined.get(number, 0.0) <= now
+                            ]
+                            if not holders:
+                                continue
+                            parent = min(holders, key=lambda p: (load.get(p.peer_id, 0), random.random()))
+                            t = asyncio.get_running_loop().create_task(self._parent_piece(parent, number, staged=True))
+                            inflight[t] = number
+                            by_parent[t] = parent.peer_id
+                            seed_fetch[t] = False  # counted against concurrent_pieces, whoever serves it
+                            started_at[t] = now
+                            load[parent.peer_id] = load.get(parent.peer_id, 0) + 1
+                            self.d.metrics.endgame_fetches.inc()
                     full = len(inflight) - from_seeds >= cfg.concurrent_pieces and from_seeds >= cfg.seed_extra_pieces
                 if not inflight:
                     if all(p.synced for p in usable) and not later:
@@ -880,7 +925,10 @@ class Downloader:
                     number = inflight.pop(t)  # type: ignore[arg-type]
                     parent_id = by_parent.pop(t)  # type: ignore[arg-type]
                     seed_fetch.pop(t)  # type: ignore[arg-type]
+                    started_at.pop(t)  # type: ignore[arg-type]
                     load[parent_id] -= 1
+                    if t.cancelled():
+                        continue  # an endgame loser
                     exc = t.exception()
                     if isinstance(exc, Busy | Declined):
                         tried.get(number, set()).discard(parent_id)  # ask it again once it has a slot
@@ -888,22 +936,70 @@ class Downloader:
                     if exc is None:
                         last_progress = time.monotonic()
                         tried.pop(number, None)
+                        # the other fetches of this piece lose: stopped (their writers aborted) before
+                        # a staged winner's bytes go into the task
+                        losers = [other for other, n in inflight.items() if n == number]
+                        for other in losers:
+                            other.cancel()
+                        if losers:
+                            await asyncio.gather(*losers, return_exceptions=True)
+                        staged = t.result()
+                        if staged is not None:
+                            await self._land(staged)
                         continue
                     if isinstance(exc, StorageError) or not isinstance(exc, DamselflyError | TimeoutError | OSError):
                         raise exc  # a full disk is not the parent's fault: stop with that error
         finally:
             for t in inflight:
                 t.cancel()
-            await asyncio.gather(*inflight, return_exceptions=True)
+            for result in await asyncio.gather(*inflight, return_exceptions=True):
+                if isinstance(result, _Staged):
+                    result.writer.abort()  # a copy that finished as the download ended: dropped
 
-    async def _parent_piece(self, parent: _Parent, number: int) -> None:
+    def _endgame_order(
+        self, inflight: dict[asyncio.Task[_Staged | None], int], started_at: dict, duplicates: int
+    ) -> list[int]:
+        """Pieces in flight with fewer than 1 + ``duplicates`` fetches, the longest in flight first."""
+        first: dict[int, float] = {}
+        count: dict[int, int] = {}
+        for t, n in inflight.items():
+            first[n] = min(first.get(n, started_at[t]), started_at[t])
+            count[n] = count.get(n, 0) + 1
+        return sorted((n for n in first if count[n] <= duplicates), key=first.__getitem__)
+
+    async def _land(self, staged: _Staged) -> None:
+        """An endgame copy won: its verified bytes go into the task through an ordinary writer."""
+        assert self.task is not None
+        try:
+            if staged.writer.span.number in self.task.pieces:
+                return  # stored meanwhile (another download of this task here)
+            writer = self.d.storage.writer(self.task_id, staged.writer.span)
+            try:
+                await asyncio.to_thread(staged.writer.land, writer)
+                assert staged.writer.record is not None
+                record = await writer.commit(staged.writer.record.digest)
+            except BaseException:
+                writer.abort()
+                raise
+        finally:
+            staged.writer.abort()  # drops the temporary copy
+        self.d.metrics.transport_traffic.labels(staged.transport).inc(record.length)
+        await self._stored(record, TRAFFIC_PEER, staged.parent_id, staged.cost)
+
+    async def _parent_piece(self, parent: _Parent, number: int, *, staged: bool = False) -> _Staged | None:
+        """Fetch ``number`` from ``parent`` and store it; a ``staged`` (endgame) copy is verified
+        but left for the fetch loop to ``_land`` once the other fetches of the piece stopped."""
         assert self.task is not None
         span = self.task.layout.span(number)
         pool = self.d.pool
         key = ""
         started = time.monotonic()
         expected = self.authoritative.get(number)
-        writer = self.d.storage.writer(self.task_id, span)
+        writer: PieceWriter = (
+            StagedPieceWriter(span, self.d.settings.daemon.data_dir)
+            if staged
+            else self.d.storage.writer(self.task_id, span)
+        )
         conn: PieceConnection | None = None
         try:
             key, conn = await pool.acquire(parent.piece_addresses)
@@ -949,8 +1045,11 @@ class Downloader:
         finally:
             if conn is not None:
                 await pool.release(key, conn)
+        if isinstance(writer, StagedPieceWriter):
+            return _Staged(writer, parent.peer_id, key.partition("|")[0], time.monotonic() - started)
         self.d.metrics.transport_traffic.labels(key.partition("|")[0]).inc(record.length)
         await self._stored(record, TRAFFIC_PEER, parent.peer_id, time.monotonic() - started)
+        return None
 
     def _parent_failed(self, parent: _Parent, number: int, reason: str, *, block: bool) -> None:
         self.log.warning("piece {} from parent {}: {}", number, parent.peer_id, reason)

@@ -611,6 +611,7 @@ PROFILES: dict[str, Profile] = {
             "DAMSELFLY_DAEMON__SEED_EXTRA_PIECES": "1",
             "DAMSELFLY_DAEMON__BUSY_BACKOFF": "0.2",
             "DAMSELFLY_DAEMON__PARENT_GATHER_WINDOW": "0",
+            "DAMSELFLY_DAEMON__ENDGAME_DUPLICATES": "1",
         },
         {
             "DAMSELFLY_DAEMON__SUPER_SEED": "true",

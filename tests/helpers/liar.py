@@ -1,4 +1,4 @@
-"""A storage that lies: it keeps pieces honestly but serves them with one byte flipped.
+"""Storages of bad parents: one serves pieces with a byte flipped, one stalls on every piece.
 
 Loaded into a test daemon with ``DAMSELFLY_PLUGINS__LOAD='["tests.helpers.liar"]'`` and
 ``DAMSELFLY_DAEMON__STORAGE='{"type": "lying-disk"}'``, it plays the parent that sends
@@ -7,6 +7,8 @@ a corrupt piece under a correct digest.
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import ClassVar
 
 from damselfly import hookimpl
@@ -30,3 +32,18 @@ class LyingDiskStorage(DiskStorage):
 @hookimpl
 def damselfly_add_storages(registry):  # type: ignore[no-untyped-def]
     registry.add(LyingDiskStorage)
+    registry.add(StallingDiskStorage)
+
+
+class StallingDiskStorage(DiskStorage):
+    """Keeps pieces honestly, but takes ``$DAMSELFLY_TEST_STALL_SECONDS`` to hand one out:
+    the parent that is stuck on a piece (a dying disk, a frozen host)."""
+
+    name: ClassVar[str] = "stalling-disk"
+
+    def piece_region(self, task_id: str, number: int) -> FileRegion | None:
+        return None  # every piece goes through read_piece
+
+    async def read_piece(self, task_id: str, number: int) -> bytes:
+        await asyncio.sleep(float(os.environ.get("DAMSELFLY_TEST_STALL_SECONDS", "600")))
+        return await super().read_piece(task_id, number)

@@ -356,3 +356,39 @@ async def test_a_seed_reads_a_whole_task_in_one_request_with_pieces_below_4_mib(
     async with Client(cluster.daemon("peer1")["socket"]) as c:
         with pytest.raises(InvalidArgument, match="outside"):
             await c.download(url, tmp_path / "tiny", piece_length=1024)
+
+
+@pytest.mark.timeout(120)
+async def test_endgame_takes_a_stalled_piece_from_another_parent(damselfly_origin, damselfly_cluster_factory, tmp_path):
+    src = damselfly_origin.make("eg.bin", 8 * MiB)  # two pieces
+    staller = {
+        "PYTHONPATH": str(ROOT),
+        "DAMSELFLY_PLUGINS__LOAD": '["tests.helpers.liar"]',
+        "DAMSELFLY_DAEMON__STORAGE": '{"type": "stalling-disk"}',
+        "DAMSELFLY_TEST_STALL_SECONDS": "600",
+        "DAMSELFLY_HOST__MAX_TX_BANDWIDTH": "100GB/s",  # the child asks it first
+    }
+    hook_log = tmp_path / "hooks.jsonl"
+    child = {
+        "PYTHONPATH": str(ROOT),
+        "DAMSELFLY_PLUGINS__LOAD": '["tests.helpers.recorder"]',
+        "DAMSELFLY_TEST_HOOK_LOG": str(hook_log),
+        "DAMSELFLY_DAEMON__ENDGAME_DUPLICATES": "1",
+        "DAMSELFLY_DAEMON__CONCURRENT_PIECES": "3",
+        "DAMSELFLY_DAEMON__PIECE_TIMEOUT": "600",  # only the endgame can get it done before the test's timeout
+    }
+    cluster = damselfly_cluster_factory(
+        peers=2, peer_env={0: {"DAMSELFLY_HOST__MAX_TX_BANDWIDTH": "1MB/s"}, 1: staller, 2: child}
+    )
+    url = damselfly_origin.url("eg.bin")
+    await download(cluster, "peer1", url, tmp_path / "staller.bin")  # it stores honestly, from the seed
+    result = await download(cluster, "peer2", url, tmp_path / "out.bin")
+    assert sha(tmp_path / "out.bin") == sha(src)
+    assert result.peer_bytes == 8 * MiB
+    assert cluster.metric("peer2", "dragonfly_dfdaemon_endgame_piece_total") >= 1
+    calls = [json.loads(line) for line in hook_log.read_text().splitlines()]
+    verified = [c for c in calls if c["hook"] == "damselfly_piece_verified"]
+    assert sorted(c["number"] for c in verified) == [0, 1]  # each stored once, the losers dropped
+    staller_host = cluster.daemon("peer1")["host_id"]
+    assert not any(c["parent_id"].startswith(staller_host + "-") for c in verified)  # both came from the seed
+    assert damselfly_origin.stats()["bytes"] == 8 * MiB
