@@ -1,7 +1,7 @@
 """The scheduler under 10,000 peers: scheduling decisions per second, decision latency, RSS.
 
     python benchmarks/scheduler_load.py [--peers 10000] [--hosts 1000] [--tasks 100]
-                                        [--concurrency 64] [--json]
+                                        [--concurrency 64] [--schedulers 1] [--json]
 
 The real scheduler service runs as its own process (``damselfly scheduler``); this
 script drives it over gRPC like daemons would. It announces ``--hosts`` hosts, then
@@ -18,7 +18,10 @@ tasks), ``--concurrency`` at a time. Each peer opens an AnnouncePeer stream and:
 
 A decision is one answer to a register or reschedule request; its latency is
 from the request being written to the answer being read, as the daemon sees it.
-The load generator shares the machine's cores with the scheduler.
+The load generator shares the machine's cores with the scheduler. With
+``--schedulers K``, K scheduler processes share the tasks the way daemons spread
+them (rendezvous hashing of the task id, ``damselfly.daemon.daemon.scheduler_order``),
+and every host announces itself to each.
 """
 
 from __future__ import annotations
@@ -42,17 +45,25 @@ import psutil
 from dragonfly_api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from google.protobuf import duration_pb2
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from damselfly.daemon.daemon import scheduler_order
+
 PIECE = 4 * 1024 * 1024
 PIECES = 64
 
 
 class Driver:
-    def __init__(self, address: str, hosts: int, tasks: int, channels: int):
+    def __init__(self, addresses: list[str], hosts: int, tasks: int, channels: int):
         # separate connections, so one HTTP/2 connection's flow control is not the limit
-        self.channels = [
-            grpc.aio.insecure_channel(address, options=[("grpc.primary_user_agent", f"load-{i}")])
-            for i in range(channels)
-        ]
+        self.addresses = addresses
+        self.channels = {
+            a: [
+                grpc.aio.insecure_channel(a, options=[("grpc.primary_user_agent", f"load-{i}")])
+                for i in range(channels)
+            ]
+            for a in addresses
+        }
         self.hosts = [f"host-{i:04d}" for i in range(hosts)]
         self.tasks = [f"{i:064x}" for i in range(1, tasks + 1)]
         self.latencies: list[float] = []
@@ -60,8 +71,11 @@ class Driver:
         self.errors: list[str] = []
         self.draining: set[asyncio.Task[None]] = set()
 
-    def stub(self, i: int) -> scheduler_pb2_grpc.SchedulerStub:
-        return scheduler_pb2_grpc.SchedulerStub(self.channels[i % len(self.channels)])
+    def stub(self, i: int, task_id: str = "", address: str = "") -> scheduler_pb2_grpc.SchedulerStub:
+        """A stub for the scheduler a daemon would pick for ``task_id`` (or for ``address``)."""
+        address = address or scheduler_order(self.addresses, task_id)[0]
+        channels = self.channels[address]
+        return scheduler_pb2_grpc.SchedulerStub(channels[i % len(channels)])
 
     async def announce_hosts(self) -> None:
         async def one(i: int, host_id: str) -> None:
@@ -76,9 +90,9 @@ class Driver:
             host.network.idc = f"idc-{i % 4}"
             host.network.location = f"region|zone-{i % 8}|rack-{i % 32}"
             host.network.max_tx_bandwidth = 10_000_000_000
-            await self.stub(i).AnnounceHost(
-                scheduler_pb2.AnnounceHostRequest(host=host, interval=duration_pb2.Duration(seconds=300)), timeout=30
-            )
+            request = scheduler_pb2.AnnounceHostRequest(host=host, interval=duration_pb2.Duration(seconds=300))
+            for address in self.addresses:  # a daemon announces itself to every scheduler
+                await self.stub(i, address=address).AnnounceHost(request, timeout=30)
 
         for start in range(0, len(self.hosts), 100):
             await asyncio.gather(*(one(i, h) for i, h in enumerate(self.hosts[start : start + 100], start)))
@@ -87,7 +101,7 @@ class Driver:
         host_id = self.hosts[n % len(self.hosts)]
         task_id = self.tasks[(n // len(self.hosts) + n) % len(self.tasks)]
         peer_id = f"10.0.0.1-{host_id}-peer-{n:06d}"
-        call = self.stub(n).AnnouncePeer()
+        call = self.stub(n, task_id).AnnouncePeer()
 
         def req(**kw: object) -> scheduler_pb2.AnnouncePeerRequest:
             return scheduler_pb2.AnnouncePeerRequest(host_id=host_id, task_id=task_id, peer_id=peer_id, **kw)
@@ -194,8 +208,9 @@ class Driver:
         return time.perf_counter() - t0
 
     async def close(self) -> None:
-        for ch in self.channels:
-            await ch.close()
+        for channels in self.channels.values():
+            for ch in channels:
+                await ch.close()
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -203,11 +218,11 @@ def quantile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
-def start_scheduler(work: Path) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
-    ready = work / "scheduler.json"
+def start_scheduler(work: Path, name: str = "scheduler") -> tuple[subprocess.Popen[bytes], dict[str, object]]:
+    ready = work / f"{name}.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAMSELFLY_")}
     env.update({"DAMSELFLY_LOG__LEVEL": "WARNING", "DAMSELFLY_PLUGINS__AUTOLOAD": "false"})
-    with (work / "scheduler.log").open("wb") as log:
+    with (work / f"{name}.log").open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "damselfly", "scheduler", "--ready-file", str(ready)],
             env=env,
@@ -218,7 +233,7 @@ def start_scheduler(work: Path) -> tuple[subprocess.Popen[bytes], dict[str, obje
     deadline = time.monotonic() + 60
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the scheduler did not start: {(work / 'scheduler.log').read_text()[-500:]}")
+            raise SystemExit(f"the scheduler did not start: {(work / f'{name}.log').read_text()[-500:]}")
         time.sleep(0.05)
     return proc, json.loads(ready.read_text())
 
@@ -229,32 +244,36 @@ def main() -> None:
     ap.add_argument("--hosts", type=int, default=1_000)
     ap.add_argument("--tasks", type=int, default=100)
     ap.add_argument("--concurrency", type=int, default=64, help="peers in flight at once")
-    ap.add_argument("--channels", type=int, default=4)
+    ap.add_argument("--channels", type=int, default=4, help="connections to each scheduler")
+    ap.add_argument(
+        "--schedulers", type=int, default=1, help="scheduler processes; tasks spread over them as daemons spread them"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="dfload-"))
-    proc, info = start_scheduler(work)
+    started = [start_scheduler(work, f"scheduler{i}") for i in range(args.schedulers)]
     try:
-        sched = psutil.Process(proc.pid)
+        scheds = [psutil.Process(proc.pid) for proc, _ in started]
         driver: Driver | None = None
 
         async def go() -> float:
             nonlocal driver
-            driver = Driver(str(info["address"]), args.hosts, args.tasks, args.channels)
+            driver = Driver([str(info["address"]) for _, info in started], args.hosts, args.tasks, args.channels)
             try:
                 await driver.announce_hosts()
                 return await driver.run(args.peers, args.concurrency)
             finally:
                 await driver.close()
 
-        cpu0 = sched.cpu_times()
+        cpu0 = [s.cpu_times() for s in scheds]
         seconds = asyncio.run(go())
-        cpu1 = sched.cpu_times()
-        rss = sched.memory_info().rss
+        cpu1 = [s.cpu_times() for s in scheds]
+        rss = max(s.memory_info().rss for s in scheds)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
+        for proc, _ in started:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
         shutil.rmtree(work, ignore_errors=True)
 
     assert driver is not None
@@ -270,7 +289,10 @@ def main() -> None:
         "p50_ms": round(quantile(lat, 0.5) * 1000, 2),
         "p99_ms": round(quantile(lat, 0.99) * 1000, 2),
         "rss_mb": round(rss / 1e6, 1),
-        "scheduler_cpu_seconds": round((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 1),
+        "schedulers": args.schedulers,
+        "scheduler_cpu_seconds": round(
+            sum((b.user + b.system) - (a.user + a.system) for a, b in zip(cpu0, cpu1, strict=True)), 1
+        ),
         "answers": driver.answers,
         "errors": len(driver.errors),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",

@@ -45,6 +45,11 @@ GRPC_OPTIONS = [
 ]
 
 
+def scheduler_order(addresses: list[str], task_id: str) -> list[str]:
+    """Schedulers in the order a task tries them: rendezvous hashing of the task id's prefix."""
+    return sorted(addresses, key=lambda a: hashlib.sha256(f"{a}/{task_id[:5]}".encode()).digest(), reverse=True)
+
+
 class SchedulerPool:
     """The configured schedulers; a task goes to one chosen by rendezvous hashing of its id.
 
@@ -81,7 +86,7 @@ class SchedulerPool:
         return ch
 
     def order(self, key: str) -> list[str]:
-        return sorted(self.addresses, key=lambda a: hashlib.sha256(f"{a}/{key[:5]}".encode()).digest(), reverse=True)
+        return scheduler_order(self.addresses, key)
 
     async def _ready(self, address: str) -> grpc.aio.Channel | None:
         ch = self._channel(address)
