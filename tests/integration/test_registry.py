@@ -65,6 +65,35 @@ def test_a_range_of_a_blob_fetches_only_its_pieces(registry, damselfly_cluster_f
     assert registry.blob_bytes().get(layer, 0) == 4 * MiB  # the one 4 MiB piece holding those bytes
 
 
+def test_a_nydusd_configured_by_runtime_config_reads_chunks_of_a_blob_lazily(
+    registry, damselfly_cluster_factory, tmp_path
+):
+    """nydusd as its mirror config drives it (no nydusd package exists here): ping, then Range reads."""
+    import json
+
+    from damselfly.cli import runtime_snippet
+
+    image = reg.build_and_push(tmp_path / "image", registry, "test/lazy", [17 * MiB])
+    layer = max(image.blobs, key=image.blobs.get)
+    cluster = damselfly_cluster_factory(peers=1)  # no default mirror: the config's header names the registry
+    snippet = runtime_snippet("nydus", cluster.daemon("peer1")["proxy"], f"http://{registry.address}")
+    mirror = json.loads(snippet.split("\n", 1)[1])["device"]["backend"]["config"]["mirrors"][0]
+    with urllib.request.urlopen(mirror["ping_url"], timeout=30) as r:
+        assert r.status == 200
+    blob = (tmp_path / "image" / "layout" / "blobs" / "sha256" / layer.split(":")[1]).read_bytes()
+    before = registry.blob_bytes().get(layer, 0)
+    for start, length in ((1 * MiB, 64 * 1024), (13 * MiB + 7, 1 * MiB), (1 * MiB + 4096, 4096)):
+        req = urllib.request.Request(
+            f"{mirror['host']}/v2/test/lazy/blobs/{layer}",
+            headers={**mirror["headers"], "Range": f"bytes={start}-{start + length - 1}"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 206
+            assert r.read() == blob[start : start + length]
+    # pieces 0 and 3 (of five 4 MiB pieces) hold those bytes: the registry sent those two only
+    assert registry.blob_bytes().get(layer, 0) - before == 8 * MiB
+
+
 @pytest.fixture
 def private_registry(tmp_path):
     yield from reg.registry_fixture(tmp_path / "private", users={"alice": "s3cret"})
