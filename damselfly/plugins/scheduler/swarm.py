@@ -4,11 +4,14 @@ Upstream's scheduler keeps parents in a DAG, so the peers at the bottom of it ne
 upload and the seed's link carries most copies. Here two peers may be parents of
 each other (a child only fetches what a parent holds, so a cycle is simply an
 exchange), every child gets up to ``parent_limit`` parents, and the seed always
-ranks first: a seed running with ``daemon.super_seed`` hands each child different
-pieces, which the children then trade.
+ranks first: a seed running with ``daemon.super_seed`` offers each child different
+pieces, which the children then trade. Because the mesh is not a DAG, the scheduler
+also offers a peer, past the limit, the peers that fetch from it: a peer that
+registered when everyone's parents were full still has somewhere to send what
+the seed offered it.
 
-Pair it, in the daemons, with the ``rarest-first`` piece picker (endgame is part of
-every download's fetch loop) and, in the seed, with ``daemon.super_seed: true``.
+Pair it, in the daemons, with the ``rarest-first`` piece picker and
+``daemon.endgame_duplicates``, and, in the seed, with ``daemon.super_seed: true``.
 A parent whose last piece cost more than mean + 3 sigma of its earlier ones is
 skipped by the scheduler whatever the strategy (``Peer.is_bad``).
 """
