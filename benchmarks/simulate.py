@@ -311,9 +311,10 @@ class Simulation:
             np.subtract.at(down_left, child, share)
             open_ &= (up_left[pi] > 1e-6) & (down_left[child] > 1e-6)
         for t, r in zip(ids, rate, strict=True):
+            moved = min(r * dt, max(self.t_left[t], 0.0))  # a transfer's last step moves only what is left
             self.t_left[t] -= r * dt
             if self.t_parent[t] < 0:
-                self.origin_bytes += int(r * dt)
+                self.origin_bytes += int(moved)
             if self.t_left[t] <= 0 and t in self.active:  # not an endgame loser ended this step
                 self.finish(t, now + dt)
 

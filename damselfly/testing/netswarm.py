@@ -2,10 +2,12 @@
 
 Each host is a network namespace on one bridge, with its own 10.x address. Its
 upload is shaped on its own end of the veth and its download on the bridge's end
-(both egress qdiscs, so no ifb is needed): ``htb`` at the host's rate with
-a short byte-counted ``bfifo`` under it (this kernel has no fq_codel or sfq), so
-control messages (gRPC, piece requests) do not queue behind seconds of bulk data.
-The kernel shapes, so the rates hold however busy the two CPUs are.
+(both egress qdiscs, so no ifb is needed): ``htb`` at the host's rate, small
+packets (ACKs, gRPC messages, piece requests) in a class served first and bulk
+data in a short byte-counted ``bfifo`` (this kernel has no fq_codel or sfq), so
+control traffic does not queue behind bulk data. The kernel shapes, so the rates
+hold however busy the two CPUs are. Each namespace's TCP is tuned for emulating
+many hosts on two cores (``SYSCTLS``).
 
 One damselfly process runs per host (``ip netns exec``), each in its own process
 group; ``Network.close`` kills whatever is left in the namespaces, deletes them and
@@ -161,76 +163,24 @@ def shape(rate_bits: int, dev: str, ns: str | None = None) -> None:
     everything it downloads by the whole queue, and its downloads slow down too.
     """
     pre = ["ip", "netns", "exec", ns] if ns else []
-    tc = [*pre, "tc"]
-    _run(*tc, "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "20", "r2q", "100")
+
+    def tc(args: str) -> None:
+        _run(*pre, "tc", *args.split())
+
     rate = f"{rate_bits}bit"
-    _run(*tc, "class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", rate, "ceil", rate)
     small = f"{max(rate_bits // 20, 8000)}bit"
-    _run(
-        *tc,
-        "class",
-        "add",
-        "dev",
-        dev,
-        "parent",
-        "1:1",
-        "classid",
-        "1:10",
-        "htb",
-        "rate",
-        small,
-        "ceil",
-        rate,
-        "prio",
-        "0",
-    )
     bulk = f"{max(rate_bits - rate_bits // 20, 8000)}bit"
-    _run(
-        *tc,
-        "class",
-        "add",
-        "dev",
-        dev,
-        "parent",
-        "1:1",
-        "classid",
-        "1:20",
-        "htb",
-        "rate",
-        bulk,
-        "ceil",
-        rate,
-        "prio",
-        "1",
-    )
-    # an IPv4 packet whose total length is under 256 bytes
-    _run(
-        *tc,
-        "filter",
-        "add",
-        "dev",
-        dev,
-        "parent",
-        "1:",
-        "protocol",
-        "ip",
-        "prio",
-        "1",
-        "u32",
-        "match",
-        "u16",
-        "0x0000",
-        "0xff00",
-        "at",
-        "2",
-        "flowid",
-        "1:10",
-    )
-    _run(*tc, "qdisc", "add", "dev", dev, "parent", "1:10", "pfifo", "limit", "1000")
+    tc(f"qdisc replace dev {dev} root handle 1: htb default 20 r2q 100")
+    tc(f"class add dev {dev} parent 1: classid 1:1 htb rate {rate} ceil {rate}")
+    tc(f"class add dev {dev} parent 1:1 classid 1:10 htb rate {small} ceil {rate} prio 0")
+    tc(f"class add dev {dev} parent 1:1 classid 1:20 htb rate {bulk} ceil {rate} prio 1")
+    # an IPv4 packet whose total length is under 256 bytes goes to the first class
+    tc(f"filter add dev {dev} parent 1: protocol ip prio 1 u32 match u16 0x0000 0xff00 at 2 flowid 1:10")
+    tc(f"qdisc add dev {dev} parent 1:10 pfifo limit 1000")
     # A queue of QUEUE_SECONDS at the rate, counted in bytes (veths pass 64 KiB GSO packets,
     # so a packet count would let seconds of data queue): what waits behind bulk data is short.
     limit = max(int(rate_bits / 8 * QUEUE_SECONDS), 64 * 1024)
-    _run(*tc, "qdisc", "add", "dev", dev, "parent", "1:20", "bfifo", "limit", str(limit))
+    tc(f"qdisc add dev {dev} parent 1:20 bfifo limit {limit}")
 
 
 def _kill_namespace(ns: str) -> None:
