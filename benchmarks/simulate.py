@@ -112,7 +112,7 @@ def profile_settings(name: str) -> Profile:
         source_stream=seed.get("DAMSELFLY_DAEMON__SOURCE_STREAM", str(defaults.source_stream)).lower() == "true",
         offer_timeout=float(seed.get("DAMSELFLY_DAEMON__OFFER_TIMEOUT", defaults.offer_timeout)),
         offers_per_child=num(seed, "OFFERS_PER_CHILD", defaults.offers_per_child),
-        endgame=num(daemon, "ENDGAME_DUPLICATES", 0),
+        endgame=num(daemon, "ENDGAME_DUPLICATES", defaults.endgame_duplicates),
         busy_backoff=float(daemon.get("DAMSELFLY_DAEMON__BUSY_BACKOFF", defaults.busy_backoff)),
     )
 

@@ -173,6 +173,16 @@ class _Parent:
     task: asyncio.Task[None] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Fetch:
+    """One fetch in flight: its piece, its parent, whether it counts as a seed's extra, when it began."""
+
+    number: int
+    parent_id: str
+    from_seed: bool
+    started: float
+
+
 @dataclass
 class _Staged:
     """An endgame copy of a piece, verified and waiting to be landed."""
@@ -633,8 +643,7 @@ class Downloader:
             else:
                 self.link.send(download_piece_finished_request=scheduler_pb2.DownloadPieceFinishedRequest(piece=piece))
         self.rt.publish(PieceEvent(record, int(traffic), parent_id, cost))
-        if self.d.is_seed:
-            self.d.offer_pieces(self.task)  # a super-seeding seed tells one child of the new piece
+        self.d.offer_pieces(self.task)  # a super-seeding seed tells one child of the new piece
 
     async def _finish(self) -> None:
         """A whole task is marked complete (and its digest checked); a range just ends."""
@@ -803,13 +812,27 @@ class Downloader:
     async def _fetch_loop(self, parents: dict[str, _Parent], wake: asyncio.Event) -> None:
         assert self.task is not None
         cfg = self.d.settings.daemon
-        inflight: dict[asyncio.Task[_Staged | None], int] = {}
-        by_parent: dict[asyncio.Task[_Staged | None], str] = {}
-        seed_fetch: dict[asyncio.Task[_Staged | None], bool] = {}
-        started_at: dict[asyncio.Task[_Staged | None], float] = {}
+        inflight: dict[asyncio.Task[_Staged | None], _Fetch] = {}
         load: dict[str, int] = {}  # pieces in flight from each parent
         tried: dict[int, set[str]] = {}
         last_progress = time.monotonic()
+
+        def slots() -> tuple[bool, bool]:
+            """(peers full, all full): concurrent_pieces fetches, and seed_extra_pieces more from
+            seeds, so that a seed's new piece (offered to this child alone) never waits for one."""
+            from_seeds = sum(f.from_seed for f in inflight.values())
+            peers_full = len(inflight) - from_seeds >= cfg.concurrent_pieces
+            return peers_full, peers_full and from_seeds >= cfg.seed_extra_pieces
+
+        def askable(p: _Parent, number: int, now: float) -> bool:
+            return number in p.pieces and p.busy_until <= now and p.declined.get(number, 0.0) <= now
+
+        def start(parent: _Parent, number: int, now: float, *, staged: bool = False) -> None:
+            t = asyncio.get_running_loop().create_task(self._parent_piece(parent, number, staged=staged))
+            # an endgame copy counts against concurrent_pieces, whoever serves it
+            inflight[t] = _Fetch(number, parent.peer_id, parent.is_seed and not staged, now)
+            load[parent.peer_id] = load.get(parent.peer_id, 0) + 1
+
         try:
             while True:
                 missing = self._missing()
@@ -817,11 +840,7 @@ class Downloader:
                     return
                 now = time.monotonic()
                 next_ready = 1.0
-                # concurrent_pieces fetches, and seed_extra_pieces more from seeds: a seed's new piece
-                # (offered to this child alone by a super-seeding seed) never waits for a free slot
-                from_seeds = sum(seed_fetch.values())
-                peers_full = len(inflight) - from_seeds >= cfg.concurrent_pieces
-                full = peers_full and from_seeds >= cfg.seed_extra_pieces
+                peers_full, full = slots()
                 usable = [p for p in parents.values() if p.alive and p.peer_id not in self.blocklist]
                 later: list[float] = []
                 if not full:  # else only a fetch ending can let another start: nothing to choose
@@ -835,18 +854,17 @@ class Downloader:
                     for p in choosable:
                         for n in p.pieces:
                             held_by[n] = held_by.get(n, 0) + (SEED_HOLDER if p.is_seed else 1)
-                    wanted = (held_by.keys() & missing).difference(inflight.values())
+                    fetching = {f.number for f in inflight.values()}
+                    wanted = (held_by.keys() & missing) - fetching
                     for number in self.d.picker.order(wanted, held_by):
-                        peers_full = len(inflight) - from_seeds >= cfg.concurrent_pieces
-                        if peers_full and from_seeds >= cfg.seed_extra_pieces:
+                        peers_full, full = slots()
+                        if full:
                             break
                         holders = [
                             p
                             for p in choosable
-                            if number in p.pieces
+                            if askable(p, number, now)
                             and p.peer_id not in tried.get(number, set())
-                            and p.busy_until <= now
-                            and p.declined.get(number, 0.0) <= now
                             and (p.is_seed or not peers_full)
                         ]
                         if not holders:
@@ -864,40 +882,26 @@ class Downloader:
                         holders = [p for p in holders if load.get(p.peer_id, 0) == fewest]
                         parent = random.choices(holders, weights=[max(p.weight, 1e-9) for p in holders])[0]
                         tried.setdefault(number, set()).add(parent.peer_id)
-                        t = asyncio.get_running_loop().create_task(self._parent_piece(parent, number))
-                        inflight[t] = number
-                        by_parent[t] = parent.peer_id
-                        seed_fetch[t] = parent.is_seed
-                        started_at[t] = now
-                        from_seeds += parent.is_seed
-                        load[parent.peer_id] = load.get(parent.peer_id, 0) + 1
-                    if cfg.endgame_duplicates and not peers_full and not (wanted - set(inflight.values())):
+                        start(parent, number, now)
+                    peers_full, full = slots()
+                    if cfg.endgame_duplicates and not peers_full and wanted <= {f.number for f in inflight.values()}:
                         # Endgame: every piece a parent holds is being fetched, and slots are free.
                         # The pieces in flight longest get one more fetch each, from another
                         # holder, into a staged writer; the first copy in wins, the rest are cancelled.
-                        for number in self._endgame_order(inflight, started_at, cfg.endgame_duplicates):
-                            if len(inflight) - from_seeds >= cfg.concurrent_pieces:
+                        for number in endgame_order(list(inflight.values()), cfg.endgame_duplicates):
+                            if slots()[0]:
                                 break
-                            fetching = {by_parent[t] for t, n in inflight.items() if n == number}
-                            holders = [
-                                p
-                                for p in usable
-                                if number in p.pieces
-                                and p.peer_id not in fetching
-                                and p.busy_until <= now
-                                and p.declined.get(number, 0.0) <= now
-                            ]
-                            if not holders:
-                                continue
-                            parent = min(holders, key=lambda p: (load.get(p.peer_id, 0), random.random()))
-                            t = asyncio.get_running_loop().create_task(self._parent_piece(parent, number, staged=True))
-                            inflight[t] = number
-                            by_parent[t] = parent.peer_id
-                            seed_fetch[t] = False  # counted against concurrent_pieces, whoever serves it
-                            started_at[t] = now
-                            load[parent.peer_id] = load.get(parent.peer_id, 0) + 1
-                            self.d.metrics.endgame_fetches.inc()
-                    full = len(inflight) - from_seeds >= cfg.concurrent_pieces and from_seeds >= cfg.seed_extra_pieces
+                            asked = {f.parent_id for f in inflight.values() if f.number == number}
+                            holders = [p for p in usable if askable(p, number, now) and p.peer_id not in asked]
+                            if holders:
+                                start(
+                                    min(holders, key=lambda p: (load.get(p.peer_id, 0), random.random())),
+                                    number,
+                                    now,
+                                    staged=True,
+                                )
+                                self.d.metrics.endgame_fetches.inc()
+                        peers_full, full = slots()
                 if not inflight:
                     if all(p.synced for p in usable) and not later:
                         raise Reschedule(
@@ -922,10 +926,8 @@ class Downloader:
                 if waiter is not None:
                     waiter.cancel()
                 for t in [t for t in done if t in inflight]:
-                    number = inflight.pop(t)  # type: ignore[arg-type]
-                    parent_id = by_parent.pop(t)  # type: ignore[arg-type]
-                    seed_fetch.pop(t)  # type: ignore[arg-type]
-                    started_at.pop(t)  # type: ignore[arg-type]
+                    fetch = inflight.pop(t)  # type: ignore[arg-type]
+                    number, parent_id = fetch.number, fetch.parent_id
                     load[parent_id] -= 1
                     if t.cancelled():
                         continue  # an endgame loser
@@ -938,7 +940,7 @@ class Downloader:
                         tried.pop(number, None)
                         # the other fetches of this piece lose: stopped (their writers aborted) before
                         # a staged winner's bytes go into the task
-                        losers = [other for other, n in inflight.items() if n == number]
+                        losers = [other for other, f in inflight.items() if f.number == number]
                         for other in losers:
                             other.cancel()
                         if losers:
@@ -955,17 +957,6 @@ class Downloader:
             for result in await asyncio.gather(*inflight, return_exceptions=True):
                 if isinstance(result, _Staged):
                     result.writer.abort()  # a copy that finished as the download ended: dropped
-
-    def _endgame_order(
-        self, inflight: dict[asyncio.Task[_Staged | None], int], started_at: dict, duplicates: int
-    ) -> list[int]:
-        """Pieces in flight with fewer than 1 + ``duplicates`` fetches, the longest in flight first."""
-        first: dict[int, float] = {}
-        count: dict[int, int] = {}
-        for t, n in inflight.items():
-            first[n] = min(first.get(n, started_at[t]), started_at[t])
-            count[n] = count.get(n, 0) + 1
-        return sorted((n for n in first if count[n] <= duplicates), key=first.__getitem__)
 
     async def _land(self, staged: _Staged) -> None:
         """An endgame copy won: its verified bytes go into the task through an ordinary writer."""
@@ -1069,6 +1060,16 @@ def _weight(host: common_pb2.Host) -> float:
     """Free upload bandwidth, the weight of a parent in per-piece choice."""
     free = host.network.max_tx_bandwidth - host.network.tx_bandwidth
     return float(max(free, 1))
+
+
+def endgame_order(fetches: list[_Fetch], duplicates: int) -> list[int]:
+    """Pieces in flight with fewer than 1 + ``duplicates`` fetches, the longest in flight first."""
+    first: dict[int, float] = {}
+    count: dict[int, int] = {}
+    for f in fetches:
+        first[f.number] = min(first.get(f.number, f.started), f.started)
+        count[f.number] = count.get(f.number, 0) + 1
+    return sorted((n for n in first if count[n] <= duplicates), key=first.__getitem__)
 
 
 def source_runs(numbers: list[int], width: int) -> list[list[int]]:

@@ -119,38 +119,36 @@ class SchedulerState:
         for pid in random.sample(ids, len(ids)):
             if len(pool) >= wanted:
                 break
-            p = self.peers.get(pid)
-            if p is None or p.id == child.id or p.id in child.blocklist or p.id in below or p.id in exclude:
+            if pid == child.id or pid in child.blocklist or pid in below or pid in exclude:
                 continue
-            h = self.hosts.get(p.host_id)
-            if h is None or h.id == child_host.id or h.disable_shared:
+            c = self._servable(pid, child, entry)
+            if c is None:
                 continue
-            if not covers(self.range_of(p.id), self.range_of(child.id), _layout(entry)):
-                continue  # a ranged parent never holds the pieces outside its range
-            if p.state not in ELIGIBLE or p.is_bad():
-                logger.debug("candidate {} skipped: state {}", p.id, p.state.value)
-                continue
-            if not h.is_seed and not p.parents and p.state is PeerState.RUNNING:
+            if not c.host.is_seed and not c.peer.parents and c.peer.state is PeerState.RUNNING:
                 continue  # a normal peer with no parent has nothing to give yet
-            pool.append(Candidate(p, h))
+            pool.append(c)
         ranked = self.strategy.rank(Candidate(child, child_host), pool, entry.task)
         return ranked[:limit]
 
     def reciprocal(self, peer: Peer) -> list[Candidate]:
         """The peers fetching from ``peer`` that could serve it too (for mesh strategies)."""
         entry = self.tasks[peer.task_id]
-        out = []
-        for cid in sorted(peer.children - peer.parents - peer.blocklist):
-            c = self.peers.get(cid)
-            h = self.hosts.get(c.host_id) if c is not None else None
-            if c is None or h is None or h.id == peer.host_id or h.disable_shared:
-                continue
-            if c.state not in ELIGIBLE or c.is_bad():
-                continue
-            if not covers(self.range_of(c.id), self.range_of(peer.id), _layout(entry)):
-                continue
-            out.append(Candidate(c, h))
-        return out
+        found = (self._servable(cid, peer, entry) for cid in sorted(peer.children - peer.parents - peer.blocklist))
+        return [c for c in found if c is not None]
+
+    def _servable(self, pid: str, child: Peer, entry: TaskEntry) -> Candidate | None:
+        """Peer ``pid`` as a parent of ``child``, if it can serve it: known, on another host that
+        shares, in a state to serve, not a cost outlier, and holding the child's range."""
+        p = self.peers.get(pid)
+        h = self.hosts.get(p.host_id) if p is not None else None
+        if p is None or h is None or h.id == child.host_id or h.disable_shared:
+            return None
+        if not covers(self.range_of(p.id), self.range_of(child.id), _layout(entry)):
+            return None  # a ranged parent never holds the pieces outside its range
+        if p.state not in ELIGIBLE or p.is_bad():
+            logger.debug("candidate {} skipped: state {}", p.id, p.state.value)
+            return None
+        return Candidate(p, h)
 
     @property
     def parent_limit(self) -> int:
