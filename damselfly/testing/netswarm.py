@@ -111,6 +111,13 @@ class Network:
         for ns in names:
             if ns.startswith(prefix + "-"):
                 _kill_namespace(ns)
+        # A deleted namespace frees its end of a veth pair later, in the kernel's own time;
+        # deleting our end removes the pair now, so the next run can take the same names.
+        links = subprocess.run(["ip", "-j", "link", "show"], check=False, capture_output=True, text=True)
+        ours = [ln["ifname"] for ln in json.loads(links.stdout or "[]")] if links.returncode == 0 else []
+        for name in ours:
+            if name.startswith(prefix) and name[len(prefix) :].isdigit():  # add_host's f"{prefix}{idx}"
+                subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
         subprocess.run(["ip", "link", "del", f"{prefix}br"], check=False, capture_output=True)
 
     def add_host(self, name: str, rate_bits: int = 0) -> NetHost:
@@ -144,6 +151,7 @@ class Network:
     def close(self) -> None:
         for host in self.hosts.values():
             _kill_namespace(host.ns)
+            subprocess.run(["ip", "link", "del", host.link], check=False, capture_output=True)  # the pair, now
         self.hosts.clear()
         subprocess.run(["ip", "link", "del", self.bridge], check=False, capture_output=True)
 
