@@ -22,6 +22,10 @@ The load generator shares the machine's cores with the scheduler. With
 ``--schedulers K``, K scheduler processes share the tasks the way daemons spread
 them (rendezvous hashing of the task id, ``damselfly.daemon.daemon.scheduler_order``),
 and every host announces itself to each.
+
+With ``--floor`` the same load drives, in place of the scheduler, a servicer that
+keeps no state and answers every register or reschedule with one fixed parent:
+what grpcio alone allows on this machine, the ceiling for any Python scheduler.
 """
 
 from __future__ import annotations
@@ -39,11 +43,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
 from dragonfly_api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, empty_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -218,13 +223,47 @@ def quantile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
-def start_scheduler(work: Path, name: str = "scheduler") -> tuple[subprocess.Popen[bytes], dict[str, object]]:
+class FloorServicer(scheduler_pb2_grpc.SchedulerServicer):
+    """No state, no scheduling: one fixed answer to each register or reschedule."""
+
+    ANSWER = scheduler_pb2.AnnouncePeerResponse(
+        normal_task_response=scheduler_pb2.NormalTaskResponse(
+            candidate_parents=[common_pb2.Peer(id="10.0.0.1-host-0000-peer-000000")]
+        )
+    )
+
+    async def AnnounceHost(self, request: object, context: object) -> empty_pb2.Empty:
+        return empty_pb2.Empty()
+
+    async def AnnouncePeer(self, request_iterator: Any, context: object) -> Any:
+        async for req in request_iterator:
+            if req.WhichOneof("request") in ("register_peer_request", "reschedule_peer_request"):
+                yield self.ANSWER
+
+
+async def serve_floor(ready: str) -> None:
+    server = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(FloorServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    tmp = f"{ready}.tmp"
+    Path(tmp).write_text(json.dumps({"address": f"127.0.0.1:{port}"}))
+    os.replace(tmp, ready)
+    await server.wait_for_termination()
+
+
+def start_scheduler(
+    work: Path, name: str = "scheduler", floor: bool = False
+) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
     ready = work / f"{name}.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAMSELFLY_")}
     env.update({"DAMSELFLY_LOG__LEVEL": "WARNING", "DAMSELFLY_PLUGINS__AUTOLOAD": "false"})
+    command = [sys.executable, "-m", "damselfly", "scheduler", "--ready-file", str(ready)]
+    if floor:
+        command = [sys.executable, __file__, "--serve-floor", str(ready)]
     with (work / f"{name}.log").open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "damselfly", "scheduler", "--ready-file", str(ready)],
+            command,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -248,11 +287,16 @@ def main() -> None:
     ap.add_argument(
         "--schedulers", type=int, default=1, help="scheduler processes; tasks spread over them as daemons spread them"
     )
+    ap.add_argument("--floor", action="store_true", help="drive a stateless servicer instead: the ceiling grpcio sets")
+    ap.add_argument("--serve-floor", metavar="READY_FILE", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.serve_floor:
+        asyncio.run(serve_floor(args.serve_floor))
+        return
 
     work = Path(tempfile.mkdtemp(prefix="dfload-"))
-    started = [start_scheduler(work, f"scheduler{i}") for i in range(args.schedulers)]
+    started = [start_scheduler(work, f"scheduler{i}", args.floor) for i in range(args.schedulers)]
     try:
         scheds = [psutil.Process(proc.pid) for proc, _ in started]
         driver: Driver | None = None
@@ -290,6 +334,7 @@ def main() -> None:
         "p99_ms": round(quantile(lat, 0.99) * 1000, 2),
         "rss_mb": round(rss / 1e6, 1),
         "schedulers": args.schedulers,
+        "floor": args.floor,
         "scheduler_cpu_seconds": round(
             sum((b.user + b.system) - (a.user + a.system) for a, b in zip(cpu0, cpu1, strict=True)), 1
         ),

@@ -32,6 +32,12 @@ class DaemonMetrics:
         self.upload_busy = Counter(
             p + "upload_busy_total", "Piece requests answered busy (every upload slot taken).", registry=r
         )
+        self.sync_pieces = Counter(
+            p + "sync_piece_total",
+            "Pieces on SyncPieces streams to children: announced, or skipped as the child's host holds them.",
+            ["outcome"],
+            registry=r,
+        )
         self.piece_failures = Counter(
             p + "download_piece_failure_total", "Pieces that failed from a parent, by reason.", ["reason"], registry=r
         )

@@ -195,3 +195,38 @@ async def test_a_request_may_wait_for_an_upload_slot_and_is_handed_the_next_one(
     slots.release()  # nobody waits any more: the slot is free
     assert slots.used == 0
     assert await slots.acquire(0, 0.0) and await slots.acquire(0, 0.0)  # 0: no limit
+
+
+@pytest.mark.timeout(60)
+async def test_sync_pieces_skips_the_pieces_the_child_s_host_told_us_it_holds(tmp_path):
+    """In a mesh a child is often our parent too: what it announced to us, it is not told back."""
+    from damselfly.daemon.runtime import TaskRuntime
+    from damselfly.daemon.upload import UploadService
+
+    d, task = await _stored_daemon(tmp_path, 4)
+    rt = TaskRuntime(task.id)
+    d.board.add(rt)  # our own download of the task, whose parent on host-b announced 1 and 2
+    rt.held["host-b"] = {1, 2}
+    server = grpc.aio.server()
+    dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(UploadService(d), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
+
+        async def heard(host_id: str) -> list[int]:
+            call = stub.SyncPieces(dfdaemon_pb2.SyncPiecesRequest(host_id=host_id, task_id=task.id))
+            return [resp.number async for resp in call]
+
+        b, c = await asyncio.wait_for(asyncio.gather(heard("host-b"), heard("host-c")), 10)
+        assert b == [0, 3]  # the stream still ends: b holds the rest
+        assert c == [0, 1, 2, 3]
+        assert d.board.held_by(task.id, "host-b") == {1, 2} and d.board.held_by(task.id, "host-c") == set()
+        skipped = d.metrics.sync_pieces.labels("skipped")._value.get()
+        announced = d.metrics.sync_pieces.labels("announced")._value.get()
+        assert (skipped, announced) == (2, 6)
+    finally:
+        await channel.close()
+        await server.stop(None)
+        await d.storage.close()

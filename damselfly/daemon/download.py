@@ -162,6 +162,7 @@ class _Parent:
     peer_id: str
     ip: str
     upload_port: int
+    host_id: str = ""
     piece_addresses: dict[str, str] = field(default_factory=dict)  # transport name -> address
     weight: float = 1.0
     alive: bool = True
@@ -751,7 +752,12 @@ class Downloader:
                 if c.id in parents or c.id in self.blocklist:
                     continue
                 p = parents[c.id] = _Parent(
-                    c.id, c.host.ip, c.host.port, weight=_weight(c.host), is_seed=c.host.type != HostType.NORMAL.value
+                    c.id,
+                    c.host.ip,
+                    c.host.port,
+                    c.host.id,
+                    weight=_weight(c.host),
+                    is_seed=c.host.type != HostType.NORMAL.value,
                 )
                 p.task = asyncio.get_running_loop().create_task(self._sync(p, wake.set))
                 self.log.info("parent: {} (weight {:.3g})", p.peer_id, p.weight)
@@ -797,9 +803,11 @@ class Downloader:
                 )
             )
             announced = transports_from_metadata(await call.initial_metadata())
+            held = self.rt.held.setdefault(parent.host_id, set()) if parent.host_id else set()
             async for resp in call:
                 parent.piece_addresses = announced or addresses_from_response(resp)
                 parent.pieces.add(resp.number)
+                held.add(resp.number)
                 self._first_seen.setdefault(resp.number, time.monotonic())
                 poke()
             parent.synced = True

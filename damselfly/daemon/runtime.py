@@ -54,6 +54,9 @@ class TaskRuntime:
     runner: asyncio.Task[None] | None = None
     peer_id: str = ""
     board: TaskBoard | None = None
+    # host id -> the pieces that host's peer told this download it holds (its SyncPieces
+    # stream as our parent): the pieces this daemon need not announce to that host in turn
+    held: dict[str, set[int]] = field(default_factory=dict)
 
     def publish(self, event: Progress) -> None:
         self.history.append(event)
@@ -113,6 +116,13 @@ class TaskBoard:
         event = self._events.pop(task_id, None)
         if event is not None:
             event.set()
+
+    def held_by(self, task_id: str, host_id: str) -> set[int]:
+        """The pieces of ``task_id`` that ``host_id`` is known to hold, from our downloads' parents."""
+        found: set[int] = set()
+        for rt in self._running.get(task_id, ()):
+            found |= rt.held.get(host_id, set())
+        return found
 
     def peer_id(self, task_id: str) -> str:
         """The peer id this daemon holds the task under (the latest download's)."""

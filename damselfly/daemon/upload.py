@@ -68,9 +68,16 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
                     deadline = seeder.next_deadline()
                     if deadline is not None:  # an offer may time out and go to one more child
                         wait = min(wait, max(deadline - time.monotonic(), 0.01))
+                # A piece the child's host announced to us as our parent, it holds: saying we
+                # have it too would only cost both sides a message (in a mesh, most would be such).
+                held = d.board.held_by(request.task_id, request.host_id) - sent if request.host_id else set()
+                if held := held & wanted:
+                    sent |= held
+                    d.metrics.sync_pieces.labels("skipped").inc(len(held))
                 for number in sorted((wanted - sent) & visible):
                     rec = task.pieces[number]
                     sent.add(number)
+                    d.metrics.sync_pieces.labels("announced").inc()
                     yield dfdaemon_pb2.SyncPiecesResponse(
                         number=rec.number,
                         offset=rec.offset,

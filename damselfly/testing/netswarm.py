@@ -48,6 +48,7 @@ SYSCTLS = {
     "net.ipv4.tcp_slow_start_after_idle": os.environ.get("DAMSELFLY_SWARM_SSAI", "0"),
 }
 QUEUE_SECONDS = 0.03
+MTU = int(os.environ.get("DAMSELFLY_SWARM_MTU", "1500"))
 
 
 def unavailable() -> str | None:
@@ -95,7 +96,7 @@ class Network:
         self.hosts: dict[str, NetHost] = {}
         self._next = 10
         self.sweep(prefix)
-        _run("ip", "link", "add", self.bridge, "type", "bridge")
+        _run("ip", "link", "add", self.bridge, "mtu", str(MTU), "type", "bridge")
         _run("ip", "addr", "add", f"{subnet}.1/24", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
 
@@ -132,7 +133,7 @@ class Network:
         _run("ip", "netns", "add", ns)
         host = NetHost(name, ns, ip, link, rate_bits)
         self.hosts[name] = host
-        _run("ip", "link", "add", link, "type", "veth", "peer", "name", inner)
+        _run("ip", "link", "add", link, "mtu", str(MTU), "type", "veth", "peer", "name", inner, "mtu", str(MTU))
         _run("ip", "link", "set", inner, "netns", ns)
         _run("ip", "link", "set", link, "master", self.bridge)
         _run("ip", "link", "set", link, "up")
@@ -423,6 +424,13 @@ class SwarmLab:
                 for d in daemons
             }
             busy = sum(scrape(info[d.name]["metrics"], "dragonfly_dfdaemon_upload_busy_total") for d in daemons)
+            announced, skipped = (
+                sum(
+                    scrape(info[d.name]["metrics"], "dragonfly_dfdaemon_sync_piece_total", f'{{outcome="{outcome}"}}')
+                    for d in daemons
+                )
+                for outcome in ("announced", "skipped")
+            )
         finally:
             cl.stop_pids([p.popen.pid for p in services])
             for p in services:
@@ -432,6 +440,8 @@ class SwarmLab:
         summary = self._summary(times, origin["bytes"], uploaded)
         summary["cpu_seconds"] = round(cpu, 1)
         summary["busy_answers"] = int(busy)
+        summary["sync_piece_messages"] = int(announced)
+        summary["sync_pieces_skipped"] = int(skipped)  # the child's host had told us it holds them
         return summary
 
     def _summary(self, times: list[float], origin_bytes: int, uploaded: dict[str, float]) -> dict[str, Any]:
