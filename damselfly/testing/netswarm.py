@@ -586,6 +586,9 @@ PROFILES: dict[str, Profile] = {
             "DAMSELFLY_DAEMON__UPLOAD_SLOTS": "6",
             "DAMSELFLY_DAEMON__SOURCE_CONCURRENT_PIECES": "1",
             "DAMSELFLY_DAEMON__SOURCE_STREAM": "true",
+            # the seed's read of the origin is the critical path: a fixed socket buffer and a larger
+            # read-ahead let it ride out the moments its event loop is busy serving children
+            "DAMSELFLY_SOURCES": json.dumps({"http": {"socket_buffer": 4 << 20, "read_buffer": 4 << 20}}),
         },
     ),
 }

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +25,21 @@ class HttpConfig(BaseModel):
     connect_timeout: float = Field(10.0, gt=0, description="Seconds to connect to the origin.")
     read_timeout: float = Field(60.0, gt=0, description="Seconds a read may stall.")
     verify_tls: bool = Field(True, description="Verify the origin's certificate.")
+    read_buffer: int = Field(
+        1 << 20,
+        ge=1 << 16,
+        le=1 << 30,
+        description="Bytes of a response buffered ahead of the reader (aiohttp's read_bufsize): the socket "
+        "keeps being read while the event loop is busy elsewhere, so the origin's sending never stalls on it.",
+    )
+    socket_buffer: int = Field(
+        0,
+        ge=0,
+        le=1 << 30,
+        description="SO_RCVBUF of origin connections (0: the kernel's autotuning). Autotuning sizes the buffer "
+        "to what is read per round trip, so on a short path a reader that pauses (a busy seed) stops the "
+        "sender; a fixed buffer rides the pause out, but caps each connection at buffer / round trip.",
+    )
 
 
 class HttpSource(Source):
@@ -41,11 +57,24 @@ class HttpSource(Source):
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=self.options.connect_timeout, sock_read=self.options.read_timeout
             )
-            connector = aiohttp.TCPConnector(ssl=None if self.options.verify_tls else False, limit=64)
+            connector = aiohttp.TCPConnector(
+                ssl=None if self.options.verify_tls else False, limit=64, socket_factory=self._socket
+            )
             self._session = aiohttp.ClientSession(
-                timeout=timeout, connector=connector, auto_decompress=False, trust_env=False
+                timeout=timeout,
+                connector=connector,
+                auto_decompress=False,
+                trust_env=False,
+                read_bufsize=self.options.read_buffer,
             )
         return self._session
+
+    def _socket(self, addr_info: tuple[Any, ...]) -> socket.socket:
+        family, type_, proto, _, _ = addr_info
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        if self.options.socket_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.options.socket_buffer)
+        return sock
 
     @staticmethod
     def _headers(headers: dict[str, str]) -> dict[str, str]:

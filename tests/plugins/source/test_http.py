@@ -47,3 +47,25 @@ async def test_unreachable_origin_is_a_backend_error():
     with pytest.raises(BackendError, match="cannot reach"):
         await src.stat("http://127.0.0.1:9/x", {})
     await src.close()
+
+
+async def test_origin_connections_take_the_configured_buffers(origin, tmp_path):
+    import socket
+
+    from damselfly.plugins.source.http import HttpConfig
+
+    seen: list[socket.socket] = []
+    src = HttpSource(HttpConfig(socket_buffer=1 << 20, read_buffer=2 << 20))
+    make = src._socket
+    src._socket = lambda info: seen.append(make(info)) or seen[-1]  # type: ignore[method-assign]
+    got = b"".join([c async for c in src.read(origin.url("f.bin"), 0, 1_000_000, {})])
+    assert got == (tmp_path / "f.bin").read_bytes()
+    assert len(seen) == 1
+    assert seen[0].getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 1 << 20  # Linux doubles what is asked
+    assert src._client()._read_bufsize == 2 << 20
+    await src.close()
+    default = HttpSource()._socket((socket.AF_INET, socket.SOCK_STREAM, 0, "", ("127.0.0.1", 0)))
+    assert default.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < 1 << 20  # left to autotuning
+    default.close()
+    with pytest.raises(Exception, match="socket_buffer"):
+        HttpSource.parse_options({"socket_buffer": -1}, "sources.http")
