@@ -48,12 +48,24 @@ from damselfly.core.host import Host, HostType
 from damselfly.core.peer import Peer, PeerState
 from damselfly.core.piece import piece_length_for
 from damselfly.core.task import Task
-from damselfly.core.units import parse_size
+from damselfly.core.units import format_size, parse_size
 from damselfly.daemon.superseed import SuperSeeder
 from damselfly.plugin_manager import build_plugins
 from damselfly.testing import netswarm
 
 SEED_HOLDER = 0.5  # as the daemon's fetch loop counts a seed
+
+
+def payload_share(mtu: int) -> float:
+    """TCP payload over what tc counts for a full frame: MTU less 52 bytes of IP and TCP headers
+    with timestamps, over MTU plus the 14-byte Ethernet header."""
+    return (mtu - 52) / (mtu + 14)
+
+
+def _measured_run(path: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(Path(path).read_text().strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 BUSY_BACKOFF = 0.2  # as damselfly.daemon.download
 
 
@@ -386,7 +398,13 @@ def main() -> None:
     ap.add_argument("--size", default="128MiB")
     ap.add_argument("--strategy", default="swarm", help=f"a profile of {', '.join(netswarm.PROFILES)}")
     ap.add_argument("--step", type=float, default=0.0, help="seconds per step (default: a 20th of a piece's time)")
-    ap.add_argument("--efficiency", type=float, default=0.956, help="payload / link rate")
+    ap.add_argument(
+        "--efficiency",
+        type=float,
+        default=None,
+        help="payload / link rate (default: what TCP over an MTU of --mtu leaves, 0.956 at 1500)",
+    )
+    ap.add_argument("--mtu", type=int, default=0, help="the links' MTU (default: the --measured run's, else 1500)")
     ap.add_argument("--latency", type=float, default=0.05, help="seconds from choosing a fetch to its first byte")
     ap.add_argument("--seed", type=int, default=1, help="random seed")
     ap.add_argument(
@@ -427,6 +445,9 @@ def main() -> None:
             setattr(prof, key, getattr(args, key))
     size = parse_size(args.size)
     rate = netswarm.parse_bits(args.rate)
+    if args.efficiency is None:
+        mtu = args.mtu or (_measured_run(args.measured).get("mtu", 1500) if args.measured else 1500)
+        args.efficiency = payload_share(mtu)
     if not args.step:
         args.step = (args.piece_length or piece_length_for(size)) * 8 / rate / 20
     cfg = netswarm.SwarmConfig(
@@ -451,13 +472,13 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
     }
     if args.measured:
-        measured = json.loads(Path(args.measured).read_text().strip().splitlines()[-1])["strategies"][args.strategy]
+        measured = _measured_run(args.measured)["strategies"][args.strategy]
         result["measured_p50_ratio"] = measured["p50_ratio"]
         result["measured_max_ratio"] = measured["max_ratio"]
         result["p50_error"] = round(result["p50_ratio"] / measured["p50_ratio"] - 1, 3)
         result["max_error"] = round(result["max_ratio"] / measured["max_ratio"] - 1, 3)
     print(
-        f"{args.strategy}: {args.hosts} hosts at {args.rate}, F = {args.size} (pieces of {sim.piece >> 20} MiB): "
+        f"{args.strategy}: {args.hosts} hosts at {args.rate}, F = {args.size} (pieces of {format_size(sim.piece)}): "
         f"T_min {result['t_min_seconds']:.1f} s, p50 {result['p50_ratio']:.3f}, p90 {result['p90_ratio']:.3f}, "
         f"max {result['max_ratio']:.3f} x T_min; origin {result['origin_ratio']:.2f} x F, "
         f"seed sent {result['seed_upload_ratio']:.2f} x F"

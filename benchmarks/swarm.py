@@ -66,6 +66,7 @@ def main() -> None:
     )
     ap.add_argument("--strategies", default="default,swarm", help=f"comma-separated, of {', '.join(netswarm.PROFILES)}")
     ap.add_argument("--no-direct", action="store_true", help="skip the straight-from-the-origin baseline")
+    ap.add_argument("--mtu", type=int, default=netswarm.MTU, help="every link's MTU (default 1500)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -83,6 +84,7 @@ def main() -> None:
         origin_rate_bits=netswarm.parse_bits(args.origin_rate),
         size=parse_size(args.size),
         piece_length=parse_size(args.piece_length) if args.piece_length else 0,
+        mtu=args.mtu,
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below cleans up
     work = Path(tempfile.mkdtemp(prefix="dfswarm-"))
@@ -92,6 +94,7 @@ def main() -> None:
         "size": args.size,
         "piece_length": cfg.piece_length or piece_length_for(cfg.size),
         "origin_rate": args.origin_rate,
+        "mtu": cfg.mtu,
         "t_min_seconds": round(cfg.t_min(), 3),
         "strategies": {},
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",

@@ -48,6 +48,8 @@ SYSCTLS = {
     "net.ipv4.tcp_slow_start_after_idle": os.environ.get("DAMSELFLY_SWARM_SSAI", "0"),
 }
 QUEUE_SECONDS = 0.03
+# Every link's MTU. 1500 by default (the BitTorrent baseline's); 9000, as in many data centres
+# (an AWS VPC's default is 9001), leaves 0.7% of a link to headers instead of 4.4%.
 MTU = int(os.environ.get("DAMSELFLY_SWARM_MTU", "1500"))
 
 
@@ -87,16 +89,19 @@ class NetHost:
 class Network:
     """A bridge and the namespaces on it; ``prefix`` keeps concurrent users apart."""
 
-    def __init__(self, prefix: str = "dfsw", subnet: str = "10.77.0"):
+    def __init__(self, prefix: str = "dfsw", subnet: str = "10.77.0", mtu: int = MTU):
         if len(prefix) > 8:
             raise ValueError("prefix must be at most 8 characters (interface names are short)")
+        if not 576 <= mtu <= 65535:
+            raise ValueError(f"MTU {mtu} is outside 576-65535")
         self.prefix = prefix
         self.subnet = subnet
+        self.mtu = mtu
         self.bridge = f"{prefix}br"
         self.hosts: dict[str, NetHost] = {}
         self._next = 10
         self.sweep(prefix)
-        _run("ip", "link", "add", self.bridge, "mtu", str(MTU), "type", "bridge")
+        _run("ip", "link", "add", self.bridge, "mtu", str(mtu), "type", "bridge")
         _run("ip", "addr", "add", f"{subnet}.1/24", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
 
@@ -133,7 +138,9 @@ class Network:
         _run("ip", "netns", "add", ns)
         host = NetHost(name, ns, ip, link, rate_bits)
         self.hosts[name] = host
-        _run("ip", "link", "add", link, "mtu", str(MTU), "type", "veth", "peer", "name", inner, "mtu", str(MTU))
+        _run(
+            "ip", "link", "add", link, "mtu", str(self.mtu), "type", "veth", "peer", "name", inner, "mtu", str(self.mtu)
+        )
         _run("ip", "link", "set", inner, "netns", ns)
         _run("ip", "link", "set", link, "master", self.bridge)
         _run("ip", "link", "set", link, "up")
@@ -257,6 +264,7 @@ class SwarmConfig:
     prefix: str = "dfsw"
     subnet: str = "10.77.0"
     log_level: str = "WARNING"
+    mtu: int = MTU
 
     @property
     def seed_rate(self) -> int:
@@ -300,7 +308,7 @@ class SwarmLab:
     def __init__(self, cfg: SwarmConfig, workdir: Path):
         self.cfg = cfg
         self.workdir = workdir
-        self.net = Network(cfg.prefix, cfg.subnet)
+        self.net = Network(cfg.prefix, cfg.subnet, cfg.mtu)
         try:
             self.origin_host = self.net.add_host("origin", cfg.origin_rate_bits)
             self.sched_host = self.net.add_host("sched")

@@ -70,3 +70,19 @@ def test_a_killed_run_is_swept_by_the_next(tmp_path):
     assert leftovers()  # as if the run had been killed here
     netswarm.Network.sweep(PREFIX)
     assert leftovers() == []
+
+
+def test_links_take_the_configured_mtu():
+    with pytest.raises(ValueError, match="MTU"):
+        netswarm.Network(PREFIX, "10.79.0", mtu=100)
+    net = netswarm.Network(PREFIX, "10.79.0", mtu=9000)
+    try:
+        host = net.add_host("jumbo", 10_000_000)
+        inner = subprocess.run(
+            ["ip", "netns", "exec", host.ns, "ip", "-j", "link", "show", "eth0"], capture_output=True, text=True
+        )
+        outer = subprocess.run(["ip", "-j", "link", "show", host.link], capture_output=True, text=True)
+        assert json.loads(inner.stdout)[0]["mtu"] == 9000 and json.loads(outer.stdout)[0]["mtu"] == 9000
+    finally:
+        net.close()
+    assert leftovers() == []
