@@ -97,6 +97,17 @@ def test_busy_and_declined_cross_the_wire_as_their_own_codes(exc, code, raised):
     assert type(got.value) is raised  # Busy and Declined are NotFounds (the connection stays), told apart
 
 
+async def _upload_server(d):
+    """The daemon's DfdaemonUpload service on a port of its own, and a channel to it."""
+    from damselfly.daemon.upload import UploadService
+
+    server = grpc.aio.server()
+    dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(UploadService(d), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+
 async def _stored_daemon(tmp_path, pieces: int, **daemon):
     from damselfly.config import Settings
     from damselfly.core.piece import PieceSpan, digest
@@ -140,14 +151,10 @@ async def test_upload_slots_answer_busy_and_free_up_when_the_piece_is_sent(tmp_p
 @pytest.mark.timeout(60)
 async def test_a_super_seeding_seed_tells_each_child_of_different_pieces(tmp_path):
     """Over real SyncPieces streams: two children hear of disjoint pieces until all went out."""
-    from damselfly.daemon.upload import UploadService, lookup_piece
+    from damselfly.daemon.upload import lookup_piece
 
     d, task = await _stored_daemon(tmp_path, 4, seed=True, super_seed=True, offers_per_child=2)
-    server = grpc.aio.server()
-    dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(UploadService(d), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    server, channel = await _upload_server(d)
     try:
         stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
         heard: dict[str, list[int]] = {"a": [], "b": []}
@@ -201,17 +208,12 @@ async def test_a_request_may_wait_for_an_upload_slot_and_is_handed_the_next_one(
 async def test_sync_pieces_skips_the_pieces_the_child_s_host_told_us_it_holds(tmp_path):
     """In a mesh a child is often our parent too: what it announced to us, it is not told back."""
     from damselfly.daemon.runtime import TaskRuntime
-    from damselfly.daemon.upload import UploadService
 
     d, task = await _stored_daemon(tmp_path, 4)
     rt = TaskRuntime(task.id)
     d.board.add(rt)  # our own download of the task, whose parent on host-b announced 1 and 2
     rt.held["host-b"] = {1, 2}
-    server = grpc.aio.server()
-    dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(UploadService(d), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    server, channel = await _upload_server(d)
     try:
         stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
 
