@@ -30,7 +30,7 @@ class HttpConfig(BaseModel):
         ge=1 << 16,
         le=1 << 30,
         description="Bytes of a response buffered ahead of the reader (aiohttp's read_bufsize): the socket "
-        "keeps being read while the event loop is busy elsewhere, so the origin's sending never stalls on it.",
+        "is read ahead while the consumer is busy elsewhere, so the origin's sending stalls less on it.",
     )
     socket_buffer: int = Field(
         0,
