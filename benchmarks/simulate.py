@@ -54,18 +54,6 @@ from damselfly.plugin_manager import build_plugins
 from damselfly.testing import netswarm
 
 SEED_HOLDER = 0.5  # as the daemon's fetch loop counts a seed
-
-
-def payload_share(mtu: int) -> float:
-    """TCP payload over what tc counts for a full frame: MTU less 52 bytes of IP and TCP headers
-    with timestamps, over MTU plus the 14-byte Ethernet header."""
-    return (mtu - 52) / (mtu + 14)
-
-
-def _measured_run(path: str) -> dict:  # type: ignore[type-arg]
-    return json.loads(Path(path).read_text().strip().splitlines()[-1])  # type: ignore[no-any-return]
-
-
 BUSY_BACKOFF = 0.2  # as damselfly.daemon.download
 
 
@@ -445,9 +433,10 @@ def main() -> None:
             setattr(prof, key, getattr(args, key))
     size = parse_size(args.size)
     rate = netswarm.parse_bits(args.rate)
+    # the last line of swarm.py --json's output
+    measured_run = json.loads(Path(args.measured).read_text().strip().splitlines()[-1]) if args.measured else {}
     if args.efficiency is None:
-        mtu = args.mtu or (_measured_run(args.measured).get("mtu", 1500) if args.measured else 1500)
-        args.efficiency = payload_share(mtu)
+        args.efficiency = netswarm.payload_share(args.mtu or measured_run.get("mtu", 1500))
     if not args.step:
         args.step = (args.piece_length or piece_length_for(size)) * 8 / rate / 20
     cfg = netswarm.SwarmConfig(
@@ -472,7 +461,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
     }
     if args.measured:
-        measured = _measured_run(args.measured)["strategies"][args.strategy]
+        measured = measured_run["strategies"][args.strategy]
         result["measured_p50_ratio"] = measured["p50_ratio"]
         result["measured_max_ratio"] = measured["max_ratio"]
         result["p50_error"] = round(result["p50_ratio"] / measured["p50_ratio"] - 1, 3)

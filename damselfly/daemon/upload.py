@@ -45,6 +45,7 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
                 pass
         wanted = set(request.interested_piece_numbers) or set(range(task.piece_count))
         sent: set[int] = set()
+        announced, skipped = (d.metrics.sync_pieces.labels(o) for o in ("announced", "skipped"))
         ip = d.settings.host.ip
         tcp_port, quic_port = (_port_of(d.piece_addresses.get(name, "")) for name in ("tcp", "quic"))
         await context.send_initial_metadata(transports_to_metadata(d.piece_addresses))
@@ -70,14 +71,14 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
                         wait = min(wait, max(deadline - time.monotonic(), 0.01))
                 # A piece the child's host announced to us as our parent, it holds: saying we
                 # have it too would only cost both sides a message (in a mesh, most would be such).
-                held = d.board.held_by(request.task_id, request.host_id) - sent if request.host_id else set()
-                if held := held & wanted:
+                if request.host_id:
+                    held = d.board.held_by(request.task_id, request.host_id) & (wanted - sent)
                     sent |= held
-                    d.metrics.sync_pieces.labels("skipped").inc(len(held))
+                    skipped.inc(len(held))
                 for number in sorted((wanted - sent) & visible):
                     rec = task.pieces[number]
                     sent.add(number)
-                    d.metrics.sync_pieces.labels("announced").inc()
+                    announced.inc()
                     yield dfdaemon_pb2.SyncPiecesResponse(
                         number=rec.number,
                         offset=rec.offset,

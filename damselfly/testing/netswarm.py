@@ -53,6 +53,12 @@ QUEUE_SECONDS = 0.03
 MTU = int(os.environ.get("DAMSELFLY_SWARM_MTU", "1500"))
 
 
+def payload_share(mtu: int) -> float:
+    """TCP payload over what tc counts for a full frame: the MTU less 52 bytes of IP and TCP
+    headers (with timestamps), over the MTU plus the 14-byte Ethernet header."""
+    return (mtu - 52) / (mtu + 14)
+
+
 def unavailable() -> str | None:
     """None when namespaces and tc can be used here, else why not."""
     if os.geteuid() != 0:
