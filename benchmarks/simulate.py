@@ -46,9 +46,10 @@ from damselfly.config import Settings
 from damselfly.contracts import Candidate
 from damselfly.core.host import Host, HostType
 from damselfly.core.peer import Peer, PeerState
-from damselfly.core.piece import piece_length_for
+from damselfly.core.piece import piece_length_for, share_blocks
 from damselfly.core.task import Task
 from damselfly.core.units import format_size, parse_size
+from damselfly.daemon.download import source_runs
 from damselfly.daemon.superseed import SuperSeeder
 from damselfly.plugin_manager import build_plugins
 from damselfly.testing import netswarm
@@ -85,6 +86,10 @@ class Profile:
     source_concurrent: int
     seed_extra: int = 0  # fetches from the seed a peer may run beyond ``concurrent``
     source_stream: bool = False  # the seed reads the whole task from the source in one request
+    source_shares: bool = False  # the seed and the peers each read a block of the source (scheduler)
+    seed_concurrent: int = 4  # the seed's concurrent_pieces: its fetches from peers (with shares)
+    peer_source_concurrent: int = 4  # a peer's source_concurrent_pieces (or concurrent_pieces)
+    peer_source_stream: bool = True
     offer_timeout: float = 2.0
     offers_per_child: int = 1
     endgame: int = 0  # duplicate fetches per piece once every missing piece is in flight
@@ -114,6 +119,11 @@ def profile_settings(name: str) -> Profile:
         offers_per_child=num(seed, "OFFERS_PER_CHILD", defaults.offers_per_child),
         endgame=num(daemon, "ENDGAME_DUPLICATES", defaults.endgame_duplicates),
         busy_backoff=float(daemon.get("DAMSELFLY_DAEMON__BUSY_BACKOFF", defaults.busy_backoff)),
+        seed_concurrent=num(seed, "CONCURRENT_PIECES", defaults.concurrent_pieces),
+        source_shares=p.scheduler_env.get("DAMSELFLY_SCHEDULER__SOURCE_SHARES", "false").lower() == "true",
+        peer_source_concurrent=num(daemon, "SOURCE_CONCURRENT_PIECES", 0)
+        or num(daemon, "CONCURRENT_PIECES", defaults.concurrent_pieces),
+        peer_source_stream=daemon.get("DAMSELFLY_DAEMON__SOURCE_STREAM", str(defaults.source_stream)).lower() == "true",
     )
 
 
@@ -153,7 +163,12 @@ class Simulation:
         self.active: set[int] = set()
         self.origin_bytes = 0
         self.seed_sent = 0
-        self.source_next = 0
+        # reads of the source, as the daemons run them: per node, runs waiting and runs under way
+        # (what is left of each); the run each source transfer belongs to
+        self.source_waiting: dict[int, list[list[int]]] = {}
+        self.source_running: dict[int, list[list[int]]] = {}
+        self.t_run: dict[int, list[int]] = {}
+        self.source_width: dict[int, int] = {}
 
     # -- the scheduler's choice of parents, through the strategy plugin -----------------
 
@@ -204,14 +219,36 @@ class Simulation:
 
     # -- one step ------------------------------------------------------------------------
 
-    def start(self, parent: int, child: int, piece: int, now: float) -> None:
+    def plan_source(self) -> None:
+        """Who reads which pieces of the source: the seed all of them, or with source_shares the
+        seed and every peer (all waiting when the seed registers) a block each, the seed first."""
+        readers = list(range(len(self.nodes))) if self.prof.source_shares else [0]
+        for i, block in zip(readers, share_blocks(self.count, len(readers)), strict=True):
+            seed = i == 0
+            stream = self.prof.source_stream if seed else self.prof.peer_source_stream
+            width = self.prof.source_concurrent if seed else self.prof.peer_source_concurrent
+            self.source_waiting[i] = source_runs(list(block), width) if stream else [[n] for n in block]
+            self.source_running[i] = []
+            self.source_width[i] = width
+
+    def read_source(self, now: float) -> None:
+        for i, waiting in self.source_waiting.items():
+            running = self.source_running[i]
+            while waiting and len(running) < self.source_width[i]:
+                run = waiting.pop(0)
+                running.append(run)
+                self.start(self.ORIGIN, i, run[0], now, run=run)
+
+    def start(self, parent: int, child: int, piece: int, now: float, run: list[int] | None = None) -> None:
         tid = len(self.t_parent)
         self.t_parent.append(parent)
         self.t_child.append(child)
         self.t_piece.append(piece)
         self.t_left.append(float(self.piece_len(piece)))
-        # a seed streaming the source in one read waits for the first bytes once, not per piece
-        streamed = parent == self.ORIGIN and self.prof.source_stream and piece > 0
+        # a long read of the source waits for its first bytes once, not once per piece
+        streamed = run is not None and piece != run[0]
+        if run is not None:
+            self.t_run[tid] = run
         self.t_start.append(now + (0.0 if streamed else self.args.latency))
         self.active.add(tid)
         self.nodes[child].fetching.setdefault(piece, []).append(tid)
@@ -223,24 +260,26 @@ class Simulation:
 
     def schedule(self, now: float) -> None:
         seed = self.nodes[0]
-        concurrent = 1 if self.prof.source_stream else self.prof.source_concurrent
-        while sum(map(len, seed.fetching.values())) < concurrent and self.source_next < self.count:
-            self.start(self.ORIGIN, 0, self.source_next, now)
-            self.source_next += 1
+        self.read_source(now)
         if self.seeder is not None:
             for child in self.seeder.sync(seed.have, now):
                 self.nodes[child].dirty = True
-        for n in self.nodes[1:]:
+        # with shares the seed fetches the others' blocks from the peers like any peer; peers
+        # choose in a new random order each step, as their requests reach the parents in no set order
+        order = self.nodes[:] if self.prof.source_shares else self.nodes[1:]
+        self.rng.shuffle(order)
+        for n in order:
             if n.done_at:
                 continue
-            tids = [tid for ts in n.fetching.values() for tid in ts]
+            tids = [tid for ts in n.fetching.values() for tid in ts if self.t_parent[tid] != self.ORIGIN]
             seed_fetches = sum(1 for tid in tids if self.t_parent[tid] == 0)
-            if len(tids) - seed_fetches >= self.prof.concurrent and seed_fetches >= self.prof.seed_extra:
+            concurrent = self.prof.seed_concurrent if n.is_seed else self.prof.concurrent
+            if len(tids) - seed_fetches >= concurrent and seed_fetches >= self.prof.seed_extra:
                 continue
             if self.args.fast and not n.dirty and now < n.wake_at:
                 continue  # nothing it could act on changed: it would choose nothing new
             n.dirty, n.wake_at = False, float("inf")
-            missing = set(range(self.count)) - n.have
+            missing = set(range(self.count)) - n.have - self.reading(n.idx)
             if not missing:
                 continue
             holders: dict[int, float] = {}
@@ -261,11 +300,11 @@ class Simulation:
                 order = sorted((k for k in n.fetching if len(n.fetching[k]) <= self.prof.endgame), key=oldest.get)
             for k in order:
                 peer_fetches = len(tids) - seed_fetches
-                if peer_fetches >= self.prof.concurrent and seed_fetches >= self.prof.seed_extra:
+                if peer_fetches >= concurrent and seed_fetches >= self.prof.seed_extra:
                     break
                 already = {self.t_parent[t] for t in n.fetching.get(k, [])}
                 options = [j for j in n.parents if k in views[j] and n.busy_until.get(j, 0) <= now and j not in already]
-                if peer_fetches >= self.prof.concurrent:  # only the extra fetch from the seed is left
+                if peer_fetches >= concurrent:  # only the extra fetch from the seed is left
                     options = [j for j in options if self.nodes[j].is_seed]
                 if not options:
                     continue
@@ -329,8 +368,20 @@ class Simulation:
         if p == 0 and self.seeder is not None:
             self.seeder.done(self.t_piece[t])
 
+    def reading(self, i: int) -> set[int]:
+        """The pieces node ``i`` will read from the source, or is reading."""
+        runs = self.source_waiting.get(i, []) + self.source_running.get(i, [])
+        return {n for run in runs for n in run}
+
     def finish(self, t: int, now: float) -> None:
         c, k = self.nodes[self.t_child[t]], self.t_piece[t]
+        run = self.t_run.pop(t, None)
+        if run is not None:  # the long read goes on with its next piece, without a new request
+            run.pop(0)
+            if run:
+                self.start(self.ORIGIN, c.idx, run[0], now, run=run)
+            else:
+                self.source_running[c.idx].remove(run)
         self._end(t)
         c.dirty = True
         for j in self.children_of[c.idx]:
@@ -346,6 +397,10 @@ class Simulation:
 
     def run(self) -> dict[str, float | list[float]]:
         self.assign_parents()
+        self.plan_source()
+        if self.prof.source_shares:
+            # the seed's refresh offers it the peers that fetch from it, as it fetches too
+            self.nodes[0].parents = [i for i in range(1, len(self.nodes)) if 0 in self.nodes[i].parents]
         self.children_of: dict[int, list[int]] = {n.idx: [] for n in self.nodes}
         for n in self.nodes:
             for j in n.parents:
@@ -405,6 +460,7 @@ def main() -> None:
     )
     ap.add_argument("--max-seconds", type=float, default=1e7)
     ap.add_argument("--concurrent", type=int, help="override the profile's concurrent_pieces")
+    ap.add_argument("--seed-concurrent", type=int, help="override the seed's concurrent_pieces")
     ap.add_argument("--upload-slots", type=int, help="override the peers' upload_slots")
     ap.add_argument("--seed-upload-slots", type=int, help="override the seed's upload_slots")
     ap.add_argument("--source-concurrent", type=int, help="override the seed's source_concurrent_pieces")
@@ -420,6 +476,7 @@ def main() -> None:
     prof = profile_settings(args.strategy)
     for key in (
         "concurrent",
+        "seed_concurrent",
         "upload_slots",
         "seed_upload_slots",
         "source_concurrent",

@@ -177,6 +177,13 @@ class SchedulerConfig(Section):
     )
     back_to_source_limit: int = Field(200, ge=0, description="Peers of one task allowed to go back to source.")
     seed_trigger: bool = Field(True, description="Make a seed peer fetch new tasks from the source.")
+    source_shares: bool = Field(
+        False,
+        description="Share a new task's read of the source: when its seed registers, the seed and each "
+        "damselfly peer then waiting read different blocks of pieces from the source, once each, and get "
+        "the rest from each other (origin bytes stay 1 x the task; the origin's bandwidth beyond one "
+        "host's link is used). Mesh strategies only (swarm): in a DAG pieces never flow up to a parent.",
+    )
     host_gc_interval: float = Field(60.0, gt=0, description="Seconds between sweeps for silent hosts and old peers.")
     peer_ttl: float = Field(86400.0, gt=0, description="Seconds a peer is kept after its last message.")
 

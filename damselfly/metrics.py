@@ -78,6 +78,12 @@ class SchedulerMetrics:
         self.piece_reports = Counter(
             p + "download_piece_total", "Pieces reported finished.", ["traffic_type"], registry=r
         )
+        self.source_share_pieces = Counter(
+            p + "source_share_pieces_total",
+            "Pieces handed to peers to read from the source (scheduler.source_shares): planned, or handed on.",
+            ["how"],
+            registry=r,
+        )
 
 
 async def serve_metrics(

@@ -150,3 +150,40 @@ def addresses_from_response(resp: Any) -> dict[str, str]:
     if resp.quic_port:
         found["quic"] = f"{resp.ip}:{resp.quic_port}"
     return found
+
+
+# -- shared source reads --------------------------------------------------------------
+#
+# A damselfly daemon that may read the source says so in the metadata of its AnnouncePeer
+# call (``x-damselfly-source-shares: 1``). To such a peer a scheduler with
+# ``scheduler.source_shares`` may hand pieces to read from the source itself: a candidate
+# parent whose id starts with SOURCE_SHARE_PREFIX, with need_back_to_source set and the
+# pieces listed. A client that does not say so (an upstream dfdaemon) never gets one.
+
+SOURCE_SHARES_KEY = "x-damselfly-source-shares"
+SOURCE_SHARES_METADATA = ((SOURCE_SHARES_KEY, "1"),)
+SOURCE_SHARE_PREFIX = "damselfly-source-share/"
+
+
+def source_share_to_proto(
+    serial: int, numbers: list[int], task: Task, task_pb: common_pb2.Task | None = None
+) -> common_pb2.Peer:
+    """The candidate that tells a peer to read pieces ``numbers`` from the source."""
+    spans = [task.layout.span(n) for n in numbers]
+    return common_pb2.Peer(
+        id=f"{SOURCE_SHARE_PREFIX}{serial}",
+        need_back_to_source=True,
+        task=task_pb if task_pb is not None else task_to_proto(task),
+        pieces=[common_pb2.Piece(number=s.number, offset=s.offset, length=s.length) for s in spans],
+    )
+
+
+def source_share_from_proto(pb: common_pb2.Peer) -> list[int] | None:
+    """The pieces a source-share candidate hands over; None for an ordinary parent."""
+    if not pb.id.startswith(SOURCE_SHARE_PREFIX):
+        return None
+    return sorted({p.number for p in pb.pieces})
+
+
+def offers_source_shares(metadata: Any) -> bool:
+    return any(key == SOURCE_SHARES_KEY and value == "1" for key, value in metadata or ())

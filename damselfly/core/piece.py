@@ -129,3 +129,11 @@ def covers(outer: ByteRange | None, inner: ByteRange | None, layout: Layout | No
     if inner is None:
         return False
     return outer[0] <= inner[0] and outer[0] + outer[1] >= inner[0] + inner[1]
+
+
+def share_blocks(piece_count: int, parts: int) -> list[range]:
+    """Pieces 0..piece_count-1 as ``parts`` contiguous blocks of near-equal size (some empty
+    when there are fewer pieces than parts): who reads which pieces of a shared source read."""
+    if parts < 1:
+        raise InvalidArgument(f"a task is shared among at least one reader, got {parts}")
+    return [range(i * piece_count // parts, (i + 1) * piece_count // parts) for i in range(parts)]

@@ -45,7 +45,13 @@ from damselfly.core.host import HostType
 from damselfly.core.piece import Layout
 from damselfly.core.task import PieceRecord, Task, TaskState
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started, TaskRuntime
-from damselfly.wire import addresses_from_response, piece_to_proto, transports_from_metadata
+from damselfly.wire import (
+    SOURCE_SHARES_METADATA,
+    addresses_from_response,
+    piece_to_proto,
+    source_share_from_proto,
+    transports_from_metadata,
+)
 
 if TYPE_CHECKING:
     from damselfly.daemon.daemon import Daemon
@@ -368,6 +374,12 @@ class Downloader:
         self._first_seen: dict[int, float] = {}  # when a parent first reported each piece
         self._reader: asyncio.Future[scheduler_pb2.AnnouncePeerResponse | None] | None = None
         self._add_parents: Callable[[list[common_pb2.Peer]], None] = lambda _: None
+        self._poke: Callable[[], None] = lambda: None  # wakes the fetch loop (a piece landed)
+        self._shares: set[asyncio.Task[None]] = set()  # reads of the pieces the scheduler handed us
+        self._share_error: BaseException | None = None  # what stops the download (a full disk)
+        # holders of each piece among the usable parents (a seed counting SEED_HOLDER), kept up
+        # to date as they announce pieces; None when a parent went away and it must be rebuilt
+        self._held: dict[int, float] | None = None
 
     @property
     def may_read_source(self) -> bool:
@@ -395,6 +407,9 @@ class Downloader:
             self.d.metrics.download_task_failure.labels("standard").inc()
             self.rt.publish(Failed(exc))
         finally:
+            for t in self._shares:
+                t.cancel()
+            await asyncio.gather(*self._shares, return_exceptions=True)
             if self.source is not None:
                 await self.source.close()
 
@@ -446,7 +461,9 @@ class Downloader:
         if picked is None:
             return None
         self.scheduler, stub = picked
-        call = stub.AnnouncePeer()
+        # a daemon that may read the source offers to take a share of a new task's source read
+        offer = self.may_read_source and self.req.range is None
+        call = stub.AnnouncePeer(metadata=SOURCE_SHARES_METADATA if offer else None)
         link = SchedulerLink(call, self.d.host_id, self.task_id, self.peer_id)
         download = self.req.to_proto(self.task)
         if self.d.is_seed and self.req.need_back_to_source:
@@ -518,15 +535,19 @@ class Downloader:
                     raise PeerError("scheduler closed the announce stream before the download finished")
                 kind = resp.WhichOneof("response")
                 if kind == "normal_task_response":
-                    candidates = list(resp.normal_task_response.candidate_parents)
+                    answer = list(resp.normal_task_response.candidate_parents)
+                    shares = [n for c in answer for n in source_share_from_proto(c) or ()]
+                    candidates = [c for c in answer if source_share_from_proto(c) is None]
                     if fetch is not None:
                         known = {c.id for c in fetch_parents}
                         fetch_parents += [c for c in candidates if c.id not in known]
+                        self._take_shares(shares)
                         self._add_parents(candidates)
                         continue
                     link.send(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest())
                     fetch_parents = candidates
-                    fetch = asyncio.ensure_future(self._from_parents(candidates))
+                    task_pb = answer[0].task if answer else None
+                    fetch = asyncio.ensure_future(self._from_parents(candidates, task_pb, shares))
                     continue
                 if fetch is not None:
                     fetch.cancel()
@@ -556,6 +577,7 @@ class Downloader:
         if not self.may_read_source:
             raise PeerError("scheduler sent this peer to the source, and back-to-source is disabled")
         self.log.info("back to source: {}", why)
+        await asyncio.gather(*self._shares, return_exceptions=True)  # what they read is not read again
         link.send(download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest())
         try:
             await self._from_source(report=True)
@@ -644,6 +666,7 @@ class Downloader:
             else:
                 self.link.send(download_piece_finished_request=scheduler_pb2.DownloadPieceFinishedRequest(piece=piece))
         self.rt.publish(PieceEvent(record, int(traffic), parent_id, cost))
+        self._poke()
         self.d.offer_pieces(self.task)  # a super-seeding seed tells one child of the new piece
 
     async def _finish(self) -> None:
@@ -677,10 +700,13 @@ class Downloader:
             self.source = self.d.plugins.make_source(self.req.url, self.req.source_options)
         if not report:
             self.link = None
+        await self._read_source(sorted(self._missing()))
+
+    async def _read_source(self, missing: list[int]) -> None:
+        """Read pieces ``missing`` (sorted) from the source, storing and reporting each once whole."""
         assert self.task is not None
         cfg = self.d.settings.daemon
         width = cfg.source_concurrent_pieces or cfg.concurrent_pieces
-        missing = sorted(self._missing())
         # With source_stream, a few long reads, each cutting pieces as its bytes arrive: fewer
         # requests for the origin, and no gap between one piece's last byte and the next one's first.
         runs = source_runs(missing, width) if cfg.source_stream else [[n] for n in missing]
@@ -732,10 +758,50 @@ class Downloader:
 
     # -- from parents ------------------------------------------------------------------------------
 
-    async def _from_parents(self, candidates: list[common_pb2.Peer]) -> None:
-        if not candidates:
+    def _sharing(self) -> bool:
+        return any(not t.done() for t in self._shares)
+
+    def _take_shares(self, numbers: list[int]) -> None:
+        """Read the pieces the scheduler handed this peer from the source, beside the fetches."""
+        assert self.task is not None
+        wanted = sorted(n for n in set(numbers) if n in self._missing())
+        if not wanted:
+            return
+        if not self.may_read_source:  # the scheduler should not have: let it hand them on
+            self._share_failed(wanted, BackendError("back-to-source is disabled on this daemon"))
+            return
+        self.log.info("reading {} pieces of the task from the source, a share of its one read", len(wanted))
+        t = asyncio.get_running_loop().create_task(self._read_share(wanted))
+        self._shares.add(t)
+        t.add_done_callback(lambda _: self._poke())
+
+    async def _read_share(self, numbers: list[int]) -> None:
+        try:
+            if self.source is None:
+                self.source = self.d.plugins.make_source(self.req.url, self.req.source_options)
+            await self._read_source(numbers)
+        except StorageError as exc:  # a full disk is this download's end, not the source's fault
+            self._share_error = exc
+        except (DamselflyError, OSError, TimeoutError) as exc:
+            self._share_failed([n for n in numbers if n in self._missing()], exc)
+
+    def _share_failed(self, numbers: list[int], exc: BaseException) -> None:
+        """Tell the scheduler; it hands the rest of the share on, and the pieces come from a parent."""
+        self.log.warning("source share failed ({} pieces left): {}", len(numbers), exc)
+        if self.link is not None and numbers:
+            self.link.send(
+                download_piece_back_to_source_failed_request=scheduler_pb2.DownloadPieceBackToSourceFailedRequest(
+                    piece_number=numbers[0],
+                    backend=errordetails_pb2.Backend(message=str(exc), status_code=getattr(exc, "status_code", 0)),
+                )
+            )
+
+    async def _from_parents(
+        self, candidates: list[common_pb2.Peer], task_pb: common_pb2.Task | None = None, shares: list[int] | None = None
+    ) -> None:
+        if not candidates and not shares and not self._sharing():
             raise Reschedule("no candidate parents")
-        first = candidates[0].task
+        first = task_pb if task_pb is not None else candidates[0].task if candidates else common_pb2.Task()
         for pb in first.pieces:
             self.authoritative[pb.number] = pb.digest
         if self.task is None:
@@ -764,13 +830,16 @@ class Downloader:
             wake.set()
 
         add(candidates)
-        if not parents:
+        self._take_shares(shares or [])
+        if not parents and not self._sharing():
             raise Reschedule("every candidate parent is blocklisted")
         self._add_parents = add
+        self._poke = wake.set
         try:
             await self._fetch_loop(parents, wake)
         finally:
             self._add_parents = lambda _: None
+            self._poke = lambda: None
             for p in parents.values():
                 if p.task:
                     p.task.cancel()
@@ -806,7 +875,10 @@ class Downloader:
             held = self.rt.held.setdefault(parent.host_id, set()) if parent.host_id else set()
             async for resp in call:
                 parent.piece_addresses = announced or addresses_from_response(resp)
-                parent.pieces.add(resp.number)
+                if resp.number not in parent.pieces:
+                    parent.pieces.add(resp.number)
+                    if self._held is not None and parent.alive and parent.peer_id not in self.blocklist:
+                        self._held[resp.number] = self._held.get(resp.number, 0) + _holding(parent)
                 held.add(resp.number)
                 self._first_seen.setdefault(resp.number, time.monotonic())
                 poke()
@@ -814,6 +886,7 @@ class Downloader:
         except grpc.aio.AioRpcError as exc:
             self.log.info("parent {} stopped answering SyncPieces: {}", parent.peer_id, exc.details())
             parent.alive = False
+            self._held = None
         finally:
             poke()
 
@@ -824,6 +897,7 @@ class Downloader:
         load: dict[str, int] = {}  # pieces in flight from each parent
         tried: dict[int, set[str]] = {}
         last_progress = time.monotonic()
+        self._held = None  # these parents' holders of each piece, built on the first pass
 
         def slots() -> tuple[bool, bool]:
             """(peers full, all full): concurrent_pieces fetches, and seed_extra_pieces more from
@@ -843,6 +917,8 @@ class Downloader:
 
         try:
             while True:
+                if self._share_error is not None:
+                    raise self._share_error
                 missing = self._missing()
                 if not missing:
                     return
@@ -857,22 +933,33 @@ class Downloader:
                     later += [t for p in usable for n, t in p.declined.items() if t > now and n in missing]
                     if later:
                         next_ready = min(next_ready, min(later) - now)
-                    choosable = [p for p in usable if p.is_seed] if peers_full else usable
-                    held_by: dict[int, float] = {}
-                    for p in choosable:
-                        for n in p.pieces:
-                            held_by[n] = held_by.get(n, 0) + (SEED_HOLDER if p.is_seed else 1)
+                    if peers_full:
+                        choosable = [p for p in usable if p.is_seed]
+                        held_by = _holders(choosable)
+                    else:
+                        choosable = usable
+                        if self._held is None:  # kept up to date as parents announce pieces
+                            self._held = _holders(usable)
+                        held_by = self._held
                     fetching = {f.number for f in inflight.values()}
                     wanted = (held_by.keys() & missing) - fetching
-                    for number in self.d.picker.order(wanted, held_by):
+                    # Only parents not backing off can be asked, so only their pieces are walked:
+                    # with every parent busy a pass costs next to nothing.
+                    ready = [p for p in choosable if p.busy_until <= now]
+                    reachable = wanted
+                    if len(ready) < len(choosable):
+                        reachable = wanted & set().union(*(p.pieces for p in ready))
+                    for number in self.d.picker.order(reachable, held_by) if ready else ():
                         peers_full, full = slots()
                         if full:
                             break
+                        asked = tried.get(number, _NOBODY)
                         holders = [
                             p
-                            for p in choosable
-                            if askable(p, number, now)
-                            and p.peer_id not in tried.get(number, set())
+                            for p in ready
+                            if number in p.pieces
+                            and p.declined.get(number, 0.0) <= now
+                            and p.peer_id not in asked
                             and (p.is_seed or not peers_full)
                         ]
                         if not holders:
@@ -910,8 +997,9 @@ class Downloader:
                                 )
                                 self.d.metrics.endgame_fetches.inc()
                         peers_full, full = slots()
-                if not inflight:
-                    if all(p.synced for p in usable) and not later:
+                if not inflight and not self._sharing():  # a share being read is progress too
+                    # (a seed whose share came with no parent waits for the scheduler's offers)
+                    if parents and all(p.synced for p in usable) and not later:
                         raise Reschedule(
                             f"{len(missing)} pieces missing and no live parent has them "
                             f"({len(parents) - len(usable)} of {len(parents)} parents failed)"
@@ -920,7 +1008,7 @@ class Downloader:
                         tried.pop(n, None)
                 # A piece in flight is progress, however slowly it comes (a busy parent shares its
                 # link); a fetch that stalls ends at piece_timeout and counts as the parent's failure.
-                if inflight:
+                if inflight or self._sharing():
                     last_progress = time.monotonic()
                 if time.monotonic() - last_progress > cfg.schedule_timeout:
                     raise Reschedule(f"no piece arrived for {cfg.schedule_timeout:.0f}s")
@@ -1029,11 +1117,13 @@ class Downloader:
         except NotFound as exc:
             writer.abort()
             parent.pieces.discard(number)
+            self._held = None
             self._parent_failed(parent, number, str(exc), block=False)
             raise
         except (PeerError, TimeoutError, OSError) as exc:
             writer.abort()
             parent.alive = False
+            self._held = None
             if key:
                 await pool.drop(key)
             self._parent_failed(parent, number, f"parent failed: {exc or 'timeout'}", block=False)
@@ -1056,12 +1146,31 @@ class Downloader:
         self.d.plugins.piece_failed(self.task_id, number, parent.peer_id, reason)
         if block:
             self.blocklist.add(parent.peer_id)
+            self._held = None
         if self.link is not None:
             self.link.send(
                 download_piece_failed_request=scheduler_pb2.DownloadPieceFailedRequest(
                     piece_number=number, parent_id=parent.peer_id, temporary=not block
                 )
             )
+
+
+_NOBODY: frozenset[str] = frozenset()
+
+
+def _holding(p: _Parent) -> float:
+    """What a parent counts for in a piece's rarity: a seed half a holder (it offers its
+    pieces to all), a peer one."""
+    return SEED_HOLDER if p.is_seed else 1
+
+
+def _holders(parents: list[_Parent]) -> dict[int, float]:
+    held: dict[int, float] = {}
+    for p in parents:
+        w = _holding(p)
+        for n in p.pieces:
+            held[n] = held.get(n, 0) + w
+    return held
 
 
 def _weight(host: common_pb2.Host) -> float:

@@ -24,12 +24,20 @@ from damselfly.config import Settings
 from damselfly.contracts import Candidate, Strategy
 from damselfly.core.host import Host
 from damselfly.core.peer import Peer, PeerState
-from damselfly.core.piece import ByteRange, Layout, covers
+from damselfly.core.piece import ByteRange, Layout, covers, share_blocks
 from damselfly.core.task import Task, TaskState
 from damselfly.metrics import SchedulerMetrics, serve_metrics
 from damselfly.plugin_manager import Plugins, build_plugins
 from damselfly.scheduler import preheat
-from damselfly.wire import host_from_proto, host_to_proto, peer_to_proto, piece_from_proto, task_to_proto
+from damselfly.wire import (
+    host_from_proto,
+    host_to_proto,
+    offers_source_shares,
+    peer_to_proto,
+    piece_from_proto,
+    source_share_to_proto,
+    task_to_proto,
+)
 
 _CLOSE = object()
 ELIGIBLE = (PeerState.RUNNING, PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED)
@@ -50,6 +58,15 @@ class TaskEntry:
     seed_failed_at: float = 0.0
     seed_requests: list[ByteRange | None] = field(default_factory=list)  # what the seed was asked for
     back_to_source_peers: set[str] = field(default_factory=set)
+    # A shared source read (scheduler.source_shares): the peers that offered to take a share,
+    # with the queue of answers on their streams; the pieces each was handed and has not
+    # reported; those handed but not yet in an answer to it; the peers answered so far.
+    sharers: dict[str, asyncio.Queue[object]] = field(default_factory=dict)
+    shares: dict[str, set[int]] = field(default_factory=dict)
+    untold: dict[str, set[int]] = field(default_factory=dict)
+    answered: set[str] = field(default_factory=set)
+    shares_planned: bool = False
+    share_serial: int = 0
 
     def notify(self) -> None:
         self.changed.set()
@@ -167,6 +184,9 @@ class SchedulerState:
         e = self.tasks.get(p.task_id)
         if e:
             e.task.peer_ids.discard(peer_id)
+            e.sharers.pop(peer_id, None)
+            e.untold.pop(peer_id, None)
+            e.answered.discard(peer_id)
             e.notify()
         h = self.hosts.get(p.host_id)
         if h:
@@ -320,7 +340,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     ) -> AsyncIterator[scheduler_pb2.AnnouncePeerResponse]:
         self.metrics.announce_peer.inc()
         out: asyncio.Queue[object] = asyncio.Queue()
-        session = _PeerSession(self, out)
+        session = _PeerSession(self, out, shares_ok=offers_source_shares(context.invocation_metadata()))
         reader = asyncio.get_running_loop().create_task(session.consume(request_iterator))
         try:
             while True:
@@ -406,16 +426,95 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def _offer(
         self, entry: TaskEntry, peer: Peer, kept: list[Candidate], new: list[Candidate]
     ) -> scheduler_pb2.AnnouncePeerResponse:
-        """Make ``new`` parents of ``peer`` in the DAG and answer with them after ``kept``."""
+        """Make ``new`` parents of ``peer`` in the DAG and answer with them after ``kept``, and
+        with the pieces it was handed from the source since its last answer."""
         for c in new:
             peer.parents.add(c.peer.id)
             c.peer.children.add(peer.id)
         task_pb = task_to_proto(entry.task)  # once, not once per parent
+        candidates = [peer_to_proto(c.peer, c.host, entry.task, task_pb) for c in kept + new]
+        told = entry.untold.pop(peer.id, None)
+        if told:
+            entry.share_serial += 1
+            candidates.insert(0, source_share_to_proto(entry.share_serial, sorted(told), entry.task, task_pb))
+        if peer.id in entry.sharers:
+            entry.answered.add(peer.id)
         return scheduler_pb2.AnnouncePeerResponse(
-            normal_task_response=scheduler_pb2.NormalTaskResponse(
-                candidate_parents=[peer_to_proto(c.peer, c.host, entry.task, task_pb) for c in kept + new]
-            )
+            normal_task_response=scheduler_pb2.NormalTaskResponse(candidate_parents=candidates)
         )
+
+    # -- shared source reads ------------------------------------------------------------------
+
+    def plan_shares(self, entry: TaskEntry, seed: Peer) -> scheduler_pb2.AnnouncePeerResponse | None:
+        """Split the task's read of the source between its seed and the peers waiting for it.
+
+        Every host's link is then busy from the start with pieces nobody else has, instead of
+        all of them trailing the one link the seed reads the origin through. Each piece is
+        still read once. None when there is nobody to share with: the seed reads it all.
+        """
+        st = self.state
+        if entry.shares_planned or not entry.task.known_length or entry.task.piece_count == 0:
+            return None
+        if st.strategy.dag:
+            return None  # in a DAG no piece flows up to a parent: a peer's block would reach few
+        waiting = []
+        for pid in sorted(entry.sharers):
+            p = st.peers.get(pid)
+            h = st.hosts.get(p.host_id) if p is not None else None
+            if p is not None and h is not None and pid != seed.id and not p.done and not h.is_seed:
+                waiting.append(p)
+        if not waiting:
+            return None
+        entry.shares_planned = True
+        readers = [seed, *waiting]
+        for p, block in zip(readers, share_blocks(entry.task.piece_count, len(readers)), strict=True):
+            if block:
+                entry.shares[p.id] = set(block)
+                entry.untold[p.id] = set(block)
+                self.metrics.source_share_pieces.labels("planned").inc(len(block))
+        seed.need_back_to_source = False  # it reads its share and fetches the rest like any peer
+        logger.info("task {}: the source read is shared among {} peers", entry.task.id[:12], len(readers))
+        return self._offer(entry, seed, [], [])
+
+    def hand_on_shares(self, entry: TaskEntry, peer: Peer, why: str) -> None:
+        """``peer`` will not read the rest of its share (it failed, or left): another sharer
+        of the task takes it, the seed first; an answered one hears of it at once."""
+        left = entry.shares.pop(peer.id, set())
+        entry.untold.pop(peer.id, None)
+        entry.sharers.pop(peer.id, None)
+        if not left:
+            return
+        st = self.state
+        heirs = []
+        for pid in entry.sharers:
+            p = st.peers.get(pid)
+            h = st.hosts.get(p.host_id) if p is not None else None
+            if p is not None and h is not None and not p.done:
+                heirs.append((not h.is_seed, len(entry.shares.get(pid, ())), pid, p))
+        if not heirs:
+            logger.warning(
+                "task {}: {} pieces of peer {}'s source share have nobody to read them ({})",
+                entry.task.id[:12],
+                len(left),
+                peer.id,
+                why,
+            )
+            return
+        heir = min(heirs)[3]
+        entry.shares.setdefault(heir.id, set()).update(left)
+        entry.untold.setdefault(heir.id, set()).update(left)
+        self.metrics.source_share_pieces.labels("handed_on").inc(len(left))
+        logger.info(
+            "task {}: {} pieces of {}'s source share go to {} ({})",
+            entry.task.id[:12],
+            len(left),
+            peer.id,
+            heir.id,
+            why,
+        )
+        if heir.id in entry.answered:
+            queue = entry.sharers[heir.id]
+            queue.put_nowait(self._offer(entry, heir, [], []))
 
     def _source_busy(self, entry: TaskEntry, peer: Peer) -> bool:
         """Someone (a seed or another peer) is fetching what ``peer`` needs from the source."""
@@ -494,10 +593,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 class _PeerSession:
     """One AnnouncePeer stream: the requests of one peer, answered through ``out``."""
 
-    def __init__(self, svc: SchedulerService, out: asyncio.Queue[object]):
+    def __init__(self, svc: SchedulerService, out: asyncio.Queue[object], *, shares_ok: bool = False):
         self.svc = svc
         self.st = svc.state
         self.out = out
+        self.shares_ok = shares_ok  # the peer said it may take a share of the source read
         self.peer: Peer | None = None
         self.scheduling: asyncio.Task[None] | None = None
         self.refreshing: asyncio.Task[None] | None = None
@@ -509,6 +609,9 @@ class _PeerSession:
         p = self.peer
         if p is not None and p.id in self.st.peers and not p.done:
             # The stream broke before the peer said it finished: it is gone.
+            entry = self.st.tasks.get(p.task_id)
+            if entry is not None:
+                self.svc.hand_on_shares(entry, p, "its stream ended")
             p.state = PeerState.LEAVE
             self.st.remove_peer(p.id)
             self.svc._refresh_gauges()
@@ -528,8 +631,11 @@ class _PeerSession:
             return
         self.out.put_nowait(answer)
         if answer.WhichOneof("response") == "normal_task_response":
-            self._stop_refresh()
-            self.refreshing = asyncio.get_running_loop().create_task(self.svc.refresh(peer, self.out))
+            self._start_refresh(peer)
+
+    def _start_refresh(self, peer: Peer) -> None:
+        self._stop_refresh()
+        self.refreshing = asyncio.get_running_loop().create_task(self.svc.refresh(peer, self.out))
 
     def _stop_refresh(self) -> None:
         if self.refreshing is not None:
@@ -581,6 +687,11 @@ class _PeerSession:
             if kind == "download_piece_back_to_source_finished_request":
                 entry.task.pieces[piece.number] = piece_from_proto(piece)
                 self.svc.metrics.piece_reports.labels("back_to_source").inc()
+                share = entry.shares.get(peer.id)
+                if share is not None:
+                    share.discard(piece.number)
+                    if not share:
+                        del entry.shares[peer.id]
             else:
                 self.svc.metrics.piece_reports.labels("remote_peer").inc()
                 parent = self.st.peers.get(piece.parent_id)
@@ -597,6 +708,7 @@ class _PeerSession:
                 peer.blocklist.add(r.parent_id)
         elif kind == "download_piece_back_to_source_failed_request":
             logger.warning("peer {} failed a piece from the source", peer.id)
+            self.svc.hand_on_shares(entry, peer, "it could not read the source")
         elif kind == "reschedule_peer_request":
             r = req.reschedule_peer_request
             for c in r.candidate_parents:
@@ -609,12 +721,14 @@ class _PeerSession:
             else:
                 self._schedule_soon()
         elif kind in ("download_peer_finished_request", "download_peer_back_to_source_finished_request"):
+            self.svc.hand_on_shares(entry, peer, "it finished")  # nothing is left of a share by then
             peer.state = PeerState.SUCCEEDED
             if self.st.range_of(peer.id) is None:
                 entry.task.state = TaskState.SUCCEEDED  # a ranged peer finishing says nothing of the rest
             entry.notify()
             return True
         elif kind in ("download_peer_failed_request", "download_peer_back_to_source_failed_request"):
+            self.svc.hand_on_shares(entry, peer, "it failed")
             peer.state = PeerState.FAILED
             host = self.st.hosts.get(peer.host_id)
             if kind == "download_peer_back_to_source_failed_request" and host is not None and host.is_seed:
@@ -663,6 +777,14 @@ class _PeerSession:
         task.peer_ids.add(peer.id)
         self.peer = peer
         self.svc._refresh_gauges()
+        if (
+            self.shares_ok
+            and self.svc.cfg.source_shares
+            and self.st.range_of(peer.id) is None
+            and not download.disable_back_to_source
+            and not download.metadata_only
+        ):
+            entry.sharers[peer.id] = self.out
         if download.metadata_only:
             # A daemon that already holds the whole task says so (after a restart, say).
             peer.state = PeerState.RUNNING
@@ -671,6 +793,11 @@ class _PeerSession:
             )
             return
         if download.need_back_to_source:
+            shared = self.svc.plan_shares(entry, peer) if host.is_seed and peer.id in entry.sharers else None
+            if shared is not None:
+                self.out.put_nowait(shared)
+                self._start_refresh(peer)
+                return
             self.out.put_nowait(self.svc._back_to_source(entry, peer, "the peer asked for it"))
             return
         self._schedule_soon()

@@ -438,6 +438,15 @@ class SwarmLab:
                 for d in daemons
             }
             busy = sum(scrape(info[d.name]["metrics"], "dragonfly_dfdaemon_upload_busy_total") for d in daemons)
+            readers = sum(
+                scrape(
+                    info[d.name]["metrics"],
+                    "dragonfly_dfdaemon_download_traffic_bytes_total",
+                    '{traffic_type="back_to_source"}',
+                )
+                > 0
+                for d in daemons
+            )
             announced, skipped = (
                 sum(
                     scrape(info[d.name]["metrics"], "dragonfly_dfdaemon_sync_piece_total", f'{{outcome="{outcome}"}}')
@@ -454,6 +463,7 @@ class SwarmLab:
         summary = self._summary(times, origin["bytes"], uploaded)
         summary["cpu_seconds"] = round(cpu, 1)
         summary["busy_answers"] = int(busy)
+        summary["source_readers"] = int(readers)  # daemons that read from the origin (shares: all)
         summary["sync_piece_messages"] = int(announced)
         summary["sync_pieces_skipped"] = int(skipped)  # the child's host had told us it holds them
         return summary
@@ -585,11 +595,14 @@ PROFILES: dict[str, Profile] = {
     "locality": Profile("locality", _strategy("locality"), {}),
     "swarm": Profile(
         "swarm",
-        _strategy("swarm"),
+        # the seed and the peers waiting for it each read a different block of the origin
+        {**_strategy("swarm"), "DAMSELFLY_SCHEDULER__SOURCE_SHARES": "true"},
         {
             "DAMSELFLY_DAEMON__PIECE_PICKER": "rarest-first",
-            "DAMSELFLY_DAEMON__CONCURRENT_PIECES": "4",
-            "DAMSELFLY_DAEMON__UPLOAD_SLOTS": "4",
+            "DAMSELFLY_DAEMON__CONCURRENT_PIECES": "6",
+            "DAMSELFLY_DAEMON__UPLOAD_SLOTS": "6",
+            # a peer's share of the source in one read, so that its first piece is whole soonest
+            "DAMSELFLY_DAEMON__SOURCE_CONCURRENT_PIECES": "1",
             "DAMSELFLY_DAEMON__SEED_EXTRA_PIECES": "1",
             "DAMSELFLY_DAEMON__BUSY_BACKOFF": "0.2",
             "DAMSELFLY_DAEMON__PARENT_GATHER_WINDOW": "0",
@@ -598,6 +611,8 @@ PROFILES: dict[str, Profile] = {
         {
             "DAMSELFLY_DAEMON__SUPER_SEED": "true",
             "DAMSELFLY_DAEMON__UPLOAD_SLOTS": "6",
+            # the seed fetches the peers' shares one at a time: each host's download comes first
+            "DAMSELFLY_DAEMON__CONCURRENT_PIECES": "1",
             "DAMSELFLY_DAEMON__SOURCE_CONCURRENT_PIECES": "1",
             "DAMSELFLY_DAEMON__SOURCE_STREAM": "true",
             # the seed's read of the origin is the critical path: a fixed socket buffer and a larger

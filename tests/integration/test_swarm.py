@@ -392,3 +392,28 @@ async def test_endgame_takes_a_stalled_piece_from_another_parent(damselfly_origi
     staller_host = cluster.daemon("peer1")["host_id"]
     assert not any(c["parent_id"].startswith(staller_host + "-") for c in verified)  # both came from the seed
     assert damselfly_origin.stats()["bytes"] == 8 * MiB
+
+
+async def test_a_shared_source_read_fetches_every_piece_from_the_origin_once(
+    damselfly_origin, damselfly_cluster_factory, tmp_path
+):
+    src = damselfly_origin.make("shared.bin", 24 * MiB + 3)
+    cluster = damselfly_cluster_factory(
+        peers=3,
+        env={"DAMSELFLY_SCHEDULER__SOURCE_SHARES": "true", "DAMSELFLY_SCHEDULER__STRATEGY": "swarm"},
+        peer_env={3: {"DAMSELFLY_DAEMON__DISABLE_BACK_TO_SOURCE": "true"}},  # offers no share
+    )
+    damselfly_origin.reset()
+    url = damselfly_origin.url("shared.bin")
+    results = await asyncio.gather(
+        *(download(cluster, f"peer{i}", url, tmp_path / f"sh{i}", piece_length=1 * MiB) for i in (1, 2, 3))
+    )
+    size = src.stat().st_size
+    assert damselfly_origin.stats()["bytes"] == size  # each piece read once, by whoever it was handed to
+    assert all(sha(tmp_path / f"sh{i}") == sha(src) for i in (1, 2, 3))
+    seed_read = cluster.metric(
+        "seed", "dragonfly_dfdaemon_download_traffic_bytes_total", '{traffic_type="back_to_source"}'
+    )
+    assert seed_read + sum(r.source_bytes for r in results) == size
+    assert all(r.source_bytes + r.peer_bytes == size for r in results)
+    assert results[2].source_bytes == 0
