@@ -184,6 +184,12 @@ class SchedulerConfig(Section):
         "the rest from each other (origin bytes stay 1 x the task; the origin's bandwidth beyond one "
         "host's link is used). Mesh strategies only (swarm): in a DAG pieces never flow up to a parent.",
     )
+    source_share_wait: float = Field(
+        0.2,
+        ge=0,
+        description="With source_shares: seconds the seed of a new task waits before the read is split, "
+        "so that the peers that started the task at about the same time are among the readers.",
+    )
     host_gc_interval: float = Field(60.0, gt=0, description="Seconds between sweeps for silent hosts and old peers.")
     peer_ttl: float = Field(86400.0, gt=0, description="Seconds a peer is kept after its last message.")
 

@@ -793,14 +793,26 @@ class _PeerSession:
             )
             return
         if download.need_back_to_source:
-            shared = self.svc.plan_shares(entry, peer) if host.is_seed and peer.id in entry.sharers else None
-            if shared is not None:
-                self.out.put_nowait(shared)
-                self._start_refresh(peer)
+            if host.is_seed and peer.id in entry.sharers and not entry.shares_planned:
+                self.scheduling = asyncio.get_running_loop().create_task(self._share_or_read(entry, peer))
                 return
             self.out.put_nowait(self.svc._back_to_source(entry, peer, "the peer asked for it"))
             return
         self._schedule_soon()
+
+    async def _share_or_read(self, entry: TaskEntry, seed: Peer) -> None:
+        """The seed of a new task: after ``source_share_wait`` (the peers that started the task
+        with the first one register meanwhile), a block to read and the rest from the peers, or
+        the whole task from the source when there is nobody to share with."""
+        await asyncio.sleep(self.svc.cfg.source_share_wait)
+        if seed.id not in self.st.peers or seed.done:
+            return
+        shared = self.svc.plan_shares(entry, seed)
+        if shared is None:
+            self.out.put_nowait(self.svc._back_to_source(entry, seed, "the peer asked for it"))
+            return
+        self.out.put_nowait(shared)
+        self._start_refresh(seed)
 
 
 async def start_scheduler(settings: Settings, plugins: Plugins | None = None) -> SchedulerServer:
