@@ -15,7 +15,11 @@ peer and ``seed_extra_pieces`` more from the seed, a parent with ``upload_slots`
 taken answers busy, a super-seeding seed offers each piece to one child at a time
 (``SuperSeeder``, the class the seed daemon runs), and the seed reads the origin
 in ``source_concurrent_pieces`` long reads (``source_stream``) or one read per
-piece. A piece is served on only once it is whole.
+piece. With the scheduler's ``source_shares`` the seed and every peer read a block
+each (``share_blocks``, as the scheduler splits it: all peers are taken to be
+waiting) and the seed fetches the rest from the peers that fetch from it. Peers
+choose their fetches in a new random order each step. A piece is served on only
+once it is whole.
 
 Links are fluid: every ``--step`` seconds each transfer gets the smaller of its
 parent's upload and its child's download, each shared equally among their
