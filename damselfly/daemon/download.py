@@ -546,7 +546,7 @@ class Downloader:
                         continue
                     link.send(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest())
                     fetch_parents = candidates
-                    task_pb = answer[0].task if answer else None
+                    task_pb = answer[0].task if answer else common_pb2.Task()
                     fetch = asyncio.ensure_future(self._from_parents(candidates, task_pb, shares))
                     continue
                 if fetch is not None:
@@ -797,16 +797,17 @@ class Downloader:
             )
 
     async def _from_parents(
-        self, candidates: list[common_pb2.Peer], task_pb: common_pb2.Task | None = None, shares: list[int] | None = None
+        self, candidates: list[common_pb2.Peer], task_pb: common_pb2.Task, shares: list[int]
     ) -> None:
+        """Fetch from ``candidates`` (the task as the scheduler knows it: ``task_pb``) while the
+        pieces in ``shares`` are read from the source."""
         if not candidates and not shares and not self._sharing():
             raise Reschedule("no candidate parents")
-        first = task_pb if task_pb is not None else candidates[0].task if candidates else common_pb2.Task()
-        for pb in first.pieces:
+        for pb in task_pb.pieces:
             self.authoritative[pb.number] = pb.digest
         if self.task is None:
-            if first.content_length or first.piece_count:
-                await self._create(first.content_length, None)
+            if task_pb.content_length or task_pb.piece_count:
+                await self._create(task_pb.content_length, None)
             else:  # the scheduler has not learnt the length: ask the parents themselves
                 await self._create(await self._stat_parents(candidates), None)
         parents: dict[str, _Parent] = {}
@@ -830,7 +831,7 @@ class Downloader:
             wake.set()
 
         add(candidates)
-        self._take_shares(shares or [])
+        self._take_shares(shares)
         if not parents and not self._sharing():
             raise Reschedule("every candidate parent is blocklisted")
         self._add_parents = add

@@ -452,17 +452,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         all of them trailing the one link the seed reads the origin through. Each piece is
         still read once. None when there is nobody to share with: the seed reads it all.
         """
-        st = self.state
         if entry.shares_planned or not entry.task.known_length or entry.task.piece_count == 0:
             return None
-        if st.strategy.dag:
-            return None  # in a DAG no piece flows up to a parent: a peer's block would reach few
-        waiting = []
-        for pid in sorted(entry.sharers):
-            p = st.peers.get(pid)
-            h = st.hosts.get(p.host_id) if p is not None else None
-            if p is not None and h is not None and pid != seed.id and not p.done and not h.is_seed:
-                waiting.append(p)
+        waiting = sorted((p for p, h in self._live_sharers(entry) if not h.is_seed), key=lambda p: p.id)
         if not waiting:
             return None
         entry.shares_planned = True
@@ -476,6 +468,17 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         logger.info("task {}: the source read is shared among {} peers", entry.task.id[:12], len(readers))
         return self._offer(entry, seed, [], [])
 
+    def _live_sharers(self, entry: TaskEntry) -> list[tuple[Peer, Host]]:
+        """The peers of the task that offered to read a share and are still downloading."""
+        st = self.state
+        live = []
+        for pid in entry.sharers:
+            p = st.peers.get(pid)
+            h = st.hosts.get(p.host_id) if p is not None else None
+            if p is not None and h is not None and not p.done:
+                live.append((p, h))
+        return live
+
     def hand_on_shares(self, entry: TaskEntry, peer: Peer, why: str) -> None:
         """``peer`` will not read the rest of its share (it failed, or left): another sharer
         of the task takes it, the seed first; an answered one hears of it at once."""
@@ -484,13 +487,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         entry.sharers.pop(peer.id, None)
         if not left:
             return
-        st = self.state
-        heirs = []
-        for pid in entry.sharers:
-            p = st.peers.get(pid)
-            h = st.hosts.get(p.host_id) if p is not None else None
-            if p is not None and h is not None and not p.done:
-                heirs.append((not h.is_seed, len(entry.shares.get(pid, ())), pid, p))
+        heirs = [(not h.is_seed, len(entry.shares.get(p.id, ())), p.id, p) for p, h in self._live_sharers(entry)]
         if not heirs:
             logger.warning(
                 "task {}: {} pieces of peer {}'s source share have nobody to read them ({})",
@@ -780,6 +777,7 @@ class _PeerSession:
         if (
             self.shares_ok
             and self.svc.cfg.source_shares
+            and not self.st.strategy.dag  # in a DAG no piece flows up to a parent: a block would reach few
             and self.st.range_of(peer.id) is None
             and not download.disable_back_to_source
             and not download.metadata_only
