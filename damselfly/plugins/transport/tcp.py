@@ -9,6 +9,8 @@ a connection holds at most that buffer, whatever the piece length.
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 import socket
 import threading
 import time
@@ -106,13 +108,57 @@ async def _send_piece(
     use_sendfile: bool,
 ) -> None:
     async def send_region(region: FileRegion) -> None:
-        await writer.drain()
-        with open(region.path, "rb") as f:
-            sent = await loop.sendfile(writer.transport, f, region.offset, region.length)
-        if sent != region.length:
-            raise PeerError(f"sendfile sent {sent} of {region.length} bytes")
+        await writer.drain()  # the header is on the wire first; nothing else writes until the piece is out
+        sock = writer.get_extra_info("socket")
+        if sock is None:
+            raise PeerError("the connection has no socket to sendfile on")
+        fd = os.dup(sock.fileno())  # the thread's own descriptor: a close here cannot hand it another socket
+        job = loop.run_in_executor(_SEND_THREADS, _sendfile_all, fd, region)
+        job.add_done_callback(lambda _: os.close(fd))
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            if not job.done():  # (once done, the descriptor is closed, its number maybe reused)
+                _shutdown(fd)  # the thread wakes at once and gives the descriptor back
+            raise
 
     await answer(writer, lookup, req, SEND_SLICE, send_region if use_sendfile else None)
+
+
+# A stored piece goes out from a worker thread: sendfile(2) and poll(2) on the
+# connection's (non-blocking) descriptor, both without the GIL. The event loop's own
+# sendfile needs a loop turn and two epoll_ctl calls each time the send buffer fills,
+# many times per piece on a slow link.
+_SEND_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="damselfly-tcp-send")
+SEND_STALL_SECONDS = 60.0
+
+
+def _shutdown(fd: int) -> None:
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _sendfile_all(fd: int, region: FileRegion) -> None:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    with open(region.path, "rb") as f:
+        offset, left = region.offset, region.length
+        while left:
+            try:
+                sent = os.sendfile(fd, f.fileno(), offset, left)
+            except BlockingIOError:
+                if not poller.poll(SEND_STALL_SECONDS * 1000):
+                    raise PeerError(f"the child took nothing for {SEND_STALL_SECONDS:.0f} s") from None
+                continue
+            except OSError as exc:
+                raise PeerError(f"sendfile failed: {exc}") from exc
+            if sent == 0:
+                raise PeerError(f"piece cut short on disk, {left} of {region.length} bytes unsent")
+            offset += sent
+            left -= sent
 
 
 # -- client -----------------------------------------------------------------------
