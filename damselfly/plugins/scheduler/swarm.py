@@ -11,7 +11,10 @@ registered when everyone's parents were full still has somewhere to send what
 the seed offered it.
 
 Pair it, in the daemons, with the ``rarest-first`` piece picker and
-``daemon.endgame_duplicates``, and, in the seed, with ``daemon.super_seed: true``.
+``daemon.endgame_duplicates``. In the seed, use ``daemon.super_seed: true`` when the seed
+is the only way in. With ``scheduler.source_shares`` every reader brings new pieces
+in, and a super-seeding seed's upload sits idle, so the lab's ``swarm`` profile
+leaves it off.
 A parent whose last piece cost more than mean + 3 sigma of its earlier ones is
 skipped by the scheduler whatever the strategy (``Peer.is_bad``).
 """
