@@ -165,3 +165,94 @@ async def test_a_parent_that_lies_about_the_digest_is_caught_at_commit(child):
             await w.commit(meta.digest)
         assert 0 not in child.get(TASK).pieces
         await conn.close()
+
+
+# -- a child that stops reading mid-piece ------------------------------------------------
+
+BIG = 32 * MiB  # far more than the two ends' socket buffers hold, so the send must wait on the child
+
+
+@pytest.fixture
+async def big_parent(tmp_path):
+    """A sendfile parent holding one 32 MiB piece, and the log lines it writes."""
+    from loguru import logger
+
+    store = DiskStorage(tmp_path, DiskConfig(persist_interval=0))
+    await store.open()
+    await store.create(Task(id=TASK, content_length=BIG, piece_length=BIG))
+    w = store.writer(TASK, PieceSpan(0, 0, BIG))
+    w.write(bytes(BIG))
+    await w.commit(None)
+
+    async def lookup(task_id, number):
+        rec = store.get(task_id).pieces[number]
+        meta = vortex.PieceMetadata(rec.number, rec.offset, rec.length, rec.digest, "parent")
+        return ServedPiece(meta, region=store.piece_region(task_id, number))
+
+    loop = asyncio.get_running_loop()
+    dropped = asyncio.Event()
+    logger.enable("damselfly")  # the package keeps quiet unless asked (damselfly/__init__.py)
+    sink = logger.add(
+        lambda m: loop.call_soon_threadsafe(dropped.set) if "took nothing" in m else None, level="WARNING"
+    )
+    server = await TcpTransport(TcpConfig(sendfile=True)).serve("127.0.0.1", 0, lookup)
+    yield server, dropped
+    logger.remove(sink)
+    logger.disable("damselfly")
+    await server.close()
+    await store.close()
+
+
+async def _stalled_child(port: int):
+    """A raw child with a tiny receive buffer that asks for the piece and reads its first 64 KiB."""
+    import socket
+
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, vortex.encode_download_piece(TASK, 0))
+    got = 0
+    while got < 64 * 1024:
+        chunk = await loop.sock_recv(sock, 65536)
+        assert chunk, "the parent hung up before sending"
+        got += len(chunk)
+    return sock, got
+
+
+async def _read_to_end(sock) -> int:
+    loop = asyncio.get_running_loop()
+    got = 0
+    try:
+        while chunk := await loop.sock_recv(sock, 1 << 20):
+            got += len(chunk)
+    except ConnectionResetError:
+        pass
+    return got
+
+
+async def test_a_child_that_takes_nothing_is_dropped(big_parent, monkeypatch):
+    from damselfly.plugins.transport import tcp
+
+    monkeypatch.setattr(tcp, "SEND_STALL_SECONDS", 0.3)
+    server, dropped = big_parent
+    sock, got = await _stalled_child(server.port)
+    try:
+        await asyncio.wait_for(dropped.wait(), 10)  # the parent gave up on the child, it did not wait 60 s
+        got += await asyncio.wait_for(_read_to_end(sock), 10)  # then hung up: the child sees the end
+    finally:
+        sock.close()
+    assert 64 * 1024 <= got < BIG  # the piece was cut off, never completed
+
+
+async def test_closing_the_server_ends_a_send_that_waits_on_a_child(big_parent):
+    server, dropped = big_parent
+    sock, got = await _stalled_child(server.port)
+    try:
+        # the send thread waits in poll(2) for up to 60 s; closing shuts the socket down, so it ends now
+        await asyncio.wait_for(server.close(), 5)
+        got += await asyncio.wait_for(_read_to_end(sock), 5)
+    finally:
+        sock.close()
+    assert got < BIG and not dropped.is_set()
