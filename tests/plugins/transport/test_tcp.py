@@ -1,8 +1,10 @@
 """The tcp transport: real sockets on 127.0.0.1, a real storage behind the server."""
 
 import asyncio
+import socket
 
 import pytest
+from loguru import logger
 
 from damselfly.contracts import ServedPiece
 from damselfly.core import vortex
@@ -11,11 +13,18 @@ from damselfly.core.piece import Layout, PieceSpan, digest
 from damselfly.core.task import Task
 from damselfly.plugins.storage.disk import DiskConfig, DiskStorage
 from damselfly.plugins.storage.memory import MemoryStorage
+from damselfly.plugins.transport import tcp
 from damselfly.plugins.transport.tcp import TcpConfig, TcpTransport
 
 MiB = 1 << 20
 TASK = "ef" * 32
 CONTENT = bytes((i * 7) % 256 for i in range(9 * MiB + 123))
+
+
+def _served(store, rec) -> ServedPiece:
+    """A stored piece as the parent serves it: its metadata and the file region it lies in."""
+    meta = vortex.PieceMetadata(rec.number, rec.offset, rec.length, rec.digest, "parent")
+    return ServedPiece(meta, region=store.piece_region(TASK, rec.number))
 
 
 @pytest.fixture(params=["sendfile", "copy"])
@@ -35,9 +44,7 @@ async def parent(request, tmp_path):
         rec = store.get(task_id).pieces.get(number) if store.get(task_id) else None
         if rec is None:
             raise NotFound(f"piece {number} not here")
-        meta = vortex.PieceMetadata(rec.number, rec.offset, rec.length, rec.digest, "parent")
-        region = store.piece_region(task_id, number)
-        return ServedPiece(meta, region=region)
+        return _served(store, rec)
 
     transport = TcpTransport(TcpConfig(sendfile=request.param == "sendfile"))
     server = await transport.serve("127.0.0.1", 0, lookup)
@@ -175,8 +182,6 @@ BIG = 32 * MiB  # far more than the two ends' socket buffers hold, so the send m
 @pytest.fixture
 async def big_parent(tmp_path):
     """A sendfile parent holding one 32 MiB piece, and the log lines it writes."""
-    from loguru import logger
-
     store = DiskStorage(tmp_path, DiskConfig(persist_interval=0))
     await store.open()
     await store.create(Task(id=TASK, content_length=BIG, piece_length=BIG))
@@ -185,9 +190,7 @@ async def big_parent(tmp_path):
     await w.commit(None)
 
     async def lookup(task_id, number):
-        rec = store.get(task_id).pieces[number]
-        meta = vortex.PieceMetadata(rec.number, rec.offset, rec.length, rec.digest, "parent")
-        return ServedPiece(meta, region=store.piece_region(task_id, number))
+        return _served(store, store.get(task_id).pieces[number])
 
     loop = asyncio.get_running_loop()
     dropped = asyncio.Event()
@@ -205,8 +208,6 @@ async def big_parent(tmp_path):
 
 async def _stalled_child(port: int):
     """A raw child with a tiny receive buffer that asks for the piece and reads its first 64 KiB."""
-    import socket
-
     loop = asyncio.get_running_loop()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
@@ -233,8 +234,6 @@ async def _read_to_end(sock) -> int:
 
 
 async def test_a_child_that_takes_nothing_is_dropped(big_parent, monkeypatch):
-    from damselfly.plugins.transport import tcp
-
     monkeypatch.setattr(tcp, "SEND_STALL_SECONDS", 0.3)
     server, dropped = big_parent
     sock, got = await _stalled_child(server.port)
