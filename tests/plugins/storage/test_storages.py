@@ -82,3 +82,87 @@ async def test_running_out_of_space_mid_piece_keeps_nothing(tiny_disk):
     w.abort()
     assert 0 not in s.get(task.id).pieces
     await s.close()
+
+
+@pytest.fixture
+def slow_rename(monkeypatch):
+    """``os.replace`` in the disk storage waits for ``release`` (a rename behind a busy journal)."""
+    import threading
+
+    from damselfly.plugins.storage import disk
+
+    entered, release = threading.Event(), threading.Event()
+    real = disk.os.replace
+
+    def replace(src, dst):  # type: ignore[no-untyped-def]
+        entered.set()
+        if not release.wait(30):
+            raise AssertionError("the test never released the rename")
+        real(src, dst)
+
+    monkeypatch.setattr(disk.os, "replace", replace)
+    yield entered, release
+    release.set()
+
+
+async def test_a_slow_metadata_save_does_not_stop_the_event_loop(tmp_path, slow_rename):
+    import asyncio
+    import json
+
+    from damselfly.testing.storage import write_piece
+
+    entered, release = slow_rename
+    release.set()  # creation saves on the caller's thread: let it through
+    s = DiskStorage(tmp_path)
+    await s.open()
+    task = await s.create(new_task())
+    for n in range(task.piece_count):
+        await write_piece(s, task, n)
+    entered.clear()
+    release.clear()
+    finishing = asyncio.ensure_future(s.finish(task.id))
+    assert await asyncio.to_thread(entered.wait, 10)  # the save sits in its rename...
+    ticks = 0
+    for _ in range(20):  # ...and the loop goes on meanwhile
+        await asyncio.sleep(0)
+        ticks += 1
+    assert ticks == 20 and not finishing.done()
+    release.set()
+    await asyncio.wait_for(finishing, 10)
+    meta = json.loads((tmp_path / "tasks" / task.id / "meta.json").read_text())
+    assert meta["state"] == "Succeeded" and len(meta["pieces"]) == task.piece_count
+    await s.close()
+
+
+async def test_a_late_metadata_save_never_overwrites_a_newer_one_or_a_delete(tmp_path):
+    import json
+
+    from loguru import logger
+
+    from damselfly.testing.storage import write_piece
+
+    s = DiskStorage(tmp_path)
+    await s.open()
+    task = await s.create(new_task())
+    await write_piece(s, task, 0)
+    overtaken = s._snapshot(task.id)  # a periodic save whose thread is slow to run
+    await write_piece(s, task, 1)
+    await s._save(task.id)  # a later save lands first
+    assert overtaken is not None
+    s._write_meta(task.id, *overtaken)  # ...and the slow one arrives
+    meta = json.loads((tmp_path / "tasks" / task.id / "meta.json").read_text())
+    assert [p["number"] for p in meta["pieces"]] == [0, 1]
+
+    queued = s._snapshot(task.id)
+    await s.delete(task.id)
+    errors: list[str] = []
+    logger.enable("damselfly")
+    sink = logger.add(errors.append, level="ERROR")
+    try:
+        assert queued is not None
+        s._write_meta(task.id, *queued)  # a save still queued when the task went
+    finally:
+        logger.remove(sink)
+        logger.disable("damselfly")
+    assert errors == [] and not (tmp_path / "tasks" / task.id).exists()
+    await s.close()
