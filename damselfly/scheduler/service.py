@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -73,6 +73,30 @@ class TaskEntry:
         self.changed = asyncio.Event()
 
 
+async def _wait_changed(changed: asyncio.Event, seconds: float) -> None:
+    """Until ``changed`` fires or ``seconds`` pass; a timer on this task, not a task per wait."""
+    try:
+        async with asyncio.timeout(seconds):
+            await changed.wait()
+    except TimeoutError:
+        pass
+
+
+def _random_order(ids: list[str], first: int) -> Iterator[str]:
+    """``ids`` in a random order, shuffling only as far as a caller reads: ``first`` of them
+    drawn up front, the rest only when the caller goes on past those."""
+    if len(ids) <= first:
+        random.shuffle(ids)
+        yield from ids
+        return
+    head = random.sample(range(len(ids)), first)
+    yield from (ids[i] for i in head)
+    taken = set(head)
+    rest = [pid for i, pid in enumerate(ids) if i not in taken]
+    random.shuffle(rest)
+    yield from rest
+
+
 def _layout(entry: TaskEntry) -> Layout | None:
     """The task's piece layout once its length is known: ranges are then compared piece by piece."""
     return entry.task.layout if entry.task.known_length else None
@@ -89,6 +113,7 @@ class SchedulerState:
         self.tasks: dict[str, TaskEntry] = {}
         self.peers: dict[str, Peer] = {}
         self.downloads: dict[str, common_pb2.Download] = {}  # what each peer registered with
+        self._ranged = 0  # how many of them are for a byte range
         self.announced: dict[str, common_pb2.Host] = {}  # each host as it last announced itself
 
     def entry(self, task_id: str) -> TaskEntry:
@@ -128,17 +153,18 @@ class SchedulerState:
         below = self.descendants(child.id) if self.strategy.dag else set()
         limit = self.parent_limit
         wanted = max(self.cfg.filter_parent_limit, limit)
+        child_range = self.range_of(child.id)
+        layout = _layout(entry) if self._ranged else None
         pool: list[Candidate] = []
         # A random order, cut at ``wanted`` usable ones (upstream samples before it filters too):
         # parents that score the same share the load, and a task with thousands of peers costs
         # a scheduling decision no more than one with ``wanted``.
-        ids = list(entry.task.peer_ids)
-        for pid in random.sample(ids, len(ids)):
+        for pid in _random_order(list(entry.task.peer_ids), 2 * wanted):
             if len(pool) >= wanted:
                 break
             if pid == child.id or pid in child.blocklist or pid in below or pid in exclude:
                 continue
-            c = self._servable(pid, child, entry)
+            c = self._servable(pid, child, child_range, layout)
             if c is None:
                 continue
             if not c.host.is_seed and not c.peer.parents and c.peer.state is PeerState.RUNNING:
@@ -150,20 +176,27 @@ class SchedulerState:
     def reciprocal(self, peer: Peer) -> list[Candidate]:
         """The peers fetching from ``peer`` that could serve it too (for mesh strategies)."""
         entry = self.tasks[peer.task_id]
-        found = (self._servable(cid, peer, entry) for cid in sorted(peer.children - peer.parents - peer.blocklist))
+        child_range = self.range_of(peer.id)
+        layout = _layout(entry)
+        found = (
+            self._servable(cid, peer, child_range, layout)
+            for cid in sorted(peer.children - peer.parents - peer.blocklist)
+        )
         return [c for c in found if c is not None]
 
-    def _servable(self, pid: str, child: Peer, entry: TaskEntry) -> Candidate | None:
-        """Peer ``pid`` as a parent of ``child``, if it can serve it: known, on another host that
-        shares, in a state to serve, not a cost outlier, and holding the child's range."""
+    def _servable(
+        self, pid: str, child: Peer, child_range: ByteRange | None, layout: Layout | None
+    ) -> Candidate | None:
+        """Peer ``pid`` as a parent of ``child`` (whose range is ``child_range``), if it can
+        serve it: known, on another host that shares, in a state to serve, not a cost outlier,
+        and holding the child's range."""
         p = self.peers.get(pid)
         h = self.hosts.get(p.host_id) if p is not None else None
         if p is None or h is None or h.id == child.host_id or h.disable_shared:
             return None
-        if not covers(self.range_of(p.id), self.range_of(child.id), _layout(entry)):
+        if self._ranged and not covers(self.range_of(p.id), child_range, layout):
             return None  # a ranged parent never holds the pieces outside its range
         if p.state not in ELIGIBLE or p.is_bad():
-            logger.debug("candidate {} skipped: state {}", p.id, p.state.value)
             return None
         return Candidate(p, h)
 
@@ -171,9 +204,16 @@ class SchedulerState:
     def parent_limit(self) -> int:
         return self.strategy.parent_limit or self.cfg.candidate_parent_limit
 
+    def set_download(self, peer_id: str, download: common_pb2.Download) -> None:
+        old = self.downloads.get(peer_id)
+        self._ranged += (download.range.length > 0) - (old is not None and old.range.length > 0)
+        self.downloads[peer_id] = download
+
     def remove_peer(self, peer_id: str) -> None:
         p = self.peers.pop(peer_id, None)
-        self.downloads.pop(peer_id, None)
+        d = self.downloads.pop(peer_id, None)
+        if d is not None and d.range.length > 0:
+            self._ranged -= 1
         if p is None:
             return
         for other_id in p.parents | p.children:
@@ -206,6 +246,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.cfg = settings.scheduler
         self.state = SchedulerState(settings, plugins.make_strategy(self.cfg.strategy))
         self.metrics = metrics
+        # the label children counted on every decision and piece report, looked up once
+        self._counts = {k: metrics.schedule.labels(k) for k in ("empty", "normal", "refresh", "back_to_source")}
+        self.reports = {k: metrics.piece_reports.labels(k) for k in ("back_to_source", "remote_peer")}
         self._background: set[asyncio.Task[None]] = set()
         self._gauges_bound = False
 
@@ -366,12 +409,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             if peer.id not in st.peers or peer.done:
                 raise ScheduleError(grpc.StatusCode.CANCELLED, "peer left while being scheduled")
             if entry.task.known_length and entry.task.content_length == 0:
-                self.metrics.schedule.labels("empty").inc()
+                self._counts["empty"].inc()
                 return scheduler_pb2.AnnouncePeerResponse(empty_task_response=scheduler_pb2.EmptyTaskResponse())
             parents = st.candidates(peer)
             if parents:
                 entry.notify()  # with a parent, this peer is a candidate for others
-                self.metrics.schedule.labels("normal").inc()
+                self._counts["normal"].inc()
                 self.metrics.schedule_seconds.observe(time.monotonic() - started)
                 return self._offer(entry, peer, [], parents)
             if not self._source_busy(entry, peer) and self._trigger_seed(entry, peer) is None:
@@ -383,11 +426,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                         grpc.StatusCode.FAILED_PRECONDITION, "no parent and back-to-source limit reached"
                     )
                 return self._back_to_source(entry, peer, f"no parent within {self.cfg.seed_wait:.0f}s")
-            changed = entry.changed
-            try:
-                await asyncio.wait_for(changed.wait(), self.cfg.retry_interval)
-            except TimeoutError:
-                pass
+            await _wait_changed(entry.changed, self.cfg.retry_interval)
 
     async def refresh(self, peer: Peer, out: asyncio.Queue[object]) -> None:
         """Offer a downloading peer more parents as they appear, up to the limit.
@@ -399,11 +438,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         limit = st.parent_limit
         entry = st.tasks[peer.task_id]
         while peer.id in st.peers and not peer.done and not peer.need_back_to_source:
-            changed = entry.changed
-            try:
-                await asyncio.wait_for(changed.wait(), 2.0)
-            except TimeoutError:
-                pass
+            await _wait_changed(entry.changed, 2.0)
             if peer.id not in st.peers or peer.done or peer.need_back_to_source:
                 return
             live = [pid for pid in peer.parents if pid in st.peers]
@@ -418,7 +453,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             if not new:
                 continue
             kept = [Candidate(st.peers[pid], st.hosts[st.peers[pid].host_id]) for pid in live]
-            self.metrics.schedule.labels("refresh").inc()
+            self._counts["refresh"].inc()
             out.put_nowait(self._offer(entry, peer, kept, new))
             if not st.strategy.dag:
                 entry.notify()  # the new parents now have a child to offer back
@@ -539,7 +574,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def _back_to_source(self, entry: TaskEntry, peer: Peer, why: str) -> scheduler_pb2.AnnouncePeerResponse:
         entry.back_to_source_peers.add(peer.id)
         peer.need_back_to_source = True
-        self.metrics.schedule.labels("back_to_source").inc()
+        self._counts["back_to_source"].inc()
         logger.info("peer {} of task {} goes back to source: {}", peer.id, peer.task_id[:12], why)
         return scheduler_pb2.AnnouncePeerResponse(
             need_back_to_source_response=scheduler_pb2.NeedBackToSourceResponse(description=why)
@@ -683,14 +718,14 @@ class _PeerSession:
             del peer.piece_costs[:-64]
             if kind == "download_piece_back_to_source_finished_request":
                 entry.task.pieces[piece.number] = piece_from_proto(piece)
-                self.svc.metrics.piece_reports.labels("back_to_source").inc()
+                self.svc.reports["back_to_source"].inc()
                 share = entry.shares.get(peer.id)
                 if share is not None:
                     share.discard(piece.number)
                     if not share:
                         del entry.shares[peer.id]
             else:
-                self.svc.metrics.piece_reports.labels("remote_peer").inc()
+                self.svc.reports["remote_peer"].inc()
                 parent = self.st.peers.get(piece.parent_id)
                 if parent is not None:
                     ph = self.st.hosts.get(parent.host_id)
@@ -769,7 +804,7 @@ class _PeerSession:
             priority=download.priority,
         )
         self.st.peers[peer.id] = peer
-        self.st.downloads[peer.id] = download
+        self.st.set_download(peer.id, download)
         host.peer_ids.add(peer.id)
         task.peer_ids.add(peer.id)
         self.peer = peer
