@@ -35,6 +35,7 @@ from damselfly.wire import (
     offers_source_shares,
     peer_to_proto,
     piece_from_proto,
+    piece_to_proto,
     source_share_to_proto,
     task_to_proto,
 )
@@ -67,6 +68,19 @@ class TaskEntry:
     answered: set[str] = field(default_factory=set)
     shares_planned: bool = False
     share_serial: int = 0
+    # the task's pieces as protobufs, in order, for every answer; rebuilt when a piece is recorded
+    piece_pbs: list[common_pb2.Piece] | None = None
+
+    def record_piece(self, pb: common_pb2.Piece) -> None:
+        self.task.pieces[pb.number] = piece_from_proto(pb)
+        self.piece_pbs = None
+
+    def task_proto(self) -> common_pb2.Task:
+        pb = task_to_proto(self.task, with_pieces=False)
+        if self.piece_pbs is None or len(self.piece_pbs) != len(self.task.pieces):
+            self.piece_pbs = [piece_to_proto(p) for p in sorted(self.task.pieces.values(), key=lambda p: p.number)]
+        pb.pieces.extend(self.piece_pbs)
+        return pb
 
     def notify(self) -> None:
         self.changed.set()
@@ -466,7 +480,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         for c in new:
             peer.parents.add(c.peer.id)
             c.peer.children.add(peer.id)
-        task_pb = task_to_proto(entry.task)  # once, not once per parent
+        task_pb = entry.task_proto()  # once, not once per parent
         candidates = [peer_to_proto(c.peer, c.host, entry.task, task_pb) for c in kept + new]
         told = entry.untold.pop(peer.id, None)
         if told:
@@ -717,7 +731,7 @@ class _PeerSession:
             peer.piece_costs.append(cost)
             del peer.piece_costs[:-64]
             if kind == "download_piece_back_to_source_finished_request":
-                entry.task.pieces[piece.number] = piece_from_proto(piece)
+                entry.record_piece(piece)
                 self.svc.reports["back_to_source"].inc()
                 share = entry.shares.get(peer.id)
                 if share is not None:

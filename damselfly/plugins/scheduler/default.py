@@ -6,6 +6,7 @@ load quality = 0.5 free peak bandwidth + 0.3 bandwidth duration + 0.2 concurrenc
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import ClassVar
 
 from damselfly.contracts import Candidate, Strategy
@@ -50,10 +51,12 @@ def load_quality(h: Host) -> float:
     return 0.5 * peak_bandwidth_score(h) + 0.3 * bandwidth_duration_score(h) + 0.2 * concurrency_score(h)
 
 
+@lru_cache(maxsize=4096)  # a handful of distinct IDCs and locations; each pair is scored often
 def idc_affinity(a: str, b: str) -> float:
     return 1.0 if a and b and a.lower() == b.lower() else 0.0
 
 
+@lru_cache(maxsize=4096)
 def location_affinity(a: str, b: str) -> float:
     if not a or not b:
         return 0.0
