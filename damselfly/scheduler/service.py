@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -96,19 +96,17 @@ async def _wait_changed(changed: asyncio.Event, seconds: float) -> None:
         pass
 
 
-def _random_order(ids: list[str], first: int) -> Iterator[str]:
-    """``ids`` in a random order, shuffling only as far as a caller reads: ``first`` of them
-    drawn up front, the rest only when the caller goes on past those."""
-    if len(ids) <= first:
-        random.shuffle(ids)
-        yield from ids
-        return
-    head = random.sample(range(len(ids)), first)
-    yield from (ids[i] for i in head)
-    taken = set(head)
-    rest = [pid for i, pid in enumerate(ids) if i not in taken]
+def _random_order(ids: list[str], first: int) -> list[str]:
+    """``first`` of ``ids`` (all if fewer) in a random order; ``_the_rest`` continues it."""
+    return random.sample(ids, min(first, len(ids)))
+
+
+def _the_rest(ids: list[str], drawn: list[str]) -> list[str]:
+    """The ids not yet drawn, in a random order: ``drawn`` then these is a uniform shuffle."""
+    seen = set(drawn)
+    rest = [pid for pid in ids if pid not in seen]
     random.shuffle(rest)
-    yield from rest
+    return rest
 
 
 def _layout(entry: TaskEntry) -> Layout | None:
@@ -173,17 +171,24 @@ class SchedulerState:
         # A random order, cut at ``wanted`` usable ones (upstream samples before it filters too):
         # parents that score the same share the load, and a task with thousands of peers costs
         # a scheduling decision no more than one with ``wanted``.
-        for pid in _random_order(list(entry.task.peer_ids), 2 * wanted):
-            if len(pool) >= wanted:
-                break
-            if pid == child.id or pid in child.blocklist or pid in below or pid in exclude:
-                continue
-            c = self._servable(pid, child, child_range, layout)
-            if c is None:
-                continue
-            if not c.host.is_seed and not c.peer.parents and c.peer.state is PeerState.RUNNING:
-                continue  # a normal peer with no parent has nothing to give yet
-            pool.append(c)
+        ids = list(entry.task.peer_ids)
+        drawn = _random_order(ids, 2 * wanted)  # most decisions need no more than these
+        for order in (drawn, None):
+            if order is None:
+                if len(pool) >= wanted or len(drawn) == len(ids):
+                    break
+                order = _the_rest(ids, drawn)
+            for pid in order:
+                if len(pool) >= wanted:
+                    break
+                if pid == child.id or pid in child.blocklist or pid in below or pid in exclude:
+                    continue
+                c = self._servable(pid, child, child_range, layout)
+                if c is None:
+                    continue
+                if not c.host.is_seed and not c.peer.parents and c.peer.state is PeerState.RUNNING:
+                    continue  # a normal peer with no parent has nothing to give yet
+                pool.append(c)
         ranked = self.strategy.rank(Candidate(child, child_host), pool, entry.task)
         return ranked[:limit]
 

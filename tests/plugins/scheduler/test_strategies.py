@@ -124,3 +124,28 @@ def test_a_mesh_strategy_lets_two_peers_be_parents_of_each_other():
     st, a = state(SwarmStrategy())
     assert [c.peer.id for c in st.candidates(a)] == ["b-p"]
     assert st.parent_limit == SwarmStrategy.parent_limit
+
+
+def test_candidates_look_past_the_first_draw_when_it_holds_no_usable_parent():
+    """A decision draws 2 x filter_parent_limit peers at random first; when none of them can
+    serve, it goes on through the rest rather than answer with no parent."""
+    from damselfly.config import Settings
+    from damselfly.core.peer import Peer
+    from damselfly.scheduler.service import SchedulerState
+
+    st = SchedulerState(Settings(), DefaultStrategy())
+    for name in ("child", "other"):
+        st.hosts[name] = cand(name).host
+    task = st.entry("t").task
+    child = Peer(id="child-p", task_id="t", host_id="child", state=PeerState.RUNNING)
+    st.peers[child.id] = child
+    task.peer_ids.add(child.id)
+    for i in range(200):  # peers on the child's own host: never its parents
+        p = Peer(id=f"same-{i}", task_id="t", host_id="child", state=PeerState.SUCCEEDED)
+        st.peers[p.id] = p
+        task.peer_ids.add(p.id)
+    only = Peer(id="only-p", task_id="t", host_id="other", state=PeerState.SUCCEEDED)
+    st.peers[only.id] = only
+    task.peer_ids.add(only.id)
+    for _ in range(20):  # whatever the draw, the one usable peer is found
+        assert [c.peer.id for c in st.candidates(child)] == ["only-p"]
