@@ -92,7 +92,8 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
                 if not d.board.running(request.task_id) and (seeder is None or seeder.open(task.pieces.keys())):
                     return  # no more pieces will land here; the child looks elsewhere
                 try:
-                    await asyncio.wait_for(changed.wait(), wait)
+                    async with asyncio.timeout(wait):  # a timer, not a task, per wake: this runs per piece
+                        await changed.wait()
                 except TimeoutError:
                     if seeder is not None:
                         d.offer_pieces(task)  # offers that timed out go to one more child
