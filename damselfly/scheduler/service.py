@@ -96,11 +96,6 @@ async def _wait_changed(changed: asyncio.Event, seconds: float) -> None:
         pass
 
 
-def _random_order(ids: list[str], first: int) -> list[str]:
-    """``first`` of ``ids`` (all if fewer) in a random order; ``_the_rest`` continues it."""
-    return random.sample(ids, min(first, len(ids)))
-
-
 def _the_rest(ids: list[str], drawn: list[str]) -> list[str]:
     """The ids not yet drawn, in a random order: ``drawn`` then these is a uniform shuffle."""
     seen = set(drawn)
@@ -172,7 +167,7 @@ class SchedulerState:
         # parents that score the same share the load, and a task with thousands of peers costs
         # a scheduling decision no more than one with ``wanted``.
         ids = list(entry.task.peer_ids)
-        drawn = _random_order(ids, 2 * wanted)  # most decisions need no more than these
+        drawn = random.sample(ids, min(2 * wanted, len(ids)))  # most decisions need no more than these
         for order in (drawn, None):
             if order is None:
                 if len(pool) >= wanted or len(drawn) == len(ids):
@@ -196,7 +191,7 @@ class SchedulerState:
         """The peers fetching from ``peer`` that could serve it too (for mesh strategies)."""
         entry = self.tasks[peer.task_id]
         child_range = self.range_of(peer.id)
-        layout = _layout(entry)
+        layout = _layout(entry) if self._ranged else None
         found = (
             self._servable(cid, peer, child_range, layout)
             for cid in sorted(peer.children - peer.parents - peer.blocklist)
