@@ -257,7 +257,7 @@ class Storage(Plugin, abc.ABC):
 
     @abc.abstractmethod
     async def finish(self, task_id: str) -> None:
-        """Mark the task complete (all pieces present) and persist that."""
+        """Mark the task complete (all pieces present); a persistent storage has it on disk by ``close``."""
 
     @abc.abstractmethod
     async def delete(self, task_id: str) -> None: ...

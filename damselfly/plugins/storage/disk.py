@@ -5,10 +5,13 @@
 checked, and only then recorded, so a crash leaves at worst a piece to fetch
 again, never a wrong one served. Metadata is replaced by rename.
 
-While a download runs, the metadata is saved from a worker thread: on a busy
-ext4 a rename waits for the journal, 0.1-2 s under a swarm's writes, and the
-event loop must not wait with it. Saves are numbered, so a slow one never
-overwrites a newer one, and a deleted task's late save is dropped.
+While a download runs, and when it finishes, the metadata is saved from a worker
+thread: on a busy ext4 a rename waits for the journal, 0.1-2 s under a swarm's
+writes, and neither the event loop nor the download's end must wait with it (the
+state is in memory at once; a crash before the save lands leaves a task to check
+again, as a crash between periodic saves does). Saves are numbered, so a slow one
+never overwrites a newer one, and a deleted task's late save is dropped; ``close``
+writes whatever has not landed.
 """
 
 from __future__ import annotations
@@ -118,7 +121,9 @@ class DiskStorage(Storage):
         self._flusher: asyncio.Task[None] | None = None
         self._meta_lock = threading.Lock()  # one metadata write at a time, loop or thread
         self._meta_seq = 0  # the number of the latest snapshot taken (on the loop)
+        self._meta_taken: dict[str, int] = {}  # task id -> number of its latest snapshot
         self._meta_written: dict[str, int] = {}  # task id -> number of the snapshot on disk (or of its delete)
+        self._saves: set[asyncio.Task[None]] = set()  # saves started by finish, still running
 
     async def open(self) -> None:
         try:
@@ -143,7 +148,8 @@ class DiskStorage(Storage):
         if self._flusher:
             self._flusher.cancel()
             self._flusher = None
-        for task_id in list(self._dirty):
+        unsaved = {t for t, seq in self._meta_taken.items() if self._meta_written.get(t, 0) < seq}
+        for task_id in list(self._dirty | unsaved):  # a save still in a thread may not land in time
             self._persist(task_id)
         for fd in self._fds.values():
             os.close(fd)
@@ -227,6 +233,7 @@ class DiskStorage(Storage):
         if task is None:
             return None
         self._meta_seq += 1
+        self._meta_taken[task_id] = self._meta_seq
         return self._dir(task_id), json.dumps(_task_to_json(task)), self._meta_seq
 
     def _write_meta(self, task_id: str, d: Path, text: str, seq: int) -> None:
@@ -258,6 +265,7 @@ class DiskStorage(Storage):
     def _forget_meta(self, task_id: str) -> None:
         with self._meta_lock:  # a save still in a thread finds the task deleted and writes nothing
             self._meta_written[task_id] = self._meta_seq
+            self._meta_taken.pop(task_id, None)
 
     def _present(self, task_id: str, number: int) -> tuple[Task, PieceRecord]:
         task = self._tasks.get(task_id)
@@ -297,7 +305,9 @@ class DiskStorage(Storage):
         if len(task.pieces) != task.piece_count:
             raise StorageError(f"task {task_id[:12]} has {len(task.pieces)} of {task.piece_count} pieces")
         task.state = TaskState.SUCCEEDED
-        await self._save(task_id)
+        save = asyncio.get_running_loop().create_task(self._save(task_id))
+        self._saves.add(save)
+        save.add_done_callback(self._saves.discard)
 
     async def delete(self, task_id: str) -> None:
         self._tasks.pop(task_id, None)

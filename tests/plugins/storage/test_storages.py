@@ -86,52 +86,58 @@ async def test_running_out_of_space_mid_piece_keeps_nothing(tiny_disk):
 
 @pytest.fixture
 def slow_rename(monkeypatch):
-    """``os.replace`` in the disk storage waits for ``release`` (a rename behind a busy journal)."""
+    """``os.replace`` in the disk storage waits for ``release`` (a rename behind a busy journal),
+    then fails if ``fail`` is set."""
+    import errno
     import threading
+    from types import SimpleNamespace
 
     from damselfly.plugins.storage import disk
 
-    entered, release = threading.Event(), threading.Event()
+    gate = SimpleNamespace(entered=threading.Event(), release=threading.Event(), fail=threading.Event())
     real = disk.os.replace
 
     def replace(src, dst):  # type: ignore[no-untyped-def]
-        entered.set()
-        if not release.wait(30):
+        gate.entered.set()
+        if not gate.release.wait(30):
             raise AssertionError("the test never released the rename")
+        if gate.fail.is_set():
+            raise OSError(errno.EIO, "Input/output error")
         real(src, dst)
 
     monkeypatch.setattr(disk.os, "replace", replace)
-    yield entered, release
-    release.set()
+    yield gate
+    gate.release.set()
 
 
-async def test_a_slow_metadata_save_does_not_stop_the_event_loop(tmp_path, slow_rename):
+async def test_a_slow_metadata_save_holds_up_neither_the_event_loop_nor_finish(tmp_path, slow_rename):
     import asyncio
     import json
 
     from damselfly.testing.storage import write_piece
 
-    entered, release = slow_rename
-    release.set()  # creation saves on the caller's thread: let it through
+    gate = slow_rename
+    gate.release.set()  # creation saves on the caller's thread: let it through
     s = DiskStorage(tmp_path)
     await s.open()
     task = await s.create(new_task())
     for n in range(task.piece_count):
         await write_piece(s, task, n)
-    entered.clear()
-    release.clear()
-    finishing = asyncio.ensure_future(s.finish(task.id))
-    assert await asyncio.to_thread(entered.wait, 10)  # the save sits in its rename...
-    ticks = 0
-    for _ in range(20):  # ...and the loop goes on meanwhile
-        await asyncio.sleep(0)
-        ticks += 1
-    assert ticks == 20 and not finishing.done()
-    release.set()
-    await asyncio.wait_for(finishing, 10)
-    meta = json.loads((tmp_path / "tasks" / task.id / "meta.json").read_text())
-    assert meta["state"] == "Succeeded" and len(meta["pieces"]) == task.piece_count
-    await s.close()
+    gate.entered.clear()
+    gate.release.clear()
+    await asyncio.wait_for(s.finish(task.id), 10)  # returns with the save still to come...
+    assert s.get(task.id).state.value == "Succeeded"
+    assert await asyncio.to_thread(gate.entered.wait, 10)  # ...which now sits in its rename
+    meta = tmp_path / "tasks" / task.id / "meta.json"
+    assert json.loads(meta.read_text())["state"] == "Running"
+    gate.fail.set()  # and fails
+    gate.release.set()
+    await asyncio.wait_for(asyncio.gather(*s._saves), 10)  # the background save, failed
+    assert json.loads(meta.read_text())["state"] == "Running"
+    gate.fail.clear()
+    await asyncio.wait_for(s.close(), 10)  # close writes what has not landed
+    saved = json.loads(meta.read_text())
+    assert saved["state"] == "Succeeded" and len(saved["pieces"]) == task.piece_count
 
 
 async def test_a_late_metadata_save_never_overwrites_a_newer_one_or_a_delete(tmp_path):
