@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -96,12 +97,13 @@ async def _wait_changed(changed: asyncio.Event, seconds: float) -> None:
         pass
 
 
-def _the_rest(ids: list[str], drawn: list[str]) -> list[str]:
-    """The ids not yet drawn, in a random order: ``drawn`` then these is a uniform shuffle."""
+def _the_rest(ids: list[str], drawn: list[str]) -> Iterator[str]:
+    """The ids not yet drawn, in a random order (``drawn`` then these is a uniform shuffle);
+    a generator, so nothing is shuffled unless a caller reads past ``drawn``."""
     seen = set(drawn)
     rest = [pid for pid in ids if pid not in seen]
     random.shuffle(rest)
-    return rest
+    yield from rest
 
 
 def _layout(entry: TaskEntry) -> Layout | None:
@@ -168,22 +170,17 @@ class SchedulerState:
         # a scheduling decision no more than one with ``wanted``.
         ids = list(entry.task.peer_ids)
         drawn = random.sample(ids, min(2 * wanted, len(ids)))  # most decisions need no more than these
-        for order in (drawn, None):
-            if order is None:
-                if len(pool) >= wanted or len(drawn) == len(ids):
-                    break
-                order = _the_rest(ids, drawn)
-            for pid in order:
-                if len(pool) >= wanted:
-                    break
-                if pid == child.id or pid in child.blocklist or pid in below or pid in exclude:
-                    continue
-                c = self._servable(pid, child, child_range, layout)
-                if c is None:
-                    continue
-                if not c.host.is_seed and not c.peer.parents and c.peer.state is PeerState.RUNNING:
-                    continue  # a normal peer with no parent has nothing to give yet
-                pool.append(c)
+        for pid in itertools.chain(drawn, _the_rest(ids, drawn)):
+            if len(pool) >= wanted:
+                break
+            if pid == child.id or pid in child.blocklist or pid in below or pid in exclude:
+                continue
+            c = self._servable(pid, child, child_range, layout)
+            if c is None:
+                continue
+            if not c.host.is_seed and not c.peer.parents and c.peer.state is PeerState.RUNNING:
+                continue  # a normal peer with no parent has nothing to give yet
+            pool.append(c)
         ranked = self.strategy.rank(Candidate(child, child_host), pool, entry.task)
         return ranked[:limit]
 
@@ -261,7 +258,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.state = SchedulerState(settings, plugins.make_strategy(self.cfg.strategy))
         self.metrics = metrics
         # the label children counted on every decision and piece report, looked up once
-        self._counts = {k: metrics.schedule.labels(k) for k in ("empty", "normal", "refresh", "back_to_source")}
+        self.schedules = {k: metrics.schedule.labels(k) for k in ("empty", "normal", "refresh", "back_to_source")}
         self.reports = {k: metrics.piece_reports.labels(k) for k in ("back_to_source", "remote_peer")}
         self._background: set[asyncio.Task[None]] = set()
         self._gauges_bound = False
@@ -423,12 +420,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             if peer.id not in st.peers or peer.done:
                 raise ScheduleError(grpc.StatusCode.CANCELLED, "peer left while being scheduled")
             if entry.task.known_length and entry.task.content_length == 0:
-                self._counts["empty"].inc()
+                self.schedules["empty"].inc()
                 return scheduler_pb2.AnnouncePeerResponse(empty_task_response=scheduler_pb2.EmptyTaskResponse())
             parents = st.candidates(peer)
             if parents:
                 entry.notify()  # with a parent, this peer is a candidate for others
-                self._counts["normal"].inc()
+                self.schedules["normal"].inc()
                 self.metrics.schedule_seconds.observe(time.monotonic() - started)
                 return self._offer(entry, peer, [], parents)
             if not self._source_busy(entry, peer) and self._trigger_seed(entry, peer) is None:
@@ -467,7 +464,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             if not new:
                 continue
             kept = [Candidate(st.peers[pid], st.hosts[st.peers[pid].host_id]) for pid in live]
-            self._counts["refresh"].inc()
+            self.schedules["refresh"].inc()
             out.put_nowait(self._offer(entry, peer, kept, new))
             if not st.strategy.dag:
                 entry.notify()  # the new parents now have a child to offer back
@@ -588,7 +585,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     def _back_to_source(self, entry: TaskEntry, peer: Peer, why: str) -> scheduler_pb2.AnnouncePeerResponse:
         entry.back_to_source_peers.add(peer.id)
         peer.need_back_to_source = True
-        self._counts["back_to_source"].inc()
+        self.schedules["back_to_source"].inc()
         logger.info("peer {} of task {} goes back to source: {}", peer.id, peer.task_id[:12], why)
         return scheduler_pb2.AnnouncePeerResponse(
             need_back_to_source_response=scheduler_pb2.NeedBackToSourceResponse(description=why)
