@@ -122,7 +122,7 @@ class DiskStorage(Storage):
         self._meta_lock = threading.Lock()  # one metadata write at a time, loop or thread
         self._meta_seq = 0  # the number of the latest snapshot taken (on the loop)
         self._meta_taken: dict[str, int] = {}  # task id -> number of its latest snapshot
-        self._meta_written: dict[str, int] = {}  # task id -> number of the snapshot on disk (or of its delete)
+        self._meta_written: dict[str, int] = {}  # task id -> number of the snapshot on disk
         self._saves: set[asyncio.Task[None]] = set()  # saves started by finish, still running
 
     async def open(self) -> None:
@@ -238,8 +238,8 @@ class DiskStorage(Storage):
 
     def _write_meta(self, task_id: str, d: Path, text: str, seq: int) -> None:
         with self._meta_lock:
-            if self._meta_written.get(task_id, 0) >= seq:
-                return  # a newer snapshot is on disk already, or the task was deleted
+            if task_id not in self._tasks or self._meta_written.get(task_id, 0) >= seq:
+                return  # the task was deleted, or a newer snapshot is on disk already
             tmp = d / f"{META}.tmp{os.getpid()}"
             try:
                 tmp.write_text(text)
@@ -263,8 +263,8 @@ class DiskStorage(Storage):
             await asyncio.to_thread(self._write_meta, task_id, *snap)
 
     def _forget_meta(self, task_id: str) -> None:
-        with self._meta_lock:  # a save still in a thread finds the task deleted and writes nothing
-            self._meta_written[task_id] = self._meta_seq
+        with self._meta_lock:  # waits out a save in progress; a later one finds the task gone
+            self._meta_written.pop(task_id, None)
             self._meta_taken.pop(task_id, None)
 
     def _present(self, task_id: str, number: int) -> tuple[Task, PieceRecord]:
