@@ -11,9 +11,11 @@ settings of the chosen profile (``damselfly.testing.netswarm.PROFILES``): the
 scheduler's strategy plugin ranks each peer's parents (``parent_limit`` of them,
 a DAG or a mesh), the daemon's piece-picker plugin orders the missing pieces
 (a seed counting half a holder), ``concurrent_pieces`` fetches run at once per
-peer and ``seed_extra_pieces`` more from the seed, a parent with ``upload_slots``
-taken answers busy, a super-seeding seed offers each piece to one child at a time
-(``SuperSeeder``, the class the seed daemon runs), and the seed reads the origin
+peer (``share_concurrent_pieces`` while it reads a share of the source) and
+``seed_extra_pieces`` more from the seed (``fetch_slots``, as the daemon counts
+them), a parent with ``upload_slots`` taken answers busy, a super-seeding seed
+offers each piece to one child at a time (``SuperSeeder``, the class the seed
+daemon runs), and the seed reads the origin
 in ``source_concurrent_pieces`` long reads (``source_stream``) or one read per
 piece. With the scheduler's ``source_shares`` the seed and every peer read a block
 each (``share_blocks``, as the scheduler splits it: all peers are taken to be
@@ -46,14 +48,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from damselfly.config import Settings
+from damselfly.config import DaemonConfig, Settings
 from damselfly.contracts import Candidate
 from damselfly.core.host import Host, HostType
 from damselfly.core.peer import Peer, PeerState
 from damselfly.core.piece import piece_length_for, share_blocks
 from damselfly.core.task import Task
 from damselfly.core.units import format_size, parse_size
-from damselfly.daemon.download import source_runs
+from damselfly.daemon.download import fetch_slots, source_runs
 from damselfly.daemon.superseed import SuperSeeder
 from damselfly.plugin_manager import build_plugins
 from damselfly.testing import netswarm
@@ -98,6 +100,7 @@ class Profile:
     offers_per_child: int = 1
     endgame: int = 0  # duplicate fetches per piece once every missing piece is in flight
     busy_backoff: float = BUSY_BACKOFF
+    share_concurrent: int = 0  # a peer's share_concurrent_pieces: its fetches while it reads a share
 
 
 def profile_settings(name: str) -> Profile:
@@ -123,6 +126,7 @@ def profile_settings(name: str) -> Profile:
         offers_per_child=num(seed, "OFFERS_PER_CHILD", defaults.offers_per_child),
         endgame=num(daemon, "ENDGAME_DUPLICATES", defaults.endgame_duplicates),
         busy_backoff=float(daemon.get("DAMSELFLY_DAEMON__BUSY_BACKOFF", defaults.busy_backoff)),
+        share_concurrent=num(daemon, "SHARE_CONCURRENT_PIECES", defaults.share_concurrent_pieces),
         seed_concurrent=num(seed, "CONCURRENT_PIECES", defaults.concurrent_pieces),
         source_shares=p.scheduler_env.get("DAMSELFLY_SCHEDULER__SOURCE_SHARES", "false").lower() == "true",
         peer_source_concurrent=num(daemon, "SOURCE_CONCURRENT_PIECES", 0)
@@ -156,6 +160,13 @@ class Simulation:
             if prof.super_seed
             else None
         )
+        # how many fetches a node runs, counted as the daemon's fetch loop counts them
+        self.peer_slots = DaemonConfig(
+            concurrent_pieces=prof.concurrent,
+            seed_extra_pieces=prof.seed_extra,
+            share_concurrent_pieces=prof.share_concurrent,
+        )
+        self.seed_slots = DaemonConfig(concurrent_pieces=prof.seed_concurrent)
         self.rng = random.Random(args.seed)
         random.seed(args.seed)
         # transfers, as parallel arrays: parent, child, piece, bytes left, start time
@@ -277,8 +288,9 @@ class Simulation:
                 continue
             tids = [tid for ts in n.fetching.values() for tid in ts if self.t_parent[tid] != self.ORIGIN]
             seed_fetches = sum(1 for tid in tids if self.t_parent[tid] == 0)
-            concurrent = self.prof.seed_concurrent if n.is_seed else self.prof.concurrent
-            if len(tids) - seed_fetches >= concurrent and seed_fetches >= self.prof.seed_extra:
+            slots_cfg = self.seed_slots if n.is_seed else self.peer_slots
+            sharing = self.prof.source_shares and bool(self.reading(n.idx))
+            if fetch_slots(len(tids), seed_fetches, slots_cfg, sharing=sharing)[1]:
                 continue
             if self.args.fast and not n.dirty and now < n.wake_at:
                 continue  # nothing it could act on changed: it would choose nothing new
@@ -303,12 +315,12 @@ class Simulation:
                 oldest = {k: min(self.t_start[t] for t in ts) for k, ts in n.fetching.items()}
                 order = sorted((k for k in n.fetching if len(n.fetching[k]) <= self.prof.endgame), key=oldest.get)
             for k in order:
-                peer_fetches = len(tids) - seed_fetches
-                if peer_fetches >= concurrent and seed_fetches >= self.prof.seed_extra:
+                ordinary_full, full = fetch_slots(len(tids), seed_fetches, slots_cfg, sharing=sharing)
+                if full:
                     break
                 already = {self.t_parent[t] for t in n.fetching.get(k, [])}
                 options = [j for j in n.parents if k in views[j] and n.busy_until.get(j, 0) <= now and j not in already]
-                if peer_fetches >= concurrent:  # only the extra fetch from the seed is left
+                if ordinary_full:  # only the extra fetch from the seed is left
                     options = [j for j in options if self.nodes[j].is_seed]
                 if not options:
                     continue
@@ -471,6 +483,7 @@ def main() -> None:
     ap.add_argument("--seed-extra", type=int, help="override the peers' seed_extra_pieces")
     ap.add_argument("--busy-backoff", type=float, help="override the peers' busy_backoff")
     ap.add_argument("--offers-per-child", type=int, help="override the seed's offers_per_child")
+    ap.add_argument("--share-concurrent", type=int, help="override the peers' share_concurrent_pieces")
     ap.add_argument("--endgame", type=int, help="override the peers' endgame_duplicates")
     ap.add_argument("--source-stream", type=int, choices=(0, 1), help="override source_stream (1: long reads)")
     ap.add_argument("--measured", default="", help="benchmarks/swarm.py --json output to compare with")
@@ -489,6 +502,7 @@ def main() -> None:
         "source_stream",
         "offers_per_child",
         "endgame",
+        "share_concurrent",
     ):
         if getattr(args, key) is not None:
             setattr(prof, key, getattr(args, key))

@@ -144,6 +144,14 @@ class DaemonConfig(Section):
     source_concurrent_pieces: int = Field(
         0, ge=0, le=256, description="Pieces fetched from the source at once (0: concurrent_pieces)."
     )
+    share_concurrent_pieces: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Fetches from peers while this download reads its share of a shared source read "
+        "(0: concurrent_pieces); fewer leave more of the host's download to the share, whose pieces "
+        "are new to the swarm.",
+    )
     source_stream: bool = Field(
         True,
         description="Read a whole task from the source in one request, cutting pieces as the bytes arrive "

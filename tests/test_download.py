@@ -1,8 +1,9 @@
-"""Pure parts of a download: how a seed cuts the source into long reads."""
+"""Pure parts of a download: how a seed cuts the source into long reads, how many fetches run."""
 
 import pytest
 
-from damselfly.daemon.download import source_runs
+from damselfly.config import DaemonConfig
+from damselfly.daemon.download import fetch_slots, source_runs
 
 
 @pytest.mark.parametrize(
@@ -18,6 +19,29 @@ from damselfly.daemon.download import source_runs
 )
 def test_missing_pieces_become_at_most_width_runs_of_consecutive_pieces(numbers, width, runs):
     assert source_runs(numbers, width) == runs
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "from_seeds", "settings", "sharing", "full"),
+    [
+        (5, 0, {}, False, (False, False)),
+        (6, 0, {}, False, (True, False)),  # ordinary slots full: only a seed may be asked now
+        (7, 1, {}, False, (True, True)),  # and its one extra slot taken
+        (6, 1, {}, False, (False, False)),  # the seed's fetch is in the extra slot
+        (7, 7, {}, False, (True, True)),  # fetches from seeds beyond the extra one take ordinary slots
+        (6, 6, {"seed_extra_pieces": 0}, False, (True, True)),
+        (4, 0, {"share_concurrent_pieces": 4}, True, (True, False)),  # a share being read holds two back
+        (4, 0, {"share_concurrent_pieces": 4}, False, (False, False)),  # and gives them back when it is in
+        (5, 1, {"share_concurrent_pieces": 4}, True, (True, True)),
+        (5, 0, {"share_concurrent_pieces": 8}, True, (False, False)),  # never more than concurrent_pieces
+        (6, 0, {"share_concurrent_pieces": 8}, True, (True, False)),
+    ],
+)
+def test_fetch_slots_count_the_extra_seed_slot_and_hold_some_back_while_a_share_is_read(
+    in_flight, from_seeds, settings, sharing, full
+):
+    cfg = DaemonConfig(**{"concurrent_pieces": 6, "seed_extra_pieces": 1, **settings})
+    assert fetch_slots(in_flight, from_seeds, cfg, sharing=sharing) == full
 
 
 async def test_a_staged_copy_is_verified_aside_and_lands_only_when_asked(tmp_path):

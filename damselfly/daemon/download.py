@@ -54,6 +54,7 @@ from damselfly.wire import (
 )
 
 if TYPE_CHECKING:
+    from damselfly.config import DaemonConfig
     from damselfly.daemon.daemon import Daemon
 
 TRAFFIC_SOURCE = vortex.TrafficType.BACK_TO_SOURCE
@@ -901,11 +902,8 @@ class Downloader:
         self._held = None  # these parents' holders of each piece, built on the first pass
 
         def slots() -> tuple[bool, bool]:
-            """(peers full, all full): concurrent_pieces fetches, and seed_extra_pieces more from
-            seeds, so that a seed's new piece (offered to this child alone) never waits for one."""
             from_seeds = sum(f.from_seed for f in inflight.values())
-            peers_full = len(inflight) - from_seeds >= cfg.concurrent_pieces
-            return peers_full, peers_full and from_seeds >= cfg.seed_extra_pieces
+            return fetch_slots(len(inflight), from_seeds, cfg, sharing=self._sharing())
 
         def askable(p: _Parent, number: int, now: float) -> bool:
             return number in p.pieces and p.busy_until <= now and p.declined.get(number, 0.0) <= now
@@ -1015,7 +1013,9 @@ class Downloader:
                     raise Reschedule(f"no piece arrived for {cfg.schedule_timeout:.0f}s")
                 waiters: set[asyncio.Future[object]] = set(inflight)  # type: ignore[arg-type]
                 waiter = None
-                if not full:  # a new piece at a parent, or a parent gone, matters only with a free slot
+                # a new piece at a parent, or a parent gone, matters only with a free slot; a share
+                # read ending frees the slots it held back
+                if not full or (cfg.share_concurrent_pieces and self._sharing()):
                     waiter = asyncio.ensure_future(wake.wait())
                     waiters.add(waiter)
                 done, _ = await asyncio.wait(waiters, timeout=next_ready, return_when=asyncio.FIRST_COMPLETED)
@@ -1178,6 +1178,24 @@ def _weight(host: common_pb2.Host) -> float:
     """Free upload bandwidth, the weight of a parent in per-piece choice."""
     free = host.network.max_tx_bandwidth - host.network.tx_bandwidth
     return float(max(free, 1))
+
+
+def fetch_slots(in_flight: int, from_seeds: int, cfg: DaemonConfig, *, sharing: bool) -> tuple[bool, bool]:
+    """(ordinary slots full, every slot full) for a download with ``in_flight`` fetches from
+    parents, ``from_seeds`` of them from seeds.
+
+    A download has concurrent_pieces ordinary slots (share_concurrent_pieces while it reads a
+    share of the source, so that more of its link goes to pieces new to the swarm), and
+    seed_extra_pieces more that only fetches from a seed may take, so that a seed's new piece
+    (offered to this child alone) never waits for a slot. A fetch from a seed takes an extra
+    slot while one is free, an ordinary one after that.
+    """
+    limit = cfg.concurrent_pieces
+    if sharing and cfg.share_concurrent_pieces:
+        limit = min(limit, cfg.share_concurrent_pieces)
+    extra = min(from_seeds, cfg.seed_extra_pieces)
+    ordinary_full = in_flight - extra >= limit
+    return ordinary_full, ordinary_full and extra >= cfg.seed_extra_pieces
 
 
 def endgame_order(fetches: list[_Fetch], duplicates: int) -> list[int]:
