@@ -69,7 +69,8 @@ class TaskEntry:
     answered: set[str] = field(default_factory=set)
     shares_planned: bool = False
     share_serial: int = 0
-    # the task's pieces as protobufs, in order, for every answer; rebuilt when a piece is recorded
+    # the task's pieces as protobufs, in order, for every answer; rebuilt after record_piece (the
+    # only way a piece enters the scheduler's task)
     piece_pbs: list[common_pb2.Piece] | None = None
 
     def record_piece(self, pb: common_pb2.Piece) -> None:
@@ -78,7 +79,7 @@ class TaskEntry:
 
     def task_proto(self) -> common_pb2.Task:
         pb = task_to_proto(self.task, with_pieces=False)
-        if self.piece_pbs is None or len(self.piece_pbs) != len(self.task.pieces):
+        if self.piece_pbs is None:
             self.piece_pbs = [piece_to_proto(p) for p in sorted(self.task.pieces.values(), key=lambda p: p.number)]
         pb.pieces.extend(self.piece_pbs)
         return pb
@@ -104,6 +105,10 @@ def _the_rest(ids: list[str], drawn: list[str]) -> Iterator[str]:
     rest = [pid for pid in ids if pid not in seen]
     random.shuffle(rest)
     yield from rest
+
+
+def _is_ranged(download: common_pb2.Download | None) -> bool:
+    return download is not None and download.range.length > 0
 
 
 def _layout(entry: TaskEntry) -> Layout | None:
@@ -162,8 +167,7 @@ class SchedulerState:
         below = self.descendants(child.id) if self.strategy.dag else set()
         limit = self.parent_limit
         wanted = max(self.cfg.filter_parent_limit, limit)
-        child_range = self.range_of(child.id)
-        layout = _layout(entry) if self._ranged else None
+        child_range, layout = self._range_view(child, entry)
         pool: list[Candidate] = []
         # A random order, cut at ``wanted`` usable ones (upstream samples before it filters too):
         # parents that score the same share the load, and a task with thousands of peers costs
@@ -187,13 +191,17 @@ class SchedulerState:
     def reciprocal(self, peer: Peer) -> list[Candidate]:
         """The peers fetching from ``peer`` that could serve it too (for mesh strategies)."""
         entry = self.tasks[peer.task_id]
-        child_range = self.range_of(peer.id)
-        layout = _layout(entry) if self._ranged else None
+        child_range, layout = self._range_view(peer, entry)
         found = (
             self._servable(cid, peer, child_range, layout)
             for cid in sorted(peer.children - peer.parents - peer.blocklist)
         )
         return [c for c in found if c is not None]
+
+    def _range_view(self, child: Peer, entry: TaskEntry) -> tuple[ByteRange | None, Layout | None]:
+        """``child``'s range, and the task's layout to compare ranges by (None while no peer
+        asked for a range: then every parent holds what a child wants)."""
+        return self.range_of(child.id), _layout(entry) if self._ranged else None
 
     def _servable(
         self, pid: str, child: Peer, child_range: ByteRange | None, layout: Layout | None
@@ -216,15 +224,12 @@ class SchedulerState:
         return self.strategy.parent_limit or self.cfg.candidate_parent_limit
 
     def set_download(self, peer_id: str, download: common_pb2.Download) -> None:
-        old = self.downloads.get(peer_id)
-        self._ranged += (download.range.length > 0) - (old is not None and old.range.length > 0)
+        self._ranged += _is_ranged(download) - _is_ranged(self.downloads.get(peer_id))
         self.downloads[peer_id] = download
 
     def remove_peer(self, peer_id: str) -> None:
         p = self.peers.pop(peer_id, None)
-        d = self.downloads.pop(peer_id, None)
-        if d is not None and d.range.length > 0:
-            self._ranged -= 1
+        self._ranged -= _is_ranged(self.downloads.pop(peer_id, None))
         if p is None:
             return
         for other_id in p.parents | p.children:
