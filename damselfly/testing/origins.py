@@ -115,7 +115,9 @@ class FakeHub(_Threaded):
             if not (self.root / kind / repo / m["rev"] / m["path"]).is_file():
                 return web.json_response({"error": "Entry not found"}, status=404)
             cdn = f"/cdn/{kind}/{repo}/{quote(m['rev'], safe='')}/{quote(m['path'])}"
-            raise web.HTTPFound(cdn)
+            # returned, not raised: a raised HTTPFound's traceback ties the request (and its
+            # transport) into a cycle that the garbage collector may reach while it is closing
+            return web.Response(status=302, headers={"Location": cdn})
 
         return handler
 
