@@ -52,6 +52,7 @@ from google.protobuf import duration_pb2, empty_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from damselfly import h2grpc
 from damselfly.daemon.daemon import scheduler_order
 
 PIECE = 4 * 1024 * 1024
@@ -59,28 +60,42 @@ PIECES = 64
 
 
 class Driver:
-    def __init__(self, addresses: list[str], hosts: int, tasks: int, channels: int):
+    """The load: hosts announce themselves, then peers run their downloads' messages.
+
+    It speaks gRPC through ``damselfly.h2grpc``'s client (``--client native``, the default)
+    or through grpcio's (``--client grpcio``); the messages are the same either way.
+    """
+
+    def __init__(self, addresses: list[str], hosts: int, tasks: int, channels: int, client: str = "native"):
         # separate connections, so one HTTP/2 connection's flow control is not the limit
         self.addresses = addresses
-        self.channels = {
-            a: [
-                grpc.aio.insecure_channel(a, options=[("grpc.primary_user_agent", f"load-{i}")])
-                for i in range(channels)
-            ]
-            for a in addresses
-        }
+        self.client = client
+        self.n_channels = channels
+        self.channels: dict[str, list[Any]] = {}
         self.hosts = [f"host-{i:04d}" for i in range(hosts)]
         self.tasks = [f"{i:064x}" for i in range(1, tasks + 1)]
         self.latencies: list[float] = []
         self.answers: dict[str, int] = {}
         self.errors: list[str] = []
         self.draining: set[asyncio.Task[None]] = set()
+        self.cpu_seconds = 0.0
 
-    def stub(self, i: int, task_id: str = "", address: str = "") -> scheduler_pb2_grpc.SchedulerStub:
-        """A stub for the scheduler a daemon would pick for ``task_id`` (or for ``address``)."""
+    async def connect(self) -> None:
+        for a in self.addresses:
+            if self.client == "grpcio":
+                self.channels[a] = [
+                    grpc.aio.insecure_channel(a, options=[("grpc.primary_user_agent", f"load-{i}")])
+                    for i in range(self.n_channels)
+                ]
+            else:
+                host, _, port = a.rpartition(":")
+                self.channels[a] = [await h2grpc.Connection.open(host, int(port)) for _ in range(self.n_channels)]
+
+    def channel(self, i: int, task_id: str = "", address: str = "") -> Any:
+        """The connection a daemon would use for ``task_id`` (or for ``address``)."""
         address = address or scheduler_order(self.addresses, task_id)[0]
         channels = self.channels[address]
-        return scheduler_pb2_grpc.SchedulerStub(channels[i % len(channels)])
+        return channels[i % len(channels)]
 
     async def announce_hosts(self) -> None:
         async def one(i: int, host_id: str) -> None:
@@ -97,7 +112,11 @@ class Driver:
             host.network.max_tx_bandwidth = 10_000_000_000
             request = scheduler_pb2.AnnounceHostRequest(host=host, interval=duration_pb2.Duration(seconds=300))
             for address in self.addresses:  # a daemon announces itself to every scheduler
-                await self.stub(i, address=address).AnnounceHost(request, timeout=30)
+                ch = self.channel(i, address=address)
+                if self.client == "grpcio":
+                    await scheduler_pb2_grpc.SchedulerStub(ch).AnnounceHost(request, timeout=30)
+                else:
+                    await ch.unary(ANNOUNCE_HOST, request.SerializeToString(), timeout=30)
 
         for start in range(0, len(self.hosts), 100):
             await asyncio.gather(*(one(i, h) for i, h in enumerate(self.hosts[start : start + 100], start)))
@@ -106,7 +125,7 @@ class Driver:
         host_id = self.hosts[n % len(self.hosts)]
         task_id = self.tasks[(n // len(self.hosts) + n) % len(self.tasks)]
         peer_id = f"10.0.0.1-{host_id}-peer-{n:06d}"
-        call = self.stub(n, task_id).AnnouncePeer()
+        call = _Call(self.channel(n, task_id), self.client)
 
         def req(**kw: object) -> scheduler_pb2.AnnouncePeerRequest:
             return scheduler_pb2.AnnouncePeerRequest(host_id=host_id, task_id=task_id, peer_id=peer_id, **kw)
@@ -116,11 +135,11 @@ class Driver:
             await call.write(request)
             resp = await call.read()
             self.latencies.append(time.perf_counter() - t0)
-            if resp is grpc.aio.EOF:
+            if resp is None:
                 raise RuntimeError("the scheduler ended the stream")
             kind = resp.WhichOneof("response")
             self.answers[kind] = self.answers.get(kind, 0) + 1
-            return resp  # type: ignore[no-any-return]
+            return resp
 
         download = common_pb2.Download(
             url=f"http://origin.example/{task_id[-8:]}",
@@ -185,7 +204,7 @@ class Driver:
                     )
                 )
             await call.done_writing()
-        except (grpc.aio.AioRpcError, RuntimeError) as exc:
+        except (grpc.aio.AioRpcError, h2grpc.RpcError, RuntimeError) as exc:
             self.errors.append(str(exc))
             return
         # the stream's end is the scheduler's business: the next peer need not wait for it
@@ -193,11 +212,11 @@ class Driver:
         self.draining.add(drain)
         drain.add_done_callback(self.draining.discard)
 
-    async def _drain(self, call: grpc.aio.StreamStreamCall) -> None:
+    async def _drain(self, call: _Call) -> None:
         try:
-            while await call.read() is not grpc.aio.EOF:
+            while await call.read() is not None:
                 pass
-        except grpc.aio.AioRpcError as exc:
+        except (grpc.aio.AioRpcError, h2grpc.RpcError) as exc:
             self.errors.append(str(exc))
 
     async def run(self, peers: int, concurrency: int) -> float:
@@ -207,15 +226,53 @@ class Driver:
             for n in queue:
                 await self.peer(n)
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         await asyncio.gather(*self.draining)
+        self.cpu_seconds = time.process_time() - c0
         return time.perf_counter() - t0
 
     async def close(self) -> None:
         for channels in self.channels.values():
             for ch in channels:
-                await ch.close()
+                if self.client == "grpcio":
+                    await ch.close()
+                else:
+                    ch.close()
+
+
+ANNOUNCE_HOST = "/scheduler.v2.Scheduler/AnnounceHost"
+ANNOUNCE_PEER = "/scheduler.v2.Scheduler/AnnouncePeer"
+
+
+class _Call:
+    """One AnnouncePeer stream through either client."""
+
+    def __init__(self, channel: Any, client: str):
+        self.native = client != "grpcio"
+        if self.native:
+            self.stream = channel.stream(ANNOUNCE_PEER)
+        else:
+            self.call = scheduler_pb2_grpc.SchedulerStub(channel).AnnouncePeer()
+
+    async def write(self, request: scheduler_pb2.AnnouncePeerRequest) -> None:
+        if self.native:
+            self.stream.send(request.SerializeToString())  # queued; the event loop flushes it
+        else:
+            await self.call.write(request)
+
+    async def read(self) -> scheduler_pb2.AnnouncePeerResponse | None:
+        if self.native:
+            data = await self.stream.recv()
+            return None if data is None else scheduler_pb2.AnnouncePeerResponse.FromString(data)
+        resp = await self.call.read()
+        return None if resp is grpc.aio.EOF else resp
+
+    async def done_writing(self) -> None:
+        if self.native:
+            self.stream.end()
+        else:
+            await self.call.done_writing()
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -241,8 +298,8 @@ class FloorServicer(scheduler_pb2_grpc.SchedulerServicer):
                 yield self.ANSWER
 
 
-async def serve_floor(ready: str) -> None:
-    server = grpc.aio.server()
+async def serve_floor(ready: str, kind: str) -> None:
+    server: Any = h2grpc.Server() if kind == "native" else grpc.aio.server()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(FloorServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -253,14 +310,20 @@ async def serve_floor(ready: str) -> None:
 
 
 def start_scheduler(
-    work: Path, name: str = "scheduler", floor: bool = False
+    work: Path, name: str = "scheduler", floor: bool = False, server: str = "native"
 ) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
     ready = work / f"{name}.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAMSELFLY_")}
-    env.update({"DAMSELFLY_LOG__LEVEL": "WARNING", "DAMSELFLY_PLUGINS__AUTOLOAD": "false"})
+    env.update(
+        {
+            "DAMSELFLY_LOG__LEVEL": "WARNING",
+            "DAMSELFLY_PLUGINS__AUTOLOAD": "false",
+            "DAMSELFLY_SCHEDULER__GRPC_SERVER": server,
+        }
+    )
     command = [sys.executable, "-m", "damselfly", "scheduler", "--ready-file", str(ready)]
     if floor:
-        command = [sys.executable, __file__, "--serve-floor", str(ready)]
+        command = [sys.executable, __file__, "--serve-floor", str(ready), "--server", server]
     with (work / f"{name}.log").open("wb") as log:
         proc = subprocess.Popen(
             command,
@@ -287,24 +350,35 @@ def main() -> None:
     ap.add_argument(
         "--schedulers", type=int, default=1, help="scheduler processes; tasks spread over them as daemons spread them"
     )
-    ap.add_argument("--floor", action="store_true", help="drive a stateless servicer instead: the ceiling grpcio sets")
+    ap.add_argument(
+        "--server",
+        choices=["native", "grpcio"],
+        default="native",
+        help="what serves gRPC in the scheduler (its scheduler.grpc_server setting) and in the floor",
+    )
+    ap.add_argument("--client", choices=["native", "grpcio"], default="native", help="the load generator's gRPC client")
+    ap.add_argument(
+        "--floor", action="store_true", help="drive a stateless servicer instead: the ceiling the gRPC server sets"
+    )
     ap.add_argument("--serve-floor", metavar="READY_FILE", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.serve_floor:
-        asyncio.run(serve_floor(args.serve_floor))
+        asyncio.run(serve_floor(args.serve_floor, args.server))
         return
 
     work = Path(tempfile.mkdtemp(prefix="dfload-"))
-    started = [start_scheduler(work, f"scheduler{i}", args.floor) for i in range(args.schedulers)]
+    started = [start_scheduler(work, f"scheduler{i}", args.floor, args.server) for i in range(args.schedulers)]
     try:
         scheds = [psutil.Process(proc.pid) for proc, _ in started]
         driver: Driver | None = None
 
         async def go() -> float:
             nonlocal driver
-            driver = Driver([str(info["address"]) for _, info in started], args.hosts, args.tasks, args.channels)
+            addresses = [str(info["address"]) for _, info in started]
+            driver = Driver(addresses, args.hosts, args.tasks, args.channels, args.client)
             try:
+                await driver.connect()
                 await driver.announce_hosts()
                 return await driver.run(args.peers, args.concurrency)
             finally:
@@ -335,9 +409,12 @@ def main() -> None:
         "rss_mb": round(rss / 1e6, 1),
         "schedulers": args.schedulers,
         "floor": args.floor,
+        "server": args.server,
+        "client": args.client,
         "scheduler_cpu_seconds": round(
             sum((b.user + b.system) - (a.user + a.system) for a, b in zip(cpu0, cpu1, strict=True)), 1
         ),
+        "load_cpu_seconds": round(driver.cpu_seconds, 1),
         "answers": driver.answers,
         "errors": len(driver.errors),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",

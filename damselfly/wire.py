@@ -23,6 +23,11 @@ def timestamp(t: float | None = None) -> timestamp_pb2.Timestamp:
     return ts
 
 
+def set_time(ts: timestamp_pb2.Timestamp, t: float) -> None:
+    """Set a Timestamp field in place (cheaper than building one and copying it in)."""
+    ts.seconds, ts.nanos = divmod(int(t * 1e9), 1_000_000_000)
+
+
 def duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(int(seconds * 1e9))
@@ -103,6 +108,18 @@ def task_to_proto(t: Task, *, with_pieces: bool = True) -> common_pb2.Task:
     )
     if with_pieces:
         pb.pieces.extend(piece_to_proto(p) for p in sorted(t.pieces.values(), key=lambda p: p.number))
+    return pb
+
+
+def add_peer_proto(parents: Any, p: Peer, host_pb: common_pb2.Host, task_pb: common_pb2.Task) -> common_pb2.Peer:
+    """Append ``p`` to a repeated Peer field, as :func:`peer_to_proto` builds it, in place."""
+    pb: common_pb2.Peer = parents.add(
+        id=p.id, priority=p.priority, state=p.state.value, need_back_to_source=p.need_back_to_source
+    )
+    pb.task.CopyFrom(task_pb)
+    pb.host.CopyFrom(host_pb)
+    set_time(pb.created_at, p.created_at)
+    set_time(pb.updated_at, p.updated_at)
     return pb
 
 

@@ -32,6 +32,15 @@ class Peer:
     created_at: float = 0.0
     updated_at: float = 0.0
     priority: int = 0
+    # is_bad's outlier test, valid while _outlier_fresh (add_cost clears it)
+    _outlier_fresh: bool = field(default=False, init=False, repr=False, compare=False)
+    _outlier: bool = field(default=False, init=False, repr=False, compare=False)
+
+    def add_cost(self, seconds: float, keep: int = 64) -> None:
+        """Record a piece's download cost, keeping the last ``keep``."""
+        self.piece_costs.append(seconds)
+        del self.piece_costs[:-keep]
+        self._outlier_fresh = False
 
     @property
     def done(self) -> bool:
@@ -52,9 +61,15 @@ class Peer:
         costs = self.piece_costs
         if len(costs) < 2:
             return False
-        last, earlier = costs[-1], costs[:-1]
-        mean = sum(earlier) / len(earlier)
-        if len(earlier) < 30:
-            return last > 20 * mean if mean > 0 else False
-        sigma = math.sqrt(sum((c - mean) ** 2 for c in earlier) / len(earlier))
-        return last > mean + 3 * sigma
+        if not self._outlier_fresh:
+            self._outlier, self._outlier_fresh = _outlier(costs), True
+        return self._outlier
+
+
+def _outlier(costs: list[float]) -> bool:
+    last, earlier = costs[-1], costs[:-1]
+    mean = sum(earlier) / len(earlier)
+    if len(earlier) < 30:
+        return last > 20 * mean if mean > 0 else False
+    sigma = math.sqrt(sum((c - mean) ** 2 for c in earlier) / len(earlier))
+    return last > mean + 3 * sigma

@@ -1,0 +1,230 @@
+"""damselfly.h2grpc against grpcio: its server under grpcio's client, its client against grpcio's server."""
+
+import asyncio
+import socket
+import struct
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from damselfly import h2grpc
+
+pytestmark = pytest.mark.timeout(60)
+
+SERVICE = "test.Echo"
+
+
+class Echo:
+    """A servicer on raw bytes (no protobuf), with one method per way a call can go."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+        self.sleeping = asyncio.Event()
+        self.metadata: tuple = ()
+
+    async def unary(self, request: bytes, context) -> bytes:
+        self.metadata = tuple(context.invocation_metadata())
+        if request == b"abort":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no: ünïcode % 100")
+        if request == b"raise":
+            raise RuntimeError("boom")
+        if request == b"sleep":
+            self.sleeping.set()
+            await asyncio.sleep(30)
+        return request[::-1]
+
+    async def bidi(self, requests, context):
+        try:
+            async for r in requests:
+                if r == b"hang":
+                    await asyncio.sleep(30)
+                yield r + b"!"
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    async def big(self, request: bytes, context) -> bytes:
+        return bytes(len(request) * 2)
+
+    def handlers(self):
+        return {
+            "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
+            "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
+            "Big": grpc.unary_unary_rpc_method_handler(self.big),
+        }
+
+
+def add_echo(server, echo: Echo) -> None:
+    handlers = echo.handlers()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(SERVICE, handlers)
+
+
+@pytest.fixture
+async def native():
+    echo = Echo()
+    server = h2grpc.Server()
+    add_echo(server, echo)
+    hs = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    assert port > 0
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)])
+    yield channel, echo, server, port, hs
+    await channel.close()
+    await server.stop(0.5)
+
+
+async def test_unary_metadata_and_errors_through_grpcio(native):
+    channel, echo, _, _, _ = native
+    unary = channel.unary_unary(f"/{SERVICE}/Unary")
+    assert await unary(b"abc", metadata=(("x-key", "v1"), ("x-blob-bin", b"\x00\xff")), timeout=5) == b"cba"
+    md = dict(echo.metadata)
+    assert md["x-key"] == "v1"
+    assert md["x-blob-bin"] == b"\x00\xff"
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await unary(b"abort", timeout=5)
+    assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.details() == "no: ünïcode % 100"
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await unary(b"raise", timeout=5)
+    assert err.value.code() is grpc.StatusCode.UNKNOWN
+    assert "boom" in err.value.details()
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await channel.unary_unary("/test.Echo/Missing")(b"", timeout=5)
+    assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_deadline_and_cancel(native):
+    channel, echo, _, _, _ = native
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await channel.unary_unary(f"/{SERVICE}/Unary")(b"sleep", timeout=0.3)
+    assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+    call = channel.stream_stream(f"/{SERVICE}/Bidi")()
+    await call.write(b"one")
+    assert await call.read() == b"one!"
+    await call.write(b"hang")
+    call.cancel()
+    await asyncio.wait_for(echo.cancelled.wait(), 10)  # the handler saw the client go
+    # the server is still fine for the next call
+    assert await channel.unary_unary(f"/{SERVICE}/Unary")(b"ok", timeout=5) == b"ko"
+
+
+async def test_many_messages_and_flow_control(native):
+    channel, _, _, _, _ = native
+    call = channel.stream_stream(f"/{SERVICE}/Bidi")()
+    for i in range(500):
+        await call.write(b"m%d" % i)
+    await call.done_writing()
+    got = [m async for m in call]
+    assert got == [b"m%d!" % i for i in range(500)]
+    assert await call.code() is grpc.StatusCode.OK
+    # 3 MiB up and 6 MiB down: far beyond HTTP/2's 64 KiB default windows
+    reply = await channel.unary_unary(f"/{SERVICE}/Big")(b"\x01" * (3 << 20), timeout=20)
+    assert reply == bytes(6 << 20)
+
+
+async def test_health_watch_uses_context_write(native):
+    channel, _, _, _, hs = native
+    stub = health_pb2_grpc.HealthStub(channel)
+    assert (
+        await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    ).status == health_pb2.HealthCheckResponse.SERVING
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service="svc"))
+    first = await watch.read()
+    assert first.status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    await hs.set("svc", health_pb2.HealthCheckResponse.NOT_SERVING)
+    second = await asyncio.wait_for(watch.read(), 5)
+    assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    watch.cancel()
+
+
+async def test_native_client_against_both_servers(native):
+    _, _, _, port, _ = native
+    grpcio_server = grpc.aio.server()
+    add_echo(grpcio_server, Echo())
+    gport = grpcio_server.add_insecure_port("127.0.0.1:0")
+    await grpcio_server.start()
+    try:
+        for p in (port, gport):
+            conn = await h2grpc.Connection.open("127.0.0.1", p)
+            try:
+                for _ in range(3):  # the header table warms up: later calls send indices only
+                    assert await conn.unary(f"/{SERVICE}/Unary", b"xyz", timeout=5) == b"zyx"
+                with pytest.raises(h2grpc.RpcError) as err:
+                    await conn.unary(f"/{SERVICE}/Unary", b"abort", timeout=5)
+                assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+                assert err.value.details == "no: ünïcode % 100"
+                st = conn.stream(f"/{SERVICE}/Bidi")
+                for i in range(100):
+                    st.send(b"%d" % i)
+                st.end()
+                got = [m async for m in h2grpc.aiter_messages(st)]
+                assert got == [b"%d!" % i for i in range(100)]
+                reply = await conn.unary(f"/{SERVICE}/Big", b"\x02" * (1 << 20), timeout=20)
+                assert reply == bytes(2 << 20)
+            finally:
+                conn.close()
+    finally:
+        await grpcio_server.stop(0)
+
+
+async def test_garbage_gets_goaway_and_the_server_lives_on(native):
+    channel, _, _, port, _ = native
+    loop = asyncio.get_running_loop()
+    for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", h2grpc.PREFACE + struct.pack(">BHBBI", 0xFF, 0, 1, 4, 1)):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(junk)
+        data = b""
+        while True:
+            chunk = await loop.run_in_executor(None, s.recv, 65536)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        # somewhere in what came back: a GOAWAY frame (type 7) with a non-zero error code
+        off, codes = 0, []
+        while off + 9 <= len(data):
+            hi, lo, kind, _, _ = struct.unpack_from(">BHBBI", data, off)
+            n = hi << 16 | lo
+            if kind == h2grpc.GOAWAY:
+                codes.append(struct.unpack_from(">I", data, off + 13)[0])
+            off += 9 + n
+        assert codes and codes[-1] != h2grpc.NO_ERROR
+    assert await channel.unary_unary(f"/{SERVICE}/Unary")(b"fine", timeout=5) == b"enif"
+
+
+async def test_stop_refuses_new_calls_and_ends_running_ones():
+    server = h2grpc.Server()
+    echo = Echo()
+    add_echo(server, echo)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        pending = asyncio.ensure_future(channel.unary_unary(f"/{SERVICE}/Unary")(b"sleep", timeout=20))
+        await asyncio.wait_for(echo.sleeping.wait(), 10)
+        await server.stop(0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await pending
+        assert err.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    assert await server.wait_for_termination(1)
+
+
+def test_bad_address_returns_zero():
+    assert h2grpc.Server().add_insecure_port("256.1.1.1:0") == 0
+    assert h2grpc.Server().add_insecure_port("127.0.0.1:notaport") == 0
+
+
+def test_timeouts_parse():
+    assert h2grpc.parse_timeout(b"250m") == 0.25
+    assert h2grpc.parse_timeout(b"2S") == 2.0
+    assert h2grpc.parse_timeout(b"1H") == 3600.0
+    assert h2grpc.parse_timeout(b"x") is None
+    assert h2grpc.parse_timeout(b"123456789m") is None  # over 8 digits
