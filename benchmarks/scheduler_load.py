@@ -57,6 +57,9 @@ from damselfly.daemon.daemon import scheduler_order
 
 PIECE = 4 * 1024 * 1024
 PIECES = 64
+COST = duration_pb2.Duration(nanos=50_000_000)
+REMOTE_PEER = common_pb2.TrafficType.REMOTE_PEER
+BACK_TO_SOURCE = common_pb2.TrafficType.BACK_TO_SOURCE
 
 
 class Driver:
@@ -79,6 +82,7 @@ class Driver:
         self.errors: list[str] = []
         self.draining: set[asyncio.Task[None]] = set()
         self.cpu_seconds = 0.0
+        self._template_cache: dict[str, dict[str, bytes]] = {}
 
     async def connect(self) -> None:
         for a in self.addresses:
@@ -121,16 +125,43 @@ class Driver:
         for start in range(0, len(self.hosts), 100):
             await asyncio.gather(*(one(i, h) for i, h in enumerate(self.hosts[start : start + 100], start)))
 
+    def _templates(self, task_id: str) -> dict[str, bytes]:
+        """The parts of a peer's requests that are the same for every peer of a task, serialized.
+        A request is its peer's ids followed by one of these: protobuf reads concatenated
+        encodings as one message, so the load generator builds little per message."""
+        t = self._template_cache.get(task_id)
+        if t is None:
+            R = scheduler_pb2.AnnouncePeerRequest
+            download = common_pb2.Download(
+                url=f"http://origin.example/{task_id[-8:]}",
+                type=common_pb2.TaskType.STANDARD,
+                actual_content_length=PIECE * PIECES,
+                actual_piece_length=PIECE,
+                actual_piece_count=PIECES,
+            )
+            t = self._template_cache[task_id] = {
+                "register": R(register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download)),
+                "started": R(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest()),
+                "finished": R(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest()),
+                "source_started": R(
+                    download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest()
+                ),
+                "source_finished": R(
+                    download_peer_back_to_source_finished_request=scheduler_pb2.DownloadPeerBackToSourceFinishedRequest()
+                ),
+            }
+            t = self._template_cache[task_id] = {k: v.SerializeToString() for k, v in t.items()}
+        return t
+
     async def peer(self, n: int) -> None:
         host_id = self.hosts[n % len(self.hosts)]
         task_id = self.tasks[(n // len(self.hosts) + n) % len(self.tasks)]
         peer_id = f"10.0.0.1-{host_id}-peer-{n:06d}"
+        ids = scheduler_pb2.AnnouncePeerRequest(host_id=host_id, task_id=task_id, peer_id=peer_id).SerializeToString()
+        t = self._templates(task_id)
         call = _Call(self.channel(n, task_id), self.client)
 
-        def req(**kw: object) -> scheduler_pb2.AnnouncePeerRequest:
-            return scheduler_pb2.AnnouncePeerRequest(host_id=host_id, task_id=task_id, peer_id=peer_id, **kw)
-
-        async def decide(request: scheduler_pb2.AnnouncePeerRequest) -> scheduler_pb2.AnnouncePeerResponse:
+        async def decide(request: bytes) -> scheduler_pb2.AnnouncePeerResponse:
             t0 = time.perf_counter()
             await call.write(request)
             resp = await call.read()
@@ -141,68 +172,41 @@ class Driver:
             self.answers[kind] = self.answers.get(kind, 0) + 1
             return resp
 
-        download = common_pb2.Download(
-            url=f"http://origin.example/{task_id[-8:]}",
-            type=common_pb2.TaskType.STANDARD,
-            actual_content_length=PIECE * PIECES,
-            actual_piece_length=PIECE,
-            actual_piece_count=PIECES,
-        )
+        def piece(number: int, parent_id: str, traffic_type: int, field: str) -> bytes:
+            pb = common_pb2.Piece(
+                number=number,
+                parent_id=parent_id,
+                offset=number * PIECE,
+                length=PIECE,
+                digest="crc32:1",
+                traffic_type=traffic_type,
+                cost=COST,
+            )
+            request = scheduler_pb2.AnnouncePeerRequest()
+            getattr(request, field).piece.CopyFrom(pb)
+            return ids + request.SerializeToString()
+
         try:
-            resp = await decide(req(register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download)))
+            resp = await decide(ids + t["register"])
             if resp.WhichOneof("response") == "normal_task_response":
-                parents = list(resp.normal_task_response.candidate_parents)
-                await call.write(req(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest()))
+                parents = [p.id for p in resp.normal_task_response.candidate_parents]
+                await call.write(ids + t["started"])
                 if random.random() < 0.1:
-                    resp = await decide(
-                        req(
-                            reschedule_peer_request=scheduler_pb2.ReschedulePeerRequest(
-                                candidate_parents=parents[:1], description="load test"
-                            )
-                        )
-                    )
-                    parents = list(resp.normal_task_response.candidate_parents) or parents
+                    request = scheduler_pb2.AnnouncePeerRequest()
+                    request.reschedule_peer_request.description = "load test"
+                    for pid in parents[:1]:
+                        request.reschedule_peer_request.candidate_parents.add(id=pid)
+                    resp = await decide(ids + request.SerializeToString())
+                    parents = [p.id for p in resp.normal_task_response.candidate_parents] or parents
                 for k in range(4):
-                    piece = common_pb2.Piece(
-                        number=(n + k) % PIECES,
-                        parent_id=parents[k % len(parents)].id if parents else "",
-                        offset=((n + k) % PIECES) * PIECE,
-                        length=PIECE,
-                        digest="crc32:1",
-                        traffic_type=common_pb2.TrafficType.REMOTE_PEER,
-                        cost=duration_pb2.Duration(nanos=50_000_000),
-                    )
-                    await call.write(
-                        req(download_piece_finished_request=scheduler_pb2.DownloadPieceFinishedRequest(piece=piece))
-                    )
-                await call.write(req(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest()))
+                    parent = parents[k % len(parents)] if parents else ""
+                    await call.write(piece((n + k) % PIECES, parent, REMOTE_PEER, "download_piece_finished_request"))
+                await call.write(ids + t["finished"])
             else:
-                await call.write(
-                    req(
-                        download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest()
-                    )
-                )
+                await call.write(ids + t["source_started"])
                 for k in range(4):
-                    piece = common_pb2.Piece(
-                        number=k,
-                        offset=k * PIECE,
-                        length=PIECE,
-                        digest="crc32:1",
-                        traffic_type=common_pb2.TrafficType.BACK_TO_SOURCE,
-                        cost=duration_pb2.Duration(nanos=50_000_000),
-                    )
-                    await call.write(
-                        req(
-                            download_piece_back_to_source_finished_request=scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(
-                                piece=piece
-                            )
-                        )
-                    )
-                await call.write(
-                    req(
-                        download_peer_back_to_source_finished_request=scheduler_pb2.DownloadPeerBackToSourceFinishedRequest()
-                    )
-                )
+                    await call.write(piece(k, "", BACK_TO_SOURCE, "download_piece_back_to_source_finished_request"))
+                await call.write(ids + t["source_finished"])
             await call.done_writing()
         except (grpc.aio.AioRpcError, h2grpc.RpcError, RuntimeError) as exc:
             self.errors.append(str(exc))
@@ -255,11 +259,11 @@ class _Call:
         else:
             self.call = scheduler_pb2_grpc.SchedulerStub(channel).AnnouncePeer()
 
-    async def write(self, request: scheduler_pb2.AnnouncePeerRequest) -> None:
+    async def write(self, request: bytes) -> None:
         if self.native:
-            self.stream.send(request.SerializeToString())  # queued; the event loop flushes it
+            self.stream.send(request)  # queued; the event loop flushes it
         else:
-            await self.call.write(request)
+            await self.call.write(scheduler_pb2.AnnouncePeerRequest.FromString(request))
 
     async def read(self) -> scheduler_pb2.AnnouncePeerResponse | None:
         if self.native:

@@ -714,6 +714,7 @@ class _ServerProtocol(_H2Protocol):
         super().__init__()
         self.server = server
         self.last_sid = 0
+        self._parsed: dict[int, tuple[Any, ...]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -742,26 +743,19 @@ class _ServerProtocol(_H2Protocol):
         if self.server._stopping:
             self._write(frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM)))
             return
-        path = method = content_type = b""
-        timeout = encoding = None
-        for k, v in headers:
-            if k == b":path":
-                path = v
-            elif k == b":method":
-                method = v
-            elif k == b"content-type":
-                content_type = v
-            elif k == b"grpc-timeout":
-                timeout = v
-            elif k == b"grpc-encoding":
-                encoding = v
-        if method != b"POST" or not content_type.startswith(b"application/grpc"):
-            self._send_headers(sid, b"\x00" + _hpack_str(b":status") + _hpack_str(b"415"), True)
-            return
-        path_s = path.decode("utf-8", "replace")
-        handler = self.server._lookup(path_s, headers)
+        parsed = self._parsed.get(id(headers))
+        if parsed is None or parsed[0] is not headers:
+            # the same header list (from the decoder's cache) means the same call: parse it once
+            parsed = (headers, *self._parse_request(headers))
+            if len(self._parsed) >= 64:
+                self._parsed.clear()
+            self._parsed[id(headers)] = parsed
+        _, error, handler, timeout, metadata = parsed
         if handler is None:
-            self._trailers_only(sid, grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+            if error == "415":
+                self._send_headers(sid, b"\x00" + _hpack_str(b":status") + _hpack_str(b"415"), True)
+            else:
+                self._trailers_only(sid, grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
             return
         st = _ServerStream(sid, self.peer_initial_window, self, handler)
         self.streams[sid] = st
@@ -771,13 +765,32 @@ class _ServerProtocol(_H2Protocol):
             if seconds is not None:
                 deadline = time.monotonic() + seconds
                 st.timer = self.loop.call_later(seconds, self._deadline, st)
-        st.context = ServicerContext(st, decode_metadata(headers, _SKIP_METADATA), deadline)
-        if encoding not in (None, b"identity"):
-            st.requests.deserialize = None  # messages are refused in _message
+        st.context = ServicerContext(st, metadata, deadline)
         st.task = self.loop.create_task(self.server._run(st))
         if flags & END_STREAM:
             st.remote_closed = True
             self._on_remote_end(st)
+
+    def _parse_request(
+        self, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[str, grpc.RpcMethodHandler | None, bytes | None, tuple[Metadatum, ...]]:
+        """(why not, the handler, grpc-timeout, metadata) for a request's headers."""
+        path = method = content_type = b""
+        timeout = None
+        for k, v in headers:
+            if k == b":path":
+                path = v
+            elif k == b":method":
+                method = v
+            elif k == b"content-type":
+                content_type = v
+            elif k == b"grpc-timeout":
+                timeout = v
+        metadata = decode_metadata(headers, _SKIP_METADATA)
+        if method != b"POST" or not content_type.startswith(b"application/grpc"):
+            return "415", None, None, metadata
+        handler = self.server._lookup(path.decode("utf-8", "replace"), headers)
+        return ("" if handler else "unimplemented"), handler, timeout, metadata
 
     def _trailers_only(self, sid: int, code: grpc.StatusCode, details: str) -> None:
         self._send_headers(sid, RESPONSE_HEADERS + status_block(code, details), True)

@@ -13,7 +13,7 @@ import itertools
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -157,15 +157,6 @@ async def _wait_changed(changed: asyncio.Event, seconds: float) -> None:
         pass
 
 
-def _the_rest(ids: list[str], drawn: list[str]) -> Iterator[str]:
-    """The ids not yet drawn, in a random order (``drawn`` then these is a uniform shuffle);
-    a generator, so nothing is shuffled unless a caller reads past ``drawn``."""
-    seen = set(drawn)
-    rest = [pid for pid in ids if pid not in seen]
-    random.shuffle(rest)
-    yield from rest
-
-
 def _is_ranged(download: common_pb2.Download | None) -> bool:
     return download is not None and download.range.length > 0
 
@@ -244,20 +235,39 @@ class SchedulerState:
         pool: list[Candidate] = []
         # A random order, cut at ``wanted`` usable ones (upstream samples before it filters too):
         # parents that score the same share the load, and a task with thousands of peers costs
-        # a scheduling decision no more than one with ``wanted``.
-        ids = list(entry.task.peer_ids)
-        drawn = random.sample(ids, min(2 * wanted, len(ids)))  # most decisions need no more than these
-        for pid in itertools.chain(drawn, _the_rest(ids, drawn)):
+        # a scheduling decision no more than one with ``wanted``. A small task is shuffled; a
+        # large one is walked from a random point (as upstream's map iteration does).
+        ids = entry.task.peer_ids.items
+        n = len(ids)
+        order: Iterable[str]
+        if n <= 2 * wanted:
+            order = random.sample(ids, n)
+        else:
+            start = random.randrange(n)
+            order = itertools.chain(itertools.islice(ids, start, None), itertools.islice(ids, start))
+        peers, hosts = self.peers, self.hosts
+        ranged = self._ranged
+        child_id, child_host_id, blocklist = child.id, child.host_id, child.blocklist
+        running = PeerState.RUNNING
+        for pid in order:
+            if pid == child_id or pid in blocklist or pid in below or pid in exclude:
+                continue
+            # _servable, inline: this loop is most of a decision
+            p = peers.get(pid)
+            if p is None:
+                continue
+            h = hosts.get(p.host_id)
+            if h is None or h.id == child_host_id or h.disable_shared:
+                continue
+            if ranged and not covers(self.range_of(pid), child_range, layout):
+                continue
+            if p.state not in ELIGIBLE or p.is_bad():
+                continue
+            if p.state is running and not p.parents and not h.is_seed:
+                continue  # a normal peer with no parent has nothing to give yet
+            pool.append(Candidate(p, h))
             if len(pool) >= wanted:
                 break
-            if pid == child.id or pid in child.blocklist or pid in below or pid in exclude:
-                continue
-            c = self._servable(pid, child, child_range, layout)
-            if c is None:
-                continue
-            if not c.host.is_seed and not c.peer.parents and c.peer.state is PeerState.RUNNING:
-                continue  # a normal peer with no parent has nothing to give yet
-            pool.append(c)
         ranked = self.strategy.rank(Candidate(child, child_host), pool, entry.task)
         return ranked[:limit]
 

@@ -20,35 +20,32 @@ DURATION_WINDOW = 60.0  # seconds
 REFERENCE_PIECE = 16 * 1024 * 1024
 
 
-def peak_bandwidth_score(h: Host) -> float:
-    if h.max_tx_bandwidth <= 0 or h.tx_bandwidth >= h.max_tx_bandwidth:
-        return 0.0
-    return 1.0 - h.tx_bandwidth / h.max_tx_bandwidth
-
-
-def bandwidth_duration_score(h: Host) -> float:
-    if h.max_tx_bandwidth <= 0:
-        return 0.0
-    if h.upload_content_length == 0:
-        return 1.0
-    ratio = h.upload_content_length * 8 / h.max_tx_bandwidth / DURATION_WINDOW
-    return 0.0 if ratio >= 1.0 else 1.0 - ratio
-
-
-def concurrency_score(h: Host) -> float:
-    if h.max_tx_bandwidth <= 0:
-        return 0.0
-    needed = h.max_tx_bandwidth / REFERENCE_PIECE / 8
-    if needed <= 1.0:
-        return 0.0
-    if h.concurrent_upload_pieces == 0:
-        return 1.0
-    ratio = h.concurrent_upload_pieces / needed
-    return 1.0 if ratio <= 1.0 else 1.0 / ratio
-
-
 def load_quality(h: Host) -> float:
-    return 0.5 * peak_bandwidth_score(h) + 0.3 * bandwidth_duration_score(h) + 0.2 * concurrency_score(h)
+    """0.5 free peak bandwidth + 0.3 bandwidth duration + 0.2 upload concurrency, each in
+    [0, 1]; one function, as a decision scores some 15 hosts."""
+    mx = h.max_tx_bandwidth
+    if mx <= 0:
+        return 0.0
+    # free peak bandwidth
+    tx = h.tx_bandwidth
+    peak = 0.0 if tx >= mx else 1.0 - tx / mx
+    # how much of the last DURATION_WINDOW its uploads took
+    sent = h.upload_content_length
+    if sent == 0:
+        duration = 1.0
+    else:
+        ratio = sent * 8 / mx / DURATION_WINDOW
+        duration = 0.0 if ratio >= 1.0 else 1.0 - ratio
+    # pieces in flight against how many its bandwidth needs
+    needed = mx / REFERENCE_PIECE / 8
+    if needed <= 1.0:
+        concurrency = 0.0
+    elif h.concurrent_upload_pieces == 0:
+        concurrency = 1.0
+    else:
+        ratio = h.concurrent_upload_pieces / needed
+        concurrency = 1.0 if ratio <= 1.0 else 1.0 / ratio
+    return 0.5 * peak + 0.3 * duration + 0.2 * concurrency
 
 
 @lru_cache(maxsize=4096)  # a handful of distinct IDCs and locations; each pair is scored often
@@ -70,18 +67,23 @@ def location_affinity(a: str, b: str) -> float:
     return score / LOCATION_LEVELS
 
 
+_SEED_SERVING = (PeerState.RUNNING, PeerState.PENDING)
+
+
 def host_type_score(c: Candidate) -> float:
     if c.host.is_seed:
-        return 1.0 if c.peer.state in (PeerState.RUNNING, PeerState.PENDING) else 0.0
+        return 1.0 if c.peer.state in _SEED_SERVING else 0.0
     return 0.5
 
 
 def score(parent: Candidate, child: Candidate) -> float:
+    ph, ch = parent.host, child.host
+    host_type = (1.0 if parent.peer.state in _SEED_SERVING else 0.0) if ph.is_seed else 0.5
     return (
-        0.6 * load_quality(parent.host)
-        + 0.2 * idc_affinity(parent.host.idc, child.host.idc)
-        + 0.1 * location_affinity(parent.host.location, child.host.location)
-        + 0.1 * host_type_score(parent)
+        0.6 * load_quality(ph)
+        + 0.2 * idc_affinity(ph.idc, ch.idc)
+        + 0.1 * location_affinity(ph.location, ch.location)
+        + 0.1 * host_type
     )
 
 

@@ -31,10 +31,14 @@ def cand(name, *, seed=False, idc="", location="", tx=0, uploaded=0, state=PeerS
 
 def test_component_scores():
     h = cand("a", tx=GBIT // 4).host
-    assert default.peak_bandwidth_score(h) == pytest.approx(0.75)
-    assert default.bandwidth_duration_score(h) == 1.0
-    h.upload_content_length = GBIT // 8 * 30  # 30 s of the link in the last minute
-    assert default.bandwidth_duration_score(h) == pytest.approx(0.5)
+    # 0.5 x free peak (0.75) + 0.3 x duration (1: nothing uploaded) + 0.2 x concurrency (1: idle)
+    assert default.load_quality(h) == pytest.approx(0.5 * 0.75 + 0.3 + 0.2)
+    h.upload_content_length = GBIT // 8 * 30  # 30 s of the link in the last minute: duration 0.5
+    assert default.load_quality(h) == pytest.approx(0.5 * 0.75 + 0.3 * 0.5 + 0.2)
+    h.concurrent_upload_pieces = 15  # twice the ~7.45 pieces its bandwidth needs: concurrency 0.5
+    assert default.load_quality(h) == pytest.approx(0.5 * 0.75 + 0.3 * 0.5 + 0.2 * (GBIT / (16 << 20) / 8) / 15)
+    h.max_tx_bandwidth = 0
+    assert default.load_quality(h) == 0.0
     assert default.location_affinity("a|b|c|d|e", "a|b|x") == pytest.approx(0.4)
     assert default.location_affinity("", "a") == 0.0
     assert default.idc_affinity("IDC1", "idc1") == 1.0
