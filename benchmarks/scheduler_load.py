@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -60,6 +61,8 @@ PIECES = 64
 COST = duration_pb2.Duration(nanos=50_000_000)
 REMOTE_PEER = common_pb2.TrafficType.REMOTE_PEER
 BACK_TO_SOURCE = common_pb2.TrafficType.BACK_TO_SOURCE
+FINISHED = "download_piece_finished_request"
+SOURCE_FINISHED = "download_piece_back_to_source_finished_request"
 
 
 class Driver:
@@ -76,7 +79,8 @@ class Driver:
         self.n_channels = channels
         self.channels: dict[str, list[Any]] = {}
         self.hosts = [f"host-{i:04d}" for i in range(hosts)]
-        self.tasks = [f"{i:064x}" for i in range(1, tasks + 1)]
+        # task ids as Dragonfly makes them (sha256 hex): daemons spread tasks over schedulers by a prefix
+        self.tasks = [hashlib.sha256(f"http://origin.example/{i}".encode()).hexdigest() for i in range(tasks)]
         self.latencies: list[float] = []
         self.answers: dict[str, int] = {}
         self.errors: list[str] = []
@@ -198,15 +202,14 @@ class Driver:
                         request.reschedule_peer_request.candidate_parents.add(id=pid)
                     resp = await decide(ids + request.SerializeToString())
                     parents = [p.id for p in resp.normal_task_response.candidate_parents] or parents
-                for k in range(4):
-                    parent = parents[k % len(parents)] if parents else ""
-                    await call.write(piece((n + k) % PIECES, parent, REMOTE_PEER, "download_piece_finished_request"))
-                await call.write(ids + t["finished"])
+                rest = [
+                    piece((n + k) % PIECES, parents[k % len(parents)] if parents else "", REMOTE_PEER, FINISHED)
+                    for k in range(4)
+                ]
+                await call.write_all([*rest, ids + t["finished"]])
             else:
-                await call.write(ids + t["source_started"])
-                for k in range(4):
-                    await call.write(piece(k, "", BACK_TO_SOURCE, "download_piece_back_to_source_finished_request"))
-                await call.write(ids + t["source_finished"])
+                rest = [piece(k, "", BACK_TO_SOURCE, SOURCE_FINISHED) for k in range(4)]
+                await call.write_all([ids + t["source_started"], *rest, ids + t["source_finished"]])
             await call.done_writing()
         except (grpc.aio.AioRpcError, h2grpc.RpcError, RuntimeError) as exc:
             self.errors.append(str(exc))
@@ -260,10 +263,17 @@ class _Call:
             self.call = scheduler_pb2_grpc.SchedulerStub(channel).AnnouncePeer()
 
     async def write(self, request: bytes) -> None:
+        await self.write_all([request])
+
+    async def write_all(self, requests: list[bytes]) -> None:
+        """Each request in its own message (and DATA frame), in order."""
         if self.native:
-            self.stream.send(request)  # queued; the event loop flushes it
+            send = self.stream.send
+            for r in requests:
+                send(r)  # queued; the event loop flushes it
         else:
-            await self.call.write(scheduler_pb2.AnnouncePeerRequest.FromString(request))
+            for r in requests:
+                await self.call.write(scheduler_pb2.AnnouncePeerRequest.FromString(r))
 
     async def read(self) -> scheduler_pb2.AnnouncePeerResponse | None:
         if self.native:
@@ -418,6 +428,9 @@ def main() -> None:
         "scheduler_cpu_seconds": round(
             sum((b.user + b.system) - (a.user + a.system) for a, b in zip(cpu0, cpu1, strict=True)), 1
         ),
+        "each_scheduler_cpu_seconds": [
+            round((b.user + b.system) - (a.user + a.system), 1) for a, b in zip(cpu0, cpu1, strict=True)
+        ],
         "load_cpu_seconds": round(driver.cpu_seconds, 1),
         "answers": driver.answers,
         "errors": len(driver.errors),

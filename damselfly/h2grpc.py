@@ -235,6 +235,27 @@ class _H2Protocol(asyncio.Protocol):
             chunk, rest = rest[:limit], rest[limit:]
             self._write(frame(CONTINUATION, 0 if rest else END_HEADERS, sid, chunk))
 
+    def _send_message(self, st: _Stream, data: bytes, end_stream: bool = False) -> None:
+        """One gRPC message as DATA; the common case (it fits the windows and one frame) inline."""
+        n = len(data) + 5
+        if (
+            not st.pending
+            and not st.pending_end
+            and n <= self.send_window
+            and n <= st.window
+            and n <= self.peer_max_frame
+        ):
+            self.send_window -= n
+            st.window -= n
+            self.out += _FRAME.pack(n >> 16, n & 0xFFFF, DATA, END_STREAM if end_stream else 0, st.sid)
+            self.out += _MSG.pack(0, n - 5)
+            self.out += data
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush)
+            return
+        self._send_data(st, _MSG.pack(0, n - 5) + data, end_stream)
+
     def _send_data(self, st: _Stream, payload: bytes, end_stream: bool = False) -> None:
         """DATA as far as the windows allow; the rest waits in ``st.pending``."""
         if st.pending or st.pending_end:
@@ -544,9 +565,10 @@ class _Abort(Exception):
 
 
 class _Requests:
-    """The request messages of one stream, as the handler's async iterator."""
+    """The request messages of one stream, as the handler's async iterator; or, once the
+    handler calls :meth:`listen`, handed to its callbacks as they arrive."""
 
-    __slots__ = ("deserialize", "ended", "error", "items", "waiter")
+    __slots__ = ("deserialize", "ended", "error", "fail", "items", "on_end", "on_message", "waiter")
 
     def __init__(self, deserialize: Callable[[bytes], Any] | None):
         self.items: deque[Any] = deque()
@@ -554,8 +576,35 @@ class _Requests:
         self.ended = False
         self.error: BaseException | None = None
         self.deserialize = deserialize
+        self.on_message: Callable[[Any], None] | None = None
+        self.on_end: Callable[[], None] | None = None
+        self.fail: Callable[[str], None] | None = None  # ends the call with INTERNAL
+
+    def listen(self, on_message: Callable[[Any], None], on_end: Callable[[], None]) -> None:
+        """Hand each request to ``on_message`` as it arrives (in the connection's read, with
+        no task switch per message), and the end of the requests to ``on_end``; for handlers
+        that react to every message at once. The callbacks must not raise."""
+        self.on_message, self.on_end = on_message, on_end
+        while self.items and self.on_message is not None:
+            self._hand(self.items.popleft())
+        if self.ended and self.error is None:
+            on_end()
+
+    def _hand(self, raw: Any) -> None:
+        assert self.on_message is not None
+        try:
+            item = raw if self.deserialize is None else self.deserialize(raw)
+        except Exception as exc:
+            self.on_message = None
+            if self.fail is not None:
+                self.fail(f"cannot parse the request: {exc}")
+            return
+        self.on_message(item)
 
     def push(self, item: Any) -> None:
+        if self.on_message is not None:
+            self._hand(item)
+            return
         self.items.append(item)
         w = self.waiter
         if w is not None and not w.done():
@@ -564,6 +613,8 @@ class _Requests:
     def end(self, error: BaseException | None = None) -> None:
         self.ended = True
         self.error = self.error or error
+        if self.on_end is not None and error is None:
+            self.on_end()
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -665,11 +716,15 @@ class _ServerStream(_Stream):
         self.conn = conn
         self.handler = handler
         self.requests = _Requests(handler.request_deserializer)
+        self.requests.fail = self._fail
         self.context: ServicerContext | None = None
         self.task: asyncio.Task[None] | None = None
         self.headers_sent = False
         self.cancelled = False
         self.timer: asyncio.TimerHandle | None = None
+
+    def _fail(self, details: str) -> None:
+        self.conn._abort_stream(self, grpc.StatusCode.INTERNAL, details)
 
     def send_headers(self, extra: bytes = b"") -> None:
         if not self.headers_sent:
@@ -682,7 +737,7 @@ class _ServerStream(_Stream):
         serialize = self.handler.response_serializer
         data = serialize(message) if serialize is not None else message
         self.send_headers()
-        self.conn._send_data(self, _MSG.pack(0, len(data)) + data)
+        self.conn._send_message(self, data)
         if len(self.pending) > SEND_HIGH_WATER:
             self.drained = self.conn.loop.create_future()
             await self.drained
@@ -1007,7 +1062,7 @@ class ClientStream(_Stream):
 
     def send(self, message: bytes, end: bool = False) -> None:
         """Queue one serialized message (and, with ``end``, half-close)."""
-        self.conn._send_data(self, _MSG.pack(0, len(message)) + message, end)
+        self.conn._send_message(self, message, end)
         if end:
             self.local_closed = True
 

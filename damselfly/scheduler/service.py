@@ -93,10 +93,45 @@ class Outbox:
         return self._items.popleft()
 
 
+class Signal:
+    """Wakes whoever waits on it; cheaper than an asyncio.Event per change (a decision
+    notifies its task's waiters several times)."""
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def fire(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+
+    async def wait(self, seconds: float | None = None) -> None:
+        """Until the next :meth:`fire`, or ``seconds`` (None: no limit)."""
+        loop = asyncio.get_running_loop()
+        f: asyncio.Future[None] = loop.create_future()
+        if len(self._waiters) >= 64:  # waits that were cancelled stay until a fire; drop them
+            self._waiters = [w for w in self._waiters if not w.done()]
+        self._waiters.append(f)
+        timer = None if seconds is None else loop.call_later(seconds, _expire, f)
+        try:
+            await f
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+def _expire(f: asyncio.Future[None]) -> None:
+    if not f.done():
+        f.set_result(None)
+
+
 @dataclass
 class TaskEntry:
     task: Task
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: Signal = field(default_factory=Signal)
     seed_triggered_at: float = 0.0
     seed_failed_at: float = 0.0
     seed_requests: list[ByteRange | None] = field(default_factory=list)  # what the seed was asked for
@@ -144,17 +179,12 @@ class TaskEntry:
         return pb
 
     def notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
+        self.changed.fire()
 
 
-async def _wait_changed(changed: asyncio.Event, seconds: float) -> None:
-    """Until ``changed`` fires or ``seconds`` pass; a timer on this task, not a task per wait."""
-    try:
-        async with asyncio.timeout(seconds):
-            await changed.wait()
-    except TimeoutError:
-        pass
+async def _wait_changed(changed: Signal, seconds: float) -> None:
+    """Until ``changed`` fires or ``seconds`` pass."""
+    await changed.wait(seconds)
 
 
 def _is_ranged(download: common_pb2.Download | None) -> bool:
@@ -484,7 +514,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.metrics.announce_peer.inc()
         out = Outbox()
         session = _PeerSession(self, out, shares_ok=offers_source_shares(context.invocation_metadata()))
-        reader = asyncio.get_running_loop().create_task(session.consume(request_iterator))
+        reader: asyncio.Task[None] | None = None
+        listen = getattr(request_iterator, "listen", None)
+        if listen is not None:  # damselfly.h2grpc: each request handled as it is read
+            listen(session.on_request, session.on_requests_end)
+        else:  # grpcio: a task reads them
+            reader = asyncio.get_running_loop().create_task(session.consume(request_iterator))
         try:
             while True:
                 item = await out.get()
@@ -494,7 +529,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                     await context.abort(item.code, str(item))
                 yield item  # type: ignore[misc]
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             session.close()
 
     # -- scheduling ------------------------------------------------------------------------
@@ -745,6 +781,7 @@ class _PeerSession:
         self.peer: Peer | None = None
         self.scheduling: asyncio.Task[None] | None = None
         self.refreshing: asyncio.Task[None] | None = None
+        self.input_done = False  # the requests ended, or one ended the stream
 
     def close(self) -> None:
         if self.scheduling:
@@ -803,16 +840,33 @@ class _PeerSession:
     async def consume(self, requests: AsyncIterator[scheduler_pb2.AnnouncePeerRequest]) -> None:
         try:
             async for req in requests:
-                try:
-                    if self.handle(req):
-                        self.out.put_nowait(_CLOSE)
-                        return
-                except ScheduleError as exc:
-                    self.out.put_nowait(exc)
+                self.on_request(req)
+                if self.input_done:
                     return
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
-        self.out.put_nowait(_CLOSE)
+        self.on_requests_end()
+
+    def on_request(self, req: scheduler_pb2.AnnouncePeerRequest) -> None:
+        """Apply one request; the stream's answers, its end or its error go to ``out``."""
+        if self.input_done:
+            return
+        try:
+            if self.handle(req):
+                self.input_done = True
+                self.out.put_nowait(_CLOSE)
+        except ScheduleError as exc:
+            self.input_done = True
+            self.out.put_nowait(exc)
+        except Exception as exc:  # a bug of ours: the peer hears of it, the scheduler goes on
+            logger.opt(exception=exc).error("AnnouncePeer request failed")
+            self.input_done = True
+            self.out.put_nowait(ScheduleError(grpc.StatusCode.INTERNAL, f"scheduler error: {exc}"))
+
+    def on_requests_end(self) -> None:
+        if not self.input_done:
+            self.input_done = True
+            self.out.put_nowait(_CLOSE)
 
     def handle(self, req: scheduler_pb2.AnnouncePeerRequest) -> bool:
         """Apply one request; True when the stream is over."""
