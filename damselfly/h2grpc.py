@@ -348,7 +348,10 @@ class _H2Protocol(asyncio.Protocol):
                     break
                 start = off + 9
                 off = start + length
-                self._frame(kind, flags, sid & 0x7FFFFFFF, data[start:off])
+                if kind == DATA and not self.headers_sid:
+                    self._on_data(flags, sid & 0x7FFFFFFF, data[start:off])  # most frames: skip _frame
+                else:
+                    self._frame(kind, flags, sid & 0x7FFFFFFF, data[start:off])
                 if self.closed:
                     return
             if off < end:

@@ -46,6 +46,17 @@ from damselfly.wire import (
 )
 
 _CLOSE = object()
+_new, _set_peer, _set_host = object.__new__, Candidate.peer.__set__, Candidate.host.__set__  # type: ignore[attr-defined]
+
+
+def _candidate(peer: Peer, host: Host) -> Candidate:
+    """``Candidate(peer, host)`` at half the cost of a frozen dataclass's __init__."""
+    c = _new(Candidate)
+    _set_peer(c, peer)
+    _set_host(c, host)
+    return c
+
+
 ELIGIBLE = (PeerState.RUNNING, PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED)
 SEED_FAILED_WINDOW = 1800.0  # seconds a seed that failed a task is not asked for it again (upstream's)
 
@@ -277,25 +288,31 @@ class SchedulerState:
             order = itertools.chain(itertools.islice(ids, start, None), itertools.islice(ids, start))
         peers, hosts = self.peers, self.hosts
         ranged = self._ranged
-        child_id, child_host_id, blocklist = child.id, child.host_id, child.blocklist
+        child_host_id = child.host_id
+        skip = {child.id}
+        skip.update(child.blocklist, below, exclude)
         running = PeerState.RUNNING
         for pid in order:
-            if pid == child_id or pid in blocklist or pid in below or pid in exclude:
+            if pid in skip:
                 continue
             # _servable, inline: this loop is most of a decision
             p = peers.get(pid)
-            if p is None:
+            if p is None or p.host_id == child_host_id:
+                continue
+            state = p.state
+            if state not in ELIGIBLE:
                 continue
             h = hosts.get(p.host_id)
-            if h is None or h.id == child_host_id or h.disable_shared:
+            if h is None or h.disable_shared:
                 continue
             if ranged and not covers(self.range_of(pid), child_range, layout):
                 continue
-            if p.state not in ELIGIBLE or p.is_bad():
-                continue
-            if p.state is running and not p.parents and not h.is_seed:
-                continue  # a normal peer with no parent has nothing to give yet
-            pool.append(Candidate(p, h))
+            if state is running:
+                if not p.parents and not h.is_seed:
+                    continue  # a normal peer with no parent has nothing to give yet
+                if p.is_bad():
+                    continue  # its last piece cost an outlier (is_bad is only ever true while running)
+            pool.append(_candidate(p, h))
             if len(pool) >= wanted:
                 break
         ranked = self.strategy.rank(Candidate(child, child_host), pool, entry.task)
@@ -893,8 +910,8 @@ class _PeerSession:
         elif kind in ("download_piece_finished_request", "download_piece_back_to_source_finished_request"):
             piece = getattr(req, kind).piece
             peer.finished_pieces.add(piece.number)
-            cost = piece.cost.ToNanoseconds() / 1e9
-            peer.add_cost(cost)
+            c = piece.cost
+            peer.add_cost(c.seconds + c.nanos / 1e9)
             if kind == "download_piece_back_to_source_finished_request":
                 entry.record_piece(piece)
                 self.svc.reports["back_to_source"].inc()
