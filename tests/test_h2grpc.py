@@ -228,3 +228,49 @@ def test_timeouts_parse():
     assert h2grpc.parse_timeout(b"1H") == 3600.0
     assert h2grpc.parse_timeout(b"x") is None
     assert h2grpc.parse_timeout(b"123456789m") is None  # over 8 digits
+
+
+class Listener:
+    """A stream handler that takes its requests through listen(), as the scheduler's AnnouncePeer does."""
+
+    def __init__(self) -> None:
+        self.seen: list = []
+
+    async def chat(self, requests, context):
+        out: asyncio.Queue = asyncio.Queue()
+        requests.listen(lambda m: (self.seen.append(m), out.put_nowait(m)), lambda: out.put_nowait(None))
+        while (m := await out.get()) is not None:
+            yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+async def test_listen_hands_requests_over_and_refuses_a_bad_one():
+    listener = Listener()
+    server = h2grpc.Server()
+    handler = grpc.stream_stream_rpc_method_handler(
+        listener.chat,
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
+    server.add_registered_method_handlers("test.Listen", {"Chat": handler})
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            chat = channel.stream_stream("/test.Listen/Chat")  # raw bytes: we choose what is sent
+            call = chat()
+            await call.write(health_pb2.HealthCheckRequest(service="a").SerializeToString())
+            await call.write(health_pb2.HealthCheckRequest(service="b").SerializeToString())
+            await call.done_writing()
+            assert len([m async for m in call]) == 2
+            assert await call.code() is grpc.StatusCode.OK
+            assert [m.service for m in listener.seen] == ["a", "b"]
+
+            call = chat()
+            await call.write(b"\xff\xff\xff")  # not a HealthCheckRequest
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in call:
+                    pass
+            assert err.value.code() is grpc.StatusCode.INTERNAL
+            assert "cannot parse" in err.value.details()
+    finally:
+        await server.stop(0.5)
