@@ -239,7 +239,7 @@ class Listener:
     async def chat(self, requests, context):
         out: asyncio.Queue = asyncio.Queue()
         requests.listen(lambda m: (self.seen.append(m), out.put_nowait(m)), lambda: out.put_nowait(None))
-        while (m := await out.get()) is not None:
+        while await out.get() is not None:
             yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
 
