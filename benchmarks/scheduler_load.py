@@ -428,6 +428,7 @@ def main() -> None:
         "scheduler_cpu_seconds": round(
             sum((b.user + b.system) - (a.user + a.system) for a, b in zip(cpu0, cpu1, strict=True)), 1
         ),
+        "scheduler_system_cpu_seconds": round(sum(b.system - a.system for a, b in zip(cpu0, cpu1, strict=True)), 1),
         "each_scheduler_cpu_seconds": [
             round((b.user + b.system) - (a.user + a.system), 1) for a, b in zip(cpu0, cpu1, strict=True)
         ],
