@@ -262,7 +262,7 @@ class _H2Protocol(asyncio.Protocol):
             st.pending += payload
             st.pending_end = st.pending_end or end_stream
             return
-        n = min(len(payload), self.send_window, st.window)
+        n = max(0, min(len(payload), self.send_window, st.window))  # a window may be negative (RFC 9113 6.9.2)
         if n == len(payload):
             self._emit_data(st, payload, end_stream)
             return
@@ -746,8 +746,8 @@ class _ServerStream(_Stream):
             await self.drained
 
     def finish(self, code: grpc.StatusCode, details: str, trailing: Iterable[tuple[str, str | bytes]] = ()) -> None:
-        if self.local_closed or self.cancelled:
-            return
+        if self.local_closed or self.cancelled or self.trailers is not None:
+            return  # over already, or its status waits behind flow control
         conn = self.conn
         if self.timer is not None:
             self.timer.cancel()

@@ -274,3 +274,28 @@ async def test_listen_hands_requests_over_and_refuses_a_bad_one():
             assert "cannot parse" in err.value.details()
     finally:
         await server.stop(0.5)
+
+
+async def test_output_waits_for_window_even_when_a_window_went_negative():
+    """A peer may shrink SETTINGS_INITIAL_WINDOW_SIZE below what is in flight (RFC 9113 6.9.2)."""
+
+    class Sink:
+        def __init__(self) -> None:
+            self.data = b""
+
+        def write(self, d: bytes) -> None:
+            self.data += d
+
+    conn = h2grpc._H2Protocol()
+    conn.transport = Sink()
+    st = h2grpc._Stream(1, -10)
+    conn.streams[1] = st
+    conn._send_data(st, b"x" * 100)
+    conn._flush()
+    assert conn.transport.data == b""  # nothing may go out
+    assert bytes(st.pending) == b"x" * 100
+    st.window += 60  # the peer grants 60: 50 bytes may go now
+    conn._drain_blocked()
+    conn._flush()
+    assert conn.transport.data.endswith(b"x" * 50) and len(conn.transport.data) == 9 + 50
+    assert len(st.pending) == 50
