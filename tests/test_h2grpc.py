@@ -299,3 +299,20 @@ async def test_output_waits_for_window_even_when_a_window_went_negative():
     conn._flush()
     assert conn.transport.data.endswith(b"x" * 50) and len(conn.transport.data) == 9 + 50
     assert len(st.pending) == 50
+
+
+async def test_generic_handlers_alone_are_found():
+    """A server given only grpc.method_handlers_generic_handler (older generated code) serves it."""
+    server = h2grpc.Server()
+    echo = Echo()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, echo.handlers()),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert await channel.unary_unary(f"/{SERVICE}/Unary")(b"gen", timeout=5) == b"neg"
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await channel.unary_unary(f"/{SERVICE}/Nope")(b"", timeout=5)
+            assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(0.5)

@@ -83,17 +83,6 @@ class Outbox:
         if w is not None and not w.done():
             w.set_result(None)
 
-    def get_nowait(self) -> object:
-        if not self._items:
-            raise asyncio.QueueEmpty
-        return self._items.popleft()
-
-    def empty(self) -> bool:
-        return not self._items
-
-    def qsize(self) -> int:
-        return len(self._items)
-
     async def get(self) -> object:
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
@@ -191,11 +180,6 @@ class TaskEntry:
 
     def notify(self) -> None:
         self.changed.fire()
-
-
-async def _wait_changed(changed: Signal, seconds: float) -> None:
-    """Until ``changed`` fires or ``seconds`` pass."""
-    await changed.wait(seconds)
 
 
 def _is_ranged(download: common_pb2.Download | None) -> bool:
@@ -567,7 +551,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                         grpc.StatusCode.FAILED_PRECONDITION, "no parent and back-to-source limit reached"
                     )
                 return self._back_to_source(entry, peer, f"no parent within {self.cfg.seed_wait:.0f}s")
-            await _wait_changed(entry.changed, self.cfg.retry_interval)
+            await entry.changed.wait(self.cfg.retry_interval)
 
     def schedule_now(self, peer: Peer, started: float) -> scheduler_pb2.AnnouncePeerResponse | None:
         """One round of :meth:`schedule`: an answer, or None when the peer must wait."""
@@ -599,7 +583,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         limit = st.parent_limit
         entry = st.tasks[peer.task_id]
         while peer.id in st.peers and not peer.done and not peer.need_back_to_source:
-            await _wait_changed(entry.changed, 2.0)
+            await entry.changed.wait(2.0)
             if peer.id not in st.peers or peer.done or peer.need_back_to_source:
                 return
             live = [pid for pid in peer.parents if pid in st.peers]
