@@ -236,25 +236,8 @@ class _H2Protocol(asyncio.Protocol):
             self._write(frame(CONTINUATION, 0 if rest else END_HEADERS, sid, chunk))
 
     def _send_message(self, st: _Stream, data: bytes, end_stream: bool = False) -> None:
-        """One gRPC message as DATA; the common case (it fits the windows and one frame) inline."""
-        n = len(data) + 5
-        if (
-            not st.pending
-            and not st.pending_end
-            and n <= self.send_window
-            and n <= st.window
-            and n <= self.peer_max_frame
-        ):
-            self.send_window -= n
-            st.window -= n
-            self.out += _FRAME.pack(n >> 16, n & 0xFFFF, DATA, END_STREAM if end_stream else 0, st.sid)
-            self.out += _MSG.pack(0, n - 5)
-            self.out += data
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self.loop.call_soon(self._flush)
-            return
-        self._send_data(st, _MSG.pack(0, n - 5) + data, end_stream)
+        """One serialized gRPC message, length-prefixed, as DATA."""
+        self._send_data(st, _MSG.pack(0, len(data)) + data, end_stream)
 
     def _send_data(self, st: _Stream, payload: bytes, end_stream: bool = False) -> None:
         """DATA as far as the windows allow; the rest waits in ``st.pending``."""
@@ -808,12 +791,12 @@ class _ServerProtocol(_H2Protocol):
             if len(self._parsed) >= 64:
                 self._parsed.clear()
             self._parsed[id(headers)] = parsed
-        _, error, handler, timeout, metadata = parsed
+        _, is_grpc, handler, timeout, metadata = parsed
+        if not is_grpc:
+            self._send_headers(sid, b"\x00" + _hpack_str(b":status") + _hpack_str(b"415"), True)
+            return
         if handler is None:
-            if error == "415":
-                self._send_headers(sid, b"\x00" + _hpack_str(b":status") + _hpack_str(b"415"), True)
-            else:
-                self._trailers_only(sid, grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+            self._trailers_only(sid, grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
             return
         st = _ServerStream(sid, self.peer_initial_window, self, handler)
         self.streams[sid] = st
@@ -831,8 +814,8 @@ class _ServerProtocol(_H2Protocol):
 
     def _parse_request(
         self, headers: list[tuple[bytes, bytes]]
-    ) -> tuple[str, grpc.RpcMethodHandler | None, bytes | None, tuple[Metadatum, ...]]:
-        """(why not, the handler, grpc-timeout, metadata) for a request's headers."""
+    ) -> tuple[bool, grpc.RpcMethodHandler | None, bytes | None, tuple[Metadatum, ...]]:
+        """(a gRPC request at all, its handler, grpc-timeout, metadata) for a request's headers."""
         path = method = content_type = b""
         timeout = None
         for k, v in headers:
@@ -846,9 +829,8 @@ class _ServerProtocol(_H2Protocol):
                 timeout = v
         metadata = decode_metadata(headers, _SKIP_METADATA)
         if method != b"POST" or not content_type.startswith(b"application/grpc"):
-            return "415", None, None, metadata
-        handler = self.server._lookup(path.decode("utf-8", "replace"), headers)
-        return ("" if handler else "unimplemented"), handler, timeout, metadata
+            return False, None, None, metadata
+        return True, self.server._lookup(path.decode("utf-8", "replace"), metadata), timeout, metadata
 
     def _trailers_only(self, sid: int, code: grpc.StatusCode, details: str) -> None:
         self._send_headers(sid, RESPONSE_HEADERS + status_block(code, details), True)
@@ -889,7 +871,6 @@ class _ServerProtocol(_H2Protocol):
 
     def _deadline(self, st: _ServerStream) -> None:
         st.timer = None
-        st.finish(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         self._abort_stream(st, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
 
@@ -914,11 +895,11 @@ class Server:
         for name, handler in handlers.items():
             self._registered[f"/{service}/{name}"] = handler
 
-    def _lookup(self, path: str, headers: list[tuple[bytes, bytes]]) -> grpc.RpcMethodHandler | None:
+    def _lookup(self, path: str, metadata: tuple[Metadatum, ...]) -> grpc.RpcMethodHandler | None:
         handler = self._registered.get(path)
         if handler is not None:
             return handler
-        details = _CallDetails(path, decode_metadata(headers, _SKIP_METADATA))
+        details = _CallDetails(path, metadata)
         for generic in self._generic:
             handler = generic.service(details)
             if handler is not None:
@@ -1053,7 +1034,7 @@ class RpcError(Exception):
 
 
 class ClientStream(_Stream):
-    __slots__ = ("conn", "details", "headers", "messages", "status")
+    __slots__ = ("conn", "details", "messages", "status")
 
     def __init__(self, sid: int, window: int, conn: Connection):
         super().__init__(sid, window)
@@ -1061,7 +1042,6 @@ class ClientStream(_Stream):
         self.messages = _Requests(None)
         self.status: int | None = None
         self.details = ""
-        self.headers: list[tuple[bytes, bytes]] = []
 
     def send(self, message: bytes, end: bool = False) -> None:
         """Queue one serialized message (and, with ``end``, half-close)."""
@@ -1100,7 +1080,6 @@ class Connection(_H2Protocol):
         super().__init__()
         self.authority = authority
         self.next_sid = 1
-        self.lost: asyncio.Future[None] = self.loop.create_future()
         self._blocks: dict[tuple[str, tuple[tuple[str, str | bytes], ...]], bytes] = {}
         # our encoder's dynamic table: fields are added while they fit and never evicted, so an
         # entry's index is fixed by how many were added after it
@@ -1123,7 +1102,7 @@ class Connection(_H2Protocol):
         return b"\x40" + _hpack_str(name) + _hpack_str(value)  # literal, added to the table
 
     def _on_table_size(self, value: int) -> None:
-        if value < self._table_size or value < self._table_limit:
+        if value < self._table_limit:
             # forget every entry: the next block starts with a table size update to the new limit
             self._indexed.clear()
             self._blocks.clear()
@@ -1143,8 +1122,6 @@ class Connection(_H2Protocol):
             assert isinstance(st, ClientStream)
             st.messages.end(RpcError(14, f"connection lost: {exc}"))
         self.streams.clear()
-        if not self.lost.done():
-            self.lost.set_result(None)
 
     def close(self) -> None:
         self._flush()
@@ -1208,12 +1185,9 @@ class Connection(_H2Protocol):
                 st.details = unquote(v.decode("utf-8", "replace"))
             elif k == b":status" and v != b"200":
                 status, st.details = 2, f"HTTP status {v.decode()}"
-        st.headers += headers
         if status is not None:
             st.status = status
         if flags & END_STREAM:
-            if st.status is None:
-                st.status, st.details = 2, "the stream ended without grpc-status"
             st.remote_closed = True
             self._on_remote_end(st)
 
@@ -1229,7 +1203,7 @@ class Connection(_H2Protocol):
     def _on_remote_end(self, st: _Stream) -> None:
         assert isinstance(st, ClientStream)
         if st.status is None:
-            st.status, st.details = 2, "the stream ended without trailers"
+            st.status, st.details = 2, "the stream ended without grpc-status"
         st.messages.end()
         self.streams.pop(st.sid, None)
         self.blocked.pop(st.sid, None)
@@ -1248,10 +1222,12 @@ class Connection(_H2Protocol):
 
     def _on_goaway(self, last_sid: int) -> None:
         for sid, st in list(self.streams.items()):
-            if sid > last_sid:
+            if sid > last_sid:  # the server will not process these
                 assert isinstance(st, ClientStream)
                 st.status, st.details = 14, "the server went away"
-                self._on_reset(st, REFUSED_STREAM)
+                self.streams.pop(sid, None)
+                self.blocked.pop(sid, None)
+                st.messages.end()
 
 
 async def aiter_messages(st: ClientStream) -> AsyncIterator[bytes]:

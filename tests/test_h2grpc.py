@@ -316,3 +316,20 @@ async def test_generic_handlers_alone_are_found():
             assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
     finally:
         await server.stop(0.5)
+
+
+async def test_client_calls_past_a_goaway_fail_as_unavailable():
+    class Sink:
+        def write(self, d: bytes) -> None:
+            pass
+
+    conn = h2grpc.Connection("x:1")
+    conn.transport = Sink()
+    st = conn.stream(f"/{SERVICE}/Unary")
+    # the server went away having processed no stream of ours (last stream id 0)
+    goaway = h2grpc.frame(h2grpc.GOAWAY, 0, 0, struct.pack(">II", 0, h2grpc.NO_ERROR))
+    conn.data_received(goaway)
+    with pytest.raises(h2grpc.RpcError) as err:
+        await st.recv()
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert err.value.details == "the server went away"
