@@ -1,7 +1,8 @@
 """The scheduler under 10,000 peers: scheduling decisions per second, decision latency, RSS.
 
     python benchmarks/scheduler_load.py [--peers 10000] [--hosts 1000] [--tasks 100]
-                                        [--concurrency 64] [--schedulers 1] [--json]
+                                        [--concurrency 64] [--schedulers 1] [--server native]
+                                        [--client native] [--floor] [--json]
 
 The real scheduler service runs as its own process (``damselfly scheduler``); this
 script drives it over gRPC like daemons would. It announces ``--hosts`` hosts, then
@@ -23,9 +24,11 @@ The load generator shares the machine's cores with the scheduler. With
 them (rendezvous hashing of the task id, ``damselfly.daemon.daemon.scheduler_order``),
 and every host announces itself to each.
 
+The scheduler serves gRPC with ``--server`` (``native``: damselfly.h2grpc, its default;
+``grpcio``), and the load speaks it through ``--client`` (h2grpc's client or grpcio's).
 With ``--floor`` the same load drives, in place of the scheduler, a servicer that
 keeps no state and answers every register or reschedule with one fixed parent:
-what grpcio alone allows on this machine, the ceiling for any Python scheduler.
+what the gRPC server alone allows on this machine, the ceiling for the scheduler on it.
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ class Driver:
                 actual_piece_length=PIECE,
                 actual_piece_count=PIECES,
             )
-            t = self._template_cache[task_id] = {
+            messages = {
                 "register": R(register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download)),
                 "started": R(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest()),
                 "finished": R(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest()),
@@ -154,7 +157,7 @@ class Driver:
                     download_peer_back_to_source_finished_request=scheduler_pb2.DownloadPeerBackToSourceFinishedRequest()
                 ),
             }
-            t = self._template_cache[task_id] = {k: v.SerializeToString() for k, v in t.items()}
+            t = self._template_cache[task_id] = {k: v.SerializeToString() for k, v in messages.items()}
         return t
 
     async def peer(self, n: int) -> None:

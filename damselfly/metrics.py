@@ -47,10 +47,6 @@ class LoopCounter:
     def inc(self, amount: float = 1.0) -> None:
         self._children[()].inc(amount)
 
-    def value(self, *values: str) -> float:
-        child = self._children.get(values)
-        return child.value if child else 0.0
-
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for values, child in self._children.items():

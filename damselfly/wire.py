@@ -17,15 +17,15 @@ ERROR_TYPE_KEY = "x-dragonfly-error-type"
 """gRPC trailing metadata naming whose fault a failure is: backend, proxy or dfdaemon."""
 
 
-def timestamp(t: float | None = None) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int((time.time() if t is None else t) * 1e9))
-    return ts
-
-
 def set_time(ts: timestamp_pb2.Timestamp, t: float) -> None:
     """Set a Timestamp field in place (cheaper than building one and copying it in)."""
     ts.seconds, ts.nanos = divmod(int(t * 1e9), 1_000_000_000)
+
+
+def timestamp(t: float | None = None) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    set_time(ts, time.time() if t is None else t)
+    return ts
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
@@ -111,11 +111,12 @@ def task_to_proto(t: Task, *, with_pieces: bool = True) -> common_pb2.Task:
     return pb
 
 
-def add_peer_proto(parents: Any, p: Peer, host_pb: common_pb2.Host, task_pb: common_pb2.Task) -> common_pb2.Peer:
-    """Append ``p`` to a repeated Peer field, as :func:`peer_to_proto` builds it, in place."""
-    pb: common_pb2.Peer = parents.add(
-        id=p.id, priority=p.priority, state=p.state.value, need_back_to_source=p.need_back_to_source
-    )
+def fill_peer_proto(
+    pb: common_pb2.Peer, p: Peer, host_pb: common_pb2.Host, task_pb: common_pb2.Task
+) -> common_pb2.Peer:
+    """Fill an empty Peer message in place (``parents.add()`` of an answer, say): no nested
+    message is built and then copied."""
+    pb.id, pb.priority, pb.state, pb.need_back_to_source = p.id, p.priority, p.state.value, p.need_back_to_source
     pb.task.CopyFrom(task_pb)
     pb.host.CopyFrom(host_pb)
     set_time(pb.created_at, p.created_at)
@@ -124,15 +125,8 @@ def add_peer_proto(parents: Any, p: Peer, host_pb: common_pb2.Host, task_pb: com
 
 
 def peer_to_proto(p: Peer, host: Host, task: Task, task_pb: common_pb2.Task | None = None) -> common_pb2.Peer:
-    return common_pb2.Peer(
-        id=p.id,
-        priority=p.priority,
-        state=p.state.value,
-        task=task_pb if task_pb is not None else task_to_proto(task),
-        host=host_to_proto(host),
-        need_back_to_source=p.need_back_to_source,
-        created_at=timestamp(p.created_at),
-        updated_at=timestamp(p.updated_at),
+    return fill_peer_proto(
+        common_pb2.Peer(), p, host_to_proto(host), task_pb if task_pb is not None else task_to_proto(task)
     )
 
 

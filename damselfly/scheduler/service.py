@@ -33,7 +33,7 @@ from damselfly.metrics import SchedulerMetrics, serve_metrics
 from damselfly.plugin_manager import Plugins, build_plugins
 from damselfly.scheduler import preheat
 from damselfly.wire import (
-    add_peer_proto,
+    fill_peer_proto,
     host_from_proto,
     host_to_proto,
     offers_source_shares,
@@ -622,7 +622,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             parents.append(source_share_to_proto(entry.share_serial, sorted(told), entry.task, task_pb))
         host_proto = self.state.host_proto
         for c in kept + new:
-            add_peer_proto(parents, c.peer, host_proto(c.host), task_pb)
+            fill_peer_proto(parents.add(), c.peer, host_proto(c.host), task_pb)
         if peer.id in entry.sharers:
             entry.answered.add(peer.id)
         return resp

@@ -78,12 +78,11 @@ def host_type_score(c: Candidate) -> float:
 
 def score(parent: Candidate, child: Candidate) -> float:
     ph, ch = parent.host, child.host
-    host_type = (1.0 if parent.peer.state in _SEED_SERVING else 0.0) if ph.is_seed else 0.5
     return (
         0.6 * load_quality(ph)
         + 0.2 * idc_affinity(ph.idc, ch.idc)
         + 0.1 * location_affinity(ph.location, ch.location)
-        + 0.1 * host_type
+        + 0.1 * host_type_score(parent)
     )
 
 
