@@ -270,33 +270,18 @@ class SchedulerState:
         else:
             start = random.randrange(n)
             order = itertools.chain(itertools.islice(ids, start, None), itertools.islice(ids, start))
-        peers, hosts = self.peers, self.hosts
-        ranged = self._ranged
-        child_host_id = child.host_id
         skip = {child.id}
         skip.update(child.blocklist, below, exclude)
         running = PeerState.RUNNING
         for pid in order:
             if pid in skip:
                 continue
-            # _servable, inline: this loop is most of a decision
-            p = peers.get(pid)
-            if p is None or p.host_id == child_host_id:
+            c = self._servable(pid, child, child_range, layout)
+            if c is None:
                 continue
-            state = p.state
-            if state not in ELIGIBLE:
-                continue
-            h = hosts.get(p.host_id)
-            if h is None or h.disable_shared:
-                continue
-            if ranged and not covers(self.range_of(pid), child_range, layout):
-                continue
-            if state is running:
-                if not p.parents and not h.is_seed:
-                    continue  # a normal peer with no parent has nothing to give yet
-                if p.is_bad():
-                    continue  # its last piece cost an outlier (is_bad is only ever true while running)
-            pool.append(_candidate(p, h))
+            if c.peer.state is running and not c.peer.parents and not c.host.is_seed:
+                continue  # a normal peer with no parent has nothing to give yet
+            pool.append(c)
             if len(pool) >= wanted:
                 break
         ranked = self.strategy.rank(Candidate(child, child_host), pool, entry.task)
@@ -324,14 +309,16 @@ class SchedulerState:
         serve it: known, on another host that shares, in a state to serve, not a cost outlier,
         and holding the child's range."""
         p = self.peers.get(pid)
-        h = self.hosts.get(p.host_id) if p is not None else None
-        if p is None or h is None or h.id == child.host_id or h.disable_shared:
+        if p is None or p.host_id == child.host_id or p.state not in ELIGIBLE:
             return None
-        if self._ranged and not covers(self.range_of(p.id), child_range, layout):
+        h = self.hosts.get(p.host_id)
+        if h is None or h.disable_shared:
+            return None
+        if self._ranged and not covers(self.range_of(pid), child_range, layout):
             return None  # a ranged parent never holds the pieces outside its range
-        if p.state not in ELIGIBLE or p.is_bad():
-            return None
-        return Candidate(p, h)
+        if p.state is PeerState.RUNNING and p.is_bad():
+            return None  # is_bad is only ever true for an eligible peer while it runs
+        return _candidate(p, h)
 
     @property
     def parent_limit(self) -> int:
