@@ -177,7 +177,7 @@ class SchedulerConfig(Section):
     grpc_server: Literal["native", "grpcio"] = Field(
         "native",
         description="What serves the scheduler's gRPC: 'native' (damselfly.h2grpc, HTTP/2 in the event "
-        "loop, several times cheaper per stream) or 'grpcio' (grpcio's asyncio server).",
+        "loop, about a tenth of grpcio's CPU per stream) or 'grpcio' (grpcio's asyncio server).",
     )
     strategy: str = Field("default", description="Parent-selection strategy plugin.")
     candidate_parent_limit: int = Field(3, ge=1, description="Parents returned per schedule.")

@@ -31,14 +31,14 @@ class Echo:
             raise RuntimeError("boom")
         if request == b"sleep":
             self.sleeping.set()
-            await asyncio.sleep(30)
+            await asyncio.Event().wait()  # until the call is cancelled
         return request[::-1]
 
     async def bidi(self, requests, context):
         try:
             async for r in requests:
                 if r == b"hang":
-                    await asyncio.sleep(30)
+                    await asyncio.Event().wait()  # until the call is cancelled
                 yield r + b"!"
         except asyncio.CancelledError:
             self.cancelled.set()
