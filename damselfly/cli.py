@@ -53,8 +53,9 @@ def _write_ready(path: str | None, info: dict[str, Any]) -> None:
 def quiet_gc() -> None:
     """For a service process that holds a large, long-lived state (the scheduler's hosts,
     tasks and peers): what exists at start-up is never collected, and the young generation
-    is collected after 50,000 allocations instead of 700. Python's default otherwise spends
-    ~15% of a busy scheduler's CPU rescanning that state, with pauses that set its p99."""
+    is collected after 50,000 allocations instead of 700, so that state is rescanned less
+    often. (In one 10,000-peer load run, collection switched off gave 15% more decisions a
+    second; later runs put the difference within this VM's noise.)"""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
