@@ -684,6 +684,18 @@ class ServicerContext:
     async def write(self, message: Any) -> None:
         await self._stream.send_message(message)
 
+    def write_nowait(self, message: Any) -> bool:
+        """Send ``message`` now, past flow control's high-water mark (it queues behind the
+        windows): for a handler answering from callbacks (``listen``), whose answers are few.
+        False when the stream is over already. Not in grpcio's API."""
+        st = self._stream
+        if st.local_closed or st.cancelled:
+            return False
+        serialize = st.handler.response_serializer
+        st.send_headers()
+        st.conn._send_message(st, serialize(message) if serialize is not None else message)
+        return True
+
     async def read(self) -> Any:
         try:
             return await self._stream.requests.__anext__()

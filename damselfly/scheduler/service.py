@@ -13,7 +13,7 @@ import itertools
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -59,6 +59,7 @@ def _candidate(peer: Peer, host: Host) -> Candidate:
 
 ELIGIBLE = (PeerState.RUNNING, PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED)
 SEED_FAILED_WINDOW = 1800.0  # seconds a seed that failed a task is not asked for it again (upstream's)
+REFRESH_INTERVAL = 2.0  # seconds: the longest a downloading peer waits for another look at its parents
 
 
 class ScheduleError(Exception):
@@ -91,6 +92,25 @@ class Outbox:
             finally:
                 self._waiter = None
         return self._items.popleft()
+
+
+class DirectOut:
+    """The answers of one AnnouncePeer stream on damselfly.h2grpc: each written as it is made
+    (``write_nowait``), with no task woken; the stream's end or error resolves :attr:`end`."""
+
+    __slots__ = ("end", "write")
+
+    def __init__(self, write_nowait: Callable[[object], bool]):
+        self.write = write_nowait
+        self.end: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    def put_nowait(self, item: object) -> None:
+        if self.end.done():
+            return
+        if item is _CLOSE or isinstance(item, ScheduleError):
+            self.end.set_result(item)
+        else:
+            self.write(item)
 
 
 class Signal:
@@ -139,7 +159,7 @@ class TaskEntry:
     # A shared source read (scheduler.source_shares): the peers that offered to take a share,
     # with the queue of answers on their streams; the pieces each was handed and has not
     # reported; those handed but not yet in an answer to it; the peers answered so far.
-    sharers: dict[str, Outbox] = field(default_factory=dict)
+    sharers: dict[str, Outbox | DirectOut] = field(default_factory=dict)
     shares: dict[str, set[int]] = field(default_factory=dict)
     untold: dict[str, set[int]] = field(default_factory=dict)
     answered: set[str] = field(default_factory=set)
@@ -150,6 +170,10 @@ class TaskEntry:
     piece_pbs: list[common_pb2.Piece] | None = None
     _task_pb: common_pb2.Task | None = None
     _task_ident: tuple[str, str, str, str] | None = None
+    # the downloading peers offered more parents as they appear (SchedulerService.refresh_peer),
+    # with their answer queues; told of every change through on_change
+    refreshers: dict[str, tuple[Peer, Outbox | DirectOut]] = field(default_factory=dict)
+    on_change: Callable[[TaskEntry], None] | None = None
 
     def record_piece(self, pb: common_pb2.Piece) -> None:
         self.task.pieces[pb.number] = piece_from_proto(pb)
@@ -180,6 +204,8 @@ class TaskEntry:
 
     def notify(self) -> None:
         self.changed.fire()
+        if self.refreshers and self.on_change is not None:
+            self.on_change(self)
 
 
 def _is_ranged(download: common_pb2.Download | None) -> bool:
@@ -205,6 +231,7 @@ class SchedulerState:
         self._ranged = 0  # how many of them are for a byte range
         self.announced: dict[str, common_pb2.Host] = {}  # each host as it last announced itself
         self._host_pbs: dict[str, tuple[tuple[object, ...], common_pb2.Host]] = {}
+        self.on_task_change: Callable[[TaskEntry], None] | None = None  # each new task's on_change
 
     def host_proto(self, h: Host) -> common_pb2.Host:
         """``host_to_proto(h)``, kept while the fields it carries stay the same."""
@@ -222,7 +249,9 @@ class SchedulerState:
     def entry(self, task_id: str) -> TaskEntry:
         e = self.tasks.get(task_id)
         if e is None:
-            e = self.tasks[task_id] = TaskEntry(Task(id=task_id, created_at=time.time(), updated_at=time.time()))
+            now = time.time()
+            e = self.tasks[task_id] = TaskEntry(Task(id=task_id, created_at=now, updated_at=now))
+            e.on_change = self.on_task_change
         return e
 
     def range_of(self, peer_id: str) -> ByteRange | None:
@@ -344,6 +373,7 @@ class SchedulerState:
             e.sharers.pop(peer_id, None)
             e.untold.pop(peer_id, None)
             e.answered.discard(peer_id)
+            e.refreshers.pop(peer_id, None)
             e.notify()
         h = self.hosts.get(p.host_id)
         if h:
@@ -369,6 +399,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.reports = {k: metrics.piece_reports.labels(k) for k in ("back_to_source", "remote_peer")}
         self._background: set[asyncio.Task[None]] = set()
         self._gauges_bound = False
+        self._refresh_due: dict[str, TaskEntry] = {}
+        self._refresh_scheduled = False
+        self.state.on_task_change = self._refresh_soon
 
     def _spawn(self, coro: object) -> None:
         t = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -500,14 +533,25 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self, request_iterator: AsyncIterator[scheduler_pb2.AnnouncePeerRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.AnnouncePeerResponse]:
         self.metrics.announce_peer.inc()
-        out = Outbox()
-        session = _PeerSession(self, out, shares_ok=offers_source_shares(context.invocation_metadata()))
-        reader: asyncio.Task[None] | None = None
+        shares_ok = offers_source_shares(context.invocation_metadata())
         listen = getattr(request_iterator, "listen", None)
-        if listen is not None:  # damselfly.h2grpc: each request handled as it is read
+        write_nowait = getattr(context, "write_nowait", None)
+        if listen is not None and write_nowait is not None:
+            # damselfly.h2grpc: each request handled as it is read, each answer written as it
+            # is made; this coroutine only waits for the end
+            direct = DirectOut(write_nowait)
+            session = _PeerSession(self, direct, shares_ok=shares_ok)
             listen(session.on_request, session.on_requests_end)
-        else:  # grpcio: a task reads them
-            reader = asyncio.get_running_loop().create_task(session.consume(request_iterator))
+            try:
+                end = await direct.end
+            finally:
+                session.close()
+            if isinstance(end, ScheduleError):
+                await context.abort(end.code, str(end))
+            return
+        out = Outbox()  # grpcio: a task reads the requests, this generator yields the answers
+        session = _PeerSession(self, out, shares_ok=shares_ok)
+        reader = asyncio.get_running_loop().create_task(session.consume(request_iterator))
         try:
             while True:
                 item = await out.get()
@@ -517,8 +561,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                     await context.abort(item.code, str(item))
                 yield item  # type: ignore[misc]
         finally:
-            if reader is not None:
-                reader.cancel()
+            reader.cancel()
             session.close()
 
     # -- scheduling ------------------------------------------------------------------------
@@ -560,35 +603,70 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return self._back_to_source(entry, peer, "no seed peer and no parent")
         return None
 
-    async def refresh(self, peer: Peer, out: Outbox) -> None:
-        """Offer a downloading peer more parents as they appear, up to the limit.
+    def start_refresh(self, entry: TaskEntry, peer: Peer, out: Outbox | DirectOut) -> None:
+        """Offer ``peer`` (downloading) more parents as they appear, through ``out``: at every
+        change of its task, and every REFRESH_INTERVAL, until it stops wanting them."""
+        entry.refreshers[peer.id] = (peer, out)
+
+    def stop_refresh(self, entry: TaskEntry, peer: Peer) -> None:
+        entry.refreshers.pop(peer.id, None)
+
+    def _refresh_soon(self, entry: TaskEntry) -> None:
+        """A change in ``entry``: its refreshers look again once this turn of the loop is over
+        (every change of the turn, in every task, served by one callback)."""
+        self._refresh_due[entry.task.id] = entry
+        if not self._refresh_scheduled:
+            self._refresh_scheduled = True
+            asyncio.get_running_loop().call_soon(self._refresh_due_tasks)
+
+    def _refresh_due_tasks(self) -> None:
+        self._refresh_scheduled = False
+        due, self._refresh_due = self._refresh_due, {}
+        for entry in due.values():
+            self.refresh_task(entry)
+
+    def refresh_task(self, entry: TaskEntry) -> None:
+        for peer, out in list(entry.refreshers.values()):
+            if entry.refreshers.get(peer.id, (None,))[0] is peer and not self.refresh_peer(entry, peer, out):
+                entry.refreshers.pop(peer.id, None)
+
+    async def refresh_periodically(self) -> None:
+        """Every REFRESH_INTERVAL each refresher looks again, change or not (a parent may have
+        become usable without a change its task was told of)."""
+        while True:
+            await asyncio.sleep(REFRESH_INTERVAL)
+            for entry in list(self.state.tasks.values()):
+                if entry.refreshers:
+                    self._refresh_soon(entry)
+
+    def refresh_peer(self, entry: TaskEntry, peer: Peer, out: Outbox | DirectOut) -> bool:
+        """One look for more parents for a downloading peer, up to the limit; False once it
+        wants no more (it left, finished or went to the source).
 
         Each offer is a NormalTaskResponse with all of the peer's parents, so a
         client that replaces its list and one that merges it both end up right.
         """
         st = self.state
+        if peer.id not in st.peers or peer.done or peer.need_back_to_source:
+            return False
         limit = st.parent_limit
-        entry = st.tasks[peer.task_id]
-        while peer.id in st.peers and not peer.done and not peer.need_back_to_source:
-            await entry.changed.wait(2.0)
-            if peer.id not in st.peers or peer.done or peer.need_back_to_source:
-                return
-            live = [pid for pid in peer.parents if pid in st.peers]
-            new = []
-            if len(live) < limit:
-                new = st.candidates(peer, exclude=set(peer.parents))[: limit - len(live)]
-            if not st.strategy.dag:
-                # In a mesh a child is a parent too: a peer that fetches from this one is offered
-                # back to it, beyond the limit, so every peer's pieces have somewhere to go.
-                known = set(peer.parents) | {c.peer.id for c in new}
-                new += [c for c in st.reciprocal(peer) if c.peer.id not in known]
-            if not new:
-                continue
-            kept = [Candidate(st.peers[pid], st.hosts[st.peers[pid].host_id]) for pid in live]
-            self.schedules["refresh"].inc()
-            out.put_nowait(self._offer(entry, peer, kept, new))
-            if not st.strategy.dag:
-                entry.notify()  # the new parents now have a child to offer back
+        live = [pid for pid in peer.parents if pid in st.peers]
+        new = []
+        if len(live) < limit:
+            new = st.candidates(peer, exclude=set(peer.parents))[: limit - len(live)]
+        if not st.strategy.dag:
+            # In a mesh a child is a parent too: a peer that fetches from this one is offered
+            # back to it, beyond the limit, so every peer's pieces have somewhere to go.
+            known = set(peer.parents) | {c.peer.id for c in new}
+            new += [c for c in st.reciprocal(peer) if c.peer.id not in known]
+        if not new:
+            return True
+        kept = [Candidate(st.peers[pid], st.hosts[st.peers[pid].host_id]) for pid in live]
+        self.schedules["refresh"].inc()
+        out.put_nowait(self._offer(entry, peer, kept, new))
+        if not st.strategy.dag:
+            entry.notify()  # the new parents now have a child to offer back
+        return True
 
     def _offer(
         self, entry: TaskEntry, peer: Peer, kept: list[Candidate], new: list[Candidate]
@@ -761,14 +839,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 class _PeerSession:
     """One AnnouncePeer stream: the requests of one peer, answered through ``out``."""
 
-    def __init__(self, svc: SchedulerService, out: Outbox, *, shares_ok: bool = False):
+    def __init__(self, svc: SchedulerService, out: Outbox | DirectOut, *, shares_ok: bool = False):
         self.svc = svc
         self.st = svc.state
         self.out = out
         self.shares_ok = shares_ok  # the peer said it may take a share of the source read
         self.peer: Peer | None = None
         self.scheduling: asyncio.Task[None] | None = None
-        self.refreshing: asyncio.Task[None] | None = None
         self.input_done = False  # the requests ended, or one ended the stream
 
     def close(self) -> None:
@@ -817,13 +894,13 @@ class _PeerSession:
             self._start_refresh(peer)
 
     def _start_refresh(self, peer: Peer) -> None:
-        self._stop_refresh()
-        self.refreshing = asyncio.get_running_loop().create_task(self.svc.refresh(peer, self.out))
+        self.svc.start_refresh(self.st.tasks[peer.task_id], peer, self.out)
 
     def _stop_refresh(self) -> None:
-        if self.refreshing is not None:
-            self.refreshing.cancel()
-            self.refreshing = None
+        p = self.peer
+        entry = self.st.tasks.get(p.task_id) if p is not None else None
+        if p is not None and entry is not None:
+            self.svc.stop_refresh(entry, p)
 
     async def consume(self, requests: AsyncIterator[scheduler_pb2.AnnouncePeerRequest]) -> None:
         try:
@@ -1031,7 +1108,9 @@ async def start_scheduler(settings: Settings, plugins: Plugins | None = None) ->
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     runner, metrics_port = await serve_metrics(metrics.registry, cfg.listen_ip, cfg.metrics_port)
-    gc = asyncio.get_running_loop().create_task(service.gc())
+    loop = asyncio.get_running_loop()
+    gc = loop.create_task(service.gc())
+    service._spawn(service.refresh_periodically())
     logger.info("scheduler serving on {}:{} (metrics :{})", cfg.listen_ip, port, metrics_port)
     return SchedulerServer(server, service, runner, gc, f"{cfg.listen_ip}:{port}", metrics_port)
 

@@ -202,7 +202,7 @@ async def test_a_downloading_peer_is_offered_new_parents_as_they_appear(sched):
         st.peers[p.id] = p
         entry.task.peer_ids.add(p.id)
     out: asyncio.Queue = asyncio.Queue()
-    refresh = asyncio.ensure_future(svc.refresh(b, out))
+    svc.start_refresh(entry, b, out)
     # a new peer downloading from a, not from b, appears
     x = Peer(id="px", task_id=TASK, host_id="x", state=PeerState.RUNNING, parents={"pa"})
     st.peers[x.id] = x
@@ -211,11 +211,11 @@ async def test_a_downloading_peer_is_offered_new_parents_as_they_appear(sched):
     resp = await asyncio.wait_for(out.get(), 5)
     assert sorted(c.id for c in resp.normal_task_response.candidate_parents) == ["pa", "px"]
     assert b.parents == {"pa", "px"} and "pb" in x.children
-    # the limit (3) is not reached, but nobody else fits: no more offers; finishing ends the loop
+    # the limit (3) is not reached, but nobody else fits: no more offers; finishing ends them
+    assert svc.refresh_peer(entry, b, out) is True and out.empty()
     b.state = PeerState.SUCCEEDED
-    entry.notify()
-    await asyncio.wait_for(refresh, 5)
-    assert out.empty()
+    svc.refresh_task(entry)
+    assert "pb" not in entry.refreshers and out.empty()
 
 
 async def test_in_a_mesh_a_peer_at_its_parent_limit_is_offered_back_its_children():
@@ -244,14 +244,14 @@ async def test_in_a_mesh_a_peer_at_its_parent_limit_is_offered_back_its_children
         child = others[0]
         child.parents = {p.id for p in others[1 : limit + 1]}  # nobody had taken the late peer on
         out: asyncio.Queue = asyncio.Queue()
-        refresh = asyncio.ensure_future(svc.refresh(child, out))
+        svc.start_refresh(entry, child, out)
         entry.notify()
         resp = await asyncio.wait_for(out.get(), 5)
         offered = [c.id for c in resp.normal_task_response.candidate_parents]
         assert late.id in offered and len(offered) == limit + 1
         assert late.id in child.parents and child.id in late.children
         child.state = PeerState.SUCCEEDED
-        entry.notify()
-        await asyncio.wait_for(refresh, 5)
+        svc.refresh_task(entry)
+        assert child.id not in entry.refreshers
     finally:
         await server.stop()
