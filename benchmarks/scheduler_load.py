@@ -90,6 +90,8 @@ class Driver:
         self.draining: set[asyncio.Task[None]] = set()
         self.cpu_seconds = 0.0
         self._template_cache: dict[str, dict[str, bytes]] = {}
+        self._scheduler_of: dict[str, str] = {}
+        self._piece_parts: dict[tuple[str, int | str], bytes] = {}
 
     async def connect(self) -> None:
         for a in self.addresses:
@@ -104,7 +106,10 @@ class Driver:
 
     def channel(self, i: int, task_id: str = "", address: str = "") -> Any:
         """The connection a daemon would use for ``task_id`` (or for ``address``)."""
-        address = address or scheduler_order(self.addresses, task_id)[0]
+        if not address:
+            address = self._scheduler_of.get(task_id, "")
+            if not address:
+                address = self._scheduler_of[task_id] = scheduler_order(self.addresses, task_id)[0]
         channels = self.channels[address]
         return channels[i % len(channels)]
 
@@ -160,6 +165,22 @@ class Driver:
             t = self._template_cache[task_id] = {k: v.SerializeToString() for k, v in messages.items()}
         return t
 
+    def _piece_part(self, field: str, key: int | str, traffic_type: int = 0) -> bytes:
+        """A piece report's request with only the piece's ``key`` (its number, or its
+        parent's id) and what follows from it, serialized once."""
+        part = self._piece_parts.get((field, key))
+        if part is None:
+            request = scheduler_pb2.AnnouncePeerRequest()
+            pb = getattr(request, field).piece
+            if isinstance(key, str):
+                pb.parent_id = key
+            else:
+                pb.number, pb.offset, pb.length, pb.digest = key, key * PIECE, PIECE, "crc32:1"
+                pb.traffic_type = traffic_type
+                pb.cost.CopyFrom(COST)
+            part = self._piece_parts[(field, key)] = request.SerializeToString()
+        return part
+
     async def peer(self, n: int) -> None:
         host_id = self.hosts[n % len(self.hosts)]
         task_id = self.tasks[(n // len(self.hosts) + n) % len(self.tasks)]
@@ -180,18 +201,9 @@ class Driver:
             return resp
 
         def piece(number: int, parent_id: str, traffic_type: int, field: str) -> bytes:
-            pb = common_pb2.Piece(
-                number=number,
-                parent_id=parent_id,
-                offset=number * PIECE,
-                length=PIECE,
-                digest="crc32:1",
-                traffic_type=traffic_type,
-                cost=COST,
-            )
-            request = scheduler_pb2.AnnouncePeerRequest()
-            getattr(request, field).piece.CopyFrom(pb)
-            return ids + request.SerializeToString()
+            # the piece's fields and its parent in two encodings of the same request, which
+            # protobuf merges into one (a message field that appears twice is merged)
+            return ids + self._piece_part(field, number, traffic_type) + self._piece_part(field, parent_id)
 
         try:
             resp = await decide(ids + t["register"])
