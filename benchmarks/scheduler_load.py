@@ -2,7 +2,7 @@
 
     python benchmarks/scheduler_load.py [--peers 10000] [--hosts 1000] [--tasks 100]
                                         [--concurrency 64] [--schedulers 1] [--server native]
-                                        [--client native] [--floor] [--json]
+                                        [--client native] [--nice 10] [--floor] [--json]
 
 The real scheduler service runs as its own process (``damselfly scheduler``); this
 script drives it over gRPC like daemons would. It announces ``--hosts`` hosts, then
@@ -19,7 +19,9 @@ tasks), ``--concurrency`` at a time. Each peer opens an AnnouncePeer stream and:
 
 A decision is one answer to a register or reschedule request; its latency is
 from the request being written to the answer being read, as the daemon sees it.
-The load generator shares the machine's cores with the scheduler. With
+The load generator shares the machine's cores with the scheduler; it lowers its own
+priority (``--nice``, 10) once the schedulers run, so that they get a core first when
+both want one, as they would on machines of their own. With
 ``--schedulers K``, K scheduler processes share the tasks the way daemons spread
 them (rendezvous hashing of the task id, ``damselfly.daemon.daemon.scheduler_order``),
 and every host announces itself to each.
@@ -47,6 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -64,6 +67,7 @@ PIECES = 64
 COST = duration_pb2.Duration(nanos=50_000_000)
 REMOTE_PEER = common_pb2.TrafficType.REMOTE_PEER
 BACK_TO_SOURCE = common_pb2.TrafficType.BACK_TO_SOURCE
+END_WAIT = 60.0  # seconds run() waits for the scheduler to end the streams written to their end
 FINISHED = "download_piece_finished_request"
 SOURCE_FINISHED = "download_piece_back_to_source_finished_request"
 
@@ -87,7 +91,8 @@ class Driver:
         self.latencies: list[float] = []
         self.answers: dict[str, int] = {}
         self.errors: list[str] = []
-        self.draining: set[asyncio.Task[None]] = set()
+        self.open_streams = 0  # written to the end, the scheduler's end not read yet
+        self.all_ended: asyncio.Future[None] | None = None
         self.cpu_seconds = 0.0
         self._template_cache: dict[str, dict[str, bytes]] = {}
         self._scheduler_of: dict[str, str] = {}
@@ -230,16 +235,15 @@ class Driver:
             self.errors.append(str(exc))
             return
         # the stream's end is the scheduler's business: the next peer need not wait for it
-        drain = asyncio.ensure_future(self._drain(call))
-        self.draining.add(drain)
-        drain.add_done_callback(self.draining.discard)
+        self.open_streams += 1
+        call.on_end(self._ended)
 
-    async def _drain(self, call: _Call) -> None:
-        try:
-            while await call.read() is not None:
-                pass
-        except (grpc.aio.AioRpcError, h2grpc.RpcError) as exc:
-            self.errors.append(str(exc))
+    def _ended(self, error: str | None) -> None:
+        if error is not None:
+            self.errors.append(error)
+        self.open_streams -= 1
+        if self.open_streams == 0 and self.all_ended is not None and not self.all_ended.done():
+            self.all_ended.set_result(None)
 
     async def run(self, peers: int, concurrency: int) -> float:
         queue = iter(range(peers))
@@ -250,7 +254,12 @@ class Driver:
 
         t0, c0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        await asyncio.gather(*self.draining)
+        if self.open_streams:
+            self.all_ended = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self.all_ended, END_WAIT)
+            except TimeoutError:
+                raise SystemExit(f"{self.open_streams} streams did not end within {END_WAIT:.0f}s") from None
         self.cpu_seconds = time.process_time() - c0
         return time.perf_counter() - t0
 
@@ -263,6 +272,11 @@ class Driver:
                     ch.close()
 
 
+def _ignore(message: object) -> None:
+    pass
+
+
+_DRAINING: set[asyncio.Future[None]] = set()  # grpcio's streams read to their end
 ANNOUNCE_HOST = "/scheduler.v2.Scheduler/AnnounceHost"
 ANNOUNCE_PEER = "/scheduler.v2.Scheduler/AnnouncePeer"
 
@@ -296,6 +310,29 @@ class _Call:
             return None if data is None else scheduler_pb2.AnnouncePeerResponse.FromString(data)
         resp = await self.call.read()
         return None if resp is grpc.aio.EOF else resp
+
+    def on_end(self, callback: Callable[[str | None], None]) -> None:
+        """``callback(None)`` once the scheduler ended the stream with OK (after answers
+        nobody reads any more), ``callback(error)`` otherwise; for h2grpc's client with no
+        task per stream."""
+        if not self.native:
+            task = asyncio.ensure_future(self._read_to_end(callback))
+            _DRAINING.add(task)
+            task.add_done_callback(_DRAINING.discard)
+            return
+        st = self.stream
+        st.messages.listen(_ignore, lambda: callback(f"status {st.status}: {st.details}" if st.status else None))
+        # a connection lost ends the messages with an error and no on_end: run() then says
+        # how many streams never ended
+
+    async def _read_to_end(self, callback: Callable[[str | None], None]) -> None:
+        try:
+            while await self.read() is not None:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            callback(str(exc))
+            return
+        callback(None)
 
     async def done_writing(self) -> None:
         if self.native:
@@ -389,6 +426,12 @@ def main() -> None:
     ap.add_argument(
         "--floor", action="store_true", help="drive a stateless servicer instead: the ceiling the gRPC server sets"
     )
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=10,
+        help="the load generator's niceness: the schedulers get the cores first, as on machines of their own",
+    )
     ap.add_argument("--serve-floor", metavar="READY_FILE", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -398,6 +441,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="dfload-"))
     started = [start_scheduler(work, f"scheduler{i}", args.floor, args.server) for i in range(args.schedulers)]
+    if args.nice:
+        os.nice(args.nice)  # after the schedulers started: they keep the default priority
     try:
         scheds = [psutil.Process(proc.pid) for proc, _ in started]
         driver: Driver | None = None
@@ -448,6 +493,8 @@ def main() -> None:
             round((b.user + b.system) - (a.user + a.system), 1) for a, b in zip(cpu0, cpu1, strict=True)
         ],
         "load_cpu_seconds": round(driver.cpu_seconds, 1),
+        "load_nice": args.nice,
+        "channels": args.channels,
         "answers": driver.answers,
         "errors": len(driver.errors),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",

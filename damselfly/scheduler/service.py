@@ -941,21 +941,12 @@ class _PeerSession:
             self.register(req, req.register_peer_request.download, now)
             return False
         peer = self.st.peers.get(req.peer_id)
-        if peer is None or self.peer is None or peer.id != self.peer.id:
+        if peer is None or peer is not self.peer:  # (a peer registered again elsewhere is another object)
             raise ScheduleError(grpc.StatusCode.NOT_FOUND, f"peer {req.peer_id} is not registered on this stream")
         entry = self.st.tasks[peer.task_id]
         peer.updated_at = now
-        if kind == "download_peer_started_request":
-            if peer.state is PeerState.PENDING:
-                peer.state = PeerState.RUNNING
-                entry.notify()  # running with a parent: a candidate for the others now
-            entry.task.state = TaskState.RUNNING
-        elif kind == "download_peer_back_to_source_started_request":
-            peer.state = PeerState.BACK_TO_SOURCE
-            entry.back_to_source_peers.add(peer.id)
-            entry.task.state = TaskState.RUNNING
-            entry.notify()
-        elif kind in ("download_piece_finished_request", "download_piece_back_to_source_finished_request"):
+        # the most frequent request first: a download reports every piece
+        if kind in ("download_piece_finished_request", "download_piece_back_to_source_finished_request"):
             piece = getattr(req, kind).piece
             peer.finished_pieces.add(piece.number)
             c = piece.cost
@@ -978,6 +969,16 @@ class _PeerSession:
             entry.task.updated_at = now
             if len(peer.finished_pieces) == 1:
                 entry.notify()  # a peer with pieces is a candidate now
+        elif kind == "download_peer_started_request":
+            if peer.state is PeerState.PENDING:
+                peer.state = PeerState.RUNNING
+                entry.notify()  # running with a parent: a candidate for the others now
+            entry.task.state = TaskState.RUNNING
+        elif kind == "download_peer_back_to_source_started_request":
+            peer.state = PeerState.BACK_TO_SOURCE
+            entry.back_to_source_peers.add(peer.id)
+            entry.task.state = TaskState.RUNNING
+            entry.notify()
         elif kind == "download_piece_failed_request":
             r = req.download_piece_failed_request
             if r.parent_id:
