@@ -34,9 +34,9 @@ def test_loop_counter_exposes_what_a_counter_does_and_refuses_to_go_down():
         c.labels(kind).inc(n)
         ref.labels(kind).inc(n)
     assert exposition(ours) == exposition(theirs)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="only go up"):
         c.labels("a").inc(-1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="takes labels"):
         c.labels("a", "extra")
 
 
