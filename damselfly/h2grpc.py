@@ -9,7 +9,9 @@ trailers) in one event loop:
 - :class:`Server` hosts the servicers that grpcio's generated code registers
   (``add_XServicer_to_server(servicer, server)`` works unchanged) for asyncio servicer
   methods of all four kinds, with ``context.abort``, ``invocation_metadata``,
-  ``write``/``read``, deadlines (``grpc-timeout``) and cancellation by the client;
+  ``write``/``read``, deadlines (``grpc-timeout``) and cancellation by the client; a
+  streaming method marked with :func:`callback_form` is served from callbacks instead,
+  with no task per call (the scheduler's AnnouncePeer);
 - :class:`Connection` is a small client (one HTTP/2 connection, many streams) that the
   scheduler load test drives, so the load generator is not the bottleneck either.
 
@@ -550,6 +552,22 @@ class _Abort(Exception):
         self.details = details
 
 
+def callback_form(form: Callable[[Any, _Requests, ServicerContext], None]) -> Callable[[Any], Any]:
+    """Give a bidirectional-streaming servicer method a second form, for this server only:
+    ``form(servicer, requests, context)``, called when the call's headers arrive, with no
+    task for the call. It hands the requests to callbacks (``requests.listen``), answers with
+    ``context.write_nowait`` and ends the call with ``context.end``; a call cut short (the
+    client's cancel, a deadline, the connection lost, the server stopping) runs the
+    context's done callbacks. grpcio, and this server for an unmarked method, run the
+    method itself."""
+
+    def mark(method: Any) -> Any:
+        method.h2grpc_callback_form = form
+        return method
+
+    return mark
+
+
 class _Requests:
     """The request messages of one stream, as the handler's async iterator; or, once the
     handler calls :meth:`listen`, handed to its callbacks as they arrive."""
@@ -684,6 +702,20 @@ class ServicerContext:
     async def write(self, message: Any) -> None:
         await self._stream.send_message(message)
 
+    def end(self, code: grpc.StatusCode = grpc.StatusCode.OK, details: str = "") -> None:
+        """End a call served in its callback form (:func:`callback_form`) with ``code``."""
+        st = self._stream
+        if not st.over:
+            st.finish(code, details, self._trailing)
+            st.conn.server._callback_over(st)
+
+    def _run_done_callbacks(self) -> None:
+        for cb in self._callbacks:
+            try:
+                cb(self)
+            except Exception as exc:  # pragma: no cover - a callback's own bug
+                logger.warning("a done callback failed: {}", exc)
+
     def write_nowait(self, message: Any) -> bool:
         """Send ``message`` now, past flow control's high-water mark (it queues behind the
         windows): for a handler answering from callbacks (``listen``), whose answers are few.
@@ -707,7 +739,9 @@ class ServicerContext:
 
 
 class _ServerStream(_Stream):
-    __slots__ = ("cancelled", "conn", "context", "handler", "headers_sent", "requests", "task", "timer")
+    __slots__ = (
+        "callbacks", "cancelled", "conn", "context", "handler", "headers_sent", "over", "requests", "task", "timer",
+    )  # fmt: skip
 
     def __init__(self, sid: int, window: int, conn: _ServerProtocol, handler: grpc.RpcMethodHandler):
         super().__init__(sid, window)
@@ -720,6 +754,8 @@ class _ServerStream(_Stream):
         self.headers_sent = False
         self.cancelled = False
         self.timer: asyncio.TimerHandle | None = None
+        self.callbacks = False  # served in its callback form: no task
+        self.over = False  # (callback form) ended, its done callbacks run
 
     def _fail(self, details: str) -> None:
         self.conn._abort_stream(self, grpc.StatusCode.INTERNAL, details)
@@ -819,7 +855,12 @@ class _ServerProtocol(_H2Protocol):
                 deadline = time.monotonic() + seconds
                 st.timer = self.loop.call_later(seconds, self._deadline, st)
         st.context = ServicerContext(st, metadata, deadline)
-        st.task = self.loop.create_task(self.server._run(st))
+        fn = handler.stream_stream
+        form = getattr(fn, "h2grpc_callback_form", None) if fn is not None else None
+        if form is not None:
+            self.server._start_callbacks(st, form, getattr(fn, "__self__", None))
+        else:
+            st.task = self.loop.create_task(self.server._run(st))
         if flags & END_STREAM:
             st.remote_closed = True
             self._on_remote_end(st)
@@ -863,6 +904,8 @@ class _ServerProtocol(_H2Protocol):
         st.cancelled = True
         if st.task is not None:
             st.task.cancel()
+        if st.callbacks:
+            self.server._callback_over(st)
 
     def _on_remote_end(self, st: _Stream) -> None:
         assert isinstance(st, _ServerStream)
@@ -880,6 +923,8 @@ class _ServerProtocol(_H2Protocol):
         st.requests.end(asyncio.CancelledError())
         if st.task is not None and not st.task.done():
             st.task.cancel()
+        if st.callbacks:
+            self.server._callback_over(st)
 
     def _deadline(self, st: _ServerStream) -> None:
         st.timer = None
@@ -896,6 +941,8 @@ class Server:
         self._servers: list[asyncio.base_events.Server] = []
         self._connections: set[_ServerProtocol] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._callback_streams: set[_ServerStream] = set()  # calls served in their callback form
+        self._callbacks_done: asyncio.Future[None] | None = None  # stop() waits on it
         self._stopping = False
         self._stopped: asyncio.Event | None = None
 
@@ -948,11 +995,17 @@ class Server:
             srv.close()
         for conn in list(self._connections):
             conn._write(frame(GOAWAY, 0, 0, _U32.pack(conn.last_sid) + _U32.pack(NO_ERROR)))
-        running = [t for t in self._tasks if not t.done()]
+        running: list[asyncio.Future[Any]] = [t for t in self._tasks if not t.done()]
+        if self._callback_streams:
+            self._callbacks_done = asyncio.get_running_loop().create_future()
+            running.append(self._callbacks_done)
         if running and grace:
             await asyncio.wait(running, timeout=grace)
         for t in self._tasks:
             t.cancel()
+        for st in list(self._callback_streams):
+            st.finish(grpc.StatusCode.CANCELLED, "the server is stopping")
+            self._callback_over(st)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for conn in list(self._connections):
@@ -971,6 +1024,30 @@ class Server:
         except TimeoutError:
             return False
         return True
+
+    def _start_callbacks(self, st: _ServerStream, form: Callable[..., None], servicer: Any) -> None:
+        st.callbacks = True
+        self._callback_streams.add(st)
+        assert st.context is not None
+        try:
+            form(servicer, st.requests, st.context)
+        except Exception as exc:
+            logger.opt(exception=exc).debug("a call on {} failed", st.conn.peer_name)
+            st.context.end(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+
+    def _callback_over(self, st: _ServerStream) -> None:
+        """A call in its callback form ended, one way or another: its done callbacks, once."""
+        if st.over:
+            return
+        st.over = True
+        if st.timer is not None:
+            st.timer.cancel()
+        self._callback_streams.discard(st)
+        assert st.context is not None
+        st.context._run_done_callbacks()
+        w = self._callbacks_done
+        if not self._callback_streams and w is not None and not w.done():
+            w.set_result(None)
 
     async def _run(self, st: _ServerStream) -> None:
         task = asyncio.current_task()
@@ -1021,11 +1098,7 @@ class Server:
                 st.finish(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
         finally:
             self._tasks.discard(task)
-            for cb in ctx._callbacks:
-                try:
-                    cb(ctx)
-                except Exception as exc:  # pragma: no cover - a callback's own bug
-                    logger.warning("a done callback failed: {}", exc)
+            ctx._run_done_callbacks()
 
 
 class _CallDetails(NamedTuple):

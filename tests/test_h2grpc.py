@@ -333,3 +333,119 @@ async def test_client_calls_past_a_goaway_fail_as_unavailable():
         await st.recv()
     assert err.value.code == grpc.StatusCode.UNAVAILABLE.value[0]
     assert err.value.details == "the server went away"
+
+
+class Counter:
+    """A servicer whose Count has a callback form: h2grpc serves it with no task, grpcio runs
+    the coroutine; both answer each request with how many came so far."""
+
+    def __init__(self) -> None:
+        self.form_calls = 0
+        self.ended: list[bool] = []  # per call, as its done callbacks saw it: cancelled or not
+        self.over = asyncio.Event()
+
+    def _count_form(self, requests, context) -> None:
+        self.form_calls += 1
+        if ("boom", "1") in tuple(context.invocation_metadata()):
+            raise RuntimeError("the form failed")
+        seen = [0]
+
+        def on_message(m: bytes) -> None:
+            if m == b"fail":
+                context.end(grpc.StatusCode.FAILED_PRECONDITION, "asked to fail")
+                return
+            seen[0] += 1
+            assert context.write_nowait(str(seen[0]).encode())
+
+        def done(ctx) -> None:
+            self.ended.append(ctx.cancelled())
+            self.over.set()
+
+        context.add_done_callback(done)
+        requests.listen(on_message, context.end)
+
+    @h2grpc.callback_form(_count_form)
+    async def count(self, requests, context):
+        n = 0
+        async for m in requests:
+            if m == b"fail":
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "asked to fail")
+            n += 1
+            yield str(n).encode()
+
+
+async def serve_counter(kind: str):
+    counter = Counter()
+    server = h2grpc.Server() if kind == "native" else grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "test.Counter", {"Count": grpc.stream_stream_rpc_method_handler(counter.count)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, counter, port
+
+
+@pytest.mark.parametrize("kind", ["native", "grpcio"])
+async def test_a_callback_form_answers_as_its_coroutine_does(kind):
+    server, counter, port = await serve_counter(kind)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream("/test.Counter/Count")()
+            for m in (b"a", b"b", b"c"):
+                await call.write(m)
+            assert await call.read() == b"1"
+            if kind == "native":
+                assert counter.form_calls == 1 and not server._tasks  # served with no task
+            await call.done_writing()
+            assert [await call.read(), await call.read(), await call.read()] == [b"2", b"3", grpc.aio.EOF]
+            assert await call.code() is grpc.StatusCode.OK
+
+            call = channel.stream_stream("/test.Counter/Count")()
+            await call.write(b"x")
+            await call.write(b"fail")
+            assert await call.read() == b"1"
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            assert err.value.details() == "asked to fail"
+        if kind == "native":
+            assert counter.ended == [False, False]
+        else:
+            assert counter.form_calls == 0
+    finally:
+        await server.stop(0.5)
+
+
+async def test_a_callback_form_hears_of_a_cancel_a_failure_and_the_server_stopping():
+    server, counter, port = await serve_counter("native")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            count = channel.stream_stream("/test.Counter/Count")
+            call = count()
+            await call.write(b"a")
+            assert await call.read() == b"1"
+            call.cancel()
+            await asyncio.wait_for(counter.over.wait(), 10)
+            assert counter.ended == [True] and not server._callback_streams
+
+            call = count(metadata=(("boom", "1"),))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() is grpc.StatusCode.UNKNOWN and "the form failed" in err.value.details()
+
+            counter.over.clear()
+            call = count()
+            await call.write(b"a")
+            assert await call.read() == b"1"
+            await server.stop(0.2)  # the call never ends by itself: stop cancels it
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+            assert counter.over.is_set() and not server._callback_streams
+            assert await server.wait_for_termination(1)
+    finally:
+        await server.stop(0)

@@ -94,23 +94,22 @@ class Outbox:
         return self._items.popleft()
 
 
-class DirectOut:
-    """The answers of one AnnouncePeer stream on damselfly.h2grpc: each written as it is made
-    (``write_nowait``), with no task woken; the stream's end or error resolves :attr:`end`."""
+class StreamOut:
+    """The answers of one AnnouncePeer stream served in h2grpc's callback form: each written
+    as it is made; the stream's end or error ends the call."""
 
-    __slots__ = ("end", "write")
+    __slots__ = ("context",)
 
-    def __init__(self, write_nowait: Callable[[object], bool]):
-        self.write = write_nowait
-        self.end: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    def __init__(self, context: h2grpc.ServicerContext):
+        self.context = context
 
     def put_nowait(self, item: object) -> None:
-        if self.end.done():
-            return
-        if item is _CLOSE or isinstance(item, ScheduleError):
-            self.end.set_result(item)
+        if item is _CLOSE:
+            self.context.end()
+        elif isinstance(item, ScheduleError):
+            self.context.end(item.code, str(item))
         else:
-            self.write(item)
+            self.context.write_nowait(item)
 
 
 class Signal:
@@ -159,7 +158,7 @@ class TaskEntry:
     # A shared source read (scheduler.source_shares): the peers that offered to take a share,
     # with the queue of answers on their streams; the pieces each was handed and has not
     # reported; those handed but not yet in an answer to it; the peers answered so far.
-    sharers: dict[str, Outbox | DirectOut] = field(default_factory=dict)
+    sharers: dict[str, Outbox | StreamOut] = field(default_factory=dict)
     shares: dict[str, set[int]] = field(default_factory=dict)
     untold: dict[str, set[int]] = field(default_factory=dict)
     answered: set[str] = field(default_factory=set)
@@ -172,7 +171,7 @@ class TaskEntry:
     _task_ident: tuple[str, str, str, str] | None = None
     # the downloading peers offered more parents as they appear (SchedulerService.refresh_peer),
     # with their answer queues; told of every change through on_change
-    refreshers: dict[str, tuple[Peer, Outbox | DirectOut]] = field(default_factory=dict)
+    refreshers: dict[str, tuple[Peer, Outbox | StreamOut]] = field(default_factory=dict)
     on_change: Callable[[TaskEntry], None] | None = None
 
     def record_piece(self, pb: common_pb2.Piece) -> None:
@@ -529,28 +528,21 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     # -- the announce stream -------------------------------------------------------------
 
+    def _announce_peer_callbacks(self, requests: h2grpc._Requests, context: h2grpc.ServicerContext) -> None:
+        """AnnouncePeer on damselfly.h2grpc: each request handled as it is read, each answer
+        written as it is made, and no task for the stream."""
+        self.metrics.announce_peer.inc()
+        session = _PeerSession(self, StreamOut(context), shares_ok=offers_source_shares(context.invocation_metadata()))
+        context.add_done_callback(lambda _: session.close())
+        requests.listen(session.on_request, session.on_requests_end)
+
+    @h2grpc.callback_form(_announce_peer_callbacks)
     async def AnnouncePeer(
         self, request_iterator: AsyncIterator[scheduler_pb2.AnnouncePeerRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.AnnouncePeerResponse]:
         self.metrics.announce_peer.inc()
-        shares_ok = offers_source_shares(context.invocation_metadata())
-        listen = getattr(request_iterator, "listen", None)
-        write_nowait = getattr(context, "write_nowait", None)
-        if listen is not None and write_nowait is not None:
-            # damselfly.h2grpc: each request handled as it is read, each answer written as it
-            # is made; this coroutine only waits for the end
-            direct = DirectOut(write_nowait)
-            session = _PeerSession(self, direct, shares_ok=shares_ok)
-            listen(session.on_request, session.on_requests_end)
-            try:
-                end = await direct.end
-            finally:
-                session.close()
-            if isinstance(end, ScheduleError):
-                await context.abort(end.code, str(end))
-            return
-        out = Outbox()  # grpcio: a task reads the requests, this generator yields the answers
-        session = _PeerSession(self, out, shares_ok=shares_ok)
+        out = Outbox()  # (grpcio) a task reads the requests, this generator yields the answers
+        session = _PeerSession(self, out, shares_ok=offers_source_shares(context.invocation_metadata()))
         reader = asyncio.get_running_loop().create_task(session.consume(request_iterator))
         try:
             while True:
@@ -603,7 +595,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return self._back_to_source(entry, peer, "no seed peer and no parent")
         return None
 
-    def start_refresh(self, entry: TaskEntry, peer: Peer, out: Outbox | DirectOut) -> None:
+    def start_refresh(self, entry: TaskEntry, peer: Peer, out: Outbox | StreamOut) -> None:
         """Offer ``peer`` (downloading) more parents as they appear, through ``out``: at every
         change of its task, and every REFRESH_INTERVAL, until it stops wanting them."""
         entry.refreshers[peer.id] = (peer, out)
@@ -639,7 +631,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 if entry.refreshers:
                     self._refresh_soon(entry)
 
-    def refresh_peer(self, entry: TaskEntry, peer: Peer, out: Outbox | DirectOut) -> bool:
+    def refresh_peer(self, entry: TaskEntry, peer: Peer, out: Outbox | StreamOut) -> bool:
         """One look for more parents for a downloading peer, up to the limit; False once it
         wants no more (it left, finished or went to the source).
 
@@ -839,7 +831,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 class _PeerSession:
     """One AnnouncePeer stream: the requests of one peer, answered through ``out``."""
 
-    def __init__(self, svc: SchedulerService, out: Outbox | DirectOut, *, shares_ok: bool = False):
+    def __init__(self, svc: SchedulerService, out: Outbox | StreamOut, *, shares_ok: bool = False):
         self.svc = svc
         self.st = svc.state
         self.out = out
