@@ -601,7 +601,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         entry.refreshers[peer.id] = (peer, out)
 
     def stop_refresh(self, entry: TaskEntry, peer: Peer) -> None:
-        entry.refreshers.pop(peer.id, None)
+        if entry.refreshers.get(peer.id, (None,))[0] is peer:  # not a peer registered again since
+            del entry.refreshers[peer.id]
 
     def _refresh_soon(self, entry: TaskEntry) -> None:
         """A change in ``entry``: its refreshers look again once this turn of the loop is over
@@ -845,7 +846,7 @@ class _PeerSession:
             self.scheduling.cancel()
         self._stop_refresh()
         p = self.peer
-        if p is not None and p.id in self.st.peers and not p.done:
+        if p is not None and self.st.peers.get(p.id) is p and not p.done:  # (not one registered again since)
             # The stream broke before the peer said it finished: it is gone.
             entry = self.st.tasks.get(p.task_id)
             if entry is not None:
@@ -933,7 +934,7 @@ class _PeerSession:
             self.register(req, req.register_peer_request.download, now)
             return False
         peer = self.st.peers.get(req.peer_id)
-        if peer is None or peer is not self.peer:  # (a peer registered again elsewhere is another object)
+        if peer is None or self.peer is None or peer.id != self.peer.id:
             raise ScheduleError(grpc.StatusCode.NOT_FOUND, f"peer {req.peer_id} is not registered on this stream")
         entry = self.st.tasks[peer.task_id]
         peer.updated_at = now
