@@ -218,6 +218,31 @@ async def test_a_downloading_peer_is_offered_new_parents_as_they_appear(sched):
     assert "pb" not in entry.refreshers and out.empty()
 
 
+async def test_a_refresher_looks_again_within_the_refresh_interval_without_a_change(sched):
+    """A parent that became usable without a change its task was told of is still offered."""
+    from damselfly.core.host import Host
+    from damselfly.core.peer import Peer, PeerState
+    from damselfly.scheduler.service import REFRESH_INTERVAL
+
+    _, server = sched
+    svc = server.service
+    st = svc.state
+    entry = st.entry(TASK)
+    for name in ("a", "b"):
+        st.hosts[name] = Host(id=name, ip="127.0.0.1", hostname=name, port=1, max_tx_bandwidth=8 << 30)
+    b = Peer(id="pb", task_id=TASK, host_id="b", state=PeerState.RUNNING)
+    st.peers[b.id] = b
+    entry.task.peer_ids.add(b.id)
+    out: asyncio.Queue = asyncio.Queue()
+    svc.start_refresh(entry, b, out)
+    a = Peer(id="pa", task_id=TASK, host_id="a", state=PeerState.BACK_TO_SOURCE)
+    st.peers[a.id] = a
+    entry.task.peer_ids.add(a.id)  # and no notify()
+    resp = await asyncio.wait_for(out.get(), REFRESH_INTERVAL * 3)
+    assert [c.id for c in resp.normal_task_response.candidate_parents] == ["pa"]
+    assert b.parents == {"pa"}
+
+
 async def test_in_a_mesh_a_peer_at_its_parent_limit_is_offered_back_its_children():
     """swarm's mesh: a peer that others fetch from gets them as parents too, past the limit."""
     from damselfly.core.host import Host
