@@ -207,6 +207,12 @@ class TaskEntry:
             self.on_change(self)
 
 
+def _refreshing(entry: TaskEntry, peer: Peer) -> bool:
+    """``peer`` itself is among the task's refreshers (not a peer registered again under its id)."""
+    r = entry.refreshers.get(peer.id)
+    return r is not None and r[0] is peer
+
+
 def _is_ranged(download: common_pb2.Download | None) -> bool:
     return download is not None and download.range.length > 0
 
@@ -398,8 +404,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.reports = {k: metrics.piece_reports.labels(k) for k in ("back_to_source", "remote_peer")}
         self._background: set[asyncio.Task[None]] = set()
         self._gauges_bound = False
-        self._refresh_due: dict[str, TaskEntry] = {}
-        self._refresh_scheduled = False
+        self._refresh_due: dict[str, TaskEntry] = {}  # tasks changed in this turn of the loop
         self.state.on_task_change = self._refresh_soon
 
     def _spawn(self, coro: object) -> None:
@@ -601,27 +606,25 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         entry.refreshers[peer.id] = (peer, out)
 
     def stop_refresh(self, entry: TaskEntry, peer: Peer) -> None:
-        if entry.refreshers.get(peer.id, (None,))[0] is peer:  # not a peer registered again since
+        if _refreshing(entry, peer):
             del entry.refreshers[peer.id]
 
     def _refresh_soon(self, entry: TaskEntry) -> None:
         """A change in ``entry``: its refreshers look again once this turn of the loop is over
         (every change of the turn, in every task, served by one callback)."""
-        self._refresh_due[entry.task.id] = entry
-        if not self._refresh_scheduled:
-            self._refresh_scheduled = True
+        if not self._refresh_due:  # none waiting: no callback scheduled yet
             asyncio.get_running_loop().call_soon(self._refresh_due_tasks)
+        self._refresh_due[entry.task.id] = entry
 
     def _refresh_due_tasks(self) -> None:
-        self._refresh_scheduled = False
         due, self._refresh_due = self._refresh_due, {}
         for entry in due.values():
             self.refresh_task(entry)
 
     def refresh_task(self, entry: TaskEntry) -> None:
         for peer, out in list(entry.refreshers.values()):
-            if entry.refreshers.get(peer.id, (None,))[0] is peer and not self.refresh_peer(entry, peer, out):
-                entry.refreshers.pop(peer.id, None)
+            if _refreshing(entry, peer) and not self.refresh_peer(entry, peer, out):
+                self.stop_refresh(entry, peer)
 
     async def refresh_periodically(self) -> None:
         """Every REFRESH_INTERVAL each refresher looks again, change or not (a parent may have
@@ -1102,8 +1105,7 @@ async def start_scheduler(settings: Settings, plugins: Plugins | None = None) ->
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     runner, metrics_port = await serve_metrics(metrics.registry, cfg.listen_ip, cfg.metrics_port)
-    loop = asyncio.get_running_loop()
-    gc = loop.create_task(service.gc())
+    gc = asyncio.get_running_loop().create_task(service.gc())
     service._spawn(service.refresh_periodically())
     logger.info("scheduler serving on {}:{} (metrics :{})", cfg.listen_ip, port, metrics_port)
     return SchedulerServer(server, service, runner, gc, f"{cfg.listen_ip}:{port}", metrics_port)

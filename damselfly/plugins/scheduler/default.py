@@ -90,18 +90,7 @@ class DefaultStrategy(Strategy):
     name: ClassVar[str] = "default"
 
     def rank(self, child: Candidate, candidates: list[Candidate], task: Task) -> list[Candidate]:
-        # score()'s sum, with the child's side looked up once: a decision ranks some 15
-        ch = child.host
-        idc, location = ch.idc, ch.location
-        scores = [
-            0.6 * load_quality(c.host)
-            + 0.2 * idc_affinity(c.host.idc, idc)
-            + 0.1 * location_affinity(c.host.location, location)
-            + 0.1 * host_type_score(c)
-            for c in candidates
-        ]
-        order = sorted(range(len(candidates)), key=scores.__getitem__, reverse=True)  # stable: ties keep the draw
-        return [candidates[i] for i in order]
+        return sorted(candidates, key=lambda c: score(c, child), reverse=True)
 
 
 @hookimpl
