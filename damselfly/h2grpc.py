@@ -705,9 +705,10 @@ class ServicerContext:
     def end(self, code: grpc.StatusCode = grpc.StatusCode.OK, details: str = "") -> None:
         """End a call served in its callback form (:func:`callback_form`) with ``code``."""
         st = self._stream
-        if not st.over:
+        server = st.conn.server
+        if st in server._callback_streams:
             st.finish(code, details, self._trailing)
-            st.conn.server._callback_over(st)
+            server._callback_over(st)
 
     def _run_done_callbacks(self) -> None:
         for cb in self._callbacks:
@@ -739,9 +740,7 @@ class ServicerContext:
 
 
 class _ServerStream(_Stream):
-    __slots__ = (
-        "callbacks", "cancelled", "conn", "context", "handler", "headers_sent", "over", "requests", "task", "timer",
-    )  # fmt: skip
+    __slots__ = ("cancelled", "conn", "context", "handler", "headers_sent", "requests", "task", "timer")
 
     def __init__(self, sid: int, window: int, conn: _ServerProtocol, handler: grpc.RpcMethodHandler):
         super().__init__(sid, window)
@@ -754,8 +753,6 @@ class _ServerStream(_Stream):
         self.headers_sent = False
         self.cancelled = False
         self.timer: asyncio.TimerHandle | None = None
-        self.callbacks = False  # served in its callback form: no task
-        self.over = False  # (callback form) ended, its done callbacks run
 
     def _fail(self, details: str) -> None:
         self.conn._abort_stream(self, grpc.StatusCode.INTERNAL, details)
@@ -904,8 +901,7 @@ class _ServerProtocol(_H2Protocol):
         st.cancelled = True
         if st.task is not None:
             st.task.cancel()
-        if st.callbacks:
-            self.server._callback_over(st)
+        self.server._callback_over(st)
 
     def _on_remote_end(self, st: _Stream) -> None:
         assert isinstance(st, _ServerStream)
@@ -923,8 +919,7 @@ class _ServerProtocol(_H2Protocol):
         st.requests.end(asyncio.CancelledError())
         if st.task is not None and not st.task.done():
             st.task.cancel()
-        if st.callbacks:
-            self.server._callback_over(st)
+        self.server._callback_over(st)
 
     def _deadline(self, st: _ServerStream) -> None:
         st.timer = None
@@ -941,7 +936,7 @@ class Server:
         self._servers: list[asyncio.base_events.Server] = []
         self._connections: set[_ServerProtocol] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._callback_streams: set[_ServerStream] = set()  # calls served in their callback form
+        self._callback_streams: set[_ServerStream] = set()  # calls in their callback form, until over
         self._callbacks_done: asyncio.Future[None] | None = None  # stop() waits on it
         self._stopping = False
         self._stopped: asyncio.Event | None = None
@@ -1026,7 +1021,6 @@ class Server:
         return True
 
     def _start_callbacks(self, st: _ServerStream, form: Callable[..., None], servicer: Any) -> None:
-        st.callbacks = True
         self._callback_streams.add(st)
         assert st.context is not None
         try:
@@ -1036,13 +1030,13 @@ class Server:
             st.context.end(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
 
     def _callback_over(self, st: _ServerStream) -> None:
-        """A call in its callback form ended, one way or another: its done callbacks, once."""
-        if st.over:
+        """A call in its callback form ended, one way or another: its done callbacks, once
+        (nothing for a call that is not, or no longer, in that form)."""
+        if st not in self._callback_streams:
             return
-        st.over = True
+        self._callback_streams.discard(st)
         if st.timer is not None:
             st.timer.cancel()
-        self._callback_streams.discard(st)
         assert st.context is not None
         st.context._run_done_callbacks()
         w = self._callbacks_done
