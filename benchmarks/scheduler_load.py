@@ -65,11 +65,10 @@ from damselfly.daemon.daemon import scheduler_order
 PIECE = 4 * 1024 * 1024
 PIECES = 64
 COST = duration_pb2.Duration(nanos=50_000_000)
-REMOTE_PEER = common_pb2.TrafficType.REMOTE_PEER
-BACK_TO_SOURCE = common_pb2.TrafficType.BACK_TO_SOURCE
 END_WAIT = 60.0  # seconds run() waits for the scheduler to end the streams written to their end
 FINISHED = "download_piece_finished_request"
 SOURCE_FINISHED = "download_piece_back_to_source_finished_request"
+TRAFFIC = {FINISHED: common_pb2.TrafficType.REMOTE_PEER, SOURCE_FINISHED: common_pb2.TrafficType.BACK_TO_SOURCE}
 
 
 class Driver:
@@ -170,7 +169,7 @@ class Driver:
             t = self._template_cache[task_id] = {k: v.SerializeToString() for k, v in messages.items()}
         return t
 
-    def _piece_part(self, field: str, key: int | str, traffic_type: int = 0) -> bytes:
+    def _piece_part(self, field: str, key: int | str) -> bytes:
         """A piece report's request with only the piece's ``key`` (its number, or its
         parent's id) and what follows from it, serialized once."""
         part = self._piece_parts.get((field, key))
@@ -181,7 +180,7 @@ class Driver:
                 pb.parent_id = key
             else:
                 pb.number, pb.offset, pb.length, pb.digest = key, key * PIECE, PIECE, "crc32:1"
-                pb.traffic_type = traffic_type
+                pb.traffic_type = TRAFFIC[field]
                 pb.cost.CopyFrom(COST)
             part = self._piece_parts[(field, key)] = request.SerializeToString()
         return part
@@ -205,10 +204,10 @@ class Driver:
             self.answers[kind] = self.answers.get(kind, 0) + 1
             return resp
 
-        def piece(number: int, parent_id: str, traffic_type: int, field: str) -> bytes:
+        def piece(number: int, parent_id: str, field: str) -> bytes:
             # the piece's fields and its parent in two encodings of the same request, which
             # protobuf merges into one (a message field that appears twice is merged)
-            return ids + self._piece_part(field, number, traffic_type) + self._piece_part(field, parent_id)
+            return ids + self._piece_part(field, number) + self._piece_part(field, parent_id)
 
         try:
             resp = await decide(ids + t["register"])
@@ -223,12 +222,11 @@ class Driver:
                     resp = await decide(ids + request.SerializeToString())
                     parents = [p.id for p in resp.normal_task_response.candidate_parents] or parents
                 rest = [
-                    piece((n + k) % PIECES, parents[k % len(parents)] if parents else "", REMOTE_PEER, FINISHED)
-                    for k in range(4)
+                    piece((n + k) % PIECES, parents[k % len(parents)] if parents else "", FINISHED) for k in range(4)
                 ]
                 await call.write_all([*rest, ids + t["finished"]])
             else:
-                rest = [piece(k, "", BACK_TO_SOURCE, SOURCE_FINISHED) for k in range(4)]
+                rest = [piece(k, "", SOURCE_FINISHED) for k in range(4)]
                 await call.write_all([ids + t["source_started"], *rest, ids + t["source_finished"]])
             await call.done_writing()
         except (grpc.aio.AioRpcError, h2grpc.RpcError, RuntimeError) as exc:
