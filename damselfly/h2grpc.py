@@ -591,8 +591,10 @@ class _Requests:
         self.on_message, self.on_end = on_message, on_end
         while self.items and self.on_message is not None:
             self._hand(self.items.popleft())
-        if self.ended and self.error is None:
-            on_end()
+        if self.ended:
+            self.on_message = self.on_end = None  # nothing more comes (and no cycle is kept)
+            if self.error is None:
+                on_end()
 
     def _hand(self, raw: Any) -> None:
         assert self.on_message is not None
@@ -617,8 +619,12 @@ class _Requests:
     def end(self, error: BaseException | None = None) -> None:
         self.ended = True
         self.error = self.error or error
-        if self.on_end is not None and error is None:
-            self.on_end()
+        on_end = self.on_end
+        # nothing more comes: the callbacks go, and with them the cycles they close (a
+        # listener holds its stream, which holds these requests)
+        self.on_message = self.on_end = None
+        if on_end is not None and error is None:
+            on_end()
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -756,6 +762,18 @@ class _ServerStream(_Stream):
 
     def _fail(self, details: str) -> None:
         self.conn._abort_stream(self, grpc.StatusCode.INTERNAL, details)
+
+    def release(self) -> None:
+        """The call is over: drop the references that tie its stream, context, task, requests
+        and the handler's callbacks into cycles, so its objects are freed at once instead of
+        by the garbage collector, whose pauses fall on the calls still running."""
+        ctx = self.context
+        if ctx is not None:
+            ctx._callbacks = []
+            self.context = None
+        self.task = None
+        r = self.requests
+        r.on_message = r.on_end = r.fail = None
 
     def send_headers(self, extra: bytes = b"") -> None:
         if not self.headers_sent:
@@ -1022,12 +1040,13 @@ class Server:
 
     def _start_callbacks(self, st: _ServerStream, form: Callable[..., None], servicer: Any) -> None:
         self._callback_streams.add(st)
-        assert st.context is not None
+        ctx = st.context
+        assert ctx is not None
         try:
-            form(servicer, st.requests, st.context)
+            form(servicer, st.requests, ctx)
         except Exception as exc:
             logger.opt(exception=exc).debug("a call on {} failed", st.conn.peer_name)
-            st.context.end(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+            ctx.end(grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
 
     def _callback_over(self, st: _ServerStream) -> None:
         """A call in its callback form ended, one way or another: its done callbacks, once
@@ -1037,8 +1056,10 @@ class Server:
         self._callback_streams.discard(st)
         if st.timer is not None:
             st.timer.cancel()
-        assert st.context is not None
-        st.context._run_done_callbacks()
+        ctx = st.context
+        assert ctx is not None
+        ctx._run_done_callbacks()
+        st.release()
         w = self._callbacks_done
         if not self._callback_streams and w is not None and not w.done():
             w.set_result(None)
@@ -1093,6 +1114,7 @@ class Server:
         finally:
             self._tasks.discard(task)
             ctx._run_done_callbacks()
+            st.release()
 
 
 class _CallDetails(NamedTuple):
