@@ -88,7 +88,7 @@ def piece_from_proto(pb: common_pb2.Piece) -> PieceRecord:
 
 
 def task_to_proto(t: Task, *, with_pieces: bool = True) -> common_pb2.Task:
-    size_scope = common_pb2.SizeScope.EMPTY if t.content_length == 0 else common_pb2.SizeScope.NORMAL
+    size_scope = common_pb2.EMPTY if t.content_length == 0 else common_pb2.NORMAL
     pb = common_pb2.Task(
         id=t.id,
         type=common_pb2.TaskType.STANDARD,
@@ -122,6 +122,40 @@ def fill_peer_proto(
     set_time(pb.created_at, p.created_at)
     set_time(pb.updated_at, p.updated_at)
     return pb
+
+
+def varint(n: int) -> bytes:
+    """``n`` (not negative) as a protobuf varint."""
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
+
+
+def length_delimited(field_number: int, payload: bytes) -> bytes:
+    """One length-delimited field (a message, string or bytes) in protobuf's wire format.
+    Encodings of one message concatenated parse as one message (a message field that
+    appears twice is merged), so answers can be assembled from cached parts."""
+    return varint(field_number << 3 | 2) + varint(len(payload)) + payload
+
+
+def peer_own_bytes(p: Peer) -> bytes:
+    """The encoding of a Peer message with ``p``'s own fields, as :func:`fill_peer_proto`
+    sets them, but no task and no host (which callers append, each encoded once)."""
+    pb = common_pb2.Peer(id=p.id, priority=p.priority, state=p.state.value, need_back_to_source=p.need_back_to_source)
+    set_time(pb.created_at, p.created_at)
+    set_time(pb.updated_at, p.updated_at)
+    return pb.SerializeToString()
+
+
+PEER_TASK, PEER_HOST = 7, 8  # common.v2.Peer's field numbers
 
 
 def peer_to_proto(p: Peer, host: Host, task: Task, task_pb: common_pb2.Task | None = None) -> common_pb2.Peer:

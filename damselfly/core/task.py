@@ -106,4 +106,6 @@ class Task:
 
     @property
     def piece_count(self) -> int:
-        return self.layout.piece_count if self.known_length else 0
+        # Layout(...).piece_count, without building a Layout (answers read it often)
+        n, size = self.content_length, self.piece_length
+        return -(-n // size) if n >= 0 and size > 0 else 0
