@@ -239,6 +239,19 @@ class _H2Protocol(asyncio.Protocol):
 
     def _send_message(self, st: _Stream, data: bytes, end_stream: bool = False) -> None:
         """One serialized gRPC message, length-prefixed, as DATA."""
+        n = len(data) + 5
+        if n <= self.send_window and n <= st.window and n <= self.peer_max_frame and not (st.pending or st.pending_end):
+            # the common case, a small message within the windows: one frame, built in place
+            self.send_window -= n
+            st.window -= n
+            out = self.out
+            out += _FRAME.pack(n >> 16, n & 0xFFFF, DATA, END_STREAM if end_stream else 0, st.sid)
+            out += _MSG.pack(0, n - 5)
+            out += data
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self.loop.call_soon(self._flush)
+            return
         self._send_data(st, _MSG.pack(0, len(data)) + data, end_stream)
 
     def _send_data(self, st: _Stream, payload: bytes, end_stream: bool = False) -> None:
