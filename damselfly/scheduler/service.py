@@ -25,7 +25,7 @@ from loguru import logger
 from damselfly import h2grpc
 from damselfly.config import Settings
 from damselfly.contracts import Candidate, Strategy
-from damselfly.core.host import Host
+from damselfly.core.host import Host, HostType
 from damselfly.core.peer import Peer, PeerState
 from damselfly.core.piece import ByteRange, Layout, covers, share_blocks
 from damselfly.core.task import Task, TaskState
@@ -65,7 +65,8 @@ def _candidate(peer: Peer, host: Host) -> Candidate:
     return c
 
 
-ELIGIBLE = (PeerState.RUNNING, PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED)
+_NORMAL_HOST = HostType.NORMAL  # h.type is _NORMAL_HOST: not h.is_seed, without the property
+ELIGIBLE = (PeerState.RUNNING, PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED)  # candidates() checks these inline
 SEED_FAILED_WINDOW = 1800.0  # seconds a seed that failed a task is not asked for it again (upstream's)
 REFRESH_INTERVAL = 2.0  # seconds: the longest a downloading peer waits for another look at its parents
 
@@ -326,21 +327,36 @@ class SchedulerState:
         order: Iterable[str]
         if n <= 2 * wanted:
             order = random.sample(ids, n)
-        else:
+        else:  # from a random point, by index (islice would step over the first ``start``)
             start = random.randrange(n)
-            order = itertools.chain(itertools.islice(ids, start, None), itertools.islice(ids, start))
+            order = map(ids.__getitem__, itertools.chain(range(start, n), range(start)))
         skip = {child.id}
         skip.update(child.blocklist, below, exclude)
-        running = PeerState.RUNNING
+        # _servable's checks inline, with what they read bound once: this loop is the
+        # decision's hottest code
+        peers_get, hosts_get = self.peers.get, self.hosts.get
+        own_host, ranged = child.host_id, self._ranged
+        running, to_source, succeeded = PeerState.RUNNING, PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED
         for pid in order:
             if pid in skip:
                 continue
-            c = self._servable(pid, child, child_range, layout)
-            if c is None:
+            p = peers_get(pid)
+            if p is None or p.host_id == own_host:
                 continue
-            if c.peer.state is running and not c.peer.parents and not c.host.is_seed:
-                continue  # a normal peer with no parent has nothing to give yet
-            pool.append(c)
+            state = p.state
+            if state is not running and state is not to_source and state is not succeeded:
+                continue  # ELIGIBLE
+            h = hosts_get(p.host_id)
+            if h is None or h.disable_shared:
+                continue
+            if ranged and not covers(self.range_of(pid), child_range, layout):
+                continue  # a ranged parent never holds the pieces outside its range
+            if state is running:
+                if p.is_bad():
+                    continue
+                if not p.parents and h.type is _NORMAL_HOST:
+                    continue  # a normal peer with no parent has nothing to give yet
+            pool.append(_candidate(p, h))
             if len(pool) >= wanted:
                 break
         ranked = self.strategy.rank(Candidate(child, child_host), pool, entry.task)
