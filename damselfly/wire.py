@@ -116,12 +116,17 @@ def fill_peer_proto(
 ) -> common_pb2.Peer:
     """Fill an empty Peer message in place (``parents.add()`` of an answer, say): no nested
     message is built and then copied."""
-    pb.id, pb.priority, pb.state, pb.need_back_to_source = p.id, p.priority, p.state.value, p.need_back_to_source
+    _fill_peer_own(pb, p)
     pb.task.CopyFrom(task_pb)
     pb.host.CopyFrom(host_pb)
+    return pb
+
+
+def _fill_peer_own(pb: common_pb2.Peer, p: Peer) -> None:
+    """The fields of a Peer message that are the peer's own (not its task's or host's)."""
+    pb.id, pb.priority, pb.state, pb.need_back_to_source = p.id, p.priority, p.state.value, p.need_back_to_source
     set_time(pb.created_at, p.created_at)
     set_time(pb.updated_at, p.updated_at)
-    return pb
 
 
 def varint(n: int) -> bytes:
@@ -149,9 +154,8 @@ def length_delimited(field_number: int, payload: bytes) -> bytes:
 def peer_own_bytes(p: Peer) -> bytes:
     """The encoding of a Peer message with ``p``'s own fields, as :func:`fill_peer_proto`
     sets them, but no task and no host (which callers append, each encoded once)."""
-    pb = common_pb2.Peer(id=p.id, priority=p.priority, state=p.state.value, need_back_to_source=p.need_back_to_source)
-    set_time(pb.created_at, p.created_at)
-    set_time(pb.updated_at, p.updated_at)
+    pb = common_pb2.Peer()
+    _fill_peer_own(pb, p)
     return pb.SerializeToString()
 
 
