@@ -13,7 +13,7 @@ import itertools
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -330,7 +330,7 @@ class SchedulerState:
             order = map(ids.__getitem__, itertools.chain(range(start, n), range(start)))
         skip = {child.id}
         skip.update(child.blocklist, below, exclude)
-        pool = list(itertools.islice(self._servable(order, skip, child, child_range, layout), wanted))
+        pool = self._servable(order, skip, child, child_range, layout, wanted)
         ranked = self.strategy.rank(Candidate(child, child_host), pool, entry.task)
         return ranked[:limit]
 
@@ -339,7 +339,7 @@ class SchedulerState:
         entry = self.tasks[peer.task_id]
         child_range, layout = self._range_view(peer, entry)
         order = sorted(peer.children - peer.parents - peer.blocklist)
-        return list(self._servable(order, frozenset(), peer, child_range, layout))
+        return self._servable(order, frozenset(), peer, child_range, layout, len(order))
 
     def _range_view(self, child: Peer, entry: TaskEntry) -> tuple[ByteRange | None, Layout | None]:
         """``child``'s range, and the task's layout to compare ranges by (None while no peer
@@ -353,16 +353,19 @@ class SchedulerState:
         child: Peer,
         child_range: ByteRange | None,
         layout: Layout | None,
-    ) -> Iterator[Candidate]:
-        """The peers among ``pids`` (but not in ``skip``) that can serve ``child`` (whose range
-        is ``child_range``), in order: known, on another host that shares, in a state to serve,
-        holding the child's range, and, while downloading, not a cost outlier and with a parent
-        of its own or on a seed (a normal peer with no parent has nothing to give yet).
+        limit: int,
+    ) -> list[Candidate]:
+        """The first ``limit`` peers among ``pids`` (but not in ``skip``) that can serve ``child``
+        (whose range is ``child_range``), in order: known, on another host that shares, in a
+        state to serve, holding the child's range, and, while downloading, not a cost outlier
+        and with a parent of its own or on a seed (a normal peer with no parent has nothing to
+        give yet).
 
         The decision's hottest loop: the checks inline, with what they read bound once."""
         peers_get, hosts_get = self.peers.get, self.hosts.get
         own_host, ranged = child.host_id, self._ranged
         running, to_source, succeeded = PeerState.RUNNING, PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED
+        found: list[Candidate] = []
         for pid in pids:
             if pid in skip:
                 continue
@@ -379,7 +382,10 @@ class SchedulerState:
                 continue  # a ranged parent never holds the pieces outside its range
             if state is running and (p.is_bad() or (not p.parents and h.type is _NORMAL_HOST)):
                 continue  # is_bad is only ever true for an eligible peer while it runs
-            yield _candidate(p, h)
+            found.append(_candidate(p, h))
+            if len(found) >= limit:
+                break
+        return found
 
     @property
     def parent_limit(self) -> int:
