@@ -13,7 +13,8 @@ from damselfly.scheduler.service import SchedulerService
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.mark.parametrize("peers_in_task", [20, 200])  # shuffled, and walked from a random point
+# up to twice filter_parent_limit (100) a task is shuffled; past that it is walked from a random point
+@pytest.mark.parametrize("peers_in_task", [20, 250])
 def test_only_peers_that_can_serve_are_offered(peers_in_task):
     settings = load_settings(
         plugins={"autoload": False},
