@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -43,8 +44,9 @@ def host_from_proto(pb: common_pb2.Host, now: float) -> Host:
         type=HostType(pb.type) if pb.type in HostType._value2member_map_ else HostType.NORMAL,
         download_port=pb.download_port,
         proxy_port=pb.proxy_port,
-        idc=pb.network.idc,
-        location=pb.network.location,
+        # interned: a decision compares every candidate's with the child's, by identity first
+        idc=sys.intern(pb.network.idc),
+        location=sys.intern(pb.network.location),
         max_tx_bandwidth=pb.network.max_tx_bandwidth,
         tx_bandwidth=pb.network.tx_bandwidth,
         disable_shared=pb.disable_shared,

@@ -153,3 +153,33 @@ def test_candidates_look_past_the_first_draw_when_it_holds_no_usable_parent():
     task.peer_ids.add(only.id)
     for _ in range(20):  # whatever the draw, the one usable peer is found
         assert [c.peer.id for c in st.candidates(child)] == ["only-p"]
+
+
+def test_scores_in_one_loop_equal_the_scores_one_by_one():
+    """``scores`` (the loop ``rank`` uses) gives each parent what ``score`` gives it: every load
+    term's branch, seeds in each state, idle and missing bandwidth, IDCs and locations equal
+    by identity, by value and by case only, empty ones."""
+    rng = __import__("random").Random(7)
+    idcs = ["", "idc-1", "IDC-1", "idc-2"]
+    locations = ["", "cn|bj|r1", "CN|bj|r1", "cn|bj|r2", "cn|sh", "cn"]
+    states = list(PeerState)
+    parents = []
+    for i in range(400):
+        c = cand(
+            f"h{i}",
+            seed=rng.random() < 0.2,
+            idc="".join(rng.choice(idcs)),  # a new string object: equal, not identical
+            location=rng.choice(locations),
+            tx=rng.choice([0, GBIT // 3, GBIT, 2 * GBIT]),
+            uploaded=rng.choice([0, GBIT // 8 * 15, GBIT * 60]),
+            state=rng.choice(states),
+        )
+        c.host.max_tx_bandwidth = rng.choice([0, 100_000_000, GBIT])
+        c.host.concurrent_upload_pieces = rng.choice([0, 3, 40])
+        parents.append(c)
+    for child in (cand("c1", idc="idc-1", location="cn|bj|r1"), cand("c2"), parents[3]):
+        got = default.scores(child, parents)
+        assert got == [default.score(p, child) for p in parents]
+        ranked = DefaultStrategy().rank(child, parents, Task(id="t"))
+        assert ranked == sorted(parents, key=lambda p: default.score(p, child), reverse=True)
+    assert len(set(default.scores(parents[0], parents))) > 20  # the inputs do spread the scores
