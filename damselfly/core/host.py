@@ -39,6 +39,10 @@ class Host:
     announced_at: float = 0.0
     interval: float = 300.0
     peer_ids: set[str] = field(default_factory=set)
+    # the scheduler's message and encoding of the host, with what they were made of
+    wire_cache: tuple[tuple[object, ...], object, bytes] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def is_seed(self) -> bool:

@@ -243,8 +243,6 @@ class SchedulerState:
         self.downloads: dict[str, common_pb2.Download] = {}  # what each peer registered with
         self._ranged = 0  # how many of them are for a byte range
         self.announced: dict[str, common_pb2.Host] = {}  # each host as it last announced itself
-        self._host_pbs: dict[str, tuple[tuple[object, ...], common_pb2.Host, bytes]] = {}
-        self._peer_parts: dict[str, tuple[tuple[object, ...], bytes]] = {}  # peer_part's
         self.on_task_change: Callable[[TaskEntry], None] | None = None  # each new task's on_change
 
     def host_proto(self, h: Host) -> common_pb2.Host:
@@ -253,27 +251,27 @@ class SchedulerState:
             h.type, h.hostname, h.ip, h.port, h.download_port, h.proxy_port, h.disable_shared,
             h.idc, h.location, h.max_tx_bandwidth, h.tx_bandwidth,
         )  # fmt: skip
-        hit = self._host_pbs.get(h.id)
+        hit = h.wire_cache
         if hit is not None and hit[0] == key:
-            return hit[1]
+            return hit[1]  # type: ignore[return-value]
         pb = host_to_proto(h)
-        self._host_pbs[h.id] = (key, pb, length_delimited(PEER_HOST, pb.SerializeToString()))
+        h.wire_cache = (key, pb, length_delimited(PEER_HOST, pb.SerializeToString()))
         return pb
 
     def host_field(self, h: Host) -> bytes:
         """:meth:`host_proto` encoded as a Peer message's host field."""
         self.host_proto(h)
-        return self._host_pbs[h.id][2]
+        return h.wire_cache[2]  # type: ignore[index]
 
     def peer_part(self, p: Peer) -> bytes:
         """``peer_own_bytes(p)``, kept while the fields it carries stay the same (a parent is
         named in many answers; a finished one never changes)."""
         key = (p.state, p.updated_at, p.priority, p.need_back_to_source, p.created_at)
-        hit = self._peer_parts.get(p.id)
+        hit = p.wire_cache
         if hit is not None and hit[0] == key:
             return hit[1]
         part = peer_own_bytes(p)
-        self._peer_parts[p.id] = (key, part)
+        p.wire_cache = (key, part)
         return part
 
     def entry(self, task_id: str) -> TaskEntry:
@@ -398,7 +396,6 @@ class SchedulerState:
     def remove_peer(self, peer_id: str) -> None:
         p = self.peers.pop(peer_id, None)
         self._ranged -= _is_ranged(self.downloads.pop(peer_id, None))
-        self._peer_parts.pop(peer_id, None)
         if p is None:
             return
         for other_id in p.parents | p.children:
@@ -420,7 +417,6 @@ class SchedulerState:
 
     def remove_host(self, host_id: str) -> None:
         self.announced.pop(host_id, None)
-        self._host_pbs.pop(host_id, None)
         h = self.hosts.pop(host_id, None)
         if h:
             for pid in list(h.peer_ids):
