@@ -748,6 +748,16 @@ class ServicerContext:
         st.conn._send_message(st, serialize(message) if serialize is not None else message)
         return True
 
+    def write_encoded_nowait(self, data: bytes) -> bool:
+        """:meth:`write_nowait` for a message serialized already (``data``, its encoding).
+        Not in grpcio's API."""
+        st = self._stream
+        if st.local_closed or st.cancelled:
+            return False
+        st.send_headers()
+        st.conn._send_message(st, data)
+        return True
+
     async def read(self) -> Any:
         try:
             return await self._stream.requests.__anext__()

@@ -15,8 +15,10 @@ TASK = "ab" * 32
 
 
 @pytest.fixture
-async def sched():
-    server = await start_scheduler(load_settings(scheduler={"seed_wait": 2, "retry_interval": 0.05}))
+async def sched(request):
+    server_kind = getattr(request, "param", "native")  # the scheduler's gRPC server
+    settings = load_settings(scheduler={"seed_wait": 2, "retry_interval": 0.05, "grpc_server": server_kind})
+    server = await start_scheduler(settings)
     channel = grpc.aio.insecure_channel(server.address)
     yield scheduler_pb2_grpc.SchedulerStub(channel), server
     await channel.close()
@@ -65,6 +67,8 @@ async def test_unannounced_host_cannot_register(sched):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+# both servers: h2grpc writes an assembled answer's bytes as they are, grpcio is handed the message
+@pytest.mark.parametrize("sched", ["native", "grpcio"], indirect=True)
 async def test_back_to_source_peer_then_child_gets_it_as_parent(sched):
     stub, _ = sched
     for name in ("a", "b"):
