@@ -41,8 +41,10 @@ class Peer:
 
     def add_cost(self, seconds: float, keep: int = 64) -> None:
         """Record a piece's download cost, keeping the last ``keep``."""
-        self.piece_costs.append(seconds)
-        del self.piece_costs[:-keep]
+        costs = self.piece_costs
+        costs.append(seconds)
+        if len(costs) > keep:
+            del costs[:-keep]
         self._outlier_fresh = False
 
     @property

@@ -57,14 +57,6 @@ _response_from = scheduler_pb2.AnnouncePeerResponse.FromString
 _new, _set_peer, _set_host = object.__new__, Candidate.peer.__set__, Candidate.host.__set__  # type: ignore[attr-defined]
 
 
-def _candidate(peer: Peer, host: Host) -> Candidate:
-    """``Candidate(peer, host)`` at half the cost of a frozen dataclass's __init__."""
-    c = _new(Candidate)
-    _set_peer(c, peer)
-    _set_host(c, host)
-    return c
-
-
 _NORMAL_HOST = HostType.NORMAL  # h.type is _NORMAL_HOST: not h.is_seed, without the property
 SEED_FAILED_WINDOW = 1800.0  # seconds a seed that failed a task is not asked for it again (upstream's)
 REFRESH_INTERVAL = 2.0  # seconds: the longest a downloading peer waits for another look at its parents
@@ -382,6 +374,7 @@ class SchedulerState:
         The decision's hottest loop: the checks inline, with what they read bound once."""
         peers_get, hosts_get = self.peers.get, self.hosts.get
         own_host, ranged = child.host_id, self._ranged
+        new, set_peer, set_host = _new, _set_peer, _set_host
         running, to_source, succeeded = PeerState.RUNNING, PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED
         found: list[Candidate] = []
         for pid in pids:
@@ -400,7 +393,10 @@ class SchedulerState:
                 continue  # a ranged parent never holds the pieces outside its range
             if state is running and (p.is_bad() or (not p.parents and h.type is _NORMAL_HOST)):
                 continue  # is_bad is only ever true for an eligible peer while it runs
-            found.append(_candidate(p, h))
+            c = new(Candidate)  # Candidate(p, h) at half the cost of a frozen dataclass's __init__
+            set_peer(c, p)
+            set_host(c, h)
+            found.append(c)
             if len(found) >= limit:
                 break
         return found
