@@ -16,6 +16,9 @@ class PeerState(enum.Enum):
     LEAVE = "Leave"
 
 
+_DONE = (PeerState.SUCCEEDED, PeerState.FAILED, PeerState.LEAVE)
+
+
 @dataclass(slots=True)
 class Peer:
     id: str
@@ -49,7 +52,7 @@ class Peer:
 
     @property
     def done(self) -> bool:
-        return self.state in (PeerState.SUCCEEDED, PeerState.FAILED, PeerState.LEAVE)
+        return self.state in _DONE
 
     def is_bad(self) -> bool:
         """A parent not to hand out: gone, or downloading and its last piece was an outlier.

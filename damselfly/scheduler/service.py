@@ -322,7 +322,8 @@ class SchedulerState:
     def candidates(self, child: Peer, exclude: set[str] | frozenset[str] = frozenset()) -> list[Candidate]:
         entry = self.tasks[child.task_id]
         child_host = self.hosts[child.host_id]
-        below = self.descendants(child.id) if self.strategy.dag else set()
+        # (a peer with no children yet, as at its registration, has no descendants)
+        below = self.descendants(child.id) if self.strategy.dag and child.children else ()
         limit = self.parent_limit
         wanted = max(self.cfg.filter_parent_limit, limit)
         child_range, layout = self._range_view(child, entry)
@@ -354,7 +355,9 @@ class SchedulerState:
     def _range_view(self, child: Peer, entry: TaskEntry) -> tuple[ByteRange | None, Layout | None]:
         """``child``'s range, and the task's layout to compare ranges by (None while no peer
         asked for a range: then every parent holds what a child wants)."""
-        return self.range_of(child.id), _layout(entry) if self._ranged else None
+        if not self._ranged:
+            return None, None  # no peer is ranged, this one neither
+        return self.range_of(child.id), _layout(entry)
 
     def _servable(
         self,
