@@ -46,13 +46,11 @@ from damselfly.wire import (
     set_time,
     source_share_to_proto,
     task_to_proto,
-    varint,
 )
 
 _CLOSE = object()
 # field numbers: AnnouncePeerResponse.normal_task_response, NormalTaskResponse.candidate_parents
 _NORMAL_TASK_RESPONSE, _CANDIDATE_PARENTS = 2, 1
-_PARENT_TAG = varint(_CANDIDATE_PARENTS << 3 | 2)
 _response_from = scheduler_pb2.AnnouncePeerResponse.FromString
 _new, _set_peer, _set_host = object.__new__, Candidate.peer.__set__, Candidate.host.__set__  # type: ignore[attr-defined]
 
@@ -739,7 +737,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         st = self.state
         for c in kept + new:
             pb = st.peer_part(c.peer) + task_field + st.host_field(c.host)
-            parents.append(_PARENT_TAG + varint(len(pb)) + pb)
+            parents.append(length_delimited(_CANDIDATE_PARENTS, pb))
         if peer.id in entry.sharers:
             entry.answered.add(peer.id)
         return length_delimited(_NORMAL_TASK_RESPONSE, b"".join(parents))
