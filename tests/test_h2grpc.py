@@ -1,6 +1,7 @@
 """damselfly.h2grpc against grpcio: its server under grpcio's client, its client against grpcio's server."""
 
 import asyncio
+import gc
 import socket
 import struct
 
@@ -452,8 +453,6 @@ async def test_a_callback_form_hears_of_a_cancel_a_failure_and_the_server_stoppi
 
 
 def _live(*types: type) -> int:
-    import gc
-
     return sum(1 for o in gc.get_objects() if type(o) in types)
 
 
@@ -461,8 +460,6 @@ async def test_calls_that_are_over_leave_no_cycles_for_the_collector():
     """With the cyclic collector off, a finished call's stream, context, requests and the
     handler's callbacks are freed all the same (by reference counting): a busy server then
     gets no collector pauses from the calls it served."""
-    import gc
-
     server, counter, port = await serve_counter("native")
     conn = await h2grpc.Connection.open("127.0.0.1", port)
     kinds = (h2grpc._ServerStream, h2grpc.ServicerContext, h2grpc._Requests, h2grpc.ClientStream)

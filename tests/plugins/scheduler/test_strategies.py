@@ -1,5 +1,7 @@
 """The default strategy scores like upstream's evaluator."""
 
+import random
+
 import pytest
 
 from damselfly.contracts import Candidate
@@ -159,7 +161,7 @@ def test_scores_in_one_loop_equal_the_scores_one_by_one():
     """``scores`` (the loop ``rank`` uses) gives each parent what ``score`` gives it: every load
     term's branch, seeds in each state, idle and missing bandwidth, IDCs and locations equal
     by identity, by value and by case only, empty ones."""
-    rng = __import__("random").Random(7)
+    rng = random.Random(7)
     idcs = ["", "idc-1", "IDC-1", "idc-2"]
     locations = ["", "cn|bj|r1", "CN|bj|r1", "cn|bj|r2", "cn|sh", "cn"]
     states = list(PeerState)
