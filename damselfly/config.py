@@ -220,6 +220,77 @@ class ProxyConfig(Section):
     auth_cache_ttl: float = Field(60.0, ge=0, description="Seconds a registry's yes to a client's credentials holds.")
     connect_timeout: float = Field(10.0, gt=0, description="Seconds to connect to an upstream.")
     read_timeout: float = Field(300.0, gt=0, description="Seconds an upstream read may stall.")
+    connect_allow: list[str] = Field(
+        default_factory=list,
+        description="`host:port` globs that CONNECT and absolute-form requests may reach (none by default: 403).",
+    )
+    username: str = Field("", description="Proxy authentication (Basic): a client must send these credentials.")
+    password: str = Field("", description="Password of proxy authentication.")
+
+
+class TlsConfig(Section):
+    ca: Path | None = Field(None, description="PEM file of the cluster CA: peers' certificates must chain to it.")
+    cert: Path | None = Field(None, description="PEM file of this process's certificate (`damselfly certs issue`).")
+    key: Path | None = Field(None, description="PEM file of this process's private key.")
+    verify_address: bool = Field(
+        True, description="Check a peer's certificate names the address it was reached at (unlike upstream)."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca is not None and self.cert is not None and self.key is not None
+
+
+class SourcePolicyConfig(Section):
+    schemes: list[str] = Field(
+        default_factory=lambda: ["http", "https", "s3", "gs", "gcs", "abfs", "az", "oss", "hdfs", "webhdfs", "hf", "oci"],
+        description="URL schemes a request from the network may have fetched from the source "
+        "(`file` and other local schemes only ever from the local socket).",
+    )
+    allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Source hosts (`host` or `host:port`, `*` globs) allowed; empty: any host whose address passes.",
+    )
+    deny_hosts: list[str] = Field(default_factory=list, description="Source hosts refused (globs), before allow_hosts.")
+    allow_loopback: bool = Field(False, description="Allow origins on loopback addresses (127.0.0.0/8, ::1).")
+    allow_private: bool = Field(
+        False, description="Allow origins on private addresses (10/8, 172.16/12, 192.168/16, fc00::/7, 100.64/10)."
+    )
+    allow_link_local: bool = Field(
+        False, description="Allow link-local origins (169.254/16, fe80::/10), the cloud metadata address included."
+    )
+    allow_networks: list[str] = Field(
+        default_factory=list, description="CIDRs allowed whatever the rules above say, e.g. an in-cluster registry."
+    )
+    max_redirects: int = Field(5, ge=0, le=20, description="Redirects followed, each checked like the first URL.")
+
+
+class LimitsConfig(Section):
+    max_hosts: int = Field(10_000, ge=1, description="Hosts the scheduler keeps at most; past it, AnnounceHost fails.")
+    max_tasks: int = Field(100_000, ge=1, description="Tasks the scheduler keeps at most.")
+    max_peers: int = Field(200_000, ge=1, description="Peers the scheduler keeps at most.")
+    grpc_max_streams: int = Field(
+        1000, ge=1, description="Concurrent streams one HTTP/2 connection may open (REFUSED_STREAM past it)."
+    )
+    piece_connections: int = Field(1024, ge=1, description="Connections the piece server accepts at once.")
+    piece_idle_timeout: float = Field(120.0, gt=0, description="Seconds an idle piece connection is kept open.")
+    vortex_error_frames: int = Field(
+        64, ge=1, description="Error frames one Vortex connection may send before it is dropped."
+    )
+    header_timeout: float = Field(10.0, gt=0, description="Seconds a proxy client has to send its request headers.")
+
+
+class SecurityConfig(Section):
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="Mutual TLS on every listener that crosses hosts.")
+    sources: SourcePolicyConfig = Field(
+        default_factory=SourcePolicyConfig, description="Which origins requests from the network may reach."
+    )
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Bounds on what the network may ask.")
+    socket_mode: int = Field(0o600, ge=0, le=0o777, description="Mode of the daemon's unix socket.")
+    socket_group: str = Field("", description="Group given the socket (with socket_mode 0660, its members may use it).")
+    piece_digest: Literal["sha256", "blake3"] = Field(
+        "sha256", description="Cryptographic digest the source reader computes per piece; children check it."
+    )
 
 
 class Settings(BaseSettings):
@@ -238,6 +309,7 @@ class Settings(BaseSettings):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig, description="The peer daemon.")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="The scheduler service.")
     proxy: ProxyConfig = Field(default_factory=ProxyConfig, description="The daemon's proxy and registry mirror.")
+    security: SecurityConfig = Field(default_factory=SecurityConfig, description="Trust, TLS and bounds.")
     sources: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Options of source plugins by name, e.g. `{s3: {endpoint: ..., region: ...}}`.",
