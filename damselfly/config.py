@@ -288,8 +288,10 @@ class SecurityConfig(Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Bounds on what the network may ask.")
     socket_mode: int = Field(0o600, ge=0, le=0o777, description="Mode of the daemon's unix socket.")
     socket_group: str = Field("", description="Group given the socket (with socket_mode 0660, its members may use it).")
-    piece_digest: Literal["sha256", "blake3"] = Field(
-        "sha256", description="Cryptographic digest the source reader computes per piece; children check it."
+    piece_digest: Literal["sha256", "blake3", "crc32"] = Field(
+        "sha256",
+        description="Digest the source reader computes per piece and children check: sha256 or blake3; crc32 "
+        "is what upstream Dragonfly peers report and can be forged (benchmarks and interop only; warns).",
     )
 
 
