@@ -311,10 +311,12 @@ class Transport(Plugin, abc.ABC):
     ``state_dir`` is a directory the plugin may keep files in (certificates, keys);
     the daemon sets it before ``serve``. ``served_address`` is the address children
     are told to use, where it is not simply the daemon's ``ip:port`` (a unix socket
-    path, say).
+    path, say). ``security`` is the daemon's ``SecurityConfig`` (mutual TLS and the
+    connection bounds), also set before ``serve`` and ``connect``; None in bare use.
     """
 
     state_dir: Path | None = None
+    security: Any = None  # damselfly.config.SecurityConfig
     # how many connections to one parent a child opens before fetches share them
     connections_per_parent: ClassVar[int] = 1
 

@@ -62,3 +62,8 @@ class StorageError(DamselflyError):
 
 class Unavailable(DamselflyError):
     """A plugin cannot run here (no device, an extra not installed)."""
+
+
+class PermissionDenied(DamselflyError, PermissionError):
+    """The request may not do this: a refused origin, a local file asked for from the network,
+    a host or role a certificate does not name."""

@@ -283,9 +283,12 @@ class Daemon:
         usable = []
         for choice in self.settings.daemon.transports:
             try:
-                usable.append(self.plugins.make_transport(choice))
+                transport = self.plugins.make_transport(choice)
             except Unavailable as exc:
                 logger.warning("transport {} is skipped, using the next one: {}", choice.type, exc)
+                continue
+            transport.security = self.settings.security
+            usable.append(transport)
         if not usable:
             names = ", ".join(c.type for c in self.settings.daemon.transports)
             raise Unavailable(f"none of the configured transports ({names}) can run on this host")
