@@ -1,11 +1,21 @@
 """One peer fetches a file from a seed on loopback: throughput and daemons' peak RSS.
 
-    python benchmarks/seed_throughput.py [--size 1GiB] [--json]
+    python benchmarks/seed_throughput.py [--size 1GiB] [--runs 3] [--json]
+    python benchmarks/seed_throughput.py --variants crc32,sha256,blake3,tls-crc32,tls-sha256 [--json]
+    python benchmarks/seed_throughput.py --security [--json]   # the five variants above
 
 The seed first fetches the file from a local origin (not timed); then one peer
-downloads it from the seed through the scheduler, Vortex over TCP, crc32 on
-every piece and the disk storage, as in production. RSS of both daemon
+downloads it from the seed through the scheduler, Vortex over TCP, the piece digest
+checked on every piece and the disk storage, as in production. RSS of both daemon
 processes is sampled every 20 ms during the transfer.
+
+``--variants`` runs several configurations in one invocation, each on a fresh cluster
+(in turn, so they share the machine's state of the moment): ``default`` (whatever the
+configuration's defaults are), a piece digest (``crc32``, ``sha256``, ``blake3``:
+``security.piece_digest`` on every process), or ``tls-DIGEST``: the same with mutual
+TLS everywhere (a fresh CA and certificates in the run's temp dir, ``security.tls``
+set on every process), so Vortex over TCP runs over TLS. It prints one JSON object
+(``--json``) or a table, with each variant's throughput relative to the first.
 """
 
 from __future__ import annotations
@@ -20,12 +30,17 @@ import statistics
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import psutil
 
+from damselfly import cluster as cl
 from damselfly.client import Client
 from damselfly.core.units import format_size, parse_size
-from damselfly.testing import OriginProcess, start_cluster
+from damselfly.testing import Cluster, OriginProcess
+
+DIGESTS = ("crc32", "sha256", "blake3")
+SECURITY_VARIANTS = ("crc32", "sha256", "blake3", "tls-crc32", "tls-sha256")
 
 
 class RssSampler(threading.Thread):
@@ -56,66 +71,144 @@ async def _download(socket: str, url: str, output: Path | None, delete_after: bo
     return r.seconds
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="1GiB")
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--runs", type=int, default=5, help="peer downloads, the task deleted between them")
-    ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
-    ap.add_argument("--peer-storage", default="disk", choices=["disk", "memory"], help="the fetching peer's storage")
-    args = ap.parse_args()
-    size = parse_size(args.size)
-    root = Path(args.dir or tempfile.mkdtemp(prefix="damselfly-bench-"))
-    origin = OriginProcess(root / "origin")
-    cluster = None
+def _cpu(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
+def parse_variant(name: str) -> tuple[str | None, bool]:
+    """A variant's piece digest (None: the default) and whether it runs with TLS; SystemExit if unknown."""
+    tls = name.startswith("tls")
+    digest = name.removeprefix("tls").removeprefix("-") or None
+    if digest == "default":
+        digest = None
+    if digest is not None and digest not in DIGESTS:
+        raise SystemExit(f"unknown variant {name!r}: use default, {', '.join(DIGESTS)}, or tls-DIGEST")
+    return digest, tls
+
+
+def _blake3_missing() -> str | None:
     try:
-        origin.make("big.bin", size)
-        peer_env = {}
-        if args.peer_storage == "memory":
-            peer_env[1] = {"DAMSELFLY_DAEMON__STORAGE": json.dumps({"type": "memory", "capacity": size + (1 << 20)})}
-        cluster = start_cluster(root / "cluster", 1, peer_env=peer_env)
-        url = origin.url("big.bin")
+        import blake3  # noqa: F401
+    except ImportError:
+        return "the blake3 package is not installed"
+    return None
+
+
+def run_variant(root: Path, origin: OriginProcess, url: str, size: int, name: str, args: Any) -> dict[str, Any]:
+    digest, tls = parse_variant(name)
+    env: dict[str, str] = {}
+    if digest is not None:
+        env["DAMSELFLY_SECURITY__PIECE_DIGEST"] = digest
+    peer_env: dict[int, dict[str, str]] = {}
+    if args.peer_storage == "memory":
+        peer_env[1] = {"DAMSELFLY_DAEMON__STORAGE": json.dumps({"type": "memory", "capacity": size + (1 << 20)})}
+    directory = root / f"cluster-{name}"
+    info, procs = cl.start(directory, 1, env=env, peer_env=peer_env, tls=tls)
+    cluster = Cluster(directory, info, env, peer_env, procs)
+    try:
         seed, peer = cluster.daemon("seed"), cluster.daemon("peer1")
+        origin.reset()
         warm = asyncio.run(_download(seed["socket"], url, None))
+        origin_bytes = origin.stats()["bytes"]
         os.sync()  # the origin's and the seed's writes are not the peer's to pay for
         sampler = RssSampler({"seed": seed["pid"], "peer": peer["pid"]})
-        rss_before = {name: p.memory_info().rss for name, p in sampler.procs.items()}
+        rss_before = {k: p.memory_info().rss for k, p in sampler.procs.items()}
+        cpu_before = {k: _cpu(p) for k, p in sampler.procs.items()}
         sampler.start()
         runs = [
             asyncio.run(_download(peer["socket"], url, None, delete_after=i < args.runs - 1)) for i in range(args.runs)
         ]
         sampler.stop_event.set()
         sampler.join()
-        seconds = statistics.median(runs)
-        result = {
-            "benchmark": "seed_throughput",
-            "file_size": size,
-            "peer_storage": args.peer_storage,
-            "seconds": round(seconds, 3),
-            "mb_per_s": round(size / seconds / 1e6, 1),
-            "runs_mb_per_s": [round(size / r / 1e6, 1) for r in runs],
-            "seed_fill_seconds": round(warm, 3),
-            "peak_rss_mb": {k: round(v / 1e6, 1) for k, v in sampler.peak.items()},
-            "rss_before_mb": {k: round(v / 1e6, 1) for k, v in rss_before.items()},
-            "origin_bytes": origin.stats()["bytes"],
-            "machine": f"{platform.machine()}, {psutil.cpu_count()} cpus, Python {platform.python_version()}",
-        }
+        cpu = {k: _cpu(p) - cpu_before[k] for k, p in sampler.procs.items()}
+        peer_log = cluster.log("peer1")
     finally:
-        if cluster is not None:
-            cluster.down()
+        cluster.down()
+        shutil.rmtree(directory, ignore_errors=True)
+    seconds = statistics.median(runs)
+    return {
+        "variant": name,
+        "piece_digest": digest or "default",
+        "tls": tls,
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(size / seconds / 1e6, 1),
+        "runs_mb_per_s": [round(size / r / 1e6, 1) for r in runs],
+        "seed_fill_seconds": round(warm, 3),
+        "peak_rss_mb": {k: round(v / 1e6, 1) for k, v in sampler.peak.items()},
+        "rss_before_mb": {k: round(v / 1e6, 1) for k, v in rss_before.items()},
+        "origin_bytes": origin_bytes,
+        # CPU seconds each daemon spent per GB moved (user + system, all its threads): what the transfer costs
+        "cpu_s_per_gb": {k: round(v / (size * args.runs / 1e9), 2) for k, v in cpu.items()},
+        "peer_warnings": sum(1 for line in peer_log.splitlines() if "WARNING" in line or "ERROR" in line),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1GiB")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--runs", type=int, default=5, help="peer downloads per variant, the task deleted between them")
+    ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--peer-storage", default="disk", choices=["disk", "memory"], help="the fetching peer's storage")
+    ap.add_argument(
+        "--variants",
+        default="default",
+        help="comma-separated: default, crc32, sha256, blake3, tls-crc32, tls-sha256, tls-blake3 (see above)",
+    )
+    ap.add_argument("--security", action="store_true", help=f"the variants {','.join(SECURITY_VARIANTS)}")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    names = list(SECURITY_VARIANTS) if args.security else [v.strip() for v in args.variants.split(",") if v.strip()]
+    skipped: dict[str, str] = {}
+    for name in list(names):
+        if parse_variant(name)[0] == "blake3" and (why := _blake3_missing()):
+            skipped[name] = why
+            names.remove(name)
+    if not names:
+        raise SystemExit("no variant to run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    root = Path(args.dir or tempfile.mkdtemp(prefix="damselfly-bench-"))
+    origin = OriginProcess(root / "origin")
+    results: list[dict[str, Any]] = []
+    try:
+        origin.make("big.bin", size)
+        url = origin.url("big.bin")
+        for name in names:
+            results.append(run_variant(root, origin, url, size, name, args))
+    finally:
         origin.stop()
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
+    base = results[0]["mb_per_s"]
+    for r in results:
+        r["relative_to_first"] = round(r["mb_per_s"] / base, 3)
+    report: dict[str, Any] = {
+        "benchmark": "seed_throughput",
+        "file_size": size,
+        "peer_storage": args.peer_storage,
+        "runs": args.runs,
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} cpus, Python {platform.python_version()}",
+        "variants": results,
+        "skipped": skipped,
+    }
+    if len(results) == 1:  # one variant: its figures at the top, as before
+        report.update({k: v for k, v in results[0].items() if k not in ("variant", "relative_to_first")})
     if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"one peer <- seed on loopback, {format_size(size)} ({result['machine']})")
-        print(f"  {'throughput (median)':<22}{result['mb_per_s']} MB/s ({result['seconds']} s)")
-        print(f"  {'each run':<22}{', '.join(str(x) for x in result['runs_mb_per_s'])} MB/s")
-        for k in ("seed", "peer"):
-            print(f"  {'peak RSS ' + k:<22}{result['peak_rss_mb'][k]} MB (before: {result['rss_before_mb'][k]} MB)")
-        print(f"  {'origin bytes':<22}{result['origin_bytes']} (the seed's fill only)")
-        print(f"  {'json':<22}{json.dumps(result)}")
+        print(json.dumps(report))
+        return
+    print(f"one peer <- seed on loopback, {format_size(size)}, {args.runs} runs each ({report['machine']})")
+    head = f"  {'variant':<12}{'MB/s (median)':>15}{'vs first':>10}  {'each run (MB/s)':<30}"
+    print(head + f"{'CPU s/GB seed/peer':>20}{'peak RSS seed/peer (MB)':>26}")
+    for r in results:
+        runs = ", ".join(str(x) for x in r["runs_mb_per_s"])
+        cpu = f"{r['cpu_s_per_gb']['seed']} / {r['cpu_s_per_gb']['peer']}"
+        rss = f"{r['peak_rss_mb']['seed']} / {r['peak_rss_mb']['peer']}"
+        line = f"  {r['variant']:<12}{r['mb_per_s']:>15}{r['relative_to_first']:>10.2f}  {runs:<30}"
+        print(line + f"{cpu:>20}{rss:>26}")
+    for name, why in skipped.items():
+        print(f"  {name:<12}skipped: {why}")
+    print(f"  origin bytes per seed fill: {', '.join(str(r['origin_bytes']) for r in results)}")
+    print(f"  json: {json.dumps(report)}")
 
 
 if __name__ == "__main__":

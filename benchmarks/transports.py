@@ -1,6 +1,6 @@
 """Piece throughput of each transport plugin against the raw ceiling of its library.
 
-    python benchmarks/transports.py [--transports tcp,quic,webrtc] [--json]
+    python benchmarks/transports.py [--transports tcp,tcp-tls,quic,webrtc] [--json]
 
 For each transport, two processes on loopback: a parent that serves pieces through
 the plugin's piece server, reading them from a file as a daemon does, and a child
@@ -8,7 +8,9 @@ that fetches them through the plugin's connections, ``--concurrency`` pieces at 
 time, checking every piece's crc32 (the bytes are not written to disk, so storage
 speed does not enter the figure). In the same run, the same two processes' worth
 of the bare library moves the same number of bytes: ``socket.sendall`` for tcp, one
-aioquic stream for quic, one aiortc data channel for webrtc; the two alternate
+aioquic stream for quic, one aiortc data channel for webrtc, ``SSLSocket.sendall``
+and ``recv_into`` with the same mutual-TLS contexts for ``tcp-tls`` (the tcp plugin
+with ``security.tls``: a fresh CA and one certificate for 127.0.0.1); the two alternate
 ``--runs`` times and the medians are reported, since this machine's speed drifts
 between runs. Peak RSS is the larger of the two plugin processes' high-water marks
 (``ru_maxrss``).
@@ -33,9 +35,10 @@ from typing import Any
 from damselfly.core.units import format_size, parse_size
 
 MiB = 1 << 20
-DEFAULT_SIZES = {"tcp": "2GiB", "quic": "256MiB", "webrtc": "64MiB"}
+DEFAULT_SIZES = {"tcp": "2GiB", "tcp-tls": "1GiB", "quic": "256MiB", "webrtc": "64MiB"}
 QUIC_OPTIONS = {"max_datagram_size": 8192}  # loopback: see the quic plugin's docs
-TARGETS = {"tcp": 0.5, "quic": 0.8, "webrtc": 0.8}
+TARGETS = {"tcp": 0.5, "tcp-tls": 0.5, "quic": 0.8, "webrtc": 0.8}
+TLS_ENV = "DAMSELFLY_BENCH_TLS"  # the TLS files of tcp-tls, as JSON, for the spawned processes
 
 
 def _rss_mb() -> float:
@@ -47,7 +50,24 @@ def _make_transport(name: str) -> Any:
     from damselfly.plugin_manager import build_plugins
 
     options = QUIC_OPTIONS if name == "quic" else {}
-    return build_plugins(load_settings()).make_transport(PluginChoice(type=name, **options))
+    transport = build_plugins(load_settings()).make_transport(PluginChoice(type=name.removesuffix("-tls"), **options))
+    if name.endswith("-tls"):
+        transport.security = _tls_security()
+    return transport
+
+
+def _tls_security() -> Any:
+    from damselfly.config import SecurityConfig, TlsConfig
+
+    return SecurityConfig(tls=TlsConfig(**json.loads(os.environ[TLS_ENV])))
+
+
+def _make_certs(workdir: Path) -> None:
+    from damselfly.testing.transport import tls_security
+
+    if TLS_ENV not in os.environ:
+        tls = tls_security(workdir / "tls").tls
+        os.environ[TLS_ENV] = json.dumps({"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)})
 
 
 # -- the plugin -----------------------------------------------------------------------
@@ -86,11 +106,12 @@ def _plugin_child(port: int, name: str, pieces: int, piece: int, concurrency: in
         transport = _make_transport(name)
         pool = ConnectionPool([transport], 30)
         queue = list(range(pieces))
+        addresses = {transport.name: f"127.0.0.1:{port}"}  # tcp-tls is the tcp plugin
 
         async def worker() -> None:
             while queue:
                 number = queue.pop()
-                key, c = await pool.acquire({name: f"127.0.0.1:{port}"})
+                key, c = await pool.acquire(addresses)
                 try:
                     sink = Collector(piece, keep=False)
                     meta = await c.fetch("b" * 64, number, sink)
@@ -98,7 +119,7 @@ def _plugin_child(port: int, name: str, pieces: int, piece: int, concurrency: in
                 finally:
                     await pool.release(key, c)
 
-        await pool.acquire({name: f"127.0.0.1:{port}"})  # connected before the clock starts
+        await pool.acquire(addresses)  # connected before the clock starts
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - t0
@@ -126,6 +147,36 @@ def _raw_tcp_parent(total: int, conn: Any) -> None:
 
 def _raw_tcp_child(port: int, total: int, conn: Any) -> None:
     s = socket.create_connection(("127.0.0.1", port))
+    buf = memoryview(bytearray(MiB))
+    got, t0 = 0, time.perf_counter()
+    while got < total:
+        n = s.recv_into(buf)
+        if not n:
+            break
+        got += n
+    conn.send((time.perf_counter() - t0, got))
+
+
+def _raw_tls_parent(total: int, conn: Any) -> None:
+    from damselfly.security.tls import server_ssl_context
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    conn.send(srv.getsockname()[1])
+    raw, _ = srv.accept()
+    s = server_ssl_context(_tls_security().tls).wrap_socket(raw, server_side=True)
+    block = os.urandom(MiB)
+    for _ in range(total // MiB):
+        s.sendall(block)
+    s.close()
+    conn.recv()
+    conn.send(None)
+
+
+def _raw_tls_child(port: int, total: int, conn: Any) -> None:
+    from damselfly.security.tls import client_ssl_context
+
+    raw = socket.create_connection(("127.0.0.1", port))
+    s = client_ssl_context(_tls_security().tls).wrap_socket(raw, server_hostname="127.0.0.1")
     buf = memoryview(bytearray(MiB))
     got, t0 = 0, time.perf_counter()
     while got < total:
@@ -300,6 +351,8 @@ def _webrtc_pair(total: int) -> tuple[float, int]:
 def _raw_mb_per_s(name: str, moved: int) -> float:
     if name == "tcp":
         _, (seconds, got) = _pair(_raw_tcp_parent, (moved,), _raw_tcp_child, (moved,))
+    elif name == "tcp-tls":
+        _, (seconds, got) = _pair(_raw_tls_parent, (moved,), _raw_tls_child, (moved,))
     elif name == "quic":
         _, (seconds, got) = _pair(_raw_quic_parent, (moved,), _raw_quic_child, (moved,))
     else:
@@ -310,6 +363,8 @@ def _raw_mb_per_s(name: str, moved: int) -> float:
 def measure(name: str, total: int, piece: int, concurrency: int, runs: int, workdir: Path) -> dict[str, Any]:
     """Plugin and bare library alternately, ``runs`` times each: medians, and the highest RSS."""
     path = workdir / f"{name}.piece"
+    if name.endswith("-tls"):
+        _make_certs(workdir)
     path.write_bytes(os.urandom(piece))
     pieces = max(1, total // piece)
     moved = pieces * piece

@@ -604,7 +604,10 @@ def preheat(
     common = {"url": url, "tag": tag, "application": application, "header": hdrs}
 
     async def main() -> dict[str, Any]:
-        async with grpc.aio.insecure_channel(address) as ch:
+        from damselfly.security import tls
+
+        # mutual TLS with security.tls (a certificate with role client): preheat is an operator's act
+        async with tls.grpc_channel(address, settings.security.tls) as ch:
             stub = scheduler_pb2_grpc.SchedulerStub(ch)
             if not image:
                 await stub.PreheatFile(
@@ -630,7 +633,12 @@ def preheat(
     try:
         report = asyncio.run(main())
     except grpc.aio.AioRpcError as exc:
-        _fail(f"preheat failed: {exc.details()}")
+        hint = ""
+        if exc.code() is grpc.StatusCode.UNAVAILABLE and not settings.security.tls.enabled:
+            hint = " (if the scheduler requires mutual TLS, set security.tls to a client certificate)"
+        _fail(f"preheat failed: {exc.details()}{hint}")
+    except DamselflyError as exc:
+        _fail(str(exc))
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -756,6 +764,61 @@ def config_reference() -> None:
     click.echo(reference_markdown())
 
 
+# -- certificates -------------------------------------------------------------------
+
+
+@cli.group()
+def certs() -> None:
+    """A cluster CA and node certificates for mutual TLS (security.tls)."""
+
+
+@certs.command("init")
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False), help="Where the CA goes.")
+@click.option("--name", default="damselfly cluster CA", show_default=True, help="The CA's common name.")
+@click.option("--days", type=click.IntRange(1, 36500), default=3650, show_default=True, help="Validity in days.")
+def certs_init(directory: str, name: str, days: int) -> None:
+    """Make a cluster CA: DIR/ca.pem (give it to every node) and DIR/ca-key.pem (0600; keep it off the nodes)."""
+    from damselfly.security import certs as ca
+
+    try:
+        issued = ca.init_ca(Path(directory), name=name, days=days)
+    except (DamselflyError, OSError) as exc:
+        _fail(str(exc))
+    click.echo(f"CA certificate {issued.cert}\nCA key {issued.key} (mode 0600)")
+
+
+@certs.command("issue")
+@click.option("--dir", "ca_dir", required=True, type=click.Path(file_okay=False), help="The CA's directory.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where NAME.pem goes.")
+@click.option("--name", required=True, help="The node's name: the common name and the files' names.")
+@click.option("--ip", "ips", multiple=True, help="An address the node is reached at (repeatable).")
+@click.option("--dns", "dns", multiple=True, help="A DNS name the node is reached at, or its host name (repeatable).")
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    type=click.Choice(["peer", "seed", "scheduler", "client"]),
+    help="What the node may do (repeatable; default: peer).",
+)
+@click.option("--days", type=click.IntRange(1, 36500), default=365, show_default=True, help="Validity in days.")
+def certs_issue(
+    ca_dir: str, out_dir: str, name: str, ips: tuple[str, ...], dns: tuple[str, ...], roles: tuple[str, ...], days: int
+) -> None:
+    """Issue OUT/NAME.pem and OUT/NAME-key.pem (0600) for a node reached at --ip/--dns.
+
+    Set security.tls.ca to the CA's ca.pem and security.tls.cert and .key to these files.
+    """
+    from damselfly.security import certs as ca
+
+    if not name or "/" in name or name.startswith("."):
+        _fail(f"bad --name {name!r}: a plain file name is needed", 2)
+    try:
+        issued = ca.issue(Path(ca_dir), Path(out_dir), name, ips=ips, dns=dns, roles=roles or ("peer",), days=days)
+    except (DamselflyError, OSError) as exc:
+        _fail(str(exc))
+    click.echo(f"certificate {issued.cert}\nkey {issued.key} (mode 0600)")
+
+
 # -- cluster and demo ---------------------------------------------------------------
 
 
@@ -771,14 +834,25 @@ def cluster() -> None:
 @click.option(
     "--schedulers", type=click.IntRange(1, 16), default=1, help="Schedulers; each task goes to one by hashing its id."
 )
-def cluster_up(peers: int, directory: str, no_seed: bool, schedulers: int) -> None:
-    """Start the cluster and write DIR/cluster.json."""
+@click.option("--tls", is_flag=True, help="Mutual TLS everywhere, with a fresh CA in DIR/tls.")
+def cluster_up(peers: int, directory: str, no_seed: bool, schedulers: int, tls: bool) -> None:
+    """Start the cluster and write DIR/cluster.json.
+
+    Every part runs on 127.0.0.1, so the config each process gets (DIR/config/NAME.yaml)
+    allows loopback origins (security.sources.allow_loopback: true)."""
     from damselfly import cluster as cl
 
     try:
-        info = cl.up(Path(directory), peers, seed=not no_seed, schedulers=schedulers)
-    except DamselflyError as exc:
+        info = cl.up(Path(directory), peers, seed=not no_seed, schedulers=schedulers, tls=tls)
+    except (DamselflyError, OSError) as exc:
         _fail(str(exc))
+    click.echo(f"cluster: {cl.CONFIG_NOTE.replace('DIR', directory)}", err=True)
+    if tls:
+        click.echo(
+            f"cluster: mutual TLS with a fresh CA in {Path(directory) / 'tls'}; tools use client.pem there "
+            f"(or --config {info['tls']['config']})",
+            err=True,
+        )
     click.echo(json.dumps(info, indent=2))
 
 
@@ -802,8 +876,14 @@ def cluster_down(directory: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--dir", "directory", default=None, type=click.Path(file_okay=False), help="Keep files here.")
 @click.option("--transport", default="tcp", show_default=True, help="Piece transport every peer uses (tcp, quic, ...).")
-def demo(peers: int, size: str, origin_rate: str, as_json: bool, directory: str | None, transport: str) -> None:
-    """Run a local swarm: N peers download one file while the origin sends it once."""
+@click.option("--tls", is_flag=True, help="Mutual TLS everywhere (gRPC and piece transport), with a fresh CA.")
+def demo(
+    peers: int, size: str, origin_rate: str, as_json: bool, directory: str | None, transport: str, tls: bool
+) -> None:
+    """Run a local swarm: N peers download one file while the origin sends it once.
+
+    Every part runs on 127.0.0.1, so the cluster's config allows loopback origins
+    (security.sources.allow_loopback: true)."""
     from damselfly import demo as dm
 
     try:
@@ -814,8 +894,9 @@ def demo(peers: int, size: str, origin_rate: str, as_json: bool, directory: str 
             directory=directory,
             quiet=as_json,
             transport=transport,
+            tls=tls,
         )
-    except DamselflyError as exc:
+    except (DamselflyError, OSError) as exc:
         _fail(str(exc))
     if as_json:
         click.echo(json.dumps(result))

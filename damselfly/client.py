@@ -20,7 +20,15 @@ import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from google.protobuf import json_format
 
-from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument, NotFound, PeerError, StorageError
+from damselfly.core.errors import (
+    BackendError,
+    DamselflyError,
+    InvalidArgument,
+    NotFound,
+    PeerError,
+    PermissionDenied,
+    StorageError,
+)
 from damselfly.core.vortex import TrafficType
 from damselfly.wire import ERROR_TYPE_KEY, duration
 
@@ -65,6 +73,8 @@ def _error(exc: grpc.aio.AioRpcError) -> DamselflyError:
         return BackendError(msg, status_code=404) if error_type == "backend" else NotFound(msg)
     if error_type == "backend":
         return BackendError(msg, status_code=403 if code == grpc.StatusCode.PERMISSION_DENIED else 0)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(msg)  # the daemon's policy refused the request (its message names the setting)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return StorageError(msg)
     if code == grpc.StatusCode.UNAVAILABLE and ("unix:" in msg or "failed to connect" in msg.lower()):

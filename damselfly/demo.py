@@ -1,7 +1,10 @@
 """``damselfly demo``: N peers fetch one file through the swarm, then straight from the origin.
 
 The origin is a separate process that counts what it sends; the cluster is
-real processes on 127.0.0.1. The table shows what the origin sent each way.
+real processes on 127.0.0.1, whose config therefore allows loopback origins
+(``security.sources.allow_loopback: true``; the demo says so). With ``tls`` every
+part speaks mutual TLS, with a fresh CA in the run's directory. The table shows
+what the origin sent each way.
 """
 
 from __future__ import annotations
@@ -116,6 +119,7 @@ def run(
     directory: str | None = None,
     quiet: bool = False,
     transport: str = "tcp",
+    tls: bool = False,
 ) -> dict[str, Any]:
     keep = directory is not None
     root = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="damselfly-demo-"))
@@ -136,8 +140,11 @@ def run(
             quiet,
             f"demo: origin on {base}{' at ' + origin_rate if origin_rate else ''}; starting a seed and {peers} peers",
         )
+        _say(quiet, f"demo: {cl.CONFIG_NOTE.replace('DIR', str(cluster_dir))}")
+        if tls:
+            _say(quiet, f"demo: mutual TLS everywhere, with a fresh CA in {cluster_dir / 'tls'}")
         choice = {"type": transport, **LOOPBACK_OPTIONS.get(transport, {})}
-        cluster = cl.up(cluster_dir, peers, env={"DAMSELFLY_DAEMON__TRANSPORTS": json.dumps([choice])})
+        cluster = cl.up(cluster_dir, peers, env={"DAMSELFLY_DAEMON__TRANSPORTS": json.dumps([choice])}, tls=tls)
         _get_json(f"{base}/__stats/reset", "POST")
         _say(quiet, f"demo: {peers} peers download through the swarm")
         p2p_seconds, results = asyncio.run(_p2p(cluster, url, out))
@@ -163,6 +170,8 @@ def run(
             "file_size": size,
             "peers": peers,
             "transport": transport,
+            "tls": tls,
+            "allow_loopback": cluster["allow_loopback"],
             "transport_bytes": by_transport,
             "origin_rate": origin_rate or None,
             "origin_bytes": p2p_stats["bytes"],
@@ -211,9 +220,12 @@ def table(r: dict[str, Any]) -> str:
     lines = [
         f"damselfly demo: {r['peers']} peers, {format_size(f)} file"
         + (f", origin limited to {r['origin_rate']}" if r["origin_rate"] else "")
+        + (", mutual TLS" if r.get("tls") else "")
     ]
     lines += [f"  {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
     lines.append(f"  all outputs match the origin: {'yes' if r['all_digests_ok'] else 'NO'}")
+    if r.get("allow_loopback"):
+        lines.append("  (every part ran on 127.0.0.1: the cluster's config allowed loopback origins)")
     if not r["origin_rate"]:
         lines.append(
             "  (an unlimited origin on this same machine outruns any relay; try --origin-rate 50MB/s"

@@ -15,17 +15,27 @@ trailers) in one event loop:
 - :class:`Connection` is a small client (one HTTP/2 connection, many streams) that the
   scheduler load test drives, so the load generator is not the bottleneck either.
 
-Not covered: TLS, compression (a compressed message is refused with UNIMPLEMENTED),
-server push, and HTTP/1.1 upgrade; clients must speak HTTP/2 with prior knowledge, as
-every gRPC client does on a cleartext channel.
+TLS: :meth:`Server.add_secure_port` serves a port over TLS (ALPN ``h2``) and requires a
+client certificate (mutual TLS); ``context.peer_certificate()`` hands servicers its DER.
+The record layer is asyncio's, so only TLS connections pay for it.
+
+Bounds: one connection may have ``max_streams`` streams open at once (advertised in
+SETTINGS_MAX_CONCURRENT_STREAMS); a stream past it is answered with RST_STREAM
+REFUSED_STREAM, which tells the client it was not processed and may be retried.
+
+Not covered: compression (a compressed message is refused with UNIMPLEMENTED), server
+push, and HTTP/1.1 upgrade; clients must speak HTTP/2 with prior knowledge, as every
+gRPC client does on a cleartext channel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import inspect
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -62,6 +72,9 @@ MAX_MESSAGE = 16 << 20  # the largest gRPC message we accept
 DEFAULT_MAX_FRAME = 16384
 DEFAULT_WINDOW = 65535
 SEND_HIGH_WATER = 1 << 20  # a handler's writes wait while this much is queued behind flow control
+MAX_STREAMS = 1000  # streams one connection may have open at once (security.limits.grpc_max_streams)
+TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a TLS client has to finish its handshake
+CLOSE_WAIT = 0.2  # seconds a stopping server waits for a connection to close (a TLS close_notify) before it aborts it
 
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
@@ -177,6 +190,7 @@ class _H2Protocol(asyncio.Protocol):
     """Framing, settings, PING, flow control and header decoding shared by both ends."""
 
     is_client = False
+    max_streams = 1 << 16  # what we advertise in SETTINGS_MAX_CONCURRENT_STREAMS
 
     def __init__(self) -> None:
         self.loop = asyncio.get_event_loop()
@@ -198,6 +212,7 @@ class _H2Protocol(asyncio.Protocol):
         self.preface_seen = self.is_client
         self.closed = False
         self.peer_name = ""
+        self.peer_cert: bytes | None = None  # DER of the verified certificate of the peer, over TLS
 
     # -- output -----------------------------------------------------------------------------
 
@@ -218,7 +233,7 @@ class _H2Protocol(asyncio.Protocol):
             _SETTING.pack(k, v)
             for k, v in (
                 (S_ENABLE_PUSH, 0),
-                (S_MAX_CONCURRENT_STREAMS, 1 << 16),
+                (S_MAX_CONCURRENT_STREAMS, self.max_streams),
                 (S_INITIAL_WINDOW_SIZE, WINDOW),
                 (S_MAX_FRAME_SIZE, MAX_FRAME),
             )
@@ -316,7 +331,13 @@ class _H2Protocol(asyncio.Protocol):
             except OSError:
                 pass
         peer = transport.get_extra_info("peername")
-        self.peer_name = f"ipv4:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if isinstance(peer, tuple):
+            self.peer_name = f"ipv6:[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"ipv4:{peer[0]}:{peer[1]}"
+        else:
+            self.peer_name = str(peer)
+        tls = transport.get_extra_info("ssl_object")
+        if tls is not None:  # called once the handshake is done: the certificate is verified
+            self.peer_cert = tls.getpeercert(binary_form=True)
         self._write((PREFACE if self.is_client else b"") + self._settings_frame())
 
     def data_received(self, data: bytes) -> None:
@@ -683,6 +704,12 @@ class ServicerContext:
     def peer(self) -> str:
         return self._stream.conn.peer_name
 
+    def peer_certificate(self) -> bytes | None:
+        """The DER of the client's certificate, verified against the server's CA on a TLS
+        port (:meth:`Server.add_secure_port`); None on a cleartext one. Not in grpcio's API
+        (grpcio has ``auth_context``); ``damselfly.security.identity.identity_of`` reads both."""
+        return self._stream.conn.peer_cert
+
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
@@ -837,19 +864,32 @@ class _ServerStream(_Stream):
 
 
 class _ServerProtocol(_H2Protocol):
-    def __init__(self, server: Server):
+    def __init__(self, server: Server, peer_check: Callable[[bytes, str], bool] | None = None):
         super().__init__()
         self.server = server
+        self.peer_check = peer_check
+        self.refused: str | None = None  # why every call of this connection is refused
+        self.lost: asyncio.Future[None] | None = None  # set by a stopping server, done when the connection is
+        self.max_streams = server.max_streams
         self.last_sid = 0
         self._parsed: dict[int, tuple[Any, ...]] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.server._connections.add(self)
+        if self.peer_check is not None:
+            peer = transport.get_extra_info("peername")
+            ip = peer[0] if isinstance(peer, tuple) else ""
+            if not self.peer_check(self.peer_cert or b"", ip):
+                # every call on it is refused with PERMISSION_DENIED: the client hears why
+                self.refused = f"the client certificate does not name {ip}, the address it connects from"
+                logger.warning("SECURITY: refusing the calls of a TLS connection from {}: {}", ip, self.refused)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server._connections.discard(self)
+        if self.lost is not None and not self.lost.done():
+            self.lost.set_result(None)
         for st in list(self.streams.values()):
             self._on_reset(st, CANCEL)  # type: ignore[arg-type]
         self.streams.clear()
@@ -867,7 +907,8 @@ class _ServerProtocol(_H2Protocol):
                 return  # a stream we reset; its late headers still had to pass the decoder
             raise H2Error(PROTOCOL_ERROR, f"a client stream with even id {sid}")
         self.last_sid = sid
-        if self.server._stopping:
+        if self.server._stopping or len(self.streams) >= self.max_streams:
+            # not processed: the client may retry it (RFC 9113 8.7), on another connection if it must
             self._write(frame(RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM)))
             return
         parsed = self._parsed.get(id(headers))
@@ -880,6 +921,9 @@ class _ServerProtocol(_H2Protocol):
         _, is_grpc, handler, timeout, metadata = parsed
         if not is_grpc:
             self._send_headers(sid, b"\x00" + _hpack_str(b":status") + _hpack_str(b"415"), True)
+            return
+        if self.refused is not None:
+            self._trailers_only(sid, grpc.StatusCode.PERMISSION_DENIED, self.refused)
             return
         if handler is None:
             self._trailers_only(sid, grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
@@ -972,12 +1016,21 @@ class _ServerProtocol(_H2Protocol):
 
 
 class Server:
-    """A gRPC server in the shape of ``grpc.aio.Server`` for the parts damselfly uses."""
+    """A gRPC server in the shape of ``grpc.aio.Server`` for the parts damselfly uses.
 
-    def __init__(self) -> None:
+    ``max_streams`` bounds the streams one connection may have open at once (a client
+    past it gets REFUSED_STREAM); ``add_secure_port`` serves mutual TLS.
+    """
+
+    takes_ssl_context = True  # add_secure_port takes an ssl.SSLContext, not grpc.ServerCredentials
+
+    def __init__(self, *, max_streams: int = MAX_STREAMS) -> None:
+        if max_streams < 1:
+            raise ValueError(f"max_streams must be at least 1, not {max_streams}")
+        self.max_streams = max_streams
         self._registered: dict[str, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
-        self._sockets: list[socket.socket] = []
+        self._sockets: list[tuple[socket.socket, ssl.SSLContext | None, Callable[[bytes, str], bool] | None]] = []
         self._servers: list[asyncio.base_events.Server] = []
         self._connections: set[_ServerProtocol] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -1007,6 +1060,34 @@ class Server:
 
     def add_insecure_port(self, address: str) -> int:
         """Bind now (as grpcio does), listen from :meth:`start`; returns the port, 0 on failure."""
+        return self._bind(address, None)
+
+    def add_secure_port(
+        self,
+        address: str,
+        ssl_context: ssl.SSLContext,
+        *,
+        peer_check: Callable[[bytes, str], bool] | None = None,
+    ) -> int:
+        """Like :meth:`add_insecure_port`, over TLS with ``ssl_context`` (a server context that
+        requires a client certificate: mutual TLS or nothing); ALPN ``h2`` is offered.
+        ``peer_check(der, ip)``, when given, must accept the client's certificate and the IP
+        address it connects from, or every call on the connection ends in PERMISSION_DENIED.
+        Returns the port, 0 on failure."""
+        if ssl_context.verify_mode != ssl.CERT_REQUIRED:
+            raise ValueError("h2grpc serves TLS only with client certificates required (ssl.CERT_REQUIRED)")
+        try:
+            ssl_context.set_alpn_protocols(["h2"])
+        except NotImplementedError:  # pragma: no cover - every OpenSSL this runs on has ALPN
+            pass
+        return self._bind(address, ssl_context, peer_check)
+
+    def _bind(
+        self,
+        address: str,
+        ssl_context: ssl.SSLContext | None,
+        peer_check: Callable[[bytes, str], bool] | None = None,
+    ) -> int:
         host, _, port = address.rpartition(":")
         host = host.strip("[]") or "0.0.0.0"
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -1019,14 +1100,18 @@ class Server:
             return 0
         sock.listen(1024)
         sock.setblocking(False)
-        self._sockets.append(sock)
+        self._sockets.append((sock, ssl_context, peer_check))
         return int(sock.getsockname()[1])
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        for sock in self._sockets:
-            self._servers.append(await loop.create_server(lambda: _ServerProtocol(self), sock=sock))
+        for sock, ctx, check in self._sockets:
+            timeout = TLS_HANDSHAKE_TIMEOUT if ctx is not None else None
+            server = await loop.create_server(
+                functools.partial(_ServerProtocol, self, check), sock=sock, ssl=ctx, ssl_handshake_timeout=timeout
+            )
+            self._servers.append(server)
 
     async def stop(self, grace: float | None) -> None:
         """Refuse new streams, let running ones end within ``grace`` seconds, then cancel them."""
@@ -1048,14 +1133,30 @@ class Server:
             self._callback_over(st)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for conn in list(self._connections):
-            conn._flush()
-            if conn.transport is not None:
-                conn.transport.close()
+        await self._close_connections()
         for srv in self._servers:
             await srv.wait_closed()
         if self._stopped is not None:
             self._stopped.set()
+
+    async def _close_connections(self) -> None:
+        """Close every connection and wait until each is gone; one still open after
+        ``CLOSE_WAIT`` (a TLS peer that never answers our close_notify) is aborted."""
+        loop = asyncio.get_running_loop()
+        waiting: dict[_ServerProtocol, asyncio.Future[None]] = {}
+        for conn in list(self._connections):
+            conn._flush()
+            if conn.transport is not None:
+                conn.lost = waiting[conn] = loop.create_future()
+                conn.transport.close()
+        if not waiting:
+            return
+        _, pending = await asyncio.wait(waiting.values(), timeout=CLOSE_WAIT)
+        if pending:
+            for conn, lost in waiting.items():
+                if not lost.done() and conn.transport is not None:
+                    conn.transport.abort()
+            await asyncio.wait(pending, timeout=CLOSE_WAIT)
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
         assert self._stopped is not None, "start the server first"
@@ -1204,9 +1305,10 @@ class Connection(_H2Protocol):
 
     is_client = True
 
-    def __init__(self, authority: str):
+    def __init__(self, authority: str, secure: bool = False):
         super().__init__()
         self.authority = authority
+        self.secure = secure
         self.next_sid = 1
         self._blocks: dict[tuple[str, tuple[tuple[str, str | bytes], ...]], bytes] = {}
         # our encoder's dynamic table: fields are added while they fit and never evicted, so an
@@ -1239,9 +1341,22 @@ class Connection(_H2Protocol):
         self._table_limit = min(value, 4096)
 
     @classmethod
-    async def open(cls, host: str, port: int) -> Connection:
+    async def open(cls, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> Connection:
+        """Connect to ``host:port``; over TLS with ``ssl_context`` (a client context: the server's
+        certificate must name ``host``), with ALPN ``h2``."""
         loop = asyncio.get_running_loop()
-        _, proto = await loop.create_connection(lambda: cls(f"{host}:{port}"), host, port)
+        if ssl_context is None:
+            _, proto = await loop.create_connection(lambda: cls(f"{host}:{port}"), host, port)
+            return proto
+        ssl_context.set_alpn_protocols(["h2"])
+        _, proto = await loop.create_connection(
+            lambda: cls(f"{host}:{port}", secure=True),
+            host,
+            port,
+            ssl=ssl_context,
+            server_hostname=host,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+        )
         return proto
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -1265,7 +1380,7 @@ class Connection(_H2Protocol):
         block = self._blocks.get(key)
         if block is None:
             before = self._inserted
-            block = b"\x83\x86" + b"".join(  # :method POST, :scheme http
+            block = (b"\x83\x87" if self.secure else b"\x83\x86") + b"".join(  # :method POST, :scheme https/http
                 self._field(name, value)
                 for name, value in (
                     (b":path", path.encode()),

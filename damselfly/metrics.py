@@ -166,6 +166,13 @@ class SchedulerMetrics:
             ["how"],
             registry=r,
         )
+        self.refused = Counter(
+            p + "refused_total",
+            "Requests refused: over a cap (limit), not the caller's to make (permission), or a piece "
+            "report whose digest the scheduler does not take (digest).",
+            ["reason"],
+            registry=r,
+        )
 
 
 async def serve_metrics(

@@ -49,7 +49,7 @@ from fsspec.spec import AbstractBufferedFile
 
 from damselfly.client import Client
 from damselfly.core import ids
-from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound
+from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound, PermissionDenied
 
 PROTOCOL = "p2p"
 
@@ -59,7 +59,7 @@ def _os_error(exc: DamselflyError, path: str) -> OSError:
     status = getattr(exc, "status_code", 0)
     if isinstance(exc, NotFound) or status == 404:
         return FileNotFoundError(errno.ENOENT, str(exc), path)
-    if status in (401, 403):
+    if status in (401, 403) or isinstance(exc, PermissionDenied):  # the origin's refusal, or the daemon's policy
         return PermissionError(errno.EACCES, str(exc), path)
     if isinstance(exc, InvalidArgument):
         return ValueError(str(exc))  # type: ignore[return-value]

@@ -20,6 +20,8 @@ from damselfly import hookspecs
 from damselfly.config import PluginChoice, Settings
 from damselfly.contracts import PiecePicker, Plugin, Source, Storage, Strategy, Transport
 from damselfly.core.errors import InvalidArgument, Unavailable
+from damselfly.security.admission import Origin, current_origin, source_options
+from damselfly.security.policy import SourcePolicy
 
 ENTRY_POINT_GROUP = "damselfly"
 
@@ -169,13 +171,18 @@ class Plugins:
                 return cls
         raise InvalidArgument(f"no source plugin handles {scheme}:// urls (url {url!r})")
 
-    def make_source(self, url: str, request: dict[str, dict[str, Any]] | None = None) -> Source:
-        """A source for ``url``: options from config (``sources.NAME``), then from the request."""
+    def make_source(
+        self, url: str, request: dict[str, dict[str, Any]] | None = None, *, origin: Origin | None = None
+    ) -> Source:
+        """A source for ``url``: options from config (``sources.NAME``), then from the request;
+        the node's credentials only where the admission rules allow (``source_options``), and the
+        source policy set on the source, which checks it where it connects."""
         cls = self.source_for(url)
-        options = dict(self.settings.sources.get(cls.name, {}))
-        if request and cls.request_field:
-            options.update(cls.request_options(request.get(cls.request_field, {})))
-        return cls(cls.parse_options(options, f"sources.{cls.name}"))
+        origin = origin if origin is not None else current_origin()
+        options = source_options(cls, self.settings.sources.get(cls.name, {}), request, origin)
+        source = cls(cls.parse_options(options, f"sources.{cls.name}"))
+        source.policy = SourcePolicy.from_config(self.settings.security.sources)
+        return source
 
     def make_storage(self, choice: PluginChoice, data_dir: Any) -> Storage:
         cls = self.storages[choice.type]

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
 
 from dragonfly_api import common_pb2
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from damselfly.core import ids
 from damselfly.core.host import Host, HostType
 from damselfly.core.peer import Peer
 from damselfly.core.task import PieceRecord, Task
@@ -33,6 +37,159 @@ def duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(int(seconds * 1e9))
     return d
+
+
+# -- credentials ------------------------------------------------------------------------
+#
+# A request's credentials travel with that request only: the scheduler strips them from
+# every Download it keeps (the task, StatTask, answers to other peers, logs). The one
+# exception is the seed trigger, which hands the requester's own request to the chosen
+# seed over mutual TLS, without keeping it.
+
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+SECRET_HEADER_PREFIXES = ("x-amz-",)
+# the credential fields of a Download's per-source messages (a credential file's path too:
+# it names a file on the requester's node)
+SOURCE_SECRETS: dict[str, tuple[str, ...]] = {
+    "object_storage": ("access_key_id", "access_key_secret", "session_token", "security_token", "credential_path"),
+    "hdfs": ("delegation_token",),
+    "hugging_face": ("token",),
+    "model_scope": ("token",),
+    "open_csg": ("token",),
+}
+# query parameters of signed URLs that are credentials (their values are redacted in what is shown)
+SECRET_QUERY_PARAMS = frozenset(
+    p.lower()
+    for p in (
+        "X-Amz-Credential", "X-Amz-Signature", "X-Amz-Security-Token", "X-Goog-Credential", "X-Goog-Signature",
+        "OSSAccessKeyId", "Signature", "security-token", "x-oss-credential", "x-oss-signature", "AccessKeyId",
+        "x-obs-security-token", "q-ak", "q-signature", "x-cos-security-token", "sig", "token", "access_token",
+    )
+)  # fmt: skip
+REDACTED = "REDACTED"
+
+
+def is_secret_header(name: str) -> bool:
+    n = name.lower()
+    return n in SECRET_HEADERS or n.startswith(SECRET_HEADER_PREFIXES)
+
+
+def public_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """``headers`` without credentials (Authorization, Cookie, Proxy-Authorization, X-Amz-*)."""
+    return {k: v for k, v in headers.items() if not is_secret_header(k)}
+
+
+def has_secrets(download: common_pb2.Download) -> bool:
+    """``download`` carries a credential: a secret header or a source's token or key."""
+    if any(is_secret_header(k) for k in download.request_header):
+        return True
+    for message, fields in SOURCE_SECRETS.items():
+        if download.HasField(message):
+            sub = getattr(download, message)
+            if any(getattr(sub, f) for f in fields):
+                return True
+    return False
+
+
+def strip_secrets(download: common_pb2.Download) -> common_pb2.Download:
+    """``download`` as the scheduler may keep and show it: without secret headers and without
+    the sources' tokens and keys. The message itself when it holds none (no copy), a copy
+    otherwise: the caller's request keeps its credentials."""
+    if not has_secrets(download):
+        return download
+    out = common_pb2.Download()
+    out.CopyFrom(download)
+    for k in [k for k in out.request_header if is_secret_header(k)]:
+        del out.request_header[k]
+    for message, fields in SOURCE_SECRETS.items():
+        if out.HasField(message):
+            sub = getattr(out, message)
+            for f in fields:
+                sub.ClearField(f)
+    return out
+
+
+def redact_url(url: str) -> str:
+    """``url`` as it may be shown: without user:password and with the values of signed URLs'
+    credential parameters replaced (the URL itself when there is nothing to hide)."""
+    if "@" not in url and "?" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = netloc.rsplit("@", 1)[1]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in SECRET_QUERY_PARAMS for k, _ in pairs):
+            query = urlencode([(k, REDACTED if k.lower() in SECRET_QUERY_PARAMS else v) for k, v in pairs])
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return SplitResult(parts.scheme, netloc, parts.path, query, parts.fragment).geturl()
+
+
+# -- task ids -----------------------------------------------------------------------------
+#
+# A task id is a function of the request, never the requester's word: the daemon computes a
+# download's id with ``task_id_of`` (``DownloadRequest.task_id``) and the scheduler refuses a
+# register whose task id is not its Download's (``download_task_id``), so a peer cannot put
+# one URL's content under another URL's task.
+
+
+def task_id_of(
+    url: str,
+    *,
+    tag: str = "",
+    application: str = "",
+    revision: str = "",
+    piece_length: int = 0,
+    filtered_query_params: list[str] | tuple[str, ...] = (),
+    content: str = "",
+    blob_digest_mode: bool = False,
+) -> str:
+    """The task id of a download: sha256 of ``content`` (``content_for_calculating_task_id``)
+    when there is one; the blob digest's hex in blob-digest mode for an OCI blob URL; else the
+    URL-based id (query filtered with ``filtered_query_params``, Dragonfly's list when empty).
+    InvalidArgument for a URL without scheme and host."""
+    if content:
+        return ids.content_task_id(content)
+    if blob_digest_mode and ids.blob_digest(url):
+        return ids.blob_task_id(url)
+    return ids.task_id(
+        url,
+        tag=tag or None,
+        application=application or None,
+        revision=revision or None,
+        piece_length=piece_length or None,
+        filtered_query_params=filtered_query_params or ids.DEFAULT_FILTERED_QUERY_PARAMS,
+    )
+
+
+def download_task_id(download: common_pb2.Download) -> str:
+    """The task id of a Dragonfly ``Download``, as the daemon that acts on it computes it."""
+    return task_id_of(
+        download.url,
+        tag=download.tag,
+        application=download.application,
+        revision=download.hugging_face.revision,  # '' when the message is absent (it stays absent)
+        piece_length=download.piece_length,
+        filtered_query_params=download.filtered_query_params,
+        content=download.content_for_calculating_task_id,
+        blob_digest_mode=download.enable_task_id_based_blob_digest,
+    )
+
+
+# -- piece digests ------------------------------------------------------------------------
+
+PIECE_DIGEST = re.compile(r"crc32:[0-9]{1,10}|sha256:[0-9a-f]{64}|blake3:[0-9a-f]{64}")
+
+
+def valid_piece_digest(value: str) -> bool:
+    """``value`` is a piece digest of the contract: ``crc32:N``, ``sha256:HEX`` or ``blake3:HEX``."""
+    return PIECE_DIGEST.fullmatch(value) is not None
 
 
 def host_from_proto(pb: common_pb2.Host, now: float) -> Host:

@@ -32,6 +32,8 @@ async def main() -> None:
         settings = load_settings(
             host={"hostname": f"embed-{name}"},
             daemon={"seed": i == 0, "data_dir": str(root / name), "schedulers": [scheduler.address]},
+            # the origin runs on this machine's loopback, which the source policy refuses by default
+            security={"sources": {"allow_loopback": True}},
         )
         daemon = Daemon(settings)
         await daemon.start()

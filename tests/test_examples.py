@@ -54,8 +54,34 @@ def test_demo_json(tmp_path):
     assert r["all_digests_ok"] is True
     assert r["direct_origin_bytes"] == 3 * r["file_size"]
     assert r["p2p_bytes"] == 3 * r["file_size"]
+    assert r["allow_loopback"] is True and r["tls"] is False  # every part on loopback: the demo allows it
     for key in ("peers", "origin_requests", "back_to_source_bytes", "p2p_seconds", "direct_seconds"):
         assert key in r
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_demo_tls_json(tmp_path):
+    """`damselfly demo --tls --json`: mutual TLS everywhere with a fresh CA, the origin read once."""
+    args = ["demo", "--tls", "--peers", "3", "--size", "16MiB", "--json", "--dir", str(tmp_path / "run")]
+    out = subprocess.run(
+        [sys.executable, "-m", "damselfly", *args],
+        capture_output=True,
+        text=True,
+        timeout=230,
+        env=clean_env(),
+    )
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["tls"] is True
+    assert r["origin_bytes"] == r["file_size"] == 16 << 20
+    assert r["all_digests_ok"] is True
+    assert r["p2p_bytes"] == 3 * r["file_size"] and r["peer_source_bytes"] == 0
+    assert r["direct_origin_bytes"] == 3 * r["file_size"]
+    cluster = tmp_path / "run" / "cluster"
+    seed_config = (cluster / "config" / "seed.yaml").read_text()
+    assert "allow_loopback: true" in seed_config
+    assert str(cluster / "tls" / "seed.pem") in seed_config and "ca-key.pem" not in seed_config
 
 
 def _install_and_run_kit(tmp_path, package: Path, row: dict, passed: str) -> None:

@@ -1,6 +1,7 @@
 """The proxy on its own: routing, rules, Range, X-Dragonfly headers, CONNECT, health, errors."""
 
 import asyncio
+import hashlib
 
 import aiohttp
 import pytest
@@ -37,7 +38,13 @@ def origin(tmp_path):
 
 @pytest.fixture
 async def daemon(tmp_path):
-    d = Daemon(load_settings(daemon={"data_dir": str(tmp_path / "d")}, proxy={"rules": ["/blobs/"]}))
+    # the origin is on loopback, and CONNECT / absolute-form reach it: both allowed explicitly
+    settings = load_settings(
+        daemon={"data_dir": str(tmp_path / "d")},
+        proxy={"rules": ["/blobs/"], "connect_allow": ["127.0.0.1:*"]},
+        security={"sources": {"allow_loopback": True}},
+    )
+    d = Daemon(settings)
     await d.start()
     yield d
     await d.stop()
@@ -46,8 +53,10 @@ async def daemon(tmp_path):
 async def test_routing_and_the_swarm_path(daemon, origin):
     for d in ("blobs", "manifests"):
         (origin.root / "v2" / "lib" / "app" / d).mkdir(parents=True)
-    blob = origin.make("v2/lib/app/blobs/sha256:" + "a" * 64, 9 * MiB)
-    data = blob.read_bytes()
+    made = origin.make("v2/lib/app/blobs/made", 9 * MiB)
+    data = made.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()  # the proxy checks a blob against its digest
+    made.rename(made.with_name(f"sha256:{digest}"))
     other = origin.make("v2/lib/app/manifests/latest", 1000).read_bytes()
     proxy = f"http://127.0.0.1:{daemon.proxy.port}"
     registry = f"http://127.0.0.1:{origin.port}"
@@ -65,12 +74,12 @@ async def test_routing_and_the_swarm_path(daemon, origin):
             assert r.status == 200 and await r.read() == other
             assert "X-Dragonfly-Task-ID" not in r.headers
         # a blob goes through the swarm: registry from ?ns= (containerd's way)
-        path = f"/v2/lib/app/blobs/sha256:{'a' * 64}?ns=127.0.0.1:{origin.port}"
+        path = f"/v2/lib/app/blobs/sha256:{digest}?ns=127.0.0.1:{origin.port}"
         async with s.get(proxy + path) as r:
             assert r.status == 200 and await r.read() == data
             task_id = r.headers["X-Dragonfly-Task-ID"]
             assert r.headers["X-Dragonfly-Task-Download-Finished"] == "false"
-        assert task_id == "a" * 64  # one blob is one task, whatever registry serves it
+        assert task_id == digest  # one blob of an anonymous pull is one task, whatever registry serves it
         async with s.get(proxy + path, headers={"Range": "bytes=4194300-4194309"}) as r:
             assert r.status == 206 and await r.read() == data[4194300:4194310]
             assert r.headers["Content-Range"] == f"bytes 4194300-4194309/{len(data)}"

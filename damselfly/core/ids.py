@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote_plus, urlsplit, urlunsplit
 
 from damselfly.core.errors import InvalidArgument
@@ -57,7 +58,12 @@ DEFAULT_FILTERED_QUERY_PARAMS: tuple[str, ...] = (
     "ns",
 )
 
-_BLOB_DIGEST = re.compile(r"/blobs/(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})(?:[?#]|$)")
+# The OCI distribution spec's repository name: lowercase alphanumeric components joined by one
+# separator (".", "_", "__" or a run of "-"), components separated by "/".
+_OCI_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_BLOB_PATH = re.compile(  # matched whole (fullmatch: "$" would let a trailing newline through)
+    rf"/v2/(?P<name>{_OCI_COMPONENT}(?:/{_OCI_COMPONENT})*)/blobs/(?P<digest>sha256:[0-9a-f]{{64}}|sha512:[0-9a-f]{{128}})"
+)
 _MANIFEST_DIGEST = re.compile(r"/manifests/(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})(?:[?#]|$)")
 
 
@@ -120,10 +126,54 @@ def content_task_id(content: str) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class BlobPath:
+    """A registry blob path, ``/v2/<name>/blobs/<algorithm>:<hex>``, taken apart."""
+
+    repository: str
+    digest: str  # algorithm:hex
+
+    @property
+    def algorithm(self) -> str:
+        return self.digest.split(":", 1)[0]
+
+    @property
+    def hex(self) -> str:
+        return self.digest.split(":", 1)[1]
+
+
+def parse_blob_path(path: str) -> BlobPath | None:
+    """The one parser of registry blob paths: the whole path must be ``/v2/<name>/blobs/<digest>``.
+
+    Anchored at both ends, with the OCI name grammar and a sha256 or sha512 digest, so that
+    ``/x/blobs/sha256:...`` or ``/v2/a/blobs/sha256:.../more`` is no blob. The proxy's
+    credential check and the blob task id both use it: a path that is not checked as a
+    blob never gets a blob's task id either. (Upstream Dragonfly looks for ``blobs/<digest>``
+    anywhere in the URL; every URL a registry client sends passes both.)
+    """
+    m = _BLOB_PATH.fullmatch(path)
+    return BlobPath(m["name"], m["digest"]) if m else None
+
+
+def parse_blob_url(url: str) -> BlobPath | None:
+    """``parse_blob_path`` of a URL's path (its query, e.g. containerd's ``ns=``, aside)."""
+    try:
+        return parse_blob_path(urlsplit(url).path)
+    except ValueError:
+        return None
+
+
 def blob_digest(url: str) -> str | None:
-    """The ``algo:hex`` digest of an OCI blob URL, or None when it is not one."""
-    m = _BLOB_DIGEST.search(url)
-    return m.group(1) if m else None
+    """The ``algo:hex`` digest of an OCI blob URL, or None when it is not one (see ``parse_blob_path``)."""
+    blob = parse_blob_url(url)
+    return blob.digest if blob else None
+
+
+def bound_blob_content(registry: str, blob: BlobPath) -> str:
+    """``content_for_calculating_task_id`` of a blob pulled with credentials: bound to its registry
+    (``host[:port]``) and repository, so that its task is found only by a pull the same registry
+    authorised for the same repository, never by a digest alone."""
+    return f"oci-blob://{registry.lower()}/{blob.repository}@{blob.digest}"
 
 
 def blob_task_id(url: str) -> str:

@@ -35,6 +35,8 @@ class Peer:
     created_at: float = 0.0
     updated_at: float = 0.0
     priority: int = 0
+    # registered metadata_only: the host says it holds the whole task (a claim nobody checked)
+    metadata_only: bool = False
     # is_bad's outlier test, valid while _outlier_fresh (add_cost clears it)
     _outlier_fresh: bool = field(default=False, init=False, repr=False, compare=False)
     _outlier: bool = field(default=False, init=False, repr=False, compare=False)

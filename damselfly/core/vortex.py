@@ -26,6 +26,9 @@ MAX_METADATA_SIZE = 64 * 1024
 MAX_ERROR_MESSAGE = 64 * 1024
 # 64 MiB is the largest piece Dragonfly makes; room for the metadata on top.
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024 + 4 + MAX_METADATA_SIZE
+MAX_ERROR_FRAME = 1 + MAX_ERROR_MESSAGE
+# Error frames one decoder takes before it gives up on its peer (``security.limits.vortex_error_frames``).
+DEFAULT_MAX_ERRORS = 64
 
 _META_FIXED = struct.Struct(">IQQ")  # number, offset, length
 _U32 = struct.Struct(">I")
@@ -105,6 +108,10 @@ class Error:
     code: int
     message: str
     packet_id: int = 0
+
+
+class ErrorFlood(ProtocolError):
+    """The peer sent more Error frames than the decoder's ``max_errors``: drop the connection."""
 
 
 class _NeedData:
@@ -206,15 +213,47 @@ def decode_metadata(raw: bytes | memoryview) -> PieceMetadata:
 # -- decoding -----------------------------------------------------------------
 
 
+def _check_length(tag: int, length: int) -> None:
+    """Refuse a frame other than PieceContent whose length its tag does not allow, from its header."""
+    if tag == Tag.DOWNLOAD_PIECE:
+        if length != DOWNLOAD_PIECE_SIZE:
+            raise ProtocolError(f"DownloadPiece frame of {length} bytes, expected {DOWNLOAD_PIECE_SIZE}")
+    elif tag == Tag.CLOSE:
+        if length:
+            raise ProtocolError(f"Close frame carries {length} bytes, expected 0")
+    elif tag == Tag.ERROR:
+        if length < 1:
+            raise ProtocolError("Error frame without a code")
+        if length > MAX_ERROR_FRAME:
+            raise ProtocolError(f"Error frame of {length} bytes is over the {MAX_ERROR_FRAME}-byte limit")
+    else:
+        raise ProtocolError(f"unsupported Vortex tag {tag}")
+
+
 class Decoder:
     """Bytes in, events out. Feed with ``receive_data``; ``b""`` means end of stream.
 
-    A frame whose length is over ``max_frame`` or disagrees with its own content
-    raises ``ProtocolError``; the connection is then unusable, as it is in h11.
+    Every length is bounded before a byte of its frame is buffered: a frame over
+    ``max_frame``, a DownloadPiece frame of other than 68 bytes, a Close frame with a
+    body, an Error frame over ``MAX_ERROR_FRAME``, piece metadata over
+    ``MAX_METADATA_SIZE`` and any tag damselfly does not speak raise ``ProtocolError``
+    from the header alone. Piece bytes are never buffered: they come out as views.
+    So a decoder holds at most about 64 KiB whatever its peer sends.
+
+    A decoder also counts the Error frames it decodes: the one past ``max_errors``
+    (default ``DEFAULT_MAX_ERRORS``, 64) raises ``ErrorFlood`` instead of coming out,
+    so a peer cannot keep a connection busy with errors for ever. A decoder lives as
+    long as its connection (or its stream), so that is the count per connection.
+
+    After a ``ProtocolError`` the decoder stays broken, as a connection in h11 does.
     """
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, max_errors: int = DEFAULT_MAX_ERRORS):
+        if max_errors < 0:
+            raise ValueError(f"max_errors must be >= 0, got {max_errors}")
         self.max_frame = max_frame
+        self.max_errors = max_errors
+        self.errors = 0  # Error frames decoded so far
         self._buf = bytearray()
         self._chunks: list[memoryview] = []  # piece bytes not yet handed out
         self._eof = False
@@ -277,6 +316,7 @@ class Decoder:
             raise ProtocolError(f"frame of {length} bytes is over the {self.max_frame}-byte limit")
         if tag == Tag.PIECE_CONTENT:
             return self._piece_start(packet_id, length)
+        _check_length(tag, length)  # before its bytes are waited for or buffered
         if len(buf) < HEADER_SIZE + length:
             if self._eof:
                 raise ProtocolError(f"stream ended inside a frame ({len(buf) - HEADER_SIZE} of {length} bytes)")
@@ -284,22 +324,17 @@ class Decoder:
         value = bytes(buf[HEADER_SIZE : HEADER_SIZE + length])
         del buf[: HEADER_SIZE + length]
         if tag == Tag.DOWNLOAD_PIECE:
-            if length != DOWNLOAD_PIECE_SIZE:
-                raise ProtocolError(f"DownloadPiece frame of {length} bytes, expected {DOWNLOAD_PIECE_SIZE}")
             task = value[:TASK_ID_SIZE]
             if not all(c in b"0123456789abcdefABCDEF" for c in task):
                 raise ProtocolError("DownloadPiece task id is not hex")
             (number,) = _U32.unpack_from(value, TASK_ID_SIZE)
             return DownloadPiece(task.decode("ascii"), number, packet_id)
         if tag == Tag.CLOSE:
-            if length:
-                raise ProtocolError(f"Close frame carries {length} bytes, expected 0")
             return Close(packet_id)
-        if tag == Tag.ERROR:
-            if length < 1:
-                raise ProtocolError("Error frame without a code")
-            return Error(value[0], value[1:].decode("utf-8", "replace"), packet_id)
-        raise ProtocolError(f"unsupported Vortex tag {tag}")
+        self.errors += 1
+        if self.errors > self.max_errors:
+            raise ErrorFlood(f"peer sent more than {self.max_errors} Error frames on one connection")
+        return Error(value[0], value[1:].decode("utf-8", "replace"), packet_id)
 
     def _piece_start(self, packet_id: int, length: int) -> Event | _NeedData:
         buf = self._buf

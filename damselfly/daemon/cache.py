@@ -1,8 +1,10 @@
 """Persistent cache tasks (Dragonfly's dfcache): content put into the swarm by hand, kept on replicas.
 
 ``import_file`` stores a local file on this daemon as a task whose url is
-``damselfly-cache://SHA256`` (task id: the sha256 of that url), marks it finished
-with the scheduler, then asks ``replicas - 1`` other hosts, chosen by rendezvous
+``damselfly-cache://SHA256`` (task id: the sha256 of that url), registers with the
+scheduler as the task's source reader (it asks to go back to source, and reports each
+piece with its strong digest, the one replicas and exporters check pieces against),
+then asks ``replicas - 1`` other hosts, chosen by rendezvous
 hashing on the task id, to download it from the swarm (never from an origin:
 there is none). Each copy keeps the task until its TTL ends: garbage collection
 neither evicts it early nor keeps it longer. ``damselfly cache export ID`` on any
@@ -23,11 +25,14 @@ import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
 from loguru import logger
 
+from damselfly.contracts import DigestingWriter, strong_of
+from damselfly.core import ids, vortex
 from damselfly.core.errors import InvalidArgument, StorageError, Unavailable
 from damselfly.core.piece import Layout, digest
 from damselfly.core.task import Task, TaskState
-from damselfly.daemon.download import CACHE_EXPIRES_HEADER
+from damselfly.daemon.download import CACHE_EXPIRES_HEADER, DownloadRequest
 from damselfly.plugins.source.cache import cache_task_id, cache_url
+from damselfly.wire import piece_to_proto
 
 if TYPE_CHECKING:
     from damselfly.daemon.daemon import Daemon
@@ -82,7 +87,8 @@ async def import_file(
             data = await asyncio.to_thread(_read, src, span.offset, span.length)
             if len(data) != span.length:
                 raise StorageError(f"{path} changed while it was imported")
-            writer = d.storage.writer(task_id, span)
+            # this daemon is the cache task's source reader: it keeps each piece's strong digest
+            writer = DigestingWriter(d.storage.writer(task_id, span), d.settings.security.piece_digest, span.number)
             try:
                 await asyncio.to_thread(writer.write, data)
                 await writer.commit(digest(data))
@@ -92,12 +98,63 @@ async def import_file(
     task.expires_at = max(task.expires_at, expires)
     await d.storage.finish(task_id)
     d.gc.touch(task_id)
-    await d.announce_finished(task)
+    if not await announce_source(d, task):
+        logger.warning("no scheduler is reachable: cache task {} is on this host only", task_id[:12])
     holders = [d.host_id]
     if replicas > 1:
         holders += await _replicate(d, task, url, task.expires_at, replicas - 1)
     logger.info("cache task {} imported from {}, on {} hosts", task_id[:12], path, len(holders))
     return {"task_id": task_id, "url": url, "content_length": size, "expires_at": task.expires_at, "replicas": holders}
+
+
+async def announce_source(d: Daemon, task: Task) -> bool:
+    """Register an imported task with its scheduler as the one who read it from its source
+    (the file): the scheduler sends this peer back to source, so the strong digest of each
+    piece it then reports is the task's authoritative one. A scheduler that knows the task
+    already just hears that this peer holds it. False when no scheduler is reachable."""
+    stub = await d.schedulers.stub_for(task.id)
+    if stub is None:
+        return False
+    peer = ids.peer_id(d.settings.host.ip, d.settings.host.hostname, seed=d.is_seed)
+    req = DownloadRequest(
+        url=task.url,
+        tag=task.tag,
+        application=task.application,
+        content_for_calculating_task_id=task.url,
+        need_back_to_source=True,
+    )
+
+    def msg(**kw: object) -> scheduler_pb2.AnnouncePeerRequest:
+        return scheduler_pb2.AnnouncePeerRequest(host_id=d.host_id, task_id=task.id, peer_id=peer, **kw)
+
+    call = stub.AnnouncePeer()
+    try:
+        await call.write(msg(register_peer_request=scheduler_pb2.RegisterPeerRequest(download=req.to_proto(task))))
+        resp = await call.read()
+        if resp is not grpc.aio.EOF and resp.WhichOneof("response") == "need_back_to_source_response":
+            await call.write(
+                msg(download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest())
+            )
+            for record in sorted(task.pieces.values(), key=lambda r: r.number):
+                piece = piece_to_proto(record, int(vortex.TrafficType.BACK_TO_SOURCE))
+                piece.digest = strong_of(record) or record.digest
+                finished = scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(piece=piece)
+                await call.write(msg(download_piece_back_to_source_finished_request=finished))
+            done = scheduler_pb2.DownloadPeerBackToSourceFinishedRequest()
+            await call.write(msg(download_peer_back_to_source_finished_request=done))
+        else:
+            await call.write(msg(download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest()))
+            await call.write(msg(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest()))
+        await call.done_writing()
+        await asyncio.wait_for(call.code(), 10)
+        logger.info("cache task {} registered with the scheduler, {} pieces", task.id[:12], len(task.pieces))
+    except grpc.aio.AioRpcError as exc:
+        logger.warning("cannot register cache task {}: {}", task.id[:12], exc.details())
+    except TimeoutError:
+        logger.warning("cannot register cache task {}: the scheduler did not end the stream", task.id[:12])
+    finally:
+        call.cancel()
+    return True
 
 
 async def _replicate(d: Daemon, task: Task, url: str, expires: float, count: int) -> list[str]:

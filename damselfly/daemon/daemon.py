@@ -12,6 +12,8 @@ import asyncio
 import hashlib
 import platform
 import time
+from dataclasses import replace
+from urllib.parse import urlsplit
 
 import grpc
 import psutil
@@ -20,23 +22,26 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from loguru import logger
 
 from damselfly import __version__
-from damselfly.config import Settings
-from damselfly.contracts import PieceServer, Transport
-from damselfly.core import ids
+from damselfly.config import Settings, TlsConfig
+from damselfly.contracts import PieceServer, Transport, strong_of
+from damselfly.core import ids, vortex
 from damselfly.core.errors import InvalidArgument, PieceCorrupt, StorageError, Unavailable
 from damselfly.core.host import Host, HostType
 from damselfly.core.piece import covers, crc32
 from damselfly.core.task import Task, TaskState
 from damselfly.daemon.download import ConnectionPool, Downloader, DownloadRequest
 from damselfly.daemon.gc import Collector
-from damselfly.daemon.local import LocalService, admin_handler
+from damselfly.daemon.local import LocalService, admin_handler, bind_socket, socket_gid
 from damselfly.daemon.proxy import Proxy
 from damselfly.daemon.runtime import TaskBoard, TaskRuntime
 from damselfly.daemon.superseed import SuperSeeder
 from damselfly.daemon.upload import UploadService, UploadSlots, lookup_piece
 from damselfly.metrics import DaemonMetrics, serve_metrics
 from damselfly.plugin_manager import Plugins, build_plugins
-from damselfly.wire import duration, host_to_proto
+from damselfly.security import tls
+from damselfly.security.admission import Origin, admit, admitted
+from damselfly.security.policy import SourcePolicy
+from damselfly.wire import duration, host_to_proto, piece_to_proto
 
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 128 * 1024 * 1024),
@@ -59,9 +64,10 @@ class SchedulerPool:
 
     DOWN_FOR = 30.0
 
-    def __init__(self, addresses: list[str], connect_timeout: float):
+    def __init__(self, addresses: list[str], connect_timeout: float, tls_config: TlsConfig | None = None):
         self.addresses = list(addresses)
         self.connect_timeout = connect_timeout
+        self.tls = tls_config  # mutual TLS to the schedulers when enabled
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._down: dict[str, float] = {}  # address -> monotonic time until which it is skipped
 
@@ -82,7 +88,7 @@ class SchedulerPool:
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            ch = self._channels[address] = tls.grpc_channel(address, self.tls, GRPC_OPTIONS)
         return ch
 
     def order(self, key: str) -> list[str]:
@@ -171,7 +177,7 @@ class Daemon:
         self.transports = self._usable_transports()
         self.picker = self.plugins.make_picker(cfg.piece_picker)
         self.pool = ConnectionPool(self.transports, cfg.piece_connect_timeout)
-        self.schedulers = SchedulerPool(cfg.schedulers, cfg.scheduler_connect_timeout)
+        self.schedulers = SchedulerPool(cfg.schedulers, cfg.scheduler_connect_timeout, settings.security.tls)
         self.board = TaskBoard()
         self.super_seeders: dict[str, SuperSeeder] = {}
         self.offer_events: dict[str, dict[object, asyncio.Event]] = {}  # task -> SyncPieces stream -> wake-up
@@ -184,6 +190,7 @@ class Daemon:
         self.metrics_port = 0
         self.proxy: Proxy | None = None
         self.socket_path = settings.socket_path
+        self.source_policy = SourcePolicy.from_config(settings.security.sources)
         self._piece_servers: list[PieceServer] = []
         self._upload_server: grpc.aio.Server | None = None
         self._local_server: grpc.aio.Server | None = None
@@ -214,11 +221,18 @@ class Daemon:
             self.piece_addresses[transport.name] = transport.served_address(server, self.settings.host.ip)
         self.piece_port = self._piece_servers[0].port
 
-        self._upload_server = grpc.aio.server(options=GRPC_OPTIONS)
+        # other hosts reach the upload server: mutual TLS when configured (the caller's certificate
+        # must name the address it calls from), else a loud warning unless it is bound to loopback
+        tls_config = self.settings.security.tls
+        tls.warn_unauthenticated("the daemon (upload gRPC, piece server)", cfg.listen_ip, tls_config)
+        streams = ("grpc.max_concurrent_streams", self.settings.security.limits.grpc_max_streams)  # per connection
+        self._upload_server = grpc.aio.server(
+            options=[*GRPC_OPTIONS, streams], interceptors=tls.server_interceptors(tls_config)
+        )
         dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(UploadService(self), self._upload_server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._upload_server)
-        self.upload_port = self._upload_server.add_insecure_port(f"{cfg.listen_ip}:{cfg.upload_port}")
+        self.upload_port = tls.add_port(self._upload_server, f"{cfg.listen_ip}:{cfg.upload_port}", tls_config)
         if not self.upload_port:
             raise OSError(f"cannot bind the upload server to {cfg.listen_ip}:{cfg.upload_port}")
         await self._upload_server.start()
@@ -232,7 +246,9 @@ class Daemon:
         self._local_server.add_generic_rpc_handlers((admin_handler(self),))
         local_health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(local_health, self._local_server)
-        self._local_server.add_insecure_port(f"unix://{self.socket_path}")
+        sec = self.settings.security
+        gid = socket_gid(sec.socket_group) if sec.socket_group else -1
+        bind_socket(self._local_server, self.socket_path, sec.socket_mode, gid)  # its mode set before it is reachable
         await self._local_server.start()
         await local_health.set("", health_pb2.HealthCheckResponse.SERVING)
 
@@ -400,10 +416,10 @@ class Daemon:
         if stub is None:
             return False
         peer = ids.peer_id(self.settings.host.ip, self.settings.host.hostname, seed=self.is_seed)
-        key = task.url if task.url.startswith("damselfly-cache://") else ""
-        req = DownloadRequest(
-            url=task.url, tag=task.tag, application=task.application, content_for_calculating_task_id=key
-        )
+        req = announce_request(task)
+        if req is None:
+            logger.warning("stored task {} is not announced: its task id cannot be derived again", task.id[:12])
+            return True
         download = req.to_proto(task)
         download.metadata_only = True
 
@@ -414,6 +430,14 @@ class Daemon:
         try:
             await call.write(msg(register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download)))
             await call.read()
+            if self.is_seed:
+                # A seed read these pieces from the source: a scheduler that has just started (a
+                # failover, a restart) learns their digests from it, so children can check them.
+                for record in sorted(task.pieces.values(), key=lambda r: r.number):
+                    piece = piece_to_proto(record, int(vortex.TrafficType.BACK_TO_SOURCE))
+                    piece.digest = strong_of(record) or record.digest
+                    finished = scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(piece=piece)
+                    await call.write(msg(download_piece_back_to_source_finished_request=finished))
             await call.write(msg(download_peer_finished_request=scheduler_pb2.DownloadPeerFinishedRequest()))
             await call.done_writing()
             await call.read()
@@ -426,8 +450,16 @@ class Daemon:
 
     # -- downloads ----------------------------------------------------------------------
 
-    async def start_download(self, req: DownloadRequest) -> TaskRuntime:
-        """Start (or join) the download of ``req``'s task; progress arrives on the runtime."""
+    async def start_download(
+        self, req: DownloadRequest, *, origin: Origin = Origin.LOCAL, member: bool = False
+    ) -> TaskRuntime:
+        """Start (or join) the download of ``req``'s task; progress arrives on the runtime.
+
+        ``origin`` says where the request came from: the admission point decides which
+        sources it may use and with whose credentials (PermissionDenied when it may not;
+        see :mod:`damselfly.security.admission`); ``member``: the caller proved with a
+        certificate that it belongs to the cluster."""
+        req = admit(req, origin, self.source_policy, member=member)
         task_id = req.task_id()
         for rt in self.board.running(task_id):
             if covers(rt.range, req.range):
@@ -435,7 +467,8 @@ class Daemon:
         rt = TaskRuntime(task_id, range=req.range)
         self.board.add(rt)
         downloader = Downloader(self, req, rt)
-        rt.runner = self._spawn(downloader.run())
+        with admitted(origin, self.source_policy):  # the download, and every source it makes, acts for it
+            rt.runner = self._spawn(downloader.run())
         rt.runner.add_done_callback(lambda _: self.board.remove(rt))
         return rt
 
@@ -492,7 +525,8 @@ class Daemon:
     def upload_channel(self, address: str) -> grpc.aio.Channel:
         ch = self._upload_channels.get(address)
         if ch is None:
-            ch = self._upload_channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            # mutual TLS when configured: the other daemon's certificate must name ``address``
+            ch = self._upload_channels[address] = tls.grpc_channel(address, self.settings.security.tls, GRPC_OPTIONS)
         return ch
 
     async def check_digest(self, task: Task, expected: str) -> None:
@@ -514,6 +548,35 @@ class Daemon:
         if got.lower() != want.lower():
             await self.storage.delete(task.id)
             raise PieceCorrupt(f"content digest mismatch: expected {expected}, got {algo}:{got}")
+
+
+def announce_request(task: Task) -> DownloadRequest | None:
+    """A request whose task id is ``task``'s, from what the store keeps of it: the scheduler takes
+    a register only under its Download's own task id. The ways a task id is made from a request
+    are tried in turn; None when none gives it back (a Hugging Face revision is not kept)."""
+    base = DownloadRequest(
+        url=task.url,
+        tag=task.tag,
+        application=task.application,
+        filtered_query_params=list(task.filtered_query_params),
+    )
+    blob = ids.parse_blob_url(task.url)
+    candidates = [
+        base,
+        replace(base, piece_length=task.piece_length),
+        replace(base, content_for_calculating_task_id=task.url),  # a persistent cache task
+        replace(base, use_blob_digest=True),
+    ]
+    if blob is not None:  # a blob of a pull with credentials, bound to its registry and repository
+        bound = ids.bound_blob_content(urlsplit(task.url).netloc, blob)
+        candidates.append(replace(base, content_for_calculating_task_id=bound))
+    for req in candidates:
+        try:
+            if req.task_id() == task.id:
+                return req
+        except InvalidArgument:
+            continue
+    return None
 
 
 async def run_daemon(settings: Settings, ready: asyncio.Event | None = None) -> None:

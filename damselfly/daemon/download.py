@@ -1,17 +1,26 @@
 """One download in the daemon: announce, fetch from parents or the source, verify, store.
 
-The scheduler decides between parents and the source; every piece is checked
-against its crc32 before it is stored; a parent that sends a bad piece is
-blocklisted and the piece fetched elsewhere. Without a scheduler the daemon
+The scheduler decides between parents and the source. Whoever reads a piece from the
+source computes its strong digest (``security.piece_digest``: sha256 or blake3) as the
+bytes stream and reports it; a child hashes every piece from a parent as it is written
+and checks it against the source reader's digest, which only the scheduler hands out
+(its answer, else StatTask), before the piece is stored or served on. crc32 stays on the
+Vortex wire and is checked too. A parent that sends a bad piece is blocklisted and the
+piece fetched elsewhere. A task whose content has a known digest (an OCI blob's
+``sha256:``, the user's ``--digest``) is hashed in order as its pieces land and is
+complete only if it matches; otherwise it is deleted. Without a scheduler the daemon
 goes to the source itself, with a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,13 +29,16 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, errordeta
 from google.protobuf import json_format
 from loguru import logger
 
+from damselfly.config import LimitsConfig
 from damselfly.contracts import (
     INLINE_WRITE_LIMIT,
+    DigestingWriter,
     PieceConnection,
     PieceWriter,
     Source,
     StagedPieceWriter,
     Transport,
+    strong_of,
 )
 from damselfly.core import ids, vortex
 from damselfly.core.errors import (
@@ -42,7 +54,7 @@ from damselfly.core.errors import (
     StorageError,
 )
 from damselfly.core.host import HostType
-from damselfly.core.piece import Layout
+from damselfly.core.piece import STRONG_ALGORITHMS, WEAK_ALGORITHM, Hasher, Layout, algorithm_of, new_hasher
 from damselfly.core.task import PieceRecord, Task, TaskState
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started, TaskRuntime
 from damselfly.wire import (
@@ -67,6 +79,21 @@ SEED_HOLDER = 0.5
 DECLINED_BACKOFF = 1.0  # seconds before a parent that declined a piece is asked for it again
 SOURCE_OPTION_FIELDS = ("object_storage", "hdfs", "hugging_face")
 CACHE_EXPIRES_HEADER = "X-Damselfly-Cache-Expires"
+# a piece whose source digest the scheduler's answer did not carry: StatTask is asked at most
+# this often (one call answers every fetch waiting), and a fetch waits this long for it
+STAT_INTERVAL = 0.2
+AUTHORITY_WAIT = 3.0
+CONTENT_DIGESTS = ("sha256", "sha512", "sha1", "md5", "crc32")
+CACHE_URL_PREFIX = "damselfly-cache://"  # plugins.source.cache's scheme: the url names the content's sha256
+
+
+def named_digest(url: str) -> str | None:
+    """The digest a url names its content by (an OCI blob's ``sha256:``, a persistent cache
+    task's sha256), which its task id is bound to; None for other urls."""
+    if url.startswith(CACHE_URL_PREFIX):
+        sha = url[len(CACHE_URL_PREFIX) :].partition("?")[0]
+        return f"sha256:{sha}" if len(sha) == 64 and all(c in "0123456789abcdef" for c in sha) else None
+    return ids.blob_digest(url)
 
 
 @dataclass
@@ -220,16 +247,40 @@ class ConnectionPool:
     Each transport says how many connections to one parent are worth having
     (``connections_per_parent``): many for TCP, where a request holds its connection,
     one for QUIC, whose streams multiplex. Beyond that, fetches share the least busy.
+
+    Bounded (``security.limits``): at most ``max_connections`` pooled connections in all
+    (past it the longest idle one is closed to make room, else fetches share or wait),
+    and a connection idle for ``idle_timeout`` seconds is closed.
     """
 
-    def __init__(self, transports: list[Transport], connect_timeout: float, retry_after: float = 60):
+    def __init__(
+        self,
+        transports: list[Transport],
+        connect_timeout: float,
+        retry_after: float = 60,
+        *,
+        max_connections: int | None = None,
+        idle_timeout: float | None = None,
+    ):
         self.transports = transports
         self.connect_timeout = connect_timeout
         self.retry_after = retry_after
+        limits = next((t.security.limits for t in transports if t.security is not None), None) or LimitsConfig()
+        self.max_connections = max_connections or limits.piece_connections
+        self.idle_timeout = idle_timeout or limits.piece_idle_timeout
         self._conns: dict[str, list[PieceConnection]] = {}
         self._load: dict[PieceConnection, int] = {}  # fetches using each connection
+        self._key: dict[PieceConnection, str] = {}
+        self._idle: dict[PieceConnection, float] = {}  # idle since (monotonic), the longest idle first
         self._opening: dict[str, _Opening] = {}
         self._failed: dict[str, tuple[float, str]] = {}
+        self._room = asyncio.Event()  # set (and replaced) when a connection closes or goes idle
+        self._reaper: asyncio.Task[None] | None = None
+
+    @property
+    def size(self) -> int:
+        """Connections pooled or being made."""
+        return len(self._load) + sum(o.count for o in self._opening.values())
 
     async def acquire(self, addresses: dict[str, str]) -> tuple[str, PieceConnection]:
         """A connection to the parent serving ``addresses`` (transport name -> address) and its pool key."""
@@ -249,27 +300,37 @@ class ConnectionPool:
             raise PeerError(f"no common transport with the parent (mine: {mine}; theirs: {theirs})")
         raise PeerError("no transport reached the parent: " + "; ".join(reasons))
 
+    def _take(self, conn: PieceConnection) -> PieceConnection:
+        self._load[conn] += 1
+        self._idle.pop(conn, None)
+        return conn
+
     async def _acquire(self, t: Transport, key: str, address: str) -> PieceConnection:
         while True:
             conns = self._conns.setdefault(key, [])  # anew each time: ``drop`` may have replaced it
             for dead in [c for c in conns if c.broken and not self._load[c]]:  # broke while idle
-                conns.remove(dead)
-                del self._load[dead]
-                await dead.close()
+                await self._remove(dead)
             live = [c for c in conns if not c.broken]
             opening = self._opening.get(key)
             at_cap = len(live) + (opening.count if opening else 0) >= t.connections_per_parent
             if live and (min(self._load[c] for c in live) == 0 or at_cap):
-                conn = min(live, key=self._load.__getitem__)  # an idle one, else the least busy
-                self._load[conn] += 1
-                return conn
+                return self._take(min(live, key=self._load.__getitem__))  # an idle one, else the least busy
             failed = self._failed.get(key)
             if failed is not None and time.monotonic() - failed[0] < self.retry_after:
                 raise PeerError(failed[1])
-            if not at_cap:
+            if at_cap:
+                assert opening is not None
+                await opening.done.wait()  # the connections being made are all we may have: wait for one
+                continue
+            if self.size < self.max_connections:
                 break
-            assert opening is not None
-            await opening.done.wait()  # the connections being made are all we may have: wait for one
+            if self._idle:  # the pool is full: the longest idle connection makes room
+                await self._remove(next(iter(self._idle)))
+                continue
+            if live:
+                return self._take(min(live, key=self._load.__getitem__))
+            room = self._room
+            await room.wait()  # every pooled connection is busy: wait for one to close or go idle
         opening = self._opening.setdefault(key, _Opening())
         opening.count += 1
         try:
@@ -282,25 +343,62 @@ class ConnectionPool:
             opening.count -= 1
             opening.done.set()
             opening.done = asyncio.Event()
+            self._make_room()
         self._conns.setdefault(key, []).append(conn)
         self._load[conn] = 1
+        self._key[conn] = key
         return conn
+
+    def _make_room(self) -> None:
+        self._room.set()
+        self._room = asyncio.Event()
+
+    async def _remove(self, conn: PieceConnection) -> None:
+        key = self._key.pop(conn, None)
+        if key is None:
+            return
+        conns = self._conns.get(key)
+        if conns is not None and conn in conns:
+            conns.remove(conn)
+        self._load.pop(conn, None)
+        self._idle.pop(conn, None)
+        self._make_room()
+        await conn.close()
 
     async def release(self, key: str, conn: PieceConnection) -> None:
         if conn not in self._load:
             return  # dropped while this fetch ran
         self._load[conn] -= 1
-        if conn.broken and not self._load[conn]:
-            self._conns[key].remove(conn)
-            del self._load[conn]
-            await conn.close()
+        if self._load[conn]:
+            return
+        if conn.broken:
+            await self._remove(conn)
+            return
+        self._idle[conn] = time.monotonic()
+        self._make_room()
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self) -> None:
+        """Close connections idle for ``idle_timeout``; ends when none is idle."""
+        while self._idle:
+            conn, since = next(iter(self._idle.items()))
+            wait = since + self.idle_timeout - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            logger.debug("closing a piece connection idle for {:.0f}s", self.idle_timeout)
+            await self._remove(conn)
 
     async def drop(self, key: str) -> None:
         for conn in self._conns.pop(key, []):
-            del self._load[conn]
-            await conn.close()
+            await self._remove(conn)
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+            self._reaper = None
         for key in list(self._conns):
             await self.drop(key)
 
@@ -351,6 +449,156 @@ class SchedulerLink:
             self.call.cancel()
 
 
+class PieceAuthority:
+    """The source reader's digest of each piece, as the scheduler has it: from its answer,
+    else asked with ``StatTask``. One call at a time, at most every ``interval`` seconds,
+    answers every fetch waiting on a digest; a fetch waits ``wait`` seconds at most, then
+    gets None (the piece is not stored: it is fetched again later). ``stat`` returns None
+    when no scheduler that knows the task answers (``reachable`` is then False): the fetch
+    gets None at once. A scheduler that has answered with no digest at all for ``wait``
+    seconds learnt of the task from announcements only (``bare``): no fetch waits on it
+    any more, until it has a digest."""
+
+    def __init__(
+        self,
+        stat: Callable[[], Awaitable[common_pb2.Task | None]],
+        interval: float = STAT_INTERVAL,
+        wait: float = AUTHORITY_WAIT,
+    ):
+        self.known: dict[int, str] = {}
+        self._stat = stat
+        self.interval = interval
+        self.wait = wait
+        self.calls = 0
+        self.reachable = True
+        self._bare_since: float | None = None  # since when the scheduler's answers carry no digest
+        self._call: asyncio.Task[None] | None = None
+        self._last = -math.inf
+
+    def learn(self, pieces: Iterable[common_pb2.Piece]) -> None:
+        for pb in pieces:
+            if pb.digest:
+                self.known[pb.number] = pb.digest
+
+    async def _ask(self) -> None:
+        delay = self._last + self.interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self._last = time.monotonic()
+        self.calls += 1
+        task = await self._stat()
+        self.reachable = task is not None
+        if task is not None and not any(pb.digest for pb in task.pieces):
+            self._bare_since = self._bare_since if self._bare_since is not None else self._last
+        else:
+            self._bare_since = None
+        if task is not None:
+            self.learn(task.pieces)
+
+    @property
+    def bare(self) -> bool:
+        return self._bare_since is not None and time.monotonic() - self._bare_since >= self.wait
+
+    async def digest(self, number: int) -> str | None:
+        """Piece ``number``'s source digest; asks the scheduler when it is not known yet."""
+        asked = time.monotonic()
+        while number not in self.known:
+            if time.monotonic() - asked > self.wait or self.bare:
+                return None
+            call = self._call
+            if call is None or call.done():
+                self._call = call = asyncio.get_running_loop().create_task(self._ask())
+            # a call that asked before the piece was reported does not know it: the loop asks again
+            await asyncio.shield(call)
+            if not self.reachable:
+                return self.known.get(number)
+        return self.known[number]
+
+    async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            await asyncio.gather(self._call, return_exceptions=True)
+
+
+def _content_hasher(expected: str) -> Hasher:
+    algo = algorithm_of(expected).lower()
+    if algo not in CONTENT_DIGESTS:
+        raise InvalidArgument(f"unsupported digest {expected!r} (use sha256:, sha512:, sha1:, md5: or crc32:)")
+    return new_hasher(algo) if algo == WEAK_ALGORITHM else hashlib.new(algo)
+
+
+class ContentCheck:
+    """A whole task's content against its known digests (an OCI blob's, the user's ``--digest``),
+    hashed in piece order as pieces land, so the check at the end waits only for what landed
+    last. The next piece in order is hashed as it is written (``continuation``: no second
+    read); a piece that lands out of order is read back by a worker thread once the ones
+    before it are in."""
+
+    def __init__(
+        self,
+        read_piece: Callable[[int], Awaitable[bytes]],
+        piece_count: int,
+        expected: list[str],
+        present: Iterable[int] = (),
+    ):
+        self.expected = expected
+        self._hashers = [_content_hasher(e) for e in expected]
+        self._read = read_piece
+        self.piece_count = piece_count
+        self.next = 0  # the first piece not hashed yet
+        self._present: set[int] = set(present)  # stored, not hashed yet
+        self._runner: asyncio.Task[None] | None = None
+
+    def _catching_up(self) -> bool:
+        return self._runner is not None and not self._runner.done()
+
+    def continuation(self, number: int) -> list[Hasher] | None:
+        """Copies of the running hashes for the writer of piece ``number`` to carry on with, as
+        its bytes are written, when it is the next in order; None otherwise."""
+        if number != self.next or self._catching_up():
+            return None
+        return [h.copy() for h in self._hashers]
+
+    def landed(self, number: int, continued: list[Hasher] | None = None) -> None:
+        """Piece ``number`` is stored; ``continued``: the ``continuation`` its writer carried on."""
+        if continued is not None and number == self.next and not self._catching_up():
+            self._hashers = continued
+            self.next += 1
+        else:
+            self._present.add(number)
+        if self.next in self._present and not self._catching_up():
+            self._runner = asyncio.get_running_loop().create_task(self._catch_up())
+
+    async def _catch_up(self) -> None:
+        while self.next in self._present:
+            data = await self._read(self.next)
+            await asyncio.to_thread(self._update, data)
+            self._present.discard(self.next)
+            self.next += 1
+
+    def _update(self, data: bytes) -> None:
+        for h in self._hashers:
+            h.update(data)
+
+    async def verify(self, present: Iterable[int]) -> None:
+        """Hash whatever is left (``present``: every piece) and compare; PieceCorrupt on a mismatch."""
+        if self._runner is not None:
+            await self._runner
+        self._present.update(present)
+        await self._catch_up()
+        if self.next != self.piece_count:
+            raise PieceCorrupt(f"content digest: piece {self.next} is missing")
+        for want, h in zip(self.expected, self._hashers, strict=True):
+            got = h.hexdigest()
+            if got.lower() != want.partition(":")[2].lower():
+                raise PieceCorrupt(f"content digest mismatch: expected {want}, got {algorithm_of(want)}:{got}")
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+
+
 class Downloader:
     """Runs one task's download on behalf of the daemon; publishes progress on the runtime."""
 
@@ -369,7 +617,14 @@ class Downloader:
         self.scheduler_lost = False  # it went away while parents carried the download on
         self.peer_bytes = 0
         self.source_bytes = 0
-        self.authoritative: dict[int, str] = {}  # digests the scheduler learnt from the source
+        # the strong digest this daemon computes of what it reads from the source
+        self.algorithm = daemon.settings.security.piece_digest
+        # digests the scheduler learnt from the source reader: every piece from a parent is checked
+        self.authority = PieceAuthority(self._stat_task)
+        self.authoritative = self.authority.known
+        self._content: ContentCheck | None = None  # the whole content's digest, checked in order
+        self._content_checked = False
+        self._unattested: set[str] = set()  # parents whose pieces were taken without a digest from the scheduler
         self.blocklist: set[str] = set()
         self._todo: set[int] | None = None
         self._first_seen: dict[int, float] = {}  # when a parent first reported each piece
@@ -381,6 +636,8 @@ class Downloader:
         # holders of each piece among the usable parents (a seed counting SEED_HOLDER), kept up
         # to date as they announce pieces; None when a parent went away and it must be rebuilt
         self._held: dict[int, float] | None = None
+        if self.algorithm == WEAK_ALGORITHM:
+            _warn_weak_digest()
 
     @property
     def may_read_source(self) -> bool:
@@ -411,6 +668,9 @@ class Downloader:
             for t in self._shares:
                 t.cancel()
             await asyncio.gather(*self._shares, return_exceptions=True)
+            await self.authority.close()
+            if self._content is not None:
+                await self._content.close()
             if self.source is not None:
                 await self.source.close()
 
@@ -489,6 +749,7 @@ class Downloader:
                     finished, fetch = fetch, None
                     try:
                         finished.result()
+                        await self._verify_content()  # before the scheduler hears this peer holds the task
                     except Reschedule as why:
                         if not link_alive:
                             await self._source_without_scheduler(f"parents cannot finish ({why})")
@@ -540,6 +801,8 @@ class Downloader:
                     shares = [n for c in answer for n in source_share_from_proto(c) or ()]
                     candidates = [c for c in answer if source_share_from_proto(c) is None]
                     if fetch is not None:
+                        if answer:  # the scheduler's later answers carry the source digests it has learnt since
+                            self.authority.learn(answer[0].task.pieces)
                         known = {c.id for c in fetch_parents}
                         fetch_parents += [c for c in candidates if c.id not in known]
                         self._take_shares(shares)
@@ -582,6 +845,14 @@ class Downloader:
         link.send(download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest())
         try:
             await self._from_source(report=True)
+            await self._verify_content()  # before the scheduler hears this peer holds the task
+        except PieceCorrupt as exc:  # the source's content is not what its digest says
+            link.send(
+                download_peer_back_to_source_failed_request=scheduler_pb2.DownloadPeerBackToSourceFailedRequest(
+                    description=str(exc)
+                )
+            )
+            raise
         except BackendError as exc:
             link.send(
                 download_piece_back_to_source_failed_request=scheduler_pb2.DownloadPieceBackToSourceFailedRequest(
@@ -600,7 +871,50 @@ class Downloader:
 
     def _started(self) -> None:
         assert self.task is not None
+        self._content = self._content_check()
         self.rt.publish(Started(self.task.content_length, self.task.piece_length, dict(self.task.response_header)))
+
+    def _content_check(self) -> ContentCheck | None:
+        """The digests the whole content must match: an OCI blob's own, the user's ``--digest``."""
+        assert self.task is not None
+        if self.req.range is not None or self.task.state is TaskState.SUCCEEDED:
+            return None  # a range cannot be checked whole; a complete task was checked when it completed
+        expected = [d for d in (named_digest(self.req.url), self.req.digest) if d]
+        if len(expected) == 2 and expected[0].lower() == expected[1].lower():
+            expected.pop()
+        if not expected:
+            return None
+        task_id, storage = self.task_id, self.d.storage
+        return ContentCheck(lambda n: storage.read_piece(task_id, n), self.task.piece_count, expected, self.task.pieces)
+
+    async def _verify_content(self) -> None:
+        """The whole content against its digests, before the task is complete; a mismatch deletes it."""
+        if self._content is None or self._content_checked:
+            return
+        assert self.task is not None
+        try:
+            await self._content.verify(self.task.pieces.keys())
+        except PieceCorrupt:
+            self.log.error("task {} does not match its digest: deleted", self.task_id[:12])
+            await self.d.storage.delete(self.task_id)
+            raise
+        self._content_checked = True
+
+    async def _stat_task(self) -> common_pb2.Task | None:
+        """The task as the scheduler has it, with its pieces' source digests; None when its
+        scheduler is gone (another does not know the task) or does not answer."""
+        if self.scheduler_lost:
+            return None
+        stub = await self.d.schedulers.stub_for(self.task_id)
+        if stub is None:
+            return None
+        try:
+            return await stub.StatTask(
+                scheduler_pb2.StatTaskRequest(host_id=self.d.host_id, task_id=self.task_id), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            self.log.info("scheduler has no piece digests for the task: {}", exc.details())
+            return None
 
     async def _create(self, content_length: int, headers: dict[str, str] | None) -> Task:
         if self.task is not None:
@@ -644,7 +958,15 @@ class Downloader:
         self._todo.difference_update(self.task.pieces.keys())  # another download here may have stored some
         return self._todo
 
-    async def _stored(self, record: PieceRecord, traffic: int, parent_id: str, cost: float) -> None:
+    def _writer(self, inner: PieceWriter, number: int, algorithm: str, *, in_order: bool = True) -> DigestingWriter:
+        """``inner`` hashed as it is written: the piece's strong digest, and the whole content's
+        digests where this piece is the next one in order."""
+        also = self._content.continuation(number) if self._content is not None and in_order else None
+        return DigestingWriter(inner, algorithm, number, also)
+
+    async def _stored(
+        self, record: PieceRecord, traffic: int, parent_id: str, cost: float, writer: DigestingWriter | None = None
+    ) -> None:
         """A verified piece is stored: tell the hooks, the scheduler and whoever waits on it."""
         self._missing().discard(record.number)
         self.d.plugins.piece_verified(self.task_id, record.number, record.length, parent_id, int(traffic))
@@ -656,8 +978,11 @@ class Downloader:
             self.source_bytes += record.length
         else:
             self.peer_bytes += record.length
+        if self._content is not None:
+            self._content.landed(record.number, writer.also if writer is not None and writer.also else None)
         if self.link is not None:
             piece = piece_to_proto(record, int(traffic), parent_id, cost)
+            piece.digest = strong_of(record) or record.digest  # the digest children check
             if traffic == TRAFFIC_SOURCE:
                 self.link.send(
                     download_piece_back_to_source_finished_request=scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(
@@ -671,9 +996,11 @@ class Downloader:
         self.d.offer_pieces(self.task)  # a super-seeding seed tells one child of the new piece
 
     async def _finish(self) -> None:
-        """A whole task is marked complete (and its digest checked); a range just ends."""
+        """A whole task is marked complete once its content digest checked; a range just ends."""
         assert self.task is not None
         if self.task.state is not TaskState.SUCCEEDED and len(self.task.pieces) == self.task.piece_count:
+            if self.req.range is None:
+                await self._verify_content()
             expires = self.req.request_header.get(CACHE_EXPIRES_HEADER)
             if expires:  # a replica of a persistent cache task keeps it until then, not by LRU
                 try:
@@ -681,8 +1008,8 @@ class Downloader:
                 except ValueError:
                     self.log.warning("ignoring a bad {} header {!r}", CACHE_EXPIRES_HEADER, expires)
             await self.d.storage.finish(self.task_id)
-        if self.req.digest and self.req.range is None:
-            await self.d.check_digest(self.task, self.req.digest)
+        elif self.req.digest and self.req.range is None and not self._content_checked:
+            await self.d.check_digest(self.task, self.req.digest)  # complete before this download: read it
 
     # -- back to source -------------------------------------------------------------------------
 
@@ -728,7 +1055,8 @@ class Downloader:
         started = time.monotonic()
         storage = self.d.storage
         i, pos = 0, start
-        writer = storage.writer(self.task_id, spans[0])
+        # the strong digest is computed in the same pass as the write and the crc32
+        writer = self._writer(storage.writer(self.task_id, spans[0]), spans[0].number, self.algorithm)
         inline = True  # the page cache takes a chunk in microseconds: cheaper than a thread hop
         try:
             async for chunk in self.source.read(self.req.url, start, end - start, self.req.request_header):
@@ -747,10 +1075,12 @@ class Downloader:
                     if pos == spans[i].end:
                         record = await writer.commit(None)
                         now = time.monotonic()
-                        await self._stored(record, TRAFFIC_SOURCE, "", now - started)
+                        await self._stored(record, TRAFFIC_SOURCE, "", now - started, writer)
                         started, i = now, i + 1
                         if i < len(spans):
-                            writer = storage.writer(self.task_id, spans[i])
+                            writer = self._writer(
+                                storage.writer(self.task_id, spans[i]), spans[i].number, self.algorithm
+                            )
             if i < len(spans):
                 raise BackendError(f"the source ended {end - pos} bytes short of {self.req.url}")
         except BaseException:
@@ -804,8 +1134,7 @@ class Downloader:
         pieces in ``shares`` are read from the source."""
         if not candidates and not shares and not self._sharing():
             raise Reschedule("no candidate parents")
-        for pb in task_pb.pieces:
-            self.authoritative[pb.number] = pb.digest
+        self.authority.learn(task_pb.pieces)
         if self.task is None:
             if task_pb.content_length or task_pb.piece_count:
                 await self._create(task_pb.content_length, None)
@@ -1064,8 +1393,9 @@ class Downloader:
             writer = self.d.storage.writer(self.task_id, staged.writer.span)
             try:
                 await asyncio.to_thread(staged.writer.land, writer)
-                assert staged.writer.record is not None
-                record = await writer.commit(staged.writer.record.digest)
+                verified = staged.writer.record
+                assert verified is not None
+                record = await writer.commit(verified.digest, strong=strong_of(verified))
             except BaseException:
                 writer.abort()
                 raise
@@ -1076,18 +1406,27 @@ class Downloader:
 
     async def _parent_piece(self, parent: _Parent, number: int, *, staged: bool = False) -> _Staged | None:
         """Fetch ``number`` from ``parent`` and store it; a ``staged`` (endgame) copy is verified
-        but left for the fetch loop to ``_land`` once the other fetches of the piece stopped."""
+        but left for the fetch loop to ``_land`` once the other fetches of the piece stopped.
+
+        The piece is hashed as it is written and committed only if its strong digest is the
+        source reader's (the scheduler's answer, else StatTask); its crc32 must match the
+        Vortex header too. A mismatch is the parent's lie: it is blocklisted."""
         assert self.task is not None
         span = self.task.layout.span(number)
         pool = self.d.pool
         key = ""
         started = time.monotonic()
-        expected = self.authoritative.get(number)
-        writer: PieceWriter = (
+        known = self.authority.known.get(number)
+        # hashed with the source reader's algorithm where known (it may be a seed configured otherwise)
+        algorithm = algorithm_of(known) if known else self.algorithm
+        if algorithm not in (*STRONG_ALGORITHMS, WEAK_ALGORITHM):
+            algorithm = self.algorithm  # an unknown digest cannot match: the check below refuses the piece
+        inner: PieceWriter = (
             StagedPieceWriter(span, self.d.settings.daemon.data_dir)
             if staged
             else self.d.storage.writer(self.task_id, span)
         )
+        writer = self._writer(inner, number, algorithm, in_order=not staged)
         conn: PieceConnection | None = None
         try:
             key, conn = await pool.acquire(parent.piece_addresses)
@@ -1098,9 +1437,23 @@ class Downloader:
                 raise ProtocolError(
                     f"parent's piece {number} lies at {meta.offset}+{meta.length}, expected {span.offset}+{span.length}"
                 )
-            if expected and meta.digest != expected:
+            expected = known or await self.authority.digest(number)
+            if expected is None and not (parent.is_seed or self._content_named):
+                # not stored unverified: fetched again once the scheduler knows it
+                raise Declined(f"the scheduler has no source digest for piece {number} yet")
+            if expected is None:
+                # No scheduler has the digest (gone, or it learnt of the task from announcements only).
+                # A seed is the source reader the scheduler named (under TLS only seed certificates
+                # announce seed hosts): its own pieces are the source's. A task named by its content's
+                # digest (a cache task, an OCI blob) is checked whole against it before it completes.
+                self._unverified_parent(parent)
+                record = await writer.commit(meta.digest)
+            elif algorithm_of(expected) != algorithm:
+                raise Declined(f"piece {number} was hashed with {algorithm}, the source's digest is {expected}")
+            elif algorithm == WEAK_ALGORITHM and meta.digest != expected:
                 raise PieceCorrupt(f"parent's digest {meta.digest} for piece {number} is not the source's {expected}")
-            record = await writer.commit(meta.digest)
+            else:
+                record = await writer.commit(meta.digest, expected_strong=expected)
         except (PieceCorrupt, ProtocolError) as exc:
             writer.abort()
             if conn is not None:
@@ -1135,11 +1488,26 @@ class Downloader:
         finally:
             if conn is not None:
                 await pool.release(key, conn)
-        if isinstance(writer, StagedPieceWriter):
-            return _Staged(writer, parent.peer_id, key.partition("|")[0], time.monotonic() - started)
+        if isinstance(inner, StagedPieceWriter):
+            return _Staged(inner, parent.peer_id, key.partition("|")[0], time.monotonic() - started)
         self.d.metrics.transport_traffic.labels(key.partition("|")[0]).inc(record.length)
-        await self._stored(record, TRAFFIC_PEER, parent.peer_id, time.monotonic() - started)
+        await self._stored(record, TRAFFIC_PEER, parent.peer_id, time.monotonic() - started, writer)
         return None
+
+    @property
+    def _content_named(self) -> bool:
+        """The whole content is checked, before the task completes, against the digest its url names."""
+        return self._content is not None and named_digest(self.req.url) is not None
+
+    def _unverified_parent(self, parent: _Parent) -> None:
+        if parent.peer_id not in self._unattested:
+            self._unattested.add(parent.peer_id)
+            self.log.warning(
+                "no scheduler has the source's piece digests: taking {} {}'s pieces on crc32{}",
+                "seed" if parent.is_seed else "parent",
+                parent.peer_id,
+                "" if parent.is_seed else ", the whole content checked against its digest",
+            )
 
     def _parent_failed(self, parent: _Parent, number: int, reason: str, *, block: bool) -> None:
         self.log.warning("piece {} from parent {}: {}", number, parent.peer_id, reason)
@@ -1157,6 +1525,12 @@ class Downloader:
 
 
 _NOBODY: frozenset[str] = frozenset()
+
+
+@functools.cache
+def _warn_weak_digest() -> None:
+    """Once per process: the piece digest is crc32."""
+    logger.warning("security.piece_digest is crc32, upstream's weak mode: a parent can forge a piece that passes it")
 
 
 def _holding(p: _Parent) -> float:

@@ -13,9 +13,17 @@ import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from google.protobuf import empty_pb2, json_format
 
-from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument, NotFound, StorageError
+from damselfly.core.errors import (
+    BackendError,
+    DamselflyError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    StorageError,
+)
 from damselfly.core.piece import ByteRange, Layout
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started, TaskRuntime
+from damselfly.security.admission import Origin, admitted, check_source
 from damselfly.wire import ERROR_TYPE_KEY, piece_to_proto, task_to_proto, timestamp
 
 if TYPE_CHECKING:
@@ -27,6 +35,8 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(exc, BackendError):
         if exc.status_code in (401, 403):
             return grpc.StatusCode.PERMISSION_DENIED
@@ -57,10 +67,80 @@ def check_output(output_path: str, overwrite: bool) -> None:
         raise InvalidArgument(f"output {output_path!r} exists (pass overwrite to replace it)")
 
 
+def bind_socket(server: grpc.aio.Server, path: Path, mode: int, gid: int = -1) -> None:
+    """Bind ``server`` to the unix socket ``path`` with ``mode`` (and group ``gid``) already set
+    when the path appears: the socket is made in a private 0700 directory beside it, given
+    its mode there, then renamed into place, so no one connects while it is still open to all.
+    (Where the private path would be too long for a socket, the umask makes it ``mode`` at bind.)"""
+    private = Path(tempfile.mkdtemp(prefix=".", dir=path.parent))
+    tmp = private / "s"
+    try:
+        if len(str(tmp).encode()) < 108:
+            server.add_insecure_port(f"unix://{tmp}")
+            _set_mode(tmp, mode, gid)
+            os.replace(tmp, path)
+        else:
+            old = os.umask(0o177)  # owner-only (0600) at bind; the mode asked for right after
+            try:
+                server.add_insecure_port(f"unix://{path}")
+            finally:
+                os.umask(old)
+            _set_mode(path, mode, gid)
+    finally:
+        tmp.unlink(missing_ok=True)
+        private.rmdir()
+
+
+def _set_mode(path: Path, mode: int, gid: int) -> None:
+    try:
+        if gid >= 0:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
+    except OSError as exc:
+        raise StorageError(f"cannot set the mode of socket {path}: {exc.strerror}") from None
+
+
+def output_mode(daemon: Daemon) -> tuple[int, int]:
+    """Mode and group (-1: unchanged) of the outputs the daemon writes: readable by whoever may
+    use its socket, nobody else; 0600, or 0640 and the socket's group when one is set.
+
+    grpcio does not expose the unix socket's peer credentials (SO_PEERCRED), so the
+    daemon cannot tell which user asked and cannot give the file to that user; an output
+    belongs to the daemon's user, and the socket's group may read it."""
+    group = daemon.settings.security.socket_group
+    if not group:
+        return 0o600, -1
+    return 0o640, socket_gid(group)
+
+
+def socket_gid(group: str) -> int:
+    """The id of ``group`` (a name or a number); InvalidArgument naming the setting when unknown."""
+    import grp
+
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise InvalidArgument(f"security.socket_group: no group named {group!r}") from None
+
+
 async def export_output(daemon: Daemon, task_id: str, output_path: str, byte_range: ByteRange | None = None) -> None:
-    """Copy the finished task (or its range) to a temp file beside the output, then rename it."""
+    """Copy the finished task (or its range) to a temp file beside the output, then rename it.
+
+    The temp file is created 0600 (``mkstemp``) and given its final mode before any byte
+    is written: the output is never readable by users that may not use the socket."""
     path = Path(output_path)
+    mode, gid = output_mode(daemon)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".damselfly-tmp", dir=path.parent)
+    try:
+        if gid >= 0:
+            os.fchown(fd, -1, gid)
+        os.fchmod(fd, mode)
+    except OSError as exc:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise StorageError(f"cannot set the mode of {output_path}: {exc.strerror}") from None
     os.close(fd)
     try:
         if byte_range is None:
@@ -69,7 +149,7 @@ async def export_output(daemon: Daemon, task_id: str, output_path: str, byte_ran
             with open(tmp, "wb") as f:
                 async for chunk in daemon.storage.read_range(task_id, *byte_range):
                     await asyncio.to_thread(f.write, chunk)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)  # a storage's export may have replaced the file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -182,7 +262,9 @@ class LocalService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
         }
         source = None
         try:
-            source = self.d.plugins.make_source(request.url, options)
+            check_source(request.url, Origin.LOCAL, self.d.source_policy)
+            with admitted(Origin.LOCAL, self.d.source_policy):
+                source = self.d.plugins.make_source(request.url, options)
             entries = await source.list(request.url, dict(request.request_header))
         except DamselflyError as exc:
             await abort_with(context, exc)

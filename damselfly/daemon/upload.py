@@ -17,9 +17,12 @@ from damselfly.contracts import ServedPiece
 from damselfly.core import vortex
 from damselfly.core.errors import Busy, DamselflyError, InvalidArgument, NotFound
 from damselfly.core.ids import is_task_id
+from damselfly.core.task import Task
 from damselfly.daemon.download import DownloadRequest
 from damselfly.daemon.local import abort_with, progress_stream
-from damselfly.wire import host_to_proto, task_to_proto, transports_to_metadata
+from damselfly.security.admission import Origin
+from damselfly.security.identity import identity_of
+from damselfly.wire import host_to_proto, redact_url, task_to_proto, transports_to_metadata
 
 if TYPE_CHECKING:
     from damselfly.daemon.daemon import Daemon
@@ -106,11 +109,15 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
     async def DownloadTask(
         self, request: dfdaemon_pb2.DownloadTaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
-        """The scheduler asks this (seed) daemon to fetch a task."""
+        """The scheduler asks this (seed) daemon to fetch a task, or a cluster member places a
+        replica here. A request from the network: the admission point decides which sources
+        it may use (never this node's files, never the node's credentials)."""
         try:
             req = DownloadRequest.from_proto(request.download)
             req.output_path = ""
-            rt = await self.d.start_download(req)
+            identity = identity_of(context)
+            origin = Origin.SCHEDULER if identity is not None and "scheduler" in identity.roles else Origin.UPLOAD
+            rt = await self.d.start_download(req, origin=origin, member=identity is not None)
         except DamselflyError as exc:
             await abort_with(context, exc)
             return
@@ -123,7 +130,7 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
         task = self.d.storage.get(request.task_id)
         if task is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
-        return task_to_proto(task)
+        return public_task(task)
 
     async def DeleteTask(
         self, request: dfdaemon_pb2.DeleteTaskRequest, context: grpc.aio.ServicerContext
@@ -137,6 +144,15 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
         while True:
             yield host_to_proto(self.d.core_host())
             await asyncio.sleep(1.0)
+
+
+def public_task(task: Task) -> common_pb2.Task:
+    """A task as the upload API shows it to other hosts: no request headers (they carry the
+    requester's credentials) and no credentials in its url."""
+    pb = task_to_proto(task)
+    pb.ClearField("request_header")
+    pb.url = redact_url(pb.url)
+    return pb
 
 
 async def lookup_piece(daemon: Daemon, task_id: str, number: int) -> ServedPiece:

@@ -10,23 +10,31 @@ always tasks by their digest (as the proxy fetches them), whatever
 ``enable_task_id_based_blob_digest`` says. ``StatImage`` tells
 per layer whether it is cached anywhere and, per host, which layers it holds.
 ``PreheatFile``/``StatFile`` do the same for one URL.
+
+Credentials (the registry's Authorization, secret headers of the request) go only to
+the seeds that read the source, and only over mutual TLS (``security.tls``); every other
+target, and every target without TLS, gets the request without them.
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
 from loguru import logger
 
+from damselfly.config import Settings
 from damselfly.core import ids
 from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument
 from damselfly.core.host import Host
 from damselfly.core.peer import PeerState
 from damselfly.oci import Reference, RegistryClient, Resolved
+from damselfly.security import tls
+from damselfly.wire import public_headers, redact_url
 
 if TYPE_CHECKING:
     from damselfly.scheduler.service import SchedulerService
@@ -59,9 +67,14 @@ async def resolve_image(req: Any) -> tuple[Reference, Resolved]:
         return ref, await client.resolve(ref, req.platform or "linux/amd64")
 
 
-async def _download_on(host: Host, download: common_pb2.Download, timeout: float) -> None:
+def channel_to(address: str, settings: Settings) -> grpc.aio.Channel:
+    """A channel to a daemon's upload API: mutual TLS when ``security.tls`` is set."""
+    return tls.grpc_channel(address, settings.security.tls)
+
+
+async def _download_on(host: Host, download: common_pb2.Download, timeout: float, settings: Settings) -> None:
     address = f"{host.ip}:{host.port}"
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with channel_to(address, settings) as channel:
         call = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel).DownloadTask(
             dfdaemon_pb2.DownloadTaskRequest(download=download), timeout=timeout
         )
@@ -77,6 +90,13 @@ async def preheat(
     limit = asyncio.Semaphore(max(1, req.concurrent_task_count or 4))
     # seeds first: the other hosts then find each blob in the swarm
     waves = [[h for h in hosts if h.is_seed], [h for h in hosts if not h.is_seed]]
+    # the credentials only to a seed that reads the source, and only over mutual TLS
+    public = public_headers(headers)
+    secure = service.settings.security.tls.enabled
+    if len(public) < len(headers) and not secure:
+        logger.warning("preheat: the request's credentials are not sent to any host without security.tls")
+
+    credentialed = len(public) < len(headers)
 
     async def one(host: Host, url: str) -> None:
         download = common_pb2.Download(
@@ -85,25 +105,40 @@ async def preheat(
             tag=req.tag,
             application=req.application,
             filtered_query_params=list(req.filtered_query_params),
-            request_header=headers,
+            request_header=headers if host.is_seed and secure else public,
             piece_length=req.piece_length or 0,
             enable_task_id_based_blob_digest=blob_digest,
             need_back_to_source=host.is_seed,
         )
         if req.priority:
             download.priority = req.priority
+        bound = bound_content(url, blob_digest, credentialed)
+        if bound:  # a private blob is a task of its registry and repository, as the proxy makes it
+            download.content_for_calculating_task_id = bound
         async with limit:
             try:
-                await _download_on(host, download, timeout)
+                await _download_on(host, download, timeout, service.settings)
             except grpc.aio.AioRpcError as exc:
-                raise BackendError(f"preheat of {url} on {host.id} failed: {exc.details()}") from None
-            logger.info("preheated {} on {}", url, host.id)
+                hint = "" if secure or len(public) == len(headers) else " (credentials need security.tls)"
+                raise BackendError(f"preheat of {url} on {host.id} failed: {exc.details()}{hint}") from None
+            logger.info("preheated {} on {}", redact_url(url), host.id)
 
     for wave in waves:
         await asyncio.gather(*(one(h, u) for h in wave for u in urls))
 
 
-def task_id_for(url: str, req: Any, blob_digest: bool) -> str:
+def bound_content(url: str, blob_digest: bool, credentialed: bool) -> str:
+    """The ``content_for_calculating_task_id`` of a blob fetched with credentials: bound to its
+    registry and repository (``ids.bound_blob_content``), never the digest-only id that anonymous
+    pulls share, which holds only public bytes; '' for anything else."""
+    blob = ids.parse_blob_url(url) if blob_digest and credentialed else None
+    return ids.bound_blob_content(urlsplit(url).netloc, blob) if blob is not None else ""
+
+
+def task_id_for(url: str, req: Any, blob_digest: bool, credentialed: bool = False) -> str:
+    bound = bound_content(url, blob_digest, credentialed)
+    if bound:
+        return ids.content_task_id(bound)
     if blob_digest and ids.blob_digest(url):
         return ids.blob_task_id(url)
     return ids.task_id(
@@ -116,7 +151,8 @@ def task_id_for(url: str, req: Any, blob_digest: bool) -> str:
 
 
 def holders(service: SchedulerService, task_id: str) -> list[Host]:
-    """Hosts with a finished peer of the task."""
+    """Hosts with a finished peer of the task (a normal host's unchecked ``metadata_only`` claim
+    only once the scheduler has every piece's digest, as for a parent)."""
     st = service.state
     entry = st.tasks.get(task_id)
     if entry is None:
@@ -124,8 +160,12 @@ def holders(service: SchedulerService, task_id: str) -> list[Host]:
     out = []
     for pid in entry.task.peer_ids:
         p = st.peers.get(pid)
-        if p is not None and p.state is PeerState.SUCCEEDED and p.host_id in st.hosts:
-            out.append(st.hosts[p.host_id])
+        if p is None or p.state is not PeerState.SUCCEEDED or p.host_id not in st.hosts:
+            continue
+        h = st.hosts[p.host_id]
+        if p.metadata_only and not h.is_seed and not entry.digests_complete:
+            continue
+        out.append(h)
     return out
 
 
@@ -148,10 +188,11 @@ async def stat_image(service: SchedulerService, request: Any, context: grpc.aio.
         await _abort(context, exc)
     urls = [ref.blob_url(image.config)] + [ref.blob_url(d) for d, _ in image.layers]
     blob_digest = True
+    credentialed = bool(image.authorization) or len(public_headers(dict(request.header))) < len(request.header)
     by_host: dict[str, tuple[Host, list[str]]] = {}
     layers = []
     for url in urls:
-        have = holders(service, task_id_for(url, request, blob_digest))
+        have = holders(service, task_id_for(url, request, blob_digest, credentialed))
         layers.append(scheduler_pb2.Layer(url=url, is_finished=bool(have)))
         for h in have:
             by_host.setdefault(h.id, (h, []))[1].append(url)

@@ -3,12 +3,21 @@
 It keeps hosts, tasks and peers in memory, decides for each peer whether it
 gets parents or goes to the source, and makes a seed peer fetch a new task from
 the origin so that the origin is read once. Parent ranking is a strategy plugin.
+
+Trust (docs/security.md): a request's credentials (Authorization, Cookie,
+Proxy-Authorization, X-Amz-* headers, the sources' tokens and keys) are stripped when a
+peer registers, so no task, StatTask, answer or log holds them; only the seed trigger
+hands them on, to the one seed and over mutual TLS. A piece's digest is taken only from
+whoever the scheduler sent to the source (a seed's wins). With ``security.tls`` every
+caller shows a certificate of the cluster CA and acts only for its own hosts; caps
+(``security.limits``) bound hosts, tasks and peers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import itertools
 import random
 import time
@@ -25,6 +34,8 @@ from loguru import logger
 from damselfly import h2grpc
 from damselfly.config import Settings
 from damselfly.contracts import Candidate, Strategy
+from damselfly.core import ids
+from damselfly.core.errors import InvalidArgument
 from damselfly.core.host import Host, HostType
 from damselfly.core.peer import Peer, PeerState
 from damselfly.core.piece import ByteRange, Layout, covers, share_blocks
@@ -32,9 +43,13 @@ from damselfly.core.task import Task, TaskState
 from damselfly.metrics import SchedulerMetrics, serve_metrics
 from damselfly.plugin_manager import Plugins, build_plugins
 from damselfly.scheduler import preheat
+from damselfly.security import tls
+from damselfly.security.identity import PeerIdentity, identity_of
 from damselfly.wire import (
     PEER_HOST,
     PEER_TASK,
+    download_task_id,
+    has_secrets,
     host_from_proto,
     host_to_proto,
     length_delimited,
@@ -43,9 +58,13 @@ from damselfly.wire import (
     peer_to_proto,
     piece_from_proto,
     piece_to_proto,
+    public_headers,
+    redact_url,
     set_time,
     source_share_to_proto,
+    strip_secrets,
     task_to_proto,
+    valid_piece_digest,
 )
 
 _CLOSE = object()
@@ -58,6 +77,13 @@ _new, _set_peer, _set_host = object.__new__, Candidate.peer.__set__, Candidate.h
 _NORMAL_HOST = HostType.NORMAL  # h.type is _NORMAL_HOST: not h.is_seed, without the property
 SEED_FAILED_WINDOW = 1800.0  # seconds a seed that failed a task is not asked for it again (upstream's)
 REFRESH_INTERVAL = 2.0  # seconds: the longest a downloading peer waits for another look at its parents
+# Who may set a piece's authoritative digest: nobody the scheduler did not send to the source;
+# a peer it sent there (told to go back to source, or handed a share of the read); a seed
+# host's peer, whose digest wins over a peer's (a peer can always get itself sent to the source).
+NOT_SENT, SENT_PEER, SEED = 0, 1, 2
+# Under mutual TLS, the certificate roles that may preheat: an operator's tool (`damselfly
+# certs issue --role client`), not any cluster member.
+OPERATOR_ROLES = frozenset({"client"})
 
 
 class ScheduleError(Exception):
@@ -173,6 +199,12 @@ class TaskEntry:
     seed_failed_at: float = 0.0
     seed_requests: list[ByteRange | None] = field(default_factory=list)  # what the seed was asked for
     back_to_source_peers: set[str] = field(default_factory=set)
+    # the peers the scheduler answered NeedBackToSource (back_to_source_peers also counts those
+    # that only said they went): with the seed's, their piece reports set the task's digests
+    source_readers: set[str] = field(default_factory=set)
+    digest_rank: dict[int, int] = field(default_factory=dict)  # who set each piece's digest (SENT_PEER, SEED)
+    digested: int = 0  # pieces with an authoritative digest
+    ignored_reporters: set[str] = field(default_factory=set)  # peers whose digests were ignored (logged once)
     # A shared source read (scheduler.source_shares): the peers that offered to take a share,
     # with the queue of answers on their streams; the pieces each was handed and has not
     # reported; those handed but not yet in an answer to it; the peers answered so far.
@@ -192,9 +224,42 @@ class TaskEntry:
     refreshers: dict[str, tuple[Peer, Outbox | StreamOut]] = field(default_factory=dict)
     on_change: Callable[[TaskEntry], None] | None = None
 
-    def record_piece(self, pb: common_pb2.Piece) -> None:
-        self.task.pieces[pb.number] = piece_from_proto(pb)
+    def record_piece(self, pb: common_pb2.Piece, rank: int = SEED) -> bool:
+        """Keep a piece as the one who read it from the source reported it, its digest the
+        authoritative one for children to check the piece against. A digest once set is kept
+        against a different one from an authority of the same rank (a conflict, logged); a
+        seed's replaces a peer's. False when nothing changed."""
+        n = pb.number
+        old = self.task.pieces.get(n)
+        if old is not None and old.digest:
+            if old.digest == pb.digest or not pb.digest:
+                return False
+            kept_rank = self.digest_rank.get(n, SEED)
+            if rank <= kept_rank:
+                logger.warning(
+                    "task {} piece {}: digest {} conflicts with {}; the first is kept",
+                    self.task.id[:12], n, pb.digest, old.digest,
+                )  # fmt: skip
+                return False
+            logger.warning(
+                "task {} piece {}: a seed's digest {} replaces {}", self.task.id[:12], n, pb.digest, old.digest
+            )
+        elif pb.digest:
+            self.digested += 1
+        self.task.pieces[n] = piece_from_proto(pb)
+        if pb.digest:
+            self.digest_rank[n] = rank
         self.piece_pbs = None
+        return True
+
+    @property
+    def digests_complete(self) -> bool:
+        """The scheduler holds an authoritative digest for every piece of the task."""
+        t = self.task
+        if not t.known_length or self.digested < t.piece_count:
+            return False  # (the count may include numbers reported before the length was known)
+        count = t.piece_count
+        return sum(1 for n in self.digest_rank if n < count) >= count
 
     def task_proto(self) -> common_pb2.Task:
         """The task as answers carry it. One message, kept and brought up to date in place:
@@ -223,6 +288,12 @@ class TaskEntry:
         self.changed.fire()
         if self.refreshers and self.on_change is not None:
             self.on_change(self)
+
+
+def _who(ident: PeerIdentity) -> str:
+    """A certificate's holder in a message: its common name and addresses."""
+    names = sorted(ident.ips | ident.dns)
+    return f"{ident.common_name or '?'} [{', '.join(names)}]"
 
 
 def _refreshing(entry: TaskEntry, peer: Peer) -> bool:
@@ -339,7 +410,7 @@ class SchedulerState:
             order = map(ids.__getitem__, itertools.chain(range(start, n), range(start)))
         skip = {child.id}
         skip.update(child.blocklist, below, exclude)
-        pool = self._servable(order, skip, child, child_range, layout, wanted)
+        pool = self._servable(order, skip, child, child_range, layout, wanted, entry)
         ranked = self.strategy.rank(Candidate(child, child_host), pool, entry.task)
         return ranked[:limit]
 
@@ -348,7 +419,7 @@ class SchedulerState:
         entry = self.tasks[peer.task_id]
         child_range, layout = self._range_view(peer, entry)
         order = sorted(peer.children - peer.parents - peer.blocklist)
-        return self._servable(order, frozenset(), peer, child_range, layout, len(order))
+        return self._servable(order, frozenset(), peer, child_range, layout, len(order), entry)
 
     def _range_view(self, child: Peer, entry: TaskEntry) -> tuple[ByteRange | None, Layout | None]:
         """``child``'s range, and the task's layout to compare ranges by (None while no peer
@@ -365,12 +436,15 @@ class SchedulerState:
         child_range: ByteRange | None,
         layout: Layout | None,
         limit: int,
+        entry: TaskEntry,
     ) -> list[Candidate]:
         """The first ``limit`` peers among ``pids`` (but not in ``skip``) that can serve ``child``
         (whose range is ``child_range``), in order: known, on another host that shares, in a
         state to serve, holding the child's range, and, while downloading, not a cost outlier
         and with a parent of its own or on a seed (a normal peer with no parent has nothing to
-        give yet).
+        give yet). A normal host's ``metadata_only`` peer (a claim to hold the task that nobody
+        checked) only once the scheduler holds every piece's authoritative digest, so that its
+        children can check each piece it serves.
 
         The decision's hottest loop: the checks inline, with what they read bound once."""
         peers_get, hosts_get = self.peers.get, self.hosts.get
@@ -378,6 +452,7 @@ class SchedulerState:
         new, set_peer, set_host = _new, _set_peer, _set_host
         running, to_source, succeeded = PeerState.RUNNING, PeerState.BACK_TO_SOURCE, PeerState.SUCCEEDED
         found: list[Candidate] = []
+        claims_ok: bool | None = None  # entry.digests_complete, read once and only when needed
         for pid in pids:
             if pid in skip:
                 continue
@@ -394,6 +469,11 @@ class SchedulerState:
                 continue  # a ranged parent never holds the pieces outside its range
             if state is running and (p.is_bad() or (not p.parents and h.type is _NORMAL_HOST)):
                 continue  # is_bad is only ever true for an eligible peer while it runs
+            if p.metadata_only and h.type is _NORMAL_HOST:
+                if claims_ok is None:
+                    claims_ok = entry.digests_complete
+                if not claims_ok:
+                    continue
             c = new(Candidate)  # Candidate(p, h) at half the cost of a frozen dataclass's __init__
             set_peer(c, p)
             set_host(c, h)
@@ -453,6 +533,80 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self._gauges_bound = False
         self._refresh_due: dict[str, TaskEntry] = {}  # tasks changed in this turn of the loop
         self.state.on_task_change = self._refresh_soon
+        self.limits = settings.security.limits
+        # with mutual TLS every caller has a certificate, and may act only for its own hosts
+        self.tls = settings.security.tls.enabled
+        self.refused = {k: metrics.refused.labels(k) for k in ("limit", "permission", "digest", "task_id")}
+
+    # -- who may ask -------------------------------------------------------------------
+
+    def identity(self, context: object) -> PeerIdentity | None:
+        """The caller's certificate identity; None without TLS (nobody is authenticated).
+        Under TLS a caller with none is refused (the server requires client certificates)."""
+        if not self.tls:
+            return None
+        ident = identity_of(context)
+        if ident is None:
+            self.refused["permission"].inc()
+            raise ScheduleError(grpc.StatusCode.PERMISSION_DENIED, "a client certificate is required (mutual TLS)")
+        return ident
+
+    def owns_host(self, ident: PeerIdentity, host_id: str) -> bool:
+        """``host_id`` is a host of the certificate's holder: announced with addresses the
+        certificate names or, not known (any more), one of the ids those addresses make."""
+        h = self.state.hosts.get(host_id)
+        if h is not None:
+            return ident.may_be_host(h.ip, h.hostname)
+        names = set(ident.dns) | ({ident.common_name} if ident.common_name else set())
+        return any(
+            host_id == ids.host_id(ip, name, seed=seed) for ip in ident.ips for name in names for seed in (False, True)
+        )
+
+    def check_owner(self, ident: PeerIdentity | None, host_id: str, what: str) -> None:
+        if ident is not None and not self.owns_host(ident, host_id):
+            self.refused["permission"].inc()
+            raise ScheduleError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{what}: host {host_id} is not the caller's ({_who(ident)}); only its owner may",
+            )
+
+    def check_announce(self, ident: PeerIdentity, pb: common_pb2.Host) -> None:
+        """A host announces only itself: its ip and hostname named by the certificate, its id the
+        one they make, and a seed type only with a ``seed`` certificate."""
+        seed = pb.type != HostType.NORMAL
+        why = ""
+        if not ident.may_be_host(pb.ip, pb.hostname):
+            why = f"the certificate ({_who(ident)}) does not name ip {pb.ip} and hostname {pb.hostname}"
+        elif seed and not ident.is_seed:
+            why = "only a certificate with role seed may announce a seed host"
+        elif pb.id != (expected := ids.host_id(pb.ip, pb.hostname, seed=seed)):
+            why = f"host id {pb.id} is not {expected}, the id of ip {pb.ip} and hostname {pb.hostname}"
+        if why:
+            self.refused["permission"].inc()
+            raise ScheduleError(grpc.StatusCode.PERMISSION_DENIED, f"AnnounceHost refused: {why}")
+
+    def check_task_id(self, task_id: str, download: common_pb2.Download) -> None:
+        """A peer registers under its Download's own task id (``wire.download_task_id``, what a
+        daemon computes from the same request), never one it names: otherwise a peer could put
+        one URL's bytes, and their piece digests, under another URL's task."""
+        try:
+            expected = download_task_id(download)
+        except InvalidArgument as exc:
+            self.refused["task_id"].inc()
+            raise ScheduleError(grpc.StatusCode.INVALID_ARGUMENT, f"register refused: {exc}") from None
+        if task_id != expected:
+            self.refused["task_id"].inc()
+            raise ScheduleError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"register refused: task id {task_id[:128]!r} is not its download's ({expected})",
+            )
+
+    def over_limit(self, what: str, limit: int) -> ScheduleError:
+        self.refused["limit"].inc()
+        return ScheduleError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the scheduler holds its maximum of {limit} {what} (security.limits.max_{what}); no new one is taken",
+        )
 
     def _spawn(self, coro: object) -> None:
         t = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -478,6 +632,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         pb = request.host
         if not pb.id or not pb.ip or not pb.port:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "host needs id, ip and port")
+        try:
+            ident = self.identity(context)
+            if ident is not None:
+                self.check_announce(ident, pb)
+            if pb.id not in self.state.hosts and len(self.state.hosts) >= self.limits.max_hosts:
+                raise self.over_limit("hosts", self.limits.max_hosts)
+        except ScheduleError as exc:
+            await context.abort(exc.code, str(exc))
         now = time.time()
         host = host_from_proto(pb, now)
         if request.interval.seconds:
@@ -504,6 +666,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def DeleteHost(
         self, request: scheduler_pb2.DeleteHostRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
+        await self._owner_only(context, request.host_id, "DeleteHost")
         self.state.remove_host(request.host_id)
         self._refresh_gauges()
         return empty_pb2.Empty()
@@ -527,9 +690,24 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     # -- tasks and peers -------------------------------------------------------------
 
+    async def _operator_only(self, context: grpc.aio.ServicerContext, what: str) -> None:
+        """Abort unless the caller's certificate has an operator's role (anyone may without TLS)."""
+        try:
+            ident = self.identity(context)
+            if ident is not None and not ident.roles & OPERATOR_ROLES:
+                self.refused["permission"].inc()
+                raise ScheduleError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{what} is an operator's request: the caller's certificate ({_who(ident)}) has no role "
+                    f"{' or '.join(sorted(OPERATOR_ROLES))}",
+                )
+        except ScheduleError as exc:
+            await context.abort(exc.code, str(exc))
+
     async def PreheatImage(
         self, request: scheduler_pb2.PreheatImageRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
+        await self._operator_only(context, "PreheatImage")
         await preheat.preheat_image(self, request, context)
         return empty_pb2.Empty()
 
@@ -541,6 +719,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def PreheatFile(
         self, request: scheduler_pb2.PreheatFileRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
+        await self._operator_only(context, "PreheatFile")
         await preheat.preheat_file(self, request, context)
         return empty_pb2.Empty()
 
@@ -555,6 +734,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def DeleteTask(
         self, request: scheduler_pb2.DeleteTaskRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
+        await self._owner_only(context, request.host_id, "DeleteTask")
         e = self.state.tasks.get(request.task_id)
         if e is not None:
             for pid in list(e.task.peer_ids):
@@ -574,9 +754,20 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def DeletePeer(
         self, request: scheduler_pb2.DeletePeerRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
+        p = self.state.peers.get(request.peer_id)
+        if p is None:
+            return empty_pb2.Empty()
+        await self._owner_only(context, p.host_id, "DeletePeer")
         self.state.remove_peer(request.peer_id)
         self._refresh_gauges()
         return empty_pb2.Empty()
+
+    async def _owner_only(self, context: grpc.aio.ServicerContext, host_id: str, what: str) -> None:
+        """Abort unless the caller may act for ``host_id`` (anyone may without TLS)."""
+        try:
+            self.check_owner(self.identity(context), host_id, what)
+        except ScheduleError as exc:
+            await context.abort(exc.code, str(exc))
 
     # -- the announce stream -------------------------------------------------------------
 
@@ -584,7 +775,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         """AnnouncePeer on damselfly.h2grpc: each request handled as it is read, each answer
         written as it is made, and no task for the stream."""
         self.metrics.announce_peer.inc()
-        session = _PeerSession(self, StreamOut(context), shares_ok=offers_source_shares(context.invocation_metadata()))
+        session = _PeerSession(
+            self, StreamOut(context), shares_ok=offers_source_shares(context.invocation_metadata()), context=context
+        )
         context.add_done_callback(lambda _: session.close())
         requests.listen(session.on_request, session.on_requests_end)
 
@@ -594,7 +787,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     ) -> AsyncIterator[scheduler_pb2.AnnouncePeerResponse]:
         self.metrics.announce_peer.inc()
         out = Outbox()  # (grpcio) a task reads the requests, this generator yields the answers
-        session = _PeerSession(self, out, shares_ok=offers_source_shares(context.invocation_metadata()))
+        session = _PeerSession(
+            self, out, shares_ok=offers_source_shares(context.invocation_metadata()), context=context
+        )
         reader = asyncio.get_running_loop().create_task(session.consume(request_iterator))
         try:
             while True:
@@ -610,13 +805,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     # -- scheduling ------------------------------------------------------------------------
 
-    async def schedule(self, peer: Peer) -> Answer:
-        """Parents for ``peer``, or an instruction to go to the source; waits for the seed."""
+    async def schedule(self, peer: Peer, request: common_pb2.Download | None = None) -> Answer:
+        """Parents for ``peer``, or an instruction to go to the source; waits for the seed.
+        ``request``: the peer's own request with its credentials, for the seed (see _trigger_seed)."""
         started = time.monotonic()
         entry = self.state.tasks[peer.task_id]
         deadline = started + self.cfg.seed_wait
         while True:
-            answer = self.schedule_now(peer, started)
+            answer = self.schedule_now(peer, started, request)
             if answer is not None:
                 return answer
             if time.monotonic() >= deadline:
@@ -627,7 +823,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 return self._back_to_source(entry, peer, f"no parent within {self.cfg.seed_wait:.0f}s")
             await entry.changed.wait(self.cfg.retry_interval)
 
-    def schedule_now(self, peer: Peer, started: float) -> Answer | None:
+    def schedule_now(self, peer: Peer, started: float, request: common_pb2.Download | None = None) -> Answer | None:
         """One round of :meth:`schedule`: an answer, or None when the peer must wait."""
         st = self.state
         entry = st.tasks[peer.task_id]
@@ -642,7 +838,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             self.schedules["normal"].inc()
             self.metrics.schedule_seconds.observe(time.monotonic() - started)
             return Encoded(self._offer_encoded(entry, peer, [], parents))
-        if not self._source_busy(entry, peer) and self._trigger_seed(entry, peer) is None:
+        if not self._source_busy(entry, peer) and self._trigger_seed(entry, peer, request) is None:
             # Nobody is fetching from the source and no seed can: this peer must.
             return self._back_to_source(entry, peer, "no seed peer and no parent")
         return None
@@ -835,8 +1031,45 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return False
         return any(covers(asked, wanted, _layout(entry)) for asked in entry.seed_requests)
 
+    def source_rank(self, entry: TaskEntry, peer: Peer, number: int, share: set[int] | None) -> int:
+        """Whose report of piece ``number`` read from the source ``peer``'s is (NOT_SENT,
+        SENT_PEER, SEED): a seed host's peer; a peer the scheduler sent to the source or handed
+        the piece in a share; anybody else, whose digests are not taken."""
+        h = self.state.hosts.get(peer.host_id)
+        if h is not None and h.type is not _NORMAL_HOST:
+            return SEED
+        if peer.id in entry.source_readers or (share is not None and number in share):
+            return SENT_PEER
+        return NOT_SENT
+
+    def source_piece(self, entry: TaskEntry, peer: Peer, piece: common_pb2.Piece, share: set[int] | None) -> None:
+        """A piece ``peer`` says it read from the source: its digest becomes the task's
+        authoritative one only from a peer the scheduler sent there, well formed, and where the
+        task's layout puts the piece. Others are ignored (logged once per peer)."""
+        rank = self.source_rank(entry, peer, piece.number, share)
+        why = ""
+        if rank == NOT_SENT:
+            why = "the scheduler did not send it to the source"
+        elif piece.digest and not valid_piece_digest(piece.digest):
+            why = f"digest {piece.digest[:80]!r} is not crc32:N, sha256:HEX or blake3:HEX"
+        elif entry.task.known_length:
+            try:
+                span = entry.task.layout.span(piece.number)
+            except InvalidArgument as exc:
+                span, why = None, str(exc)
+            if span is not None and (piece.offset, piece.length) != (span.offset, span.length):
+                why = f"piece {piece.number} is not at {piece.offset}+{piece.length} in the task's layout"
+        if why:
+            self.refused["digest"].inc()
+            if peer.id not in entry.ignored_reporters:
+                entry.ignored_reporters.add(peer.id)
+                logger.warning("task {}: source piece reports of peer {} ignored: {}", entry.task.id[:12], peer.id, why)
+            return
+        entry.record_piece(piece, rank)
+
     def _back_to_source(self, entry: TaskEntry, peer: Peer, why: str) -> scheduler_pb2.AnnouncePeerResponse:
         entry.back_to_source_peers.add(peer.id)
+        entry.source_readers.add(peer.id)  # sent to the source: its piece reports set the digests
         peer.need_back_to_source = True
         self.schedules["back_to_source"].inc()
         logger.info("peer {} of task {} goes back to source: {}", peer.id, peer.task_id[:12], why)
@@ -844,8 +1077,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             need_back_to_source_response=scheduler_pb2.NeedBackToSourceResponse(description=why)
         )
 
-    def _trigger_seed(self, entry: TaskEntry, peer: Peer) -> Host | None:
-        """Ask the task's seed to fetch it from the source; None when no seed can."""
+    def _trigger_seed(self, entry: TaskEntry, peer: Peer, request: common_pb2.Download | None = None) -> Host | None:
+        """Ask the task's seed to fetch it from the source; None when no seed can.
+
+        The seed gets the request as the scheduler keeps it, without credentials. Only over
+        mutual TLS does it get the requester's own ``request``, credentials included, for this
+        one call (they are kept nowhere). Without TLS a private source refuses the seed, and the
+        requester is sent to read the source itself."""
         if not self.cfg.seed_trigger:
             return None
         seed = self.state.seed_for(entry.task.id)
@@ -864,7 +1102,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         entry.seed_triggered_at = time.time()
         self.metrics.seed_triggers.inc()
         download = common_pb2.Download()
-        download.CopyFrom(self.state.downloads.get(peer.id) or common_pb2.Download(url=entry.task.url))
+        if request is not None and self.tls:
+            download.CopyFrom(request)
+        else:
+            download.CopyFrom(self.state.downloads.get(peer.id) or common_pb2.Download(url=entry.task.url))
         download.need_back_to_source = True
         download.output_path = ""
         self._spawn(self._run_seed(seed, entry, download))
@@ -874,7 +1115,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         addr = f"{seed.ip}:{seed.port}"
         logger.info("triggering seed {} for task {}", seed.id, entry.task.id[:12])
         try:
-            async with grpc.aio.insecure_channel(addr) as channel:
+            async with preheat.channel_to(addr, self.settings) as channel:
                 stub = dfdaemon_pb2_grpc.DfdaemonUploadStub(channel)
                 call = stub.DownloadTask(dfdaemon_pb2.DownloadTaskRequest(download=download))
                 async for _ in call:
@@ -889,12 +1130,18 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 class _PeerSession:
     """One AnnouncePeer stream: the requests of one peer, answered through ``out``."""
 
-    def __init__(self, svc: SchedulerService, out: Outbox | StreamOut, *, shares_ok: bool = False):
+    def __init__(
+        self, svc: SchedulerService, out: Outbox | StreamOut, *, shares_ok: bool = False, context: object = None
+    ):
         self.svc = svc
         self.st = svc.state
         self.out = out
         self.shares_ok = shares_ok  # the peer said it may take a share of the source read
+        self.context = context  # the call's, for the caller's certificate
         self.peer: Peer | None = None
+        # the peer's request as it sent it, while it has credentials the scheduler does not keep:
+        # it lives with the stream (the request), for the seed trigger over TLS
+        self.request: common_pb2.Download | None = None
         self.scheduling: asyncio.Task[None] | None = None
         self.input_done = False  # the requests ended, or one ended the stream
 
@@ -921,7 +1168,7 @@ class _PeerSession:
             return
         peer.schedule_count += 1
         try:
-            answer = self.svc.schedule_now(peer, time.monotonic())
+            answer = self.svc.schedule_now(peer, time.monotonic(), self.request)
         except ScheduleError as exc:
             self.out.put_nowait(exc)
             return
@@ -932,7 +1179,7 @@ class _PeerSession:
 
     async def _schedule(self, peer: Peer) -> None:
         try:
-            answer = await self.svc.schedule(peer)
+            answer = await self.svc.schedule(peer, self.request)
         except ScheduleError as exc:
             self.out.put_nowait(exc)
             return
@@ -1002,9 +1249,9 @@ class _PeerSession:
             c = piece.cost
             peer.add_cost(c.seconds + c.nanos / 1e9)
             if kind == "download_piece_back_to_source_finished_request":
-                entry.record_piece(piece)
                 self.svc.reports["back_to_source"].inc()
                 share = entry.shares.get(peer.id)
+                self.svc.source_piece(entry, peer, piece, share)
                 if share is not None:
                     share.discard(piece.number)
                     if not share:
@@ -1075,12 +1322,26 @@ class _PeerSession:
             raise ScheduleError(grpc.StatusCode.NOT_FOUND, f"host {req.host_id} has not been announced")
         if not req.task_id or not req.peer_id:
             raise ScheduleError(grpc.StatusCode.INVALID_ARGUMENT, "task_id and peer_id are required")
+        svc = self.svc
+        if svc.tls:
+            svc.check_owner(svc.identity(self.context), host.id, "AnnouncePeer")
+        svc.check_task_id(req.task_id, download)
+        limits = svc.limits
+        if req.task_id not in self.st.tasks and len(self.st.tasks) >= limits.max_tasks:
+            raise svc.over_limit("tasks", limits.max_tasks)
+        if req.peer_id not in self.st.peers and len(self.st.peers) >= limits.max_peers:
+            raise svc.over_limit("peers", limits.max_peers)
+        # Credentials stay with the request (this stream): the scheduler keeps and shows the
+        # request without them, stripped once here.
+        if has_secrets(download):
+            self.request = download
+            download = strip_secrets(download)
         entry = self.st.entry(req.task_id)
         task = entry.task
         if not task.url:
-            task.url, task.tag, task.application = download.url, download.tag, download.application
+            task.url, task.tag, task.application = redact_url(download.url), download.tag, download.application
             task.filtered_query_params = list(download.filtered_query_params)
-            task.request_header = dict(download.request_header)
+            task.request_header = public_headers(download.request_header)
             task.digest = download.digest
         if download.actual_piece_length and not task.known_length:
             task.content_length = download.actual_content_length
@@ -1097,6 +1358,7 @@ class _PeerSession:
             created_at=now,
             updated_at=now,
             priority=download.priority,
+            metadata_only=download.metadata_only,
         )
         self.st.peers[peer.id] = peer
         self.st.set_download(peer.id, download)
@@ -1148,14 +1410,20 @@ async def start_scheduler(settings: Settings, plugins: Plugins | None = None) ->
     metrics = SchedulerMetrics()
     service = SchedulerService(settings, plugins, metrics)
     cfg = settings.scheduler
+    tls_cfg = settings.security.tls
     server: grpc.aio.Server | h2grpc.Server
-    server = h2grpc.Server() if cfg.grpc_server == "native" else grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    if cfg.grpc_server == "native":
+        server = h2grpc.Server(max_streams=settings.security.limits.grpc_max_streams)
+    else:  # (with TLS, an interceptor checks each caller's certificate names its address)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=tls.server_interceptors(tls_cfg))
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{cfg.listen_ip}:{cfg.port}")
+    # mutual TLS when security.tls is set: every caller shows a certificate of the cluster CA
+    port = tls.add_port(server, _address(cfg.listen_ip, cfg.port), tls_cfg)
     if port == 0:
         raise OSError(f"cannot bind the scheduler to {cfg.listen_ip}:{cfg.port}")
+    tls.warn_unauthenticated("the scheduler", cfg.listen_ip, tls_cfg)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     runner, metrics_port = await serve_metrics(metrics.registry, cfg.listen_ip, cfg.metrics_port)
@@ -1163,6 +1431,14 @@ async def start_scheduler(settings: Settings, plugins: Plugins | None = None) ->
     service._spawn(service.refresh_periodically())
     logger.info("scheduler serving on {}:{} (metrics :{})", cfg.listen_ip, port, metrics_port)
     return SchedulerServer(server, service, runner, gc, f"{cfg.listen_ip}:{port}", metrics_port)
+
+
+def _address(ip: str, port: int) -> str:
+    """host:port, an IPv6 address in brackets."""
+    try:
+        return f"[{ip}]:{port}" if ipaddress.ip_address(ip).version == 6 else f"{ip}:{port}"
+    except ValueError:
+        return f"{ip}:{port}"
 
 
 @dataclass

@@ -1,12 +1,46 @@
-"""The one admission point: every download request is classified by where it came
-from, and that decides which sources it may use and with whose credentials.
+"""The one admission point: every download request is classified by where it came from,
+and that decides which sources it may use and with whose credentials.
 
-(Contract written first; the rules are filled in by the admission work.)
+The rules:
+
+- ``file://`` and every other source that reads this node's own files (``LOCAL_SCHEMES``,
+  any fsspec protocol whose filesystem is local) only for a local client (the unix
+  socket) or the daemon itself.
+- A request from the network (the proxy, the upload API, a scheduler's seed trigger, a
+  preheat) only for the schemes in ``security.sources.schemes``; the proxy's upstream only
+  ``http``/``https``. ``damselfly-cache://`` tasks come from the swarm alone, never from a
+  file, so cluster members may ask for them (that is how replicas are placed).
+- The URL's host (where the scheme names one) against the source policy, for every
+  origin, a local client's too; source plugins check again at connect time and on every
+  redirect.
+- A request from the network never borrows the node's configured credentials, and a
+  request that overrides a source's endpoint never gets them from any origin
+  (``source_options``).
+- Only a local client (or a cluster member proven by its certificate) may pin a task
+  against garbage collection.
+
+A download runs in a task started under ``admitted(origin, policy)``: the sources it makes
+know whose request they serve (``current_origin()``, for their options) and the policy
+their connections are checked against (``current_policy()``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from damselfly.core.errors import InvalidArgument, PermissionDenied
+from damselfly.security.policy import LOCAL_SCHEMES, SourcePolicy
+
+if TYPE_CHECKING:
+    from damselfly.contracts import Source
+    from damselfly.daemon.download import DownloadRequest
 
 
 class Origin(enum.Enum):
@@ -22,3 +56,173 @@ class Origin(enum.Enum):
     @property
     def from_network(self) -> bool:
         return self not in (Origin.LOCAL, Origin.INTERNAL)
+
+
+# What the proxy's upstream may be, whatever else the policy allows.
+PROXY_SCHEMES = frozenset({"http", "https"})
+# Content that only ever comes from the swarm (no origin, no file behind it).
+SWARM_SCHEMES = frozenset({"damselfly-cache"})
+# Schemes whose URL names the server that is reached (s3://BUCKET, hf://OWNER/REPO do not:
+# their sources check the endpoint they connect to).
+HOST_SCHEMES = frozenset({"http", "https", "hdfs", "webhdfs", "oci", "ftp", "sftp", "ssh", "smb", "webdav"})
+# The request header that keeps a replica of a persistent cache task until then (daemon.download).
+PIN_HEADER = "x-damselfly-cache-expires"
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whose request a running download serves, and the source policy it runs under."""
+
+    origin: Origin
+    policy: SourcePolicy
+
+
+_CURRENT: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("damselfly_admission", default=None)
+
+
+def current() -> Admission | None:
+    """The admission of the download running here (None outside any admitted download)."""
+    return _CURRENT.get()
+
+
+def current_origin() -> Origin | None:
+    """The origin of the request the running download serves (None outside any download)."""
+    adm = _CURRENT.get()
+    return adm.origin if adm is not None else None
+
+
+def current_policy() -> SourcePolicy | None:
+    """The source policy of the running download (None outside any download)."""
+    adm = _CURRENT.get()
+    return adm.policy if adm is not None else None
+
+
+@contextlib.contextmanager
+def admitted(origin: Origin, policy: SourcePolicy) -> Iterator[None]:
+    """Tasks started inside this block (and the sources they make) act for ``origin``, under ``policy``."""
+    token = _CURRENT.set(Admission(origin, policy))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def reads_this_node(scheme: str) -> bool:
+    """``scheme``'s source reads this node's own files or memory."""
+    scheme = scheme.lower()
+    if scheme in LOCAL_SCHEMES:
+        return True
+    if scheme in HOST_SCHEMES | SWARM_SCHEMES | {"s3", "s3a", "hf"}:
+        return False  # (not worth importing their fsspec implementations to know)
+    try:
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+        from fsspec.implementations.memory import MemoryFileSystem
+
+        cls = fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError):
+        return False
+    return issubclass(cls, LocalFileSystem | MemoryFileSystem)
+
+
+def allowed_schemes(origin: Origin, policy: SourcePolicy) -> frozenset[str] | None:
+    """The schemes a request from ``origin`` may use (None: any, for a local client)."""
+    if not origin.from_network:
+        return None
+    if origin is Origin.PROXY:
+        return policy.schemes & PROXY_SCHEMES
+    return policy.schemes | SWARM_SCHEMES
+
+
+def check_source(url: str, origin: Origin, policy: SourcePolicy) -> None:
+    """May a request from ``origin`` have ``url`` fetched? PermissionDenied (one line) when not."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid url {url!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if origin.from_network and reads_this_node(scheme):
+        raise PermissionDenied(
+            f"{scheme}:// reads this node's own files: only a local client (the daemon's socket) may ask for it, "
+            f"not a request from the {origin.value}"
+        )
+    schemes = allowed_schemes(origin, policy)
+    if schemes is not None and scheme not in schemes:
+        where = "security.sources.schemes" + (" and the proxy's http/https" if origin is Origin.PROXY else "")
+        raise PermissionDenied(
+            f"a request from the {origin.value} may not use {scheme}:// sources ({where}: {', '.join(sorted(schemes))})"
+        )
+    if scheme in HOST_SCHEMES and parts.hostname:
+        policy.check_host(parts.hostname, port)
+
+
+def admit(req: DownloadRequest, origin: Origin, policy: SourcePolicy, *, member: bool = False) -> DownloadRequest:
+    """The request as it may run for ``origin`` under ``policy``, or PermissionDenied.
+
+    ``member``: the caller proved with its certificate that it is a cluster member (then it
+    may pin a replica against garbage collection, as ``cache import --replicas`` does)."""
+    check_source(req.url, origin, policy)
+    if origin.from_network and not member:
+        pins = [k for k in req.request_header if k.lower() == PIN_HEADER]
+        if pins:
+            req = replace(req, request_header={k: v for k, v in req.request_header.items() if k not in pins})
+    return req
+
+
+# -- credentials -----------------------------------------------------------------------------
+
+# Option names that hold credentials, for sources that do not declare ``credential_fields``.
+_SECRET_NAME = re.compile(r"token|secret|password|passwd|credential|auth|(^|_)key($|_)|sas|connection_string", re.I)
+
+
+def credential_fields(source: type[Source]) -> frozenset[str]:
+    """The options of ``source`` that are credentials: declared, else guessed from their names."""
+    declared = getattr(source, "credential_fields", None)
+    if declared is not None:
+        return frozenset(declared)
+    fields = getattr(source.Config, "model_fields", {})
+    return frozenset(name for name in fields if _SECRET_NAME.search(name))
+
+
+def endpoint_fields(source: type[Source]) -> frozenset[str]:
+    """The options of ``source`` that say which server it talks to."""
+    return frozenset(getattr(source, "endpoint_fields", ()))
+
+
+def _without_secrets(options: Mapping[str, Any], secrets: frozenset[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if k in secrets or (_SECRET_NAME.search(k) and not isinstance(v, Mapping)):
+            continue
+        out[k] = _without_secrets(v, secrets) if isinstance(v, Mapping) else v
+    return out
+
+
+def source_options(
+    source: type[Source],
+    configured: Mapping[str, Any],
+    request: Mapping[str, Mapping[str, Any]] | None,
+    origin: Origin | None,
+) -> dict[str, Any]:
+    """The options ``source`` is built with: the configured ones (``sources.NAME``), then
+    the request's own (its ``request_field`` message).
+
+    The configured credentials are left out when the request came from the network
+    (``origin`` None, a source made outside any admitted download, counts as the network),
+    and when the request overrides one of the source's endpoints: a request's credentials
+    go with it, and the node's go only where the node's configuration sends them."""
+    own: dict[str, Any] = {}
+    if request and source.request_field:
+        own = dict(source.request_options(dict(request.get(source.request_field) or {})))
+    options = dict(configured)
+    defaults = getattr(source.Config, "model_fields", {})
+    overridden = [
+        k
+        for k in endpoint_fields(source)
+        if k in own and own[k] != options.get(k, getattr(defaults.get(k), "default", None))
+    ]
+    if origin is None or origin.from_network or overridden:
+        options = _without_secrets(options, credential_fields(source))
+    options.update(own)
+    return options

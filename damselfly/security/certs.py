@@ -120,15 +120,19 @@ def issue(
         raise InvalidArgument(f"unknown role {bad[0]!r} (roles: {', '.join(ROLES)})")
     if not ips and not dns:
         raise InvalidArgument("a node certificate needs at least one address (--ip or --dns)")
-    try:
-        addresses = [ipaddress.ip_address(ip) for ip in ips]
-    except ValueError as exc:
-        raise InvalidArgument(str(exc)) from None
+    addresses = []
+    for ip in ips:
+        try:
+            addresses.append(ipaddress.ip_address(ip))
+        except ValueError:
+            raise InvalidArgument(f"bad IP address {ip!r} (a DNS name goes in --dns)") from None
     try:
         ca_cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
         ca_key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
     except FileNotFoundError:
         raise InvalidArgument(f"no CA in {ca_dir} (run `damselfly certs init --dir {ca_dir}`)") from None
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"cannot read the CA in {ca_dir}: {exc}".splitlines()[0]) from None
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     sans: list[x509.GeneralName] = [x509.IPAddress(a) for a in addresses]

@@ -10,6 +10,7 @@ address, a DNS rebinding, or a redirect to one is refused too.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -32,8 +33,14 @@ METADATA_ADDRESSES = frozenset(
 )
 _SHARED = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: treated as private
 
-# Schemes that read this node's own files or processes: never for a request from the network.
-LOCAL_SCHEMES = frozenset({"file", "local", "memory", "cache", "fsspec-file"})
+# Schemes that read this node's own files or processes: never for a request from the network
+# (with any fsspec protocol whose filesystem is local; see admission.reads_this_node). The
+# fsspec wrappers are here too: they read local files (reference, zip, git) or keep a local
+# cache a later request would read (simplecache, filecache).
+LOCAL_SCHEMES = frozenset(
+    {"file", "local", "memory", "cache", "fsspec-file", "reference", "dir", "zip", "tar", "libarchive", "git", "jlab"}
+    | {"simplecache", "filecache", "blockcache", "cached"}
+)
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,20 @@ class SourcePolicy:
         return addrs
 
 
+async def check_endpoint(policy: SourcePolicy, url: str, setting: str) -> None:
+    """An endpoint a client library connects to on its own (an S3 endpoint, say): its host
+    and every address it resolves to, checked before the library is handed it. ``setting``
+    names where the endpoint came from, for the message."""
+    parts = urlsplit(url if "://" in url else f"//{url}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise PermissionDenied(f"bad endpoint {url!r} ({setting})") from None
+    if not host:
+        raise PermissionDenied(f"endpoint {url!r} names no host ({setting})")
+    await policy.resolve(host, port or (443 if parts.scheme == "https" else 80))  # OSError when it does not resolve
+
+
 def policy_resolver(policy: SourcePolicy) -> aiohttp.abc.AbstractResolver:
     """An aiohttp resolver that refuses hosts and addresses the policy refuses: every
     connection (redirects included) an aiohttp session makes with it is checked."""
@@ -154,10 +175,30 @@ def policy_resolver(policy: SourcePolicy) -> aiohttp.abc.AbstractResolver:
 
 
 def policy_connector(policy: SourcePolicy, **kwargs: Any) -> aiohttp.TCPConnector:
-    """An aiohttp connector whose every connection is checked against ``policy``."""
+    """An aiohttp connector whose every connection is checked against ``policy``.
+
+    The check sits where the connector turns a host into addresses, so it covers names
+    (every address they resolve to, cached or not), literal addresses (which aiohttp
+    never hands to a resolver) and every redirect's new host alike."""
+    return _connector_class()(policy, **kwargs)
+
+
+@functools.cache
+def _connector_class() -> type[aiohttp.TCPConnector]:
     import aiohttp
 
-    return aiohttp.TCPConnector(resolver=policy_resolver(policy), **kwargs)
+    class PolicyConnector(aiohttp.TCPConnector):
+        def __init__(self, policy: SourcePolicy, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.policy = policy
+
+        async def _resolve_host(self, host: str, port: int, traces: Any = None) -> list[Any]:
+            self.policy.check_host(host, port)
+            hosts = await super()._resolve_host(host, port, traces=traces)
+            self.policy.check_addresses(host, [h["host"] for h in hosts])
+            return hosts
+
+    return PolicyConnector
 
 
 def refusal_in(exc: BaseException) -> PermissionDenied | None:

@@ -5,18 +5,28 @@ that the server's certificate names the address they dialled (an IP SAN for an I
 a DNS SAN for a name), which upstream Dragonfly does not check. Without
 ``security.tls`` every helper here falls back to plaintext, and ``warn_unauthenticated``
 says so loudly for a listener that other hosts can reach.
+
+Servers also check the other way (with ``verify_address``): the client's certificate must
+name the IP address the connection comes from, so a certificate stolen from one node is
+no use from another. gRPC's TLS does not do this, so damselfly does it itself:
+h2grpc at the handshake (``add_secure_port``'s ``peer_check``), grpcio servers in an
+interceptor (``server_interceptors``) that runs ``check_peer_address`` before every call.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import ipaddress
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from loguru import logger
 
 from damselfly.core.errors import InvalidArgument
+from damselfly.security.identity import PeerIdentity, identity_from_der, identity_from_pem
 
 if TYPE_CHECKING:
     import grpc
@@ -25,7 +35,9 @@ if TYPE_CHECKING:
 
 
 def _files(cfg: TlsConfig) -> tuple[bytes, bytes, bytes]:
-    assert cfg.ca is not None and cfg.cert is not None and cfg.key is not None
+    assert cfg.ca is not None
+    assert cfg.cert is not None
+    assert cfg.key is not None
     try:
         return cfg.ca.read_bytes(), cfg.cert.read_bytes(), cfg.key.read_bytes()
     except OSError as exc:
@@ -80,7 +92,8 @@ def grpc_channel_credentials(cfg: TlsConfig) -> grpc.ChannelCredentials:
 
 def grpc_channel(address: str, cfg: TlsConfig | None, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
     """A grpc.aio channel to ``address``: mutual TLS when ``cfg`` is enabled (the server's
-    certificate must name the host part of ``address``), else plaintext."""
+    certificate must name the host part of ``address``: grpc checks it whatever
+    ``verify_address`` says), else plaintext."""
     import grpc
 
     if cfg is None or not cfg.enabled:
@@ -89,12 +102,132 @@ def grpc_channel(address: str, cfg: TlsConfig | None, options: Sequence[tuple[st
 
 
 def add_port(server: Any, address: str, cfg: TlsConfig | None) -> int:
-    """Bind ``server`` (grpcio's or h2grpc's) at ``address``: mTLS when configured."""
+    """Bind ``server`` (grpcio's or h2grpc's) at ``address``: mTLS when configured.
+
+    h2grpc checks at the handshake that the client's certificate names the address it
+    connects from (with ``verify_address``); a grpcio server needs ``server_interceptors(cfg)``
+    given to ``grpc.aio.server`` for that check."""
     if cfg is None or not cfg.enabled:
         return int(server.add_insecure_port(address))
     if hasattr(server, "add_secure_port") and getattr(server, "takes_ssl_context", False):  # damselfly.h2grpc
-        return int(server.add_secure_port(address, server_ssl_context(cfg, alpn=("h2",))))
+        check = cert_names_ip if cfg.verify_address else None
+        return int(server.add_secure_port(address, server_ssl_context(cfg, alpn=("h2",)), peer_check=check))
     return int(server.add_secure_port(address, grpc_server_credentials(cfg)))
+
+
+def cert_names_ip(der: bytes, ip: str) -> bool:
+    """The certificate (DER) names ``ip`` among its IP subjectAltNames."""
+    return bool(der) and _identity_of_der(der).names_ip(plain_ip(ip))
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity_of_der(der: bytes) -> PeerIdentity:
+    return identity_from_der(der)
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity_of_pem(pem: bytes) -> PeerIdentity:
+    return identity_from_pem(pem)
+
+
+def peer_address_problem(context: Any) -> str | None:
+    """Why the caller's certificate does not fit the connection it came on, or None when it
+    does (or when the call came in plaintext: there is nothing to check then). ``context`` is
+    a grpcio or h2grpc servicer context."""
+    der_of = getattr(context, "peer_certificate", None)
+    if der_of is not None:  # damselfly.h2grpc
+        der = der_of()
+        if not der:
+            return None
+        identity = _identity_of_der(der)
+    else:
+        auth = getattr(context, "auth_context", None)
+        pems = (auth().get("x509_pem_cert") or []) if auth is not None else []
+        if not pems:
+            return None
+        identity = _identity_of_pem(pems[0])
+    ip = peer_ip(context.peer())
+    if not ip:
+        return f"cannot tell the address of the caller {context.peer()!r}"
+    if not identity.names_ip(ip):
+        return f"the client certificate ({identity.common_name}) does not name {ip}, the address it connects from"
+    return None
+
+
+async def check_peer_address(context: Any) -> None:
+    """Abort the call with PERMISSION_DENIED when the caller's certificate does not name the
+    IP address it connects from (a no-op in plaintext)."""
+    import grpc
+
+    problem = peer_address_problem(context)
+    if problem is not None:
+        logger.warning("SECURITY: refused a call from {}: {}", context.peer(), problem)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
+
+
+def server_interceptors(cfg: TlsConfig | None) -> list[Any]:
+    """Interceptors for ``grpc.aio.server(interceptors=...)``: with TLS and ``verify_address``,
+    one that runs :func:`check_peer_address` before every call; else none."""
+    if cfg is None or not cfg.enabled or not cfg.verify_address:
+        return []
+    return [_interceptor_class()()]
+
+
+@functools.cache
+def _interceptor_class() -> type:
+    import grpc
+
+    class PeerAddressInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+        """Every method's behaviour runs :func:`check_peer_address` first."""
+
+        async def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+            handler = await continuation(details)
+            return None if handler is None else _checked_handler(handler)
+
+    return PeerAddressInterceptor
+
+
+def _checked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(fn):
+
+        async def stream(request: Any, context: Any) -> Any:
+            await check_peer_address(context)
+            agen = fn(request, context)
+            try:
+                async for message in agen:
+                    yield message
+            finally:
+                await agen.aclose()
+
+        return stream
+
+    async def call(request: Any, context: Any) -> Any:
+        await check_peer_address(context)
+        result = fn(request, context)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    return call
+
+
+def _checked_handler(handler: Any) -> Any:
+    import grpc
+
+    kinds = (
+        (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
+    )
+    for fn, make in kinds:
+        if fn is not None:
+            return make(
+                _checked(fn),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
 
 
 def is_loopback(host: str) -> bool:
@@ -120,10 +253,21 @@ def warn_unauthenticated(what: str, bind_host: str, cfg: TlsConfig | None) -> bo
 
 
 def peer_ip(grpc_peer: str) -> str:
-    """The IP in a gRPC peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``); '' for others."""
+    """The IP in a gRPC peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``, grpcio's
+    ``ipv6:%5B::1%5D:5``), an IPv4-mapped IPv6 address as IPv4; '' for others."""
     kind, _, rest = grpc_peer.partition(":")
     if kind == "ipv4":
         return rest.rpartition(":")[0]
     if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]")
+        return plain_ip(unquote(rest).rpartition(":")[0].strip("[]"))
     return ""
+
+
+def plain_ip(ip: str) -> str:
+    """``ip``, or the IPv4 address inside an IPv4-mapped IPv6 one (a dual-stack listener's view)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped) if mapped is not None else ip

@@ -11,12 +11,16 @@ import subprocess
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from damselfly import cluster as cl
 from damselfly.client import SyncClient
+from damselfly.config import TlsConfig
 from damselfly.demo import scrape, start_origin
 from damselfly.origin import make_file
+
+if TYPE_CHECKING:
+    import grpc
 
 
 class OriginProcess:
@@ -66,6 +70,22 @@ class Cluster:
     def daemons(self) -> list[dict[str, Any]]:
         return self.info["daemons"]
 
+    @property
+    def tls(self) -> TlsConfig | None:
+        """The ``security.tls`` of a client of this cluster (certificate role client), or None
+        without TLS: for a test that calls the scheduler or an upload server itself."""
+        files = self.info.get("tls")
+        if not files:
+            return None
+        return TlsConfig(ca=Path(files["ca"]), cert=Path(files["cert"]), key=Path(files["key"]))
+
+    def channel(self, address: str | None = None) -> grpc.aio.Channel:
+        """A gRPC channel to ``address`` (default: the first scheduler), with the cluster's
+        client certificate when it runs TLS."""
+        from damselfly.security import tls
+
+        return tls.grpc_channel(address or self.info["scheduler"], self.tls)
+
     def daemon(self, name: str) -> dict[str, Any]:
         for d in self.daemons:
             if d["name"] == name:
@@ -113,6 +133,20 @@ def start_cluster(
     env: dict[str, str] | None = None,
     peer_env: dict[int, dict[str, str]] | None = None,
     schedulers: int = 1,
+    tls: bool = False,
+    allow_loopback: bool = True,
 ) -> Cluster:
-    info, procs = cl.start(directory, peers, seed=seed, env=env, peer_env=peer_env, schedulers=schedulers)
+    """Start a cluster of processes on 127.0.0.1 (see :func:`damselfly.cluster.start`): with
+    ``tls``, mutual TLS everywhere with a fresh CA; its config allows loopback origins unless
+    ``allow_loopback`` is False."""
+    info, procs = cl.start(
+        directory,
+        peers,
+        seed=seed,
+        env=env,
+        peer_env=peer_env,
+        schedulers=schedulers,
+        tls=tls,
+        allow_loopback=allow_loopback,
+    )
     return Cluster(directory, info, dict(env or {}), dict(peer_env or {}), procs)

@@ -23,7 +23,9 @@ def damselfly_origin(tmp_path: Path) -> Iterator[OriginProcess]:
 
 @pytest.fixture
 def damselfly_cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
-    """``factory(peers=3, seed=True, env=None, peer_env=None)`` starts a cluster; all stop at teardown."""
+    """``factory(peers=3, seed=True, env=None, peer_env=None, tls=False)`` starts a cluster on
+    127.0.0.1 (its config allows loopback origins; ``tls=True``: mutual TLS with a fresh CA);
+    all stop at teardown."""
     started: list[Cluster] = []
 
     def factory(peers: int = 3, **kwargs: Any) -> Cluster:

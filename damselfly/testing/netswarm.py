@@ -383,6 +383,8 @@ class SwarmLab:
                 "DAMSELFLY_SCHEDULER__LISTEN_IP": host.ip,
                 "DAMSELFLY_PROXY__ENABLED": "false",
                 "DAMSELFLY_PLUGINS__AUTOLOAD": "false",
+                # the origin lives on the lab's private subnet, which the source policy refuses by default
+                "DAMSELFLY_SECURITY__SOURCES__ALLOW_NETWORKS": json.dumps([f"{self.cfg.subnet}.0/24"]),
             }
         )
         if host.rate_bits:

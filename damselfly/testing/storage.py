@@ -13,7 +13,8 @@ opened); the kit opens, closes and reopens storages itself:
         def make_storage(self):
             return lambda data_dir: MyStorage(data_dir, MyStorage.Config())
 
-Cases: write, verify and read back (pieces, ranges, export); a piece with a wrong
+Cases: write, verify and read back (pieces, ranges, export; a piece's strong digest,
+handed to ``commit``, kept with its record); a piece with a wrong
 digest, a short or a long piece is refused and nothing of it is kept; an
 interrupted write (aborted mid-piece) leaves the piece absent and can be redone;
 readers of finished pieces run concurrently with writers of others; ``finish``
@@ -34,9 +35,9 @@ from pathlib import Path
 
 import pytest
 
-from damselfly.contracts import Storage
+from damselfly.contracts import Storage, strong_of
 from damselfly.core.errors import NotFound, PieceCorrupt, StorageError
-from damselfly.core.piece import Layout, digest
+from damselfly.core.piece import Layout, digest, strong_digest
 from damselfly.core.task import Task, TaskState
 
 MiB = 1 << 20
@@ -54,7 +55,7 @@ async def write_piece(storage: Storage, task: Task, number: int, content: bytes 
     w = storage.writer(task.id, span)
     await asyncio.to_thread(w.write, data[: len(data) // 2])
     await asyncio.to_thread(w.write, data[len(data) // 2 :])
-    await w.commit(digest(data))
+    await w.commit(digest(data), strong=strong_digest(data))
 
 
 async def fill(storage: Storage, task: Task, content: bytes = CONTENT) -> None:
@@ -112,6 +113,8 @@ class StorageConformance:
         await fill(storage, task)
         assert storage.get(task.id).state is TaskState.SUCCEEDED  # type: ignore[union-attr]
         assert await storage.read_piece(task.id, 2) == CONTENT[8 * MiB :]
+        record = storage.get(task.id).pieces[2]  # type: ignore[union-attr]
+        assert (record.digest, strong_of(record)) == (digest(CONTENT[8 * MiB :]), strong_digest(CONTENT[8 * MiB :]))
         got = b"".join([c async for c in storage.read_range(task.id, 3, 5 * MiB)])
         assert got == CONTENT[3 : 3 + 5 * MiB]
         out = tmp_path / "out.bin"

@@ -14,7 +14,11 @@ The kit serves synthetic pieces through the plugin's own server and fetches them
 with its own client: piece sizes from empty to the largest Dragonfly makes,
 many requests at once on one connection, not-found and internal errors as
 Vortex error frames, a lying, an oversized and a cut-off frame, a wrong digest,
-a refused connection, a slow reader, and clean closes. The bad frames come from
+a refused connection, a slow reader, and clean closes.
+
+A transport that speaks mutual TLS runs the same kit with its ``security`` set to
+``tls_security(directory)``: a fresh cluster CA and one certificate for
+127.0.0.1 that both ends present. The bad frames come from
 the plugin's own server, given pieces whose metadata lies or whose stored bytes
 end early: a server must pass the lie on as it is and hang up (or reset the
 stream) when the bytes run out, so the client is the one that must catch them.
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from damselfly.config import SecurityConfig, TlsConfig
 from damselfly.contracts import BufferedPieceWriter, FileRegion, PieceServer, ServedPiece, Transport
 from damselfly.core import vortex
 from damselfly.core.errors import NotFound, PeerError, PieceCorrupt, ProtocolError
@@ -48,6 +53,18 @@ CUT_PIECE = 9  # stored in a file shorter than its metadata: the parent breaks o
 BAD_DIGEST_PIECE = 10  # its bytes do not match its digest
 SLOW_PIECE = 11  # a prefix of the largest piece, for the slow reader
 CUT_LENGTH = 4 * MiB
+
+
+def tls_security(directory: Path, name: str = "node", ips: tuple[str, ...] = ("127.0.0.1",)) -> SecurityConfig:
+    """A SecurityConfig with mutual TLS: a new CA in ``directory/ca`` (reused if there) and a
+    certificate ``name`` for ``ips`` signed by it, roles peer and seed."""
+    from damselfly.security.certs import CA_CERT, init_ca, issue
+
+    ca_dir = directory / "ca"
+    if not (ca_dir / CA_CERT).exists():
+        init_ca(ca_dir)
+    issued = issue(ca_dir, directory, name, ips=list(ips), roles=("peer", "seed"))
+    return SecurityConfig(tls=TlsConfig(ca=ca_dir / CA_CERT, cert=issued.cert, key=issued.key))
 
 
 def piece_bytes(number: int, length: int) -> bytes:

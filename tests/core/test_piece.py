@@ -68,3 +68,25 @@ def test_fast_crc32_is_zlibs_crc32():
     assert crc32(data, 0) == zlib.crc32(data)
     assert crc32(data[1000:], crc32(data[:1000], 0)) == zlib.crc32(data)
     assert crc32(memoryview(data)[5:77], 0) == zlib.crc32(data[5:77])
+
+
+def test_strong_digests_are_sha256_and_blake3_in_one_pass():
+    import hashlib
+
+    import blake3
+
+    from damselfly.core.piece import algorithm_of, new_hasher, strong_digest
+
+    data = b"damselfly" * 1000
+    assert strong_digest(data) == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert strong_digest(data, "blake3") == "blake3:" + blake3.blake3(data).hexdigest()
+    assert strong_digest(data, "crc32") == digest(data)  # upstream's weak mode speaks Dragonfly's format
+    h = new_hasher("blake3")
+    h.update(data[:5])
+    twin = h.copy()  # a running hash carried on by the next piece's writer
+    h.update(data[5:])
+    twin.update(data[5:])
+    assert h.hexdigest() == twin.hexdigest() == blake3.blake3(data).hexdigest()
+    assert algorithm_of(strong_digest(data)) == "sha256"
+    with pytest.raises(InvalidArgument, match="unsupported piece digest algorithm 'md5'"):
+        new_hasher("md5")

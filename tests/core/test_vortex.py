@@ -171,3 +171,49 @@ def test_encoder_refuses_what_the_wire_cannot_carry():
         vortex.encode_download_piece(TASK, 2**32)
     with pytest.raises(ProtocolError):
         vortex.encode_piece_content(vortex.PieceMetadata(0, 0, 5, "crc32:0"), b"1234")
+
+
+@pytest.mark.parametrize(
+    ("tag", "length", "match"),
+    [
+        (vortex.Tag.ERROR, vortex.MAX_ERROR_FRAME + 1, "Error frame of"),
+        (vortex.Tag.DOWNLOAD_PIECE, 1 << 20, "expected 68"),
+        (vortex.Tag.CLOSE, 1 << 20, "Close"),
+        (100, 1 << 20, "unsupported"),
+    ],
+)
+def test_every_frame_length_is_bounded_by_its_header_alone(tag, length, match):
+    """Under ``max_frame`` but over what its tag allows: refused before a byte of the body is waited for."""
+    d = vortex.Decoder()
+    d.receive_data(struct.pack(">BBI", 0, tag, length))
+    with pytest.raises(ProtocolError, match=match):
+        d.next_event()
+
+
+def test_the_longest_error_frame_the_encoder_makes_is_accepted():
+    d = vortex.Decoder()
+    d.receive_data(vortex.encode_error(vortex.ErrorCode.INTERNAL, "x" * (vortex.MAX_ERROR_MESSAGE + 100)))
+    (event,) = events(d)
+    assert isinstance(event, vortex.Error) and len(event.message) == vortex.MAX_ERROR_MESSAGE
+
+
+def test_error_frames_past_max_errors_are_a_flood():
+    d = vortex.Decoder(max_errors=2)
+    frame = vortex.encode_error(vortex.ErrorCode.NOT_FOUND, "no")
+    d.receive_data(frame * 2)
+    assert len(events(d)) == 2 and d.errors == 2
+    d.receive_data(frame)
+    with pytest.raises(vortex.ErrorFlood, match="more than 2 Error frames"):
+        d.next_event()
+    with pytest.raises(ProtocolError):  # and the decoder stays broken
+        d.next_event()
+
+
+def test_the_default_error_cap_is_documented_and_strict():
+    d = vortex.Decoder()
+    assert d.max_errors == vortex.DEFAULT_MAX_ERRORS == 64
+    d.receive_data(vortex.encode_error(vortex.ErrorCode.NOT_FOUND, "no") * 65)
+    with pytest.raises(vortex.ErrorFlood):
+        events(d)
+    with pytest.raises(ValueError, match="max_errors"):
+        vortex.Decoder(max_errors=-1)

@@ -7,11 +7,15 @@ import pytest
 from dragonfly_api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from damselfly.config import load_settings
+from damselfly.core import ids
 from damselfly.core.task import PieceRecord
 from damselfly.scheduler.service import start_scheduler
 from damselfly.wire import piece_to_proto
 
-TASK = "ab" * 32
+# The scheduler takes a register only under its Download's own task id: the downloads of these
+# tests name the one task TASK through their content_for_calculating_task_id, whatever their url.
+TASK_KEY = "tests.scheduler: the one task"
+TASK = ids.content_task_id(TASK_KEY)
 
 
 @pytest.fixture
@@ -40,6 +44,11 @@ def req(host_id: str, peer_id: str, **kw) -> scheduler_pb2.AnnouncePeerRequest:
     return scheduler_pb2.AnnouncePeerRequest(host_id=host_id, task_id=TASK, peer_id=peer_id, **kw)
 
 
+def download(url: str, **kw) -> common_pb2.Download:
+    """A Download of ``url`` whose task id is TASK."""
+    return common_pb2.Download(url=url, content_for_calculating_task_id=TASK_KEY, **kw)
+
+
 def register(download: common_pb2.Download) -> dict:
     return {"register_peer_request": scheduler_pb2.RegisterPeerRequest(download=download)}
 
@@ -61,7 +70,7 @@ async def test_hosts_announce_list_delete(sched):
 async def test_unannounced_host_cannot_register(sched):
     stub, _ = sched
     call = stub.AnnouncePeer()
-    await call.write(req("127.0.0.1-ghost", "p1", **register(common_pb2.Download(url="http://o/x"))))
+    await call.write(req("127.0.0.1-ghost", "p1", **register(download(url="http://o/x"))))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await call.read()
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -73,7 +82,7 @@ async def test_back_to_source_peer_then_child_gets_it_as_parent(sched):
     stub, _ = sched
     for name in ("a", "b"):
         await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host(name)))
-    dl = common_pb2.Download(url="http://o/x")
+    dl = download(url="http://o/x")
     # no seed anywhere: the first peer is sent to the source
     first = stub.AnnouncePeer()
     await first.write(req("127.0.0.1-a", "pa", **register(dl)))
@@ -147,7 +156,7 @@ async def test_back_to_source_peer_then_child_gets_it_as_parent(sched):
 async def test_empty_task_and_unknown_task(sched):
     stub, _ = sched
     await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
-    dl = common_pb2.Download(url="http://o/empty", actual_content_length=0, actual_piece_length=4 << 20)
+    dl = download(url="http://o/empty", actual_content_length=0, actual_piece_length=4 << 20)
     call = stub.AnnouncePeer()
     await call.write(req("127.0.0.1-a", "pe", **register(dl)))
     assert (await call.read()).WhichOneof("response") == "empty_task_response"
@@ -161,7 +170,7 @@ async def test_a_broken_stream_makes_the_peer_leave(sched):
     stub, server = sched
     await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
     call = stub.AnnouncePeer()
-    await call.write(req("127.0.0.1-a", "px", **register(common_pb2.Download(url="http://o/y"))))
+    await call.write(req("127.0.0.1-a", "px", **register(download(url="http://o/y"))))
     await call.read()
     assert "px" in server.service.state.peers
     call.cancel()
@@ -178,7 +187,7 @@ async def test_gc_forgets_silent_hosts_old_peers_and_empty_tasks(sched):
     await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
     await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("b")))
     call = stub.AnnouncePeer()
-    await call.write(req("127.0.0.1-b", "pb", **register(common_pb2.Download(url="http://o/z"))))
+    await call.write(req("127.0.0.1-b", "pb", **register(download(url="http://o/z"))))
     await call.read()
     call.cancel()
     st = server.service.state

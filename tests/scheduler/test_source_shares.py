@@ -4,14 +4,14 @@ import asyncio
 
 import grpc
 import pytest
-from dragonfly_api import common_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from dragonfly_api import dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 from damselfly.config import load_settings
 from damselfly.core.task import PieceRecord
 from damselfly.scheduler.service import start_scheduler
 from damselfly.wire import SOURCE_SHARES_METADATA, piece_to_proto, source_share_from_proto
 from tests.helpers.waiting import wait_for
-from tests.scheduler.test_service import TASK, host, register, req
+from tests.scheduler.test_service import TASK, download, host, register, req
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20
@@ -69,7 +69,7 @@ def shares_of(resp: scheduler_pb2.AnnouncePeerResponse) -> tuple[list[int], list
 
 async def test_the_seed_and_the_waiting_peers_each_read_a_block_and_a_leaver_hands_its_block_on(cluster):
     stub, server, seed = cluster
-    dl = common_pb2.Download(url="http://o/shared")
+    dl = download(url="http://o/shared")
     calls = {}
     for name in ("a", "b"):  # damselfly daemons: they offer to take a share
         calls[name] = stub.AnnouncePeer(metadata=SOURCE_SHARES_METADATA)
@@ -80,7 +80,7 @@ async def test_the_seed_and_the_waiting_peers_each_read_a_block_and_a_leaver_han
 
     # the seed stats the origin (11 pieces of 1 MiB) and registers to read it all
     seed_call = stub.AnnouncePeer(metadata=SOURCE_SHARES_METADATA)
-    seed_dl = common_pb2.Download(
+    seed_dl = download(
         url="http://o/shared", need_back_to_source=True, actual_content_length=10 * MiB + 1, actual_piece_length=MiB
     )
     await seed_call.write(req("127.0.0.1-s", "ps-seed", **register(seed_dl)))
@@ -139,7 +139,7 @@ async def test_the_seed_and_the_waiting_peers_each_read_a_block_and_a_leaver_han
 async def test_a_seed_with_nobody_waiting_reads_the_whole_task(cluster):
     stub, server, _ = cluster
     seed_call = stub.AnnouncePeer(metadata=SOURCE_SHARES_METADATA)
-    seed_dl = common_pb2.Download(
+    seed_dl = download(
         url="http://o/alone", need_back_to_source=True, actual_content_length=4 * MiB, actual_piece_length=MiB
     )
     await seed_call.write(req("127.0.0.1-s", "ps-seed", **register(seed_dl)))

@@ -13,6 +13,12 @@ request can carry its own region, endpoint and credentials.
 Reads run on the filesystem's own event loop integration when it is async (s3fs)
 and in worker threads otherwise, ``chunk`` bytes per call, so a piece is never held
 twice in memory.
+
+Before a filesystem is made, the servers it will talk to are checked against the
+source policy (``security.sources``): every endpoint its options name (an S3
+``endpoint``, ``client_kwargs.endpoint_url``, a ``host``...) and the host of a url whose
+protocol names one (``ftp://HOST/...``), by name and by each address it resolves to.
+The clouds' default endpoints are public names and pass.
 """
 
 from __future__ import annotations
@@ -25,12 +31,19 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field
 
 from damselfly.contracts import Source, SourceEntry, SourceInfo
-from damselfly.core.errors import BackendError, InvalidArgument
+from damselfly.core.errors import BackendError, InvalidArgument, PermissionDenied
 from damselfly.hookspecs import hookimpl
+from damselfly.plugins.source.http import policy_of
+from damselfly.security.admission import current_policy
+from damselfly.security.policy import SourcePolicy, check_endpoint
 
 CHUNK = 8 << 20
 # schemes the other built-in sources (or fsspec's chaining) own, never taken by the fallback
 _NOT_OURS = {"http", "https", "file", "local", "p2p", "hf", "hdfs", "webhdfs", "oci", "blockcache", "filecache"}
+# options of fsspec filesystems that name the server they connect to
+_ENDPOINT_KEYS = {"endpoint_url", "endpoint", "host", "hostname", "base_url", "server", "account_host"}
+# protocols whose url names the server (ftp://HOST/path), not a bucket or an account
+_HOST_PROTOCOLS = {"ftp", "sftp", "ssh", "smb", "webdav", "dav", "http", "https"}
 
 
 def _backend_error(exc: BaseException, url: str) -> BackendError:
@@ -57,8 +70,9 @@ class FsspecSource(Source):
     schemes: ClassVar[tuple[str, ...]] = ()
     Config: ClassVar[type[BaseModel]] = FsspecConfig
 
-    def __init__(self, options: BaseModel | None = None):
+    def __init__(self, options: BaseModel | None = None, *, policy: SourcePolicy | None = None):
         super().__init__(options)
+        self.policy = policy or current_policy()  # made for an admitted download: its policy
         self._filesystems: dict[str, Any] = {}
 
     @classmethod
@@ -105,6 +119,7 @@ class FsspecSource(Source):
         except (ImportError, ValueError) as exc:
             raise InvalidArgument(f"cannot read {protocol}:// urls: {exc}") from None
         options = self.storage_options(protocol)
+        await self.check_servers(url, options)
         if getattr(cls, "async_impl", False):
             fs = cls(asynchronous=True, loop=asyncio.get_running_loop(), skip_instance_cache=True, **options)
             if hasattr(fs, "set_session"):
@@ -113,6 +128,21 @@ class FsspecSource(Source):
             fs = await asyncio.to_thread(lambda: cls(skip_instance_cache=True, **options))
         self._filesystems[protocol] = fs
         return fs
+
+    async def check_servers(self, url: str, options: dict[str, Any]) -> None:
+        """The servers a filesystem for ``url`` with ``options`` would reach, against the policy."""
+        policy = self.policy = policy_of(self)
+        protocol = urlsplit(url).scheme.lower()
+        named = [(value, f"sources.{self.name} {key}") for key, value in _endpoints(options)]
+        if protocol in _HOST_PROTOCOLS and urlsplit(url).hostname:
+            named.append((url, "the url"))
+        for endpoint, setting in named:
+            try:
+                await check_endpoint(policy, endpoint, setting)
+            except PermissionDenied:
+                raise
+            except OSError as exc:
+                raise BackendError(f"cannot resolve {endpoint} ({setting}): {exc}") from None
 
     async def _call(self, fs: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         if getattr(fs, "async_impl", False) and getattr(fs, "asynchronous", False):
@@ -170,6 +200,19 @@ class FsspecSource(Source):
         self._filesystems.clear()
 
 
+def _endpoints(options: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(option path, value) of every endpoint-like option in nested filesystem ``options``."""
+    found: list[tuple[str, str]] = []
+    if isinstance(options, dict):
+        for key, value in options.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict):
+                found += _endpoints(value, path + ".")
+            elif key in _ENDPOINT_KEYS and isinstance(value, str) and value:
+                found.append((path, value))
+    return found
+
+
 class S3Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     region: str = Field("", description="Bucket region (dfget --storage-region).")
@@ -188,6 +231,9 @@ class S3Source(FsspecSource):
     name: ClassVar[str] = "s3"
     schemes: ClassVar[tuple[str, ...]] = ("s3", "s3a")
     request_field: ClassVar[str] = "object_storage"
+    # the node's keys never go with a request from the network, nor to an endpoint a request names
+    credential_fields: ClassVar[frozenset[str]] = frozenset({"access_key_id", "access_key_secret", "session_token"})
+    endpoint_fields: ClassVar[frozenset[str]] = frozenset({"endpoint", "insecure_skip_verify"})
     Config: ClassVar[type[BaseModel]] = S3Config
     options: S3Config
 

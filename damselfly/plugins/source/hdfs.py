@@ -41,6 +41,9 @@ class HdfsSource(HttpSource):
     name: ClassVar[str] = "hdfs"
     schemes: ClassVar[tuple[str, ...]] = ("hdfs",)
     request_field: ClassVar[str] = "hdfs"
+    # the node's token and user never go with a request from the network
+    credential_fields: ClassVar[frozenset[str]] = frozenset({"delegation_token", "user"})
+    endpoint_fields: ClassVar[frozenset[str]] = frozenset({"port", "use_https"})
     Config: ClassVar[type[BaseModel]] = HdfsConfig
     options: HdfsConfig
 
@@ -63,7 +66,7 @@ class HdfsSource(HttpSource):
     async def _json(self, url: str, op: str) -> dict[str, Any]:
         rest, _ = self._rest(url, op)
         try:
-            async with self._client().get(rest) as resp:
+            async with self._client().get(rest, **self._follow()) as resp:
                 body = await resp.json(content_type=None)
                 if resp.status >= 400:
                     message = (body or {}).get("RemoteException", {}).get("message", resp.reason)
@@ -71,7 +74,7 @@ class HdfsSource(HttpSource):
                     raise BackendError(f"namenode answered {resp.status} for {url}: {message}", status_code=status)
                 return body  # type: ignore[no-any-return]
         except aiohttp.ClientError as exc:
-            raise BackendError(f"cannot reach the namenode for {url}: {exc}") from None
+            raise self.client_error(exc, f"cannot reach the namenode for {url}") from None
         except ValueError as exc:
             raise BackendError(f"the namenode's answer for {url} is not JSON: {exc}") from None
 
@@ -88,7 +91,7 @@ class HdfsSource(HttpSource):
             return
         rest, _ = self._rest(url, "OPEN", offset=offset, length=length)
         try:
-            async with self._client().get(rest, allow_redirects=True) as resp:
+            async with self._client().get(rest, **self._follow()) as resp:
                 if resp.status != 200:
                     raise BackendError(f"reading {url} answered {resp.status} {resp.reason}", status_code=resp.status)
                 left = length
@@ -101,7 +104,7 @@ class HdfsSource(HttpSource):
                 if left:
                     raise BackendError(f"the datanode closed {url} {left} bytes short")
         except aiohttp.ClientError as exc:
-            raise BackendError(f"reading {url} from HDFS failed: {exc}") from None
+            raise self.client_error(exc, f"reading {url} from HDFS failed") from None
 
     async def list(self, url: str, headers: dict[str, str]) -> list[SourceEntry]:
         parts = urlsplit(url)

@@ -84,6 +84,9 @@ class HfSource(HttpSource):
     name: ClassVar[str] = "hf"
     schemes: ClassVar[tuple[str, ...]] = ("hf",)
     request_field: ClassVar[str] = "hugging_face"
+    # the node's token never goes with a request from the network, nor to a hub a request names
+    credential_fields: ClassVar[frozenset[str]] = frozenset({"token"})
+    endpoint_fields: ClassVar[frozenset[str]] = frozenset({"base_url"})
     Config: ClassVar[type[BaseModel]] = HfConfig
     options: HfConfig
 
@@ -114,7 +117,7 @@ class HfSource(HttpSource):
         entries: list[SourceEntry] = []
         try:
             while next_url:
-                async with self._client().get(next_url, headers=self._headers(hdrs)) as resp:
+                async with self._client().get(next_url, headers=self._headers(hdrs), **self._follow()) as resp:
                     if resp.status >= 400:
                         raise BackendError(
                             f"hub answered {resp.status} {resp.reason} listing {url}", status_code=resp.status
@@ -125,7 +128,7 @@ class HfSource(HttpSource):
                     next_url = resp.links.get("next", {}).get("url")  # type: ignore[assignment]
                     next_url = str(next_url) if next_url else None
         except aiohttp.ClientError as exc:
-            raise BackendError(f"cannot list {url}: {exc}") from None
+            raise self.client_error(exc, f"cannot list {url}") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise BackendError(f"the hub's listing of {url} is malformed: {exc}") from None
         return sorted(entries, key=lambda e: e.url)

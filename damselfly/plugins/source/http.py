@@ -1,4 +1,11 @@
-"""``http`` and ``https`` origins through aiohttp: HEAD to stat, Range GETs to read."""
+"""``http`` and ``https`` origins through aiohttp: HEAD to stat, Range GETs to read.
+
+Every connection goes through the source policy (``security.sources``): the host's
+name and each address it resolves to (or the literal address) are checked where the
+connector connects, so a redirect is checked like the first URL, and at most
+``max_redirects`` redirects are followed. A refusal is PermissionDenied, naming the
+setting that would allow it.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +18,10 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
 
 from damselfly.contracts import Source, SourceInfo
-from damselfly.core.errors import BackendError
+from damselfly.core.errors import BackendError, PermissionDenied
 from damselfly.hookspecs import hookimpl
+from damselfly.security.admission import current_policy
+from damselfly.security.policy import SourcePolicy, policy_connector, refusal_in
 
 CHUNK = 256 * 1024
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
@@ -45,20 +54,35 @@ class HttpConfig(BaseModel):
 class HttpSource(Source):
     name: ClassVar[str] = "http"
     schemes: ClassVar[tuple[str, ...]] = ("http", "https")
+    credential_fields: ClassVar[frozenset[str]] = frozenset()  # credentials come in the request's headers
     Config = HttpConfig
     options: HttpConfig
 
-    def __init__(self, options: BaseModel | None = None):
+    def __init__(self, options: BaseModel | None = None, *, policy: SourcePolicy | None = None):
         super().__init__(options)
+        self.policy = policy or current_policy()  # made for an admitted download: its policy
         self._session: aiohttp.ClientSession | None = None
+
+    def source_policy(self) -> SourcePolicy:
+        """The policy this source's connections are checked against (see ``policy_of``)."""
+        self.policy = policy_of(self)
+        return self.policy
+
+    def _follow(self) -> dict[str, Any]:
+        """Redirect options of a request: at most the policy's ``max_redirects``, each checked."""
+        most = self.source_policy().max_redirects
+        return {"allow_redirects": most > 0, "max_redirects": most + 1}  # aiohttp stops *at* its count
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=self.options.connect_timeout, sock_read=self.options.read_timeout
             )
-            connector = aiohttp.TCPConnector(
-                ssl=None if self.options.verify_tls else False, limit=64, socket_factory=self._socket
+            connector = policy_connector(
+                self.source_policy(),
+                ssl=None if self.options.verify_tls else False,
+                limit=64,
+                socket_factory=self._socket,
             )
             self._session = aiohttp.ClientSession(
                 timeout=timeout,
@@ -83,7 +107,7 @@ class HttpSource(Source):
     async def stat(self, url: str, headers: dict[str, str]) -> SourceInfo:
         hdrs = self._headers(headers)
         try:
-            async with self._client().head(url, headers=hdrs, allow_redirects=True) as resp:
+            async with self._client().head(url, headers=hdrs, **self._follow()) as resp:
                 if resp.status < 400 and resp.headers.get("Content-Length") is not None:
                     return SourceInfo(
                         int(resp.headers["Content-Length"]),
@@ -97,7 +121,7 @@ class HttpSource(Source):
                         headers=dict(resp.headers),
                     )
             # No length from HEAD: ask for the first byte and read Content-Range.
-            async with self._client().get(url, headers={**hdrs, "Range": "bytes=0-0"}) as resp:
+            async with self._client().get(url, headers={**hdrs, "Range": "bytes=0-0"}, **self._follow()) as resp:
                 if resp.status == 206:
                     m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
                     if m and m.group(3) != "*":
@@ -112,14 +136,14 @@ class HttpSource(Source):
                     headers=dict(resp.headers),
                 )
         except aiohttp.ClientError as exc:
-            raise BackendError(f"cannot reach origin for {url}: {exc}") from None
+            raise self.client_error(exc, f"cannot reach origin for {url}") from None
 
     async def read(self, url: str, offset: int, length: int, headers: dict[str, str]) -> AsyncIterator[bytes]:
         if length <= 0:
             return
         hdrs = {**self._headers(headers), "Range": f"bytes={offset}-{offset + length - 1}"}
         try:
-            async with self._client().get(url, headers=hdrs) as resp:
+            async with self._client().get(url, headers=hdrs, **self._follow()) as resp:
                 if resp.status == 200:
                     if offset != 0:
                         raise BackendError(f"origin ignored the Range header for {url}", status_code=200)
@@ -140,11 +164,32 @@ class HttpSource(Source):
                 if left:
                     raise BackendError(f"origin closed {url} {left} bytes short")
         except aiohttp.ClientError as exc:
-            raise BackendError(f"reading {url} from origin failed: {exc}") from None
+            raise self.client_error(exc, f"reading {url} from origin failed") from None
+
+    def client_error(self, exc: aiohttp.ClientError, what: str) -> PermissionDenied | BackendError:
+        """aiohttp's error as ours: the policy's refusal inside it, or a BackendError saying ``what``."""
+        denied = refusal_in(exc)
+        if denied is not None:
+            return PermissionDenied(f"{what}: {denied}")
+        if isinstance(exc, aiohttp.TooManyRedirects):
+            most = self.source_policy().max_redirects
+            return BackendError(f"{what}: more than {most} redirects (security.sources.max_redirects)")
+        return BackendError(f"{what}: {exc}")
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def policy_of(source: object) -> SourcePolicy:
+    """The source policy a source runs under: the one it was made with (``policy``: given, or
+    the admitted download's it was made for, see ``damselfly.security.admission``), else the
+    running download's, else the defaults (which refuse loopback, private and link-local
+    origins)."""
+    from damselfly.config import SourcePolicyConfig
+
+    policy = getattr(source, "policy", None) or current_policy()
+    return policy if policy is not None else SourcePolicy.from_config(SourcePolicyConfig())
 
 
 @hookimpl

@@ -18,7 +18,6 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
 
 from damselfly.contracts import SourceEntry, SourceInfo
-from damselfly.core.errors import BackendError
 from damselfly.hookspecs import hookimpl
 from damselfly.oci import MANIFEST_TYPES, Reference, RegistryClient
 from damselfly.plugins.source.http import HttpConfig, HttpSource
@@ -35,6 +34,7 @@ class OciConfig(HttpConfig):
 class OciSource(HttpSource):
     name: ClassVar[str] = "oci"
     schemes: ClassVar[tuple[str, ...]] = ("oci",)
+    credential_fields: ClassVar[frozenset[str]] = frozenset({"username", "password"})
     Config: ClassVar[type[BaseModel]] = OciConfig
     options: OciConfig
 
@@ -72,13 +72,13 @@ class OciSource(HttpSource):
         if not headers.get("Authorization"):
             # learn the registry's challenge once (anonymous registries answer 200 to the HEAD)
             try:
-                async with self._client().head(target, headers=headers, allow_redirects=True) as r:
+                async with self._client().head(target, headers=headers, **self._follow()) as r:
                     if r.status == 401 and "WWW-Authenticate" in r.headers:
                         registry = self._registry()
                         registry.authorization = await registry.answer_challenge(r.headers["WWW-Authenticate"], ref)
                         headers = {**headers, **self._auth_headers(registry)}
             except aiohttp.ClientError as exc:
-                raise BackendError(f"cannot reach registry {ref.registry}: {exc}") from None
+                raise self.client_error(exc, f"cannot reach registry {ref.registry}") from None
         return target, headers
 
     async def stat(self, url: str, headers: dict[str, str]) -> SourceInfo:

@@ -1,9 +1,10 @@
 """``disk`` storage: one sparse content file and one metadata file per task.
 
 ``DATA_DIR/tasks/<task id>/content`` holds the bytes at their offsets and
-``meta.json`` the task and its verified pieces. A piece is written in place,
-checked, and only then recorded, so a crash leaves at worst a piece to fetch
-again, never a wrong one served. Metadata is replaced by rename.
+``meta.json`` the task and its verified pieces, each with its crc32 and its strong
+digest. A piece is written in place, checked, and only then recorded, so a crash
+leaves at worst a piece to fetch again, never a wrong one served. Metadata is
+replaced by rename.
 
 While a download runs, and when it finishes, the metadata is saved from a worker
 thread: on a busy ext4 a rename waits for the journal, 0.1-2 s under a swarm's
@@ -29,7 +30,7 @@ from typing import Any, ClassVar
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from damselfly.contracts import BufferedPieceWriter, FileRegion, Storage
+from damselfly.contracts import BufferedPieceWriter, FileRegion, Storage, piece_record
 from damselfly.core.errors import NotFound, StorageError
 from damselfly.core.piece import PieceSpan
 from damselfly.core.task import PieceRecord, Task, TaskState
@@ -83,7 +84,9 @@ def _task_from_json(raw: dict[str, Any]) -> Task:
         expires_at=float(raw.get("expires_at", 0)),
     )
     for p in raw.get("pieces", []):
-        task.pieces[int(p["number"])] = PieceRecord(int(p["number"]), int(p["offset"]), int(p["length"]), p["digest"])
+        # "strong" (the piece's cryptographic digest) is absent from metadata written before it was kept
+        number = int(p["number"])
+        task.pieces[number] = piece_record(number, int(p["offset"]), int(p["length"]), p["digest"], p.get("strong", ""))
     return task
 
 

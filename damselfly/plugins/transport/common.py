@@ -18,10 +18,11 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from loguru import logger
 
+from damselfly.config import LimitsConfig, TlsConfig
 from damselfly.contracts import INLINE_WRITE_LIMIT, FileRegion, PieceLookup, PieceWriter, ServedPiece
 from damselfly.core import vortex
 from damselfly.core.errors import Busy, Declined, InvalidArgument, NotFound, PeerError, ProtocolError
@@ -37,6 +38,17 @@ class FrameSink(Protocol):
     def write(self, data: bytes | memoryview) -> None: ...
 
     async def drain(self) -> None: ...
+
+
+def limits_of(security: Any) -> LimitsConfig:
+    """The connection bounds of ``security`` (a SecurityConfig), or the defaults in bare use: bounded either way."""
+    return security.limits if security is not None else LimitsConfig()
+
+
+def tls_of(security: Any) -> TlsConfig | None:
+    """``security.tls`` when mutual TLS is configured, else None (plaintext)."""
+    tls = security.tls if security is not None else None
+    return tls if tls is not None and tls.enabled else None
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -144,9 +156,11 @@ async def _send(
 class PieceResponse:
     """The child's decoder for the answer to one request for piece ``number``."""
 
-    def __init__(self, number: int, max_frame: int = vortex.DEFAULT_MAX_FRAME):
+    def __init__(self, number: int, max_frame: int = vortex.DEFAULT_MAX_FRAME, decoder: vortex.Decoder | None = None):
+        """``decoder``: the connection's own, when its byte stream carries one response after another, so
+        that it counts the connection's Error frames (see ``vortex.Decoder``); a fresh one otherwise."""
         self.number = number
-        self.decoder = vortex.Decoder(max_frame)
+        self.decoder = decoder if decoder is not None else vortex.Decoder(max_frame)
         self.metadata: vortex.PieceMetadata | None = None
         self.done = False
 
@@ -157,6 +171,8 @@ class PieceResponse:
         while not self.done:
             try:
                 event = self.decoder.next_event()
+            except vortex.ErrorFlood as exc:  # too many errors, not a lie: the connection goes, no blame
+                raise PeerError(f"dropping the connection: {exc}") from None
             except ProtocolError as exc:
                 if not data:  # cut off mid-frame: the parent vanished, it did not lie
                     raise PeerError(f"parent hung up: {exc}") from None
@@ -201,8 +217,8 @@ class PendingResponse:
     storage has taken: a transport grants the parent credit from it.
     """
 
-    def __init__(self, number: int):
-        self.response = PieceResponse(number)
+    def __init__(self, number: int, decoder: vortex.Decoder | None = None):
+        self.response = PieceResponse(number, decoder=decoder)
         self.chunks: list[memoryview] = []
         self.received = 0
         self.buffered = 0

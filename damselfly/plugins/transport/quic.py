@@ -18,10 +18,21 @@ this plugin adds its own flow control on each side:
   ``receive_window``, so a slow disk holds back the parent through QUIC's own
   MAX_STREAM_DATA frames.
 
-Security: a daemon makes a self-signed certificate at first start (kept in its
-state dir) unless ``certificate``/``private_key`` are configured. With ``ca`` set,
-a child checks the parent's certificate against it, and ``require_client_cert``
-makes the parent ask every child for a certificate signed by that CA (mTLS).
+Security: with ``security.tls`` (the daemon's cluster CA, certificate and key) both
+sides present that certificate and check the other's, mutual TLS as on TCP: a parent
+refuses a child without a certificate chaining to the CA, and a child checks that the
+parent's certificate chains to it and names the address dialled. Without it, a
+daemon makes a self-signed certificate at first start (kept in its state dir) unless
+``certificate``/``private_key`` are configured; with ``ca`` set, a child checks the
+parent's certificate against it, and ``require_client_cert`` makes the parent ask
+every child for a certificate signed by that CA.
+
+Bounds (``security.limits``): a parent holds at most ``piece_connections`` QUIC
+connections (past it, a new one is closed at once), a connection idle for
+``piece_idle_timeout`` (or this plugin's ``idle_timeout``, the smaller) is dropped,
+and one whose child sends more than ``vortex_error_frames`` bad requests (Error
+frames among them) is closed, as is a child's connection to a parent that answers
+with more Error frames than that.
 """
 
 from __future__ import annotations
@@ -39,12 +50,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from damselfly.contracts import PieceConnection, PieceLookup, PieceServer, PieceWriter, Transport
 from damselfly.core import vortex
-from damselfly.core.errors import DamselflyError, InvalidArgument, PeerError, ProtocolError
+from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound, PeerError, ProtocolError
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.transport.common import PendingResponse, answer, split_address
+from damselfly.plugins.transport.common import ParentRefused, PendingResponse, answer, limits_of, split_address, tls_of
 
 ALPN = "vortex"
 _QUIC_INTERNAL_ERROR = 0x1
+_QUIC_CONNECTION_REFUSED = 0x2
+_QUIC_PROTOCOL_VIOLATION = 0xA
 _STREAM_ABORTED = 0x101
 
 
@@ -144,19 +157,29 @@ def _server_classes() -> tuple[type, type]:
 
     class ServerProtocol(QuicConnectionProtocol):
         def __init__(self, quic: QuicConnection, *, plugin: QuicTransport, server: _Server, **kw: Any):
-            if plugin.options.require_client_cert:
+            if plugin.client_ca is not None:
                 quic.__class__ = AskingConnection  # same state, one more TLS step
             super().__init__(quic, **kw)
             self.plugin = plugin
             self.server = server
-            self.trusted = not plugin.options.require_client_cert
+            self.trusted = plugin.client_ca is None
             self.requests: dict[int, vortex.Decoder] = {}
             self.answering: dict[int, asyncio.Task[None]] = {}
             self.acked = asyncio.Event()
-            server.protocols.add(self)
+            self.bad_requests = 0
+            # past the cap a connection is closed at its first datagram, before it may ask for anything
+            self.refused = len(server.protocols) >= server.limits.piece_connections
+            if not self.refused:
+                server.protocols.add(self)
 
         def datagram_received(self, data: bytes | str, addr: Any) -> None:
             super().datagram_received(data, addr)
+            if self.refused:  # past the cap: CONNECTION_CLOSE as soon as there are keys to send it with
+                if self._quic._close_event is None:
+                    self.server.refusals += 1
+                    self._quic.close(error_code=_QUIC_CONNECTION_REFUSED, reason_phrase="too many connections")
+                    self.transmit()
+                return
             self.acked.set()  # acks may have freed send buffers: writers look again
             self.acked = asyncio.Event()
 
@@ -183,7 +206,7 @@ def _server_classes() -> tuple[type, type]:
                 verify_certificate(
                     certificate=tls._peer_certificate,
                     chain=tls._peer_certificate_chain,
-                    cafile=str(self.plugin.options.ca),
+                    cafile=str(self.plugin.client_ca),
                 )
             except Exception as exc:  # any failure to verify refuses the child
                 logger.warning("refusing a QUIC child: its certificate does not verify: {}", exc)
@@ -214,6 +237,12 @@ def _server_classes() -> tuple[type, type]:
 
         def _reply_error(self, stream_id: int, message: str) -> None:
             self.requests.pop(stream_id, None)
+            self.bad_requests += 1
+            cap = self.server.limits.vortex_error_frames
+            if self.bad_requests > cap:  # a child that keeps sending errors or garbage: drop it
+                logger.warning("closing a QUIC child: more than {} bad requests (the last: {})", cap, message)
+                self.close(error_code=_QUIC_PROTOCOL_VIOLATION, reason_phrase="too many bad requests")
+                return
             frame = vortex.encode_error(vortex.ErrorCode.INVALID_ARGUMENT, message)
             self._quic.send_stream_data(stream_id, frame, end_stream=True)
             self.transmit()
@@ -261,12 +290,19 @@ class _StreamSink:
 
 
 class _Server:
-    def __init__(self, lookup: PieceLookup, max_sending: int):
+    def __init__(self, lookup: PieceLookup, max_sending: int, limits: Any):
         self.lookup = lookup
         self.sending = asyncio.Semaphore(max_sending)
+        self.limits = limits
+        self.refusals = 0  # datagrams of connections refused past the cap
         self.protocols: set[Any] = set()
         self.quic_server: Any = None
         self.port = 0
+
+    @property
+    def connections(self) -> int:
+        """Connections held now."""
+        return len(self.protocols)
 
     async def close(self) -> None:
         for p in list(self.protocols):
@@ -347,15 +383,31 @@ def _client_classes() -> tuple[type, type]:
 
 
 class QuicPieceConnection(PieceConnection):
-    def __init__(self, protocol: Any, transport: asyncio.DatagramTransport, window: int):
+    def __init__(
+        self,
+        protocol: Any,
+        transport: asyncio.DatagramTransport,
+        window: int,
+        max_errors: int = vortex.DEFAULT_MAX_ERRORS,
+    ):
         self._p = protocol
         self._transport = transport
         self._window = window
         self._closed = False
+        self._errors = 0  # Error frames the parent answered with, over all streams
+        self._max_errors = max_errors
 
     @property
     def broken(self) -> bool:
         return self._closed or self._p.lost is not None
+
+    def _count_error(self) -> None:
+        """One more Error frame; past the cap the connection is dropped (without blaming the parent)."""
+        self._errors += 1
+        if self._errors > self._max_errors:
+            self._p.lost = PeerError(f"dropping the connection: parent sent more than {self._max_errors} Error frames")
+            self._p.close(error_code=_QUIC_PROTOCOL_VIOLATION, reason_phrase="too many Error frames")
+            raise self._p.lost
 
     async def fetch(self, task_id: str, number: int, sink: PieceWriter) -> vortex.PieceMetadata:
         p = self._p
@@ -369,6 +421,9 @@ class QuicPieceConnection(PieceConnection):
             return await req.deliver(
                 sink, min(256 * 1024, self._window // 4), lambda taken: p.grant(stream_id, taken + self._window)
             )
+        except (NotFound, ParentRefused):  # an Error frame: the stream is done, the connection lives on
+            self._count_error()
+            raise
         except (DamselflyError, asyncio.CancelledError):
             self._reset(stream_id)
             raise
@@ -411,6 +466,14 @@ class QuicTransport(Transport):
             return "aioquic is not installed (pip install 'damselfly[quic]')"
         return None
 
+    @property
+    def client_ca(self) -> Path | None:
+        """The CA a parent checks children's certificates against; None: it asks for none."""
+        cfg = tls_of(self.security)
+        if cfg is not None:
+            return cfg.ca
+        return self.options.ca if self.options.require_client_cert else None
+
     def _configuration(self, is_client: bool, names: list[str]) -> Any:
         from aioquic.quic.configuration import QuicConfiguration
 
@@ -418,10 +481,19 @@ class QuicTransport(Transport):
         config = QuicConfiguration(
             is_client=is_client,
             alpn_protocols=[ALPN],
-            idle_timeout=o.idle_timeout,
+            idle_timeout=min(o.idle_timeout, limits_of(self.security).piece_idle_timeout),
             max_stream_data=o.receive_window,
             max_datagram_size=o.max_datagram_size,
         )
+        cfg = tls_of(self.security)
+        if cfg is not None:  # the cluster's mutual TLS: our certificate both ways, theirs checked against the CA
+            try:
+                config.load_cert_chain(cfg.cert, cfg.key)
+                config.load_verify_locations(cafile=str(cfg.ca))
+            except (OSError, ValueError) as exc:
+                raise InvalidArgument(f"security.tls: cannot load the certificate, key or CA: {exc}") from None
+            config.verify_mode = ssl.CERT_REQUIRED
+            return config
         if o.certificate is not None:
             if o.private_key is None:
                 raise InvalidArgument("quic: `certificate` needs `private_key`")
@@ -444,7 +516,7 @@ class QuicTransport(Transport):
         if self.options.require_client_cert and self.options.ca is None:
             raise InvalidArgument("quic: `require_client_cert` needs `ca`")
         server_protocol, _ = _server_classes()
-        server = _Server(lookup, self.options.max_sending)
+        server = _Server(lookup, self.options.max_sending, limits_of(self.security))
         config = self._configuration(False, [host, "localhost"])
 
         def make(quic: Any, **kw: Any) -> Any:
@@ -458,8 +530,11 @@ class QuicTransport(Transport):
         host, port = split_address(address)
         client_protocol, credited = _client_classes()
         config = self._configuration(True, [])
-        config.server_name = host
-        if self.options.certificate is None and self.options.require_client_cert:
+        cfg = tls_of(self.security)
+        # Under the cluster's TLS aioquic checks the chain and this plugin the name (below): aioquic's own
+        # name check (service_identity) cannot parse the certificates' role URIs.
+        config.server_name = None if cfg is not None else host
+        if cfg is None and self.options.certificate is None and self.options.require_client_cert:
             _load_chain(config, *self_signed(self.state_dir, ["localhost"]))
         loop = asyncio.get_running_loop()
         quic = credited(configuration=config)
@@ -476,11 +551,34 @@ class QuicTransport(Transport):
             async with asyncio.timeout(timeout):
                 await protocol.wait_connected()
                 await protocol.confirmed()
+            if cfg is not None and cfg.verify_address:
+                _check_parent_name(protocol._quic.tls._peer_certificate, host)
         except (TimeoutError, ConnectionError, PeerError) as exc:
             transport.close()
             reason = protocol.lost or exc or "timeout"
             raise PeerError(f"QUIC handshake with {address} failed: {reason}") from None
-        return QuicPieceConnection(protocol, transport, self.options.receive_window)
+        return QuicPieceConnection(
+            protocol, transport, self.options.receive_window, limits_of(self.security).vortex_error_frames
+        )
+
+
+def _check_parent_name(certificate: Any, host: str) -> None:
+    """PeerError unless the parent's (verified) certificate names ``host``, the address dialled."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from damselfly.security.identity import identity_from_der
+
+    if certificate is None:
+        raise PeerError("the parent presented no certificate")
+    who = identity_from_der(certificate.public_bytes(Encoding.DER))
+    try:
+        ipaddress.ip_address(host)
+        named = who.names_ip(host)
+    except ValueError:
+        named = host.lower() in who.dns
+    if not named:
+        names = ", ".join(sorted(who.ips | who.dns)) or "nothing"
+        raise PeerError(f"the parent's certificate names {names}, not {host}")
 
 
 @hookimpl

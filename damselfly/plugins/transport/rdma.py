@@ -5,6 +5,11 @@ What is here:
 - detection: the plugin reports itself unavailable, with the reason, when pyverbs
   is missing or the host has no RDMA device, and a daemon configured with
   ``transports: [rdma, quic, tcp]`` then serves and uses the next transport;
+- security: the endpoint exchange runs over gRPC with mutual TLS when ``security.tls``
+  is set (the child must show a certificate from the cluster CA, the parent's must
+  name the address dialled), so only cluster members get a queue pair. The RDMA
+  traffic itself is not encrypted: RC queue pairs carry plaintext, as RoCE and
+  InfiniBand do without IPsec or link encryption; pieces are checked by digest;
 - the queue-pair endpoint exchange, ``DfdaemonUpload.ExchangeIBVerbsQueuePairEndpoint``
   (a request and a response each holding one ``IBVerbsQueuePairEndpoint`` in field
   1). dragonfly-api 2.3.8 on PyPI has the endpoint message but neither the two
@@ -56,7 +61,8 @@ from damselfly.contracts import PieceConnection, PieceLookup, PieceServer, Piece
 from damselfly.core import vortex
 from damselfly.core.errors import DamselflyError, PeerError, ProtocolError, Unavailable
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.transport.common import PendingResponse, answer, requests_in, split_address
+from damselfly.plugins.transport.common import PendingResponse, answer, requests_in, split_address, tls_of
+from damselfly.security.tls import add_port, grpc_channel
 
 SYSFS = Path("/sys/class/infiniband")
 IMM_ABORT = 1  # immediate data of an empty SEND: the parent broke off its answer
@@ -601,7 +607,8 @@ class RdmaTransport(Transport):
 
         server.grpc = grpc.aio.server()
         server.grpc.add_generic_rpc_handlers((exchange_handler(accept),))
-        server.port = server.grpc.add_insecure_port(f"{host}:{port or self.options.port}")
+        # the endpoint exchange is where a child gets a queue pair: mutual TLS when configured
+        server.port = add_port(server.grpc, f"{host}:{port or self.options.port}", tls_of(self.security))
         await server.grpc.start()
         return server
 
@@ -610,7 +617,7 @@ class RdmaTransport(Transport):
         qp = self.open_queue_pair()
         try:
             target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            async with grpc.aio.insecure_channel(target) as channel:
+            async with grpc_channel(target, tls_of(self.security)) as channel:
                 remote = await exchange_endpoints(channel, qp.endpoint(), timeout)
             qp.connect(remote)
             return RdmaConnection(qp, self.options.idle_timeout)

@@ -9,6 +9,14 @@ from ``ice_addresses``, or, when that is empty, from the loopback address when t
 other side is on loopback (aioice leaves loopback out by itself) and from every
 interface otherwise.
 
+With ``security.tls`` the offer/answer exchange runs over HTTPS with mutual TLS (the
+cluster's CA, certificate and key): the parent's endpoint refuses a child without a
+certificate chaining to the CA, and the child checks that the parent's certificate
+names the address it dialled. The DTLS fingerprints in the offer and the answer thus
+come over an authenticated channel, and DTLS (which checks the fingerprint) binds
+the data channel to the two daemons that exchanged them. A parent holds at most
+``security.limits.piece_connections`` peer connections; past it an offer gets a 503.
+
 Binary messages carry the Vortex byte stream, requests one at a time per channel.
 Flow control runs both ways: the parent holds back while the channel's
 ``bufferedAmount`` is over ``buffer_high``, and while it is more than ``window``
@@ -31,7 +39,8 @@ from damselfly.contracts import PieceConnection, PieceLookup, PieceServer, Piece
 from damselfly.core import vortex
 from damselfly.core.errors import PeerError, ProtocolError
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.transport.common import PendingResponse, answer, requests_in, split_address
+from damselfly.plugins.transport.common import PendingResponse, answer, limits_of, requests_in, split_address, tls_of
+from damselfly.security.tls import client_ssl_context, server_ssl_context
 
 OFFER_PATH = "/vortex/webrtc/offer"
 MESSAGE_SIZE = 60 * 1024  # under aiortc's 64 KiB message limit
@@ -182,9 +191,11 @@ class _Server:
 
 
 class WebrtcConnection(PieceConnection):
-    def __init__(self, pc: Any, channel: Any):
+    def __init__(self, pc: Any, channel: Any, max_errors: int = vortex.DEFAULT_MAX_ERRORS):
         self._pc = pc
         self._channel = channel
+        # one decoder for the channel's life: it counts the parent's Error frames across requests
+        self._decoder = vortex.Decoder(max_errors=max_errors)
         self._turn = asyncio.Lock()
         self._current: PendingResponse | None = None
         self._base = 0  # stream bytes before the current request
@@ -216,7 +227,7 @@ class WebrtcConnection(PieceConnection):
         async with self._turn:  # one request at a time on a channel, as on a TCP connection
             if self._lost is not None:
                 raise PeerError(f"connection is broken: {self._lost}")
-            req = self._current = PendingResponse(number)
+            req = self._current = PendingResponse(number, decoder=self._decoder)
             base = self._base
 
             def taken(n: int) -> None:
@@ -228,6 +239,11 @@ class WebrtcConnection(PieceConnection):
                 return await req.deliver(sink, 256 * 1024, taken)
             except ProtocolError as exc:  # the byte stream is out of step: the channel is done
                 self._lose(exc)
+                raise
+            except PeerError as exc:
+                if self._decoder.errors > self._decoder.max_errors:  # too many Error frames: drop the channel
+                    self._lose(exc)
+                    await self._pc.close()
                 raise
             except asyncio.CancelledError:
                 self._lose(PeerError("fetch cancelled"))  # its answer would still arrive: drop the channel
@@ -264,6 +280,8 @@ class WebrtcTransport(Transport):
 
         _patch_aioice()
         server = _Server()
+        limits = limits_of(self.security)
+        cfg = tls_of(self.security)
 
         async def offer(request: web.Request) -> web.Response:
             try:
@@ -273,6 +291,8 @@ class WebrtcTransport(Transport):
                 return web.json_response({"error": f"bad offer: {exc}"}, status=400)
             if desc.type != "offer":
                 return web.json_response({"error": "expected an offer"}, status=400)
+            if len(server.peers) >= limits.piece_connections:
+                return web.json_response({"error": "too many connections"}, status=503)
             pc = RTCPeerConnection(configuration=_rtc_configuration(self.options))
             server.peers.add(pc)
 
@@ -303,10 +323,18 @@ class WebrtcTransport(Transport):
         app.router.add_post(OFFER_PATH, offer)
         server.runner = web.AppRunner(app, access_log=None)
         await server.runner.setup()
-        site = web.TCPSite(server.runner, host, port or self.options.port, reuse_address=True)
+        context = server_ssl_context(cfg) if cfg is not None else None  # mutual TLS: a child must show its own
+        site = web.TCPSite(server.runner, host, port or self.options.port, reuse_address=True, ssl_context=context)
         await site.start()
         server.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return server
+
+    _client_ssl: Any = None
+
+    def _client_context(self, cfg: Any) -> Any:
+        if self._client_ssl is None:  # once: loading the key and the CA per offer costs milliseconds
+            self._client_ssl = client_ssl_context(cfg)
+        return self._client_ssl
 
     async def connect(self, address: str, timeout: float) -> PieceConnection:
         import aiohttp
@@ -326,8 +354,11 @@ class WebrtcTransport(Transport):
                 finally:
                     _HOST_ADDRESSES.reset(chosen)
                 offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
-                url = f"http://{'[' + host + ']' if ':' in host else host}:{port}{OFFER_PATH}"
-                async with aiohttp.ClientSession() as http, http.post(url, json=offer) as resp:
+                cfg = tls_of(self.security)
+                scheme = "https" if cfg is not None else "http"
+                url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}{OFFER_PATH}"
+                context = self._client_context(cfg) if cfg is not None else True
+                async with aiohttp.ClientSession() as http, http.post(url, json=offer, ssl=context) as resp:
                     body = await resp.json(content_type=None)
                     if resp.status != 200:
                         raise PeerError(f"parent refused the offer: {body.get('error', resp.status)}")
@@ -339,7 +370,7 @@ class WebrtcTransport(Transport):
         except BaseException:
             await pc.close()
             raise
-        return WebrtcConnection(pc, channel)
+        return WebrtcConnection(pc, channel, limits_of(self.security).vortex_error_frames)
 
 
 @hookimpl

@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from damselfly.core.errors import PeerError
-from damselfly.testing.transport import TASK_ID, Collector, TransportConformance
+from damselfly.testing.transport import TASK_ID, Collector, TransportConformance, tls_security
 from damselfly.testing.verbs import LoopbackQueuePair, LoopbackRdmaTransport
 
 
@@ -19,6 +19,16 @@ class TestRdma(TransportConformance):
     @pytest.fixture
     def transport(self):
         return LoopbackRdmaTransport()
+
+
+class TestRdmaMutualTls(TransportConformance):
+    """The endpoint exchange over gRPC with the cluster's mutual TLS."""
+
+    @pytest.fixture
+    def transport(self, tmp_path):
+        t = LoopbackRdmaTransport()
+        t.security = tls_security(tmp_path)
+        return t
 
 
 async def test_a_silent_parent_times_out():

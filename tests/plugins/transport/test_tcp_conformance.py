@@ -3,7 +3,7 @@
 import pytest
 
 from damselfly.plugins.transport.tcp import TcpConfig, TcpTransport
-from damselfly.testing.transport import TransportConformance
+from damselfly.testing.transport import TransportConformance, tls_security
 
 
 class TestTcpSendfileOff(TransportConformance):
@@ -16,3 +16,11 @@ class TestTcpDefaults(TransportConformance):
     @pytest.fixture
     def transport(self):
         return TcpTransport()
+
+
+class TestTcpMutualTls(TransportConformance):
+    @pytest.fixture
+    def transport(self, tmp_path):
+        t = TcpTransport()
+        t.security = tls_security(tmp_path)
+        return t
