@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import platform
@@ -61,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from damselfly import h2grpc
 from damselfly.daemon.daemon import scheduler_order
+from damselfly.wire import download_task_id
 
 PIECE = 4 * 1024 * 1024
 PIECES = 64
@@ -85,8 +85,11 @@ class Driver:
         self.n_channels = channels
         self.channels: dict[str, list[Any]] = {}
         self.hosts = [f"host-{i:04d}" for i in range(hosts)]
-        # task ids as Dragonfly makes them (sha256 hex): daemons spread tasks over schedulers by a prefix
-        self.tasks = [hashlib.sha256(f"http://origin.example/{i}".encode()).hexdigest() for i in range(tasks)]
+        # each task's id is its Download's, as a daemon computes it (the scheduler takes no other);
+        # daemons spread tasks over schedulers by a prefix of it
+        urls = [f"http://origin.example/{i}" for i in range(tasks)]
+        self.task_urls = {download_task_id(common_pb2.Download(url=u)): u for u in urls}
+        self.tasks = list(self.task_urls)
         self.latencies: list[float] = []
         self.answers: dict[str, int] = {}
         self.errors: list[str] = []
@@ -149,7 +152,7 @@ class Driver:
         if t is None:
             R = scheduler_pb2.AnnouncePeerRequest
             download = common_pb2.Download(
-                url=f"http://origin.example/{task_id[-8:]}",
+                url=self.task_urls[task_id],
                 type=common_pb2.TaskType.STANDARD,
                 actual_content_length=PIECE * PIECES,
                 actual_piece_length=PIECE,

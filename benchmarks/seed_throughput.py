@@ -1,21 +1,24 @@
-"""One peer fetches a file from a seed on loopback: throughput and daemons' peak RSS.
+"""One peer fetches a file from a seed on loopback: throughput, daemons' CPU and peak RSS.
 
     python benchmarks/seed_throughput.py [--size 1GiB] [--runs 3] [--json]
     python benchmarks/seed_throughput.py --variants crc32,sha256,blake3,tls-crc32,tls-sha256 [--json]
-    python benchmarks/seed_throughput.py --security [--json]   # the five variants above
+    python benchmarks/seed_throughput.py --security --warmup 1 [--json]   # the five variants above
 
 The seed first fetches the file from a local origin (not timed); then one peer
 downloads it from the seed through the scheduler, Vortex over TCP, the piece digest
-checked on every piece and the disk storage, as in production. RSS of both daemon
-processes is sampled every 20 ms during the transfer.
+checked on every piece and the disk storage, as in production. RSS of the daemons
+is sampled every 20 ms during the transfers; their CPU time is summed over each
+timed download.
 
-``--variants`` runs several configurations in one invocation, each on a fresh cluster
-(in turn, so they share the machine's state of the moment): ``default`` (whatever the
+``--variants`` runs several configurations in one invocation: ``default`` (whatever the
 configuration's defaults are), a piece digest (``crc32``, ``sha256``, ``blake3``:
 ``security.piece_digest`` on every process), or ``tls-DIGEST``: the same with mutual
 TLS everywhere (a fresh CA and certificates in the run's temp dir, ``security.tls``
-set on every process), so Vortex over TCP runs over TLS. It prints one JSON object
-(``--json``) or a table, with each variant's throughput relative to the first.
+set on every process), so Vortex over TCP runs over TLS. Each variant gets its own
+cluster, all up at once; the timed downloads then go in rounds, one of each variant
+per round, so the machine's drift falls on all of them alike. ``--warmup N`` runs N
+untimed downloads of each first. It prints one JSON object (``--json``) or a table,
+with each variant's median throughput relative to the first variant's.
 """
 
 from __future__ import annotations
@@ -95,53 +98,86 @@ def _blake3_missing() -> str | None:
     return None
 
 
-def run_variant(root: Path, origin: OriginProcess, url: str, size: int, name: str, args: Any) -> dict[str, Any]:
-    digest, tls = parse_variant(name)
-    env: dict[str, str] = {}
-    if digest is not None:
-        env["DAMSELFLY_SECURITY__PIECE_DIGEST"] = digest
-    peer_env: dict[int, dict[str, str]] = {}
-    if args.peer_storage == "memory":
-        peer_env[1] = {"DAMSELFLY_DAEMON__STORAGE": json.dumps({"type": "memory", "capacity": size + (1 << 20)})}
-    directory = root / f"cluster-{name}"
-    info, procs = cl.start(directory, 1, env=env, peer_env=peer_env, tls=tls)
-    cluster = Cluster(directory, info, env, peer_env, procs)
-    try:
-        seed, peer = cluster.daemon("seed"), cluster.daemon("peer1")
+class Variant:
+    """One configuration's cluster (scheduler, seed, peer1), its seed filled from the origin."""
+
+    def __init__(self, root: Path, origin: OriginProcess, url: str, size: int, name: str, args: Any):
+        self.name, self.url, self.size = name, url, size
+        self.digest, self.tls = parse_variant(name)
+        env: dict[str, str] = {}
+        if self.digest is not None:
+            env["DAMSELFLY_SECURITY__PIECE_DIGEST"] = self.digest
+        peer_env: dict[int, dict[str, str]] = {}
+        if args.peer_storage == "memory":
+            peer_env[1] = {"DAMSELFLY_DAEMON__STORAGE": json.dumps({"type": "memory", "capacity": size + (1 << 20)})}
+        self.directory = root / f"cluster-{name}"
+        info, procs = cl.start(self.directory, 1, env=env, peer_env=peer_env, tls=self.tls)
+        self.cluster = Cluster(self.directory, info, env, peer_env, procs)
+        self.seed, self.peer = self.cluster.daemon("seed"), self.cluster.daemon("peer1")
         origin.reset()
-        warm = asyncio.run(_download(seed["socket"], url, None))
-        origin_bytes = origin.stats()["bytes"]
-        os.sync()  # the origin's and the seed's writes are not the peer's to pay for
-        sampler = RssSampler({"seed": seed["pid"], "peer": peer["pid"]})
-        rss_before = {k: p.memory_info().rss for k, p in sampler.procs.items()}
-        cpu_before = {k: _cpu(p) for k, p in sampler.procs.items()}
+        self.fill_seconds = asyncio.run(_download(self.seed["socket"], url, None))
+        self.origin_bytes = origin.stats()["bytes"]
+        self.procs = {"seed": psutil.Process(self.seed["pid"]), "peer": psutil.Process(self.peer["pid"])}
+        self.rss_before = {k: p.memory_info().rss for k, p in self.procs.items()}
+        self.runs: list[float] = []
+        self.cpu = dict.fromkeys(self.procs, 0.0)
+
+    def download(self, keep: bool, timed: bool = True) -> None:
+        before = {k: _cpu(p) for k, p in self.procs.items()}
+        seconds = asyncio.run(_download(self.peer["socket"], self.url, None, delete_after=not keep))
+        if timed:
+            self.runs.append(seconds)
+            for k, p in self.procs.items():
+                self.cpu[k] += _cpu(p) - before[k]
+
+    def result(self, peak: dict[str, int]) -> dict[str, Any]:
+        seconds = statistics.median(self.runs)
+        moved = self.size * len(self.runs) / 1e9
+        return {
+            "variant": self.name,
+            "piece_digest": self.digest or "default",
+            "tls": self.tls,
+            "seconds": round(seconds, 3),
+            "mb_per_s": round(self.size / seconds / 1e6, 1),
+            "runs_mb_per_s": [round(self.size / r / 1e6, 1) for r in self.runs],
+            "seed_fill_seconds": round(self.fill_seconds, 3),
+            "peak_rss_mb": {k: round(v / 1e6, 1) for k, v in peak.items()},
+            "rss_before_mb": {k: round(v / 1e6, 1) for k, v in self.rss_before.items()},
+            "origin_bytes": self.origin_bytes,
+            # CPU seconds each daemon spent per GB moved (user + system, all its threads): what the transfer costs
+            "cpu_s_per_gb": {k: round(v / moved, 2) for k, v in self.cpu.items()},
+            "peer_warnings": sum(
+                1 for line in self.cluster.log("peer1").splitlines() if "WARNING" in line or "ERROR" in line
+            ),
+        }
+
+    def down(self) -> None:
+        self.cluster.down()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def measure(root: Path, origin: OriginProcess, url: str, size: int, names: list[str], args: Any) -> list[dict]:
+    """Every variant's cluster up at once, then the timed downloads in rounds (one of each variant per
+    round), so that the machine's drift (other load, its speed of the moment) falls on all of them alike."""
+    variants: list[Variant] = []
+    try:
+        for name in names:
+            variants.append(Variant(root, origin, url, size, name, args))
+        os.sync()  # the origin's and the seeds' writes are not the peers' to pay for
+        for _ in range(args.warmup):
+            for v in variants:
+                v.download(keep=False, timed=False)
+        sampler = RssSampler({f"{v.name}/{k}": p.pid for v in variants for k, p in v.procs.items()})
         sampler.start()
-        runs = [
-            asyncio.run(_download(peer["socket"], url, None, delete_after=i < args.runs - 1)) for i in range(args.runs)
-        ]
+        for i in range(args.runs):
+            for v in variants:
+                v.download(keep=i == args.runs - 1)
         sampler.stop_event.set()
         sampler.join()
-        cpu = {k: _cpu(p) - cpu_before[k] for k, p in sampler.procs.items()}
-        peer_log = cluster.log("peer1")
+        return [v.result({k: sampler.peak[f"{v.name}/{k}"] for k in v.procs}) for v in variants]
     finally:
-        cluster.down()
-        shutil.rmtree(directory, ignore_errors=True)
-    seconds = statistics.median(runs)
-    return {
-        "variant": name,
-        "piece_digest": digest or "default",
-        "tls": tls,
-        "seconds": round(seconds, 3),
-        "mb_per_s": round(size / seconds / 1e6, 1),
-        "runs_mb_per_s": [round(size / r / 1e6, 1) for r in runs],
-        "seed_fill_seconds": round(warm, 3),
-        "peak_rss_mb": {k: round(v / 1e6, 1) for k, v in sampler.peak.items()},
-        "rss_before_mb": {k: round(v / 1e6, 1) for k, v in rss_before.items()},
-        "origin_bytes": origin_bytes,
-        # CPU seconds each daemon spent per GB moved (user + system, all its threads): what the transfer costs
-        "cpu_s_per_gb": {k: round(v / (size * args.runs / 1e9), 2) for k, v in cpu.items()},
-        "peer_warnings": sum(1 for line in peer_log.splitlines() if "WARNING" in line or "ERROR" in line),
-    }
+        for v in variants:
+            v.down()
 
 
 def main() -> None:
@@ -157,6 +193,9 @@ def main() -> None:
         help="comma-separated: default, crc32, sha256, blake3, tls-crc32, tls-sha256, tls-blake3 (see above)",
     )
     ap.add_argument("--security", action="store_true", help=f"the variants {','.join(SECURITY_VARIANTS)}")
+    ap.add_argument(
+        "--warmup", type=int, default=0, help="untimed peer downloads per variant first (the VM's cold first touch)"
+    )
     args = ap.parse_args()
     size = parse_size(args.size)
     names = list(SECURITY_VARIANTS) if args.security else [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -169,12 +208,10 @@ def main() -> None:
         raise SystemExit("no variant to run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     root = Path(args.dir or tempfile.mkdtemp(prefix="damselfly-bench-"))
     origin = OriginProcess(root / "origin")
-    results: list[dict[str, Any]] = []
+    load_before = os.getloadavg()[0]
     try:
         origin.make("big.bin", size)
-        url = origin.url("big.bin")
-        for name in names:
-            results.append(run_variant(root, origin, url, size, name, args))
+        results = measure(root, origin, origin.url("big.bin"), size, names, args)
     finally:
         origin.stop()
         if not args.dir:
@@ -187,7 +224,10 @@ def main() -> None:
         "file_size": size,
         "peer_storage": args.peer_storage,
         "runs": args.runs,
+        "warmup": args.warmup,
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cpus, Python {platform.python_version()}",
+        # the 1-minute load average before and after: other work on the machine shows here
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "variants": results,
         "skipped": skipped,
     }
@@ -196,7 +236,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(report))
         return
-    print(f"one peer <- seed on loopback, {format_size(size)}, {args.runs} runs each ({report['machine']})")
+    rounds = f"{args.runs} rounds" + (f" after {args.warmup} untimed" if args.warmup else "")
+    print(f"one peer <- seed on loopback, {format_size(size)}, {rounds} ({report['machine']})")
+    print(f"  load average before / after: {report['load_average'][0]} / {report['load_average'][1]}")
     head = f"  {'variant':<12}{'MB/s (median)':>15}{'vs first':>10}  {'each run (MB/s)':<30}"
     print(head + f"{'CPU s/GB seed/peer':>20}{'peak RSS seed/peer (MB)':>26}")
     for r in results:

@@ -224,6 +224,11 @@ class ProxyConfig(Section):
         default_factory=list,
         description="`host:port` globs that CONNECT and absolute-form requests may reach (none by default: 403).",
     )
+    tls: bool = Field(
+        False,
+        description="Serve the proxy's clients over mutual TLS with security.tls (a client shows a certificate of "
+        "the cluster CA), for proxies that clients reach across hosts.",
+    )
     username: str = Field("", description="Proxy authentication (Basic): a client must send these credentials.")
     password: str = Field("", description="Password of proxy authentication.")
 

@@ -169,7 +169,8 @@ class SchedulerMetrics:
         self.refused = Counter(
             p + "refused_total",
             "Requests refused: over a cap (limit), not the caller's to make (permission), or a piece "
-            "report whose digest the scheduler does not take (digest).",
+            "report whose digest the scheduler does not take (digest), or a register whose task id is not "
+            "its Download's (task_id).",
             ["reason"],
             registry=r,
         )

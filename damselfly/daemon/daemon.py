@@ -31,7 +31,8 @@ from damselfly.core.piece import covers, crc32
 from damselfly.core.task import Task, TaskState
 from damselfly.daemon.download import ConnectionPool, Downloader, DownloadRequest
 from damselfly.daemon.gc import Collector
-from damselfly.daemon.local import LocalService, admin_handler, bind_socket, socket_gid
+from damselfly.daemon.local import LocalService, admin_handler, socket_gid
+from damselfly.daemon.localrelay import LocalRelay
 from damselfly.daemon.proxy import Proxy
 from damselfly.daemon.runtime import TaskBoard, TaskRuntime
 from damselfly.daemon.superseed import SuperSeeder
@@ -194,6 +195,7 @@ class Daemon:
         self._piece_servers: list[PieceServer] = []
         self._upload_server: grpc.aio.Server | None = None
         self._local_server: grpc.aio.Server | None = None
+        self.local_relay: LocalRelay | None = None  # the public socket: tells the local server who calls
         self._metrics_runner: object = None
         self._background: set[asyncio.Task[None]] = set()
         self._upload_channels: dict[str, grpc.aio.Channel] = {}
@@ -246,10 +248,14 @@ class Daemon:
         self._local_server.add_generic_rpc_handlers((admin_handler(self),))
         local_health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(local_health, self._local_server)
+        # the server listens in a directory only the daemon reaches; clients use the relay's socket,
+        # which has its mode before it is reachable and tells the server each caller's uid and gid
         sec = self.settings.security
         gid = socket_gid(sec.socket_group) if sec.socket_group else -1
-        bind_socket(self._local_server, self.socket_path, sec.socket_mode, gid)  # its mode set before it is reachable
+        self.local_relay = LocalRelay(self.socket_path, cfg.data_dir / "local", sec.socket_mode, gid)
+        self._local_server.add_insecure_port(self.local_relay.upstream)
         await self._local_server.start()
+        await self.local_relay.start()
         await local_health.set("", health_pb2.HealthCheckResponse.SERVING)
 
         if self.settings.proxy.enabled:
@@ -283,6 +289,8 @@ class Daemon:
         for server in (self._local_server, self._upload_server):
             if server is not None:
                 await server.stop(0.5)
+        if self.local_relay is not None:
+            await self.local_relay.close()
         for piece_server in self._piece_servers:
             await piece_server.close()
         if self._metrics_runner is not None:

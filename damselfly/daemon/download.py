@@ -62,6 +62,7 @@ from damselfly.wire import (
     addresses_from_response,
     piece_to_proto,
     source_share_from_proto,
+    task_id_of,
     transports_from_metadata,
 )
 
@@ -169,17 +170,15 @@ class DownloadRequest:
         return d
 
     def task_id(self) -> str:
-        if self.content_for_calculating_task_id:
-            return ids.content_task_id(self.content_for_calculating_task_id)
-        if self.use_blob_digest and ids.blob_digest(self.url):
-            return ids.blob_task_id(self.url)
-        return ids.task_id(
+        return task_id_of(
             self.url,
-            tag=self.tag or None,
-            application=self.application or None,
-            revision=self.source_options.get("hugging_face", {}).get("revision") or None,
-            piece_length=self.piece_length or None,
-            filtered_query_params=self.filtered_query_params or list(ids.DEFAULT_FILTERED_QUERY_PARAMS),
+            tag=self.tag,
+            application=self.application,
+            revision=self.source_options.get("hugging_face", {}).get("revision", ""),
+            piece_length=self.piece_length,
+            filtered_query_params=self.filtered_query_params,
+            content=self.content_for_calculating_task_id,
+            blob_digest_mode=self.use_blob_digest,
         )
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
@@ -22,8 +24,9 @@ from damselfly.core.errors import (
     StorageError,
 )
 from damselfly.core.piece import ByteRange, Layout
+from damselfly.daemon.localrelay import Caller, as_caller
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started, TaskRuntime
-from damselfly.security.admission import Origin, admitted, check_source
+from damselfly.security.admission import Origin, admitted, check_source, reads_this_node
 from damselfly.wire import ERROR_TYPE_KEY, piece_to_proto, task_to_proto, timestamp
 
 if TYPE_CHECKING:
@@ -56,57 +59,100 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> N
     await context.abort(status_for(exc), str(exc) or type(exc).__name__)
 
 
-def check_output(output_path: str, overwrite: bool) -> None:
-    """Checked before the download: an output we could never write fails fast."""
+def caller_of(daemon: Daemon, context: grpc.aio.ServicerContext) -> Caller | None:
+    """Who made this call on the local socket (uid, gid, groups, pid), or None when unknown."""
+    relay = daemon.local_relay
+    return relay.caller_of(context) if relay is not None else None
+
+
+def _unknown_caller(output_path: str) -> PermissionDenied:
+    return PermissionDenied(f"cannot write {output_path}: the local caller's identity is unknown")
+
+
+async def check_output(output_path: str, overwrite: bool, caller: Caller | None) -> None:
+    """Checked before the download, as the caller: an output the caller could not write
+    itself (a directory it may not reach or write to) is refused, and nothing is written."""
     path = Path(output_path)
     if not path.is_absolute():
         raise InvalidArgument(f"output path must be absolute, got {output_path!r}")
-    if not path.parent.is_dir():
-        raise InvalidArgument(f"output directory {str(path.parent)!r} does not exist")
-    if path.exists() and not overwrite:
-        raise InvalidArgument(f"output {output_path!r} exists (pass overwrite to replace it)")
+    if caller is None:
+        raise _unknown_caller(output_path)
 
-
-def bind_socket(server: grpc.aio.Server, path: Path, mode: int, gid: int = -1) -> None:
-    """Bind ``server`` to the unix socket ``path`` with ``mode`` (and group ``gid``) already set
-    when the path appears: the socket is made in a private 0700 directory beside it, given
-    its mode there, then renamed into place, so no one connects while it is still open to all.
-    (Where the private path would be too long for a socket, the umask makes it ``mode`` at bind.)"""
-    private = Path(tempfile.mkdtemp(prefix=".", dir=path.parent))
-    tmp = private / "s"
-    try:
-        if len(str(tmp).encode()) < 108:
-            server.add_insecure_port(f"unix://{tmp}")
-            _set_mode(tmp, mode, gid)
-            os.replace(tmp, path)
-        else:
-            old = os.umask(0o177)  # owner-only (0600) at bind; the mode asked for right after
+    def probe() -> None:
+        dfd = _open_dir(path.parent, caller)
+        try:
+            if not overwrite and _exists(path.name, dfd):
+                raise InvalidArgument(f"output {output_path!r} exists (pass overwrite to replace it)")
+            name = f".{path.name}.{secrets.token_hex(6)}.damselfly-probe"
             try:
-                server.add_insecure_port(f"unix://{path}")
-            finally:
-                os.umask(old)
-            _set_mode(path, mode, gid)
-    finally:
-        tmp.unlink(missing_ok=True)
-        private.rmdir()
+                os.close(os.open(name, _CREATE, 0o600, dir_fd=dfd))
+            except PermissionError:
+                raise PermissionDenied(f"{caller} may not write to {str(path.parent)!r}") from None
+            except OSError as exc:
+                raise StorageError(f"cannot write to {str(path.parent)!r}: {exc.strerror}") from None
+            os.unlink(name, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+
+    await as_caller(caller, probe)
 
 
-def _set_mode(path: Path, mode: int, gid: int) -> None:
+_CREATE = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_dir(directory: Path, caller: Caller) -> int:
+    """A handle on ``directory`` opened as ``caller`` (run in ``as_caller``): it must reach it."""
     try:
-        if gid >= 0:
-            os.chown(path, -1, gid)
-        os.chmod(path, mode)
+        return os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise InvalidArgument(f"output directory {str(directory)!r} does not exist") from None
+    except PermissionError:
+        raise PermissionDenied(f"{caller} may not write to {str(directory)!r}") from None
     except OSError as exc:
-        raise StorageError(f"cannot set the mode of socket {path}: {exc.strerror}") from None
+        raise StorageError(f"cannot open {str(directory)!r}: {exc.strerror}") from None
+
+
+def _exists(name: str, dfd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+async def check_local_read(url_or_path: str, caller: Caller | None) -> None:
+    """A local client reads this node's files only as it could itself: root and the daemon's
+    own user may name any local source; anyone else only ``file://`` paths (or a cache import
+    path) it may open for reading, checked as that user before anything is read."""
+    if "://" in url_or_path:
+        scheme = urlsplit(url_or_path).scheme.lower()
+        if not reads_this_node(scheme):
+            return
+    else:
+        scheme = "file"
+    if caller is not None and caller.uid in (0, os.geteuid()):
+        return
+    if caller is None:
+        raise PermissionDenied(f"cannot read {url_or_path}: the local caller's identity is unknown")
+    if scheme != "file":
+        raise PermissionDenied(f"{scheme}:// reads this node's files as the daemon: {caller} may use file:// only")
+    path = unquote(urlsplit(url_or_path).path) if "://" in url_or_path else url_or_path
+
+    def probe() -> None:
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        except PermissionError:
+            raise PermissionDenied(f"{caller} may not read {path!r}") from None
+        except OSError:
+            pass  # missing and the like: the source says so in its own words
+
+    await as_caller(caller, probe)
 
 
 def output_mode(daemon: Daemon) -> tuple[int, int]:
-    """Mode and group (-1: unchanged) of the outputs the daemon writes: readable by whoever may
-    use its socket, nobody else; 0600, or 0640 and the socket's group when one is set.
-
-    grpcio does not expose the unix socket's peer credentials (SO_PEERCRED), so the
-    daemon cannot tell which user asked and cannot give the file to that user; an output
-    belongs to the daemon's user, and the socket's group may read it."""
+    """Mode and group (-1: the caller's) of the outputs the daemon writes. An output belongs to
+    the user who asked for it (see ``localrelay``): 0600, or 0640 and the socket's group when
+    one is set, so that the group allowed on the socket may read it."""
     group = daemon.settings.security.socket_group
     if not group:
         return 0o600, -1
@@ -125,35 +171,70 @@ def socket_gid(group: str) -> int:
         raise InvalidArgument(f"security.socket_group: no group named {group!r}") from None
 
 
-async def export_output(daemon: Daemon, task_id: str, output_path: str, byte_range: ByteRange | None = None) -> None:
+async def export_output(
+    daemon: Daemon,
+    task_id: str,
+    output_path: str,
+    byte_range: ByteRange | None = None,
+    caller: Caller | None = None,
+) -> None:
     """Copy the finished task (or its range) to a temp file beside the output, then rename it.
 
-    The temp file is created 0600 (``mkstemp``) and given its final mode before any byte
-    is written: the output is never readable by users that may not use the socket."""
+    The temp file is created and renamed by the caller (``as_caller``): it is the caller's,
+    in a directory the caller may write, exactly as if the caller had written it, and it
+    has its final mode (0600, or 0640 with the socket's group) before any byte is written.
+    The daemon writes the bytes through the open file, never by a path the caller controls."""
     path = Path(output_path)
+    if caller is None:
+        raise _unknown_caller(output_path)
     mode, gid = output_mode(daemon)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".damselfly-tmp", dir=path.parent)
+    tmp = f".{path.name}.{secrets.token_hex(6)}.damselfly-tmp"
+
+    def create() -> tuple[int, int]:
+        dfd = _open_dir(path.parent, caller)
+        try:
+            return dfd, os.open(tmp, _CREATE, 0o600, dir_fd=dfd)
+        except BaseException:
+            os.close(dfd)
+            raise
+
     try:
-        if gid >= 0:
-            os.fchown(fd, -1, gid)
-        os.fchmod(fd, mode)
+        dfd, fd = await as_caller(caller, create)
+    except PermissionError:
+        raise PermissionDenied(f"{caller} may not write {output_path!r}") from None
     except OSError as exc:
-        os.close(fd)
-        Path(tmp).unlink(missing_ok=True)
-        raise StorageError(f"cannot set the mode of {output_path}: {exc.strerror}") from None
-    os.close(fd)
+        raise StorageError(f"cannot write {output_path}: {exc.strerror}") from None
+
+    def rename() -> None:
+        os.replace(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+
     try:
+        try:
+            if gid >= 0:
+                os.fchown(fd, -1, gid)
+            os.fchmod(fd, mode)
+        except OSError as exc:
+            raise StorageError(f"cannot set the mode of {output_path}: {exc.strerror}") from None
         if byte_range is None:
-            await daemon.storage.export(task_id, Path(tmp))
+            await daemon.storage.export(task_id, Path(f"/proc/self/fd/{fd}"))  # the open file itself
         else:
-            with open(tmp, "wb") as f:
+            with open(fd, "wb", closefd=False) as f:
                 async for chunk in daemon.storage.read_range(task_id, *byte_range):
                     await asyncio.to_thread(f.write, chunk)
-        os.chmod(tmp, mode)  # a storage's export may have replaced the file
-        os.replace(tmp, path)
+        os.fchmod(fd, mode)
+        try:
+            await as_caller(caller, rename)
+        except PermissionError:
+            raise PermissionDenied(f"{caller} may not replace {output_path!r}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot write {output_path}: {exc.strerror}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
         raise
+    finally:
+        os.close(fd)
+        os.close(dfd)
 
 
 async def progress_stream(
@@ -164,6 +245,7 @@ async def progress_stream(
     with_content: bool,
     output_path: str = "",
     byte_range: ByteRange | None = None,
+    caller: Caller | None = None,
 ) -> AsyncIterator[dfdaemon_pb2.DownloadTaskResponse]:
     """A client's view of a running download: started, then each piece it asked for, then
     its output written (the whole content, or ``byte_range`` of it)."""
@@ -195,7 +277,7 @@ async def progress_stream(
         elif isinstance(event, Finished):
             if output_path:
                 try:
-                    await export_output(daemon, rt.task_id, output_path, byte_range)
+                    await export_output(daemon, rt.task_id, output_path, byte_range, caller)
                 except DamselflyError as exc:
                     await abort_with(context, exc)
             return
@@ -213,20 +295,28 @@ class LocalService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
         from damselfly.daemon.download import DownloadRequest
 
         dl = request.download
+        caller = caller_of(self.d, context)
         try:
             req = DownloadRequest.from_proto(dl)
             if not req.url:
                 raise InvalidArgument("download needs a url")
             self.d.plugins.source_for(req.url)  # an unknown scheme fails before anything starts
+            await check_local_read(req.url, caller)
             if dl.output_path:
-                check_output(dl.output_path, dl.overwrite)
+                await check_output(dl.output_path, dl.overwrite, caller)
             rt = await self.d.start_download(req)
             self.d.gc.touch(rt.task_id)
         except DamselflyError as exc:
             await abort_with(context, exc)
             return
         async for resp in progress_stream(
-            self.d, rt, context, with_content=dl.need_piece_content, output_path=dl.output_path, byte_range=req.range
+            self.d,
+            rt,
+            context,
+            with_content=dl.need_piece_content,
+            output_path=dl.output_path,
+            byte_range=req.range,
+            caller=caller,
         ):
             yield resp
 
@@ -263,6 +353,7 @@ class LocalService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
         source = None
         try:
             check_source(request.url, Origin.LOCAL, self.d.source_policy)
+            await check_local_read(request.url, caller_of(self.d, context))
             with admitted(Origin.LOCAL, self.d.source_policy):
                 source = self.d.plugins.make_source(request.url, options)
             entries = await source.list(request.url, dict(request.request_header))
@@ -329,6 +420,7 @@ def admin_handler(daemon: Daemon) -> grpc.GenericRpcHandler:
 
         try:
             args = json.loads(request)
+            await check_local_read(str(args["path"]), caller_of(daemon, context))
             result = await import_file(
                 daemon,
                 str(args["path"]),

@@ -68,6 +68,7 @@ from damselfly.core.task import TaskState
 from damselfly.daemon.download import DownloadRequest
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started
 from damselfly.oci import registry_scheme
+from damselfly.security import tls
 from damselfly.security.admission import Origin
 from damselfly.security.policy import SourcePolicy, policy_connector, refusal_in
 
@@ -137,7 +138,18 @@ class Proxy:
 
     async def start(self, host: str) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Sniffer(self), host, self.cfg.port)
+        tls_cfg = self.d.settings.security.tls
+        ssl_context = None
+        if self.cfg.tls:
+            if not tls_cfg.enabled:
+                raise InvalidArgument("proxy.tls needs security.tls (ca, cert and key)")
+            ssl_context = tls.server_ssl_context(tls_cfg)  # clients show a certificate of the cluster CA
+        elif not self.cfg.username:
+            tls.warn_unauthenticated("the proxy (no proxy.tls, no proxy.username)", host, None)
+        tls_options: dict[str, Any] = {}
+        if ssl_context is not None:
+            tls_options = {"ssl": ssl_context, "ssl_handshake_timeout": self.header_timeout}
+        self._server = await loop.create_server(lambda: _Sniffer(self), host, self.cfg.port, **tls_options)
         self.port = self._server.sockets[0].getsockname()[1]
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=self.cfg.connect_timeout, sock_read=self.cfg.read_timeout

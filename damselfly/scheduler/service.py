@@ -8,7 +8,9 @@ Trust (docs/security.md): a request's credentials (Authorization, Cookie,
 Proxy-Authorization, X-Amz-* headers, the sources' tokens and keys) are stripped when a
 peer registers, so no task, StatTask, answer or log holds them; only the seed trigger
 hands them on, to the one seed and over mutual TLS. A piece's digest is taken only from
-whoever the scheduler sent to the source (a seed's wins). With ``security.tls`` every
+whoever the scheduler sent to the source (a seed's wins). A peer registers only under its
+Download's own task id (``wire.download_task_id``), and a task id its request chose with
+``content_for_calculating_task_id`` is never handed to a seed. With ``security.tls`` every
 caller shows a certificate of the cluster CA and acts only for its own hosts; caps
 (``security.limits``) bound hosts, tasks and peers.
 """
@@ -44,6 +46,7 @@ from damselfly.metrics import SchedulerMetrics, serve_metrics
 from damselfly.plugin_manager import Plugins, build_plugins
 from damselfly.scheduler import preheat
 from damselfly.security import tls
+from damselfly.security.admission import derived_task_key
 from damselfly.security.identity import PeerIdentity, identity_of
 from damselfly.wire import (
     PEER_HOST,
@@ -1083,8 +1086,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         The seed gets the request as the scheduler keeps it, without credentials. Only over
         mutual TLS does it get the requester's own ``request``, credentials included, for this
         one call (they are kept nowhere). Without TLS a private source refuses the seed, and the
-        requester is sent to read the source itself."""
+        requester is sent to read the source itself. A request that names its task with a
+        ``content_for_calculating_task_id`` its URL does not imply (a local client's choice) is
+        no seed's to fill: a seed would store that URL's bytes under any id a peer names (a
+        damselfly seed refuses it, ``admission.check_task_key``; an upstream one would not)."""
         if not self.cfg.seed_trigger:
+            return None
+        kept = self.state.downloads.get(peer.id)
+        if kept is not None and kept.content_for_calculating_task_id not in ("", derived_task_key(kept.url)):
             return None
         seed = self.state.seed_for(entry.task.id)
         if seed is None or seed.id == peer.host_id:

@@ -18,6 +18,10 @@ The rules:
   (``source_options``).
 - Only a local client (or a cluster member proven by its certificate) may pin a task
   against garbage collection.
+- A request from the network names its task by its URL: its ``content_for_calculating_task_id``
+  (whose sha256 is the task id) may only be the one its URL implies (``derived_task_key``),
+  or any content's id could be filled with another URL's bytes. A local client keeps the
+  freedom (dfget's ``--content-for-calculating-task-id``).
 
 A download runs in a task started under ``admitted(origin, policy)``: the sources it makes
 know whose request they serve (``current_origin()``, for their options) and the policy
@@ -35,6 +39,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from damselfly.core import ids
 from damselfly.core.errors import InvalidArgument, PermissionDenied
 from damselfly.security.policy import LOCAL_SCHEMES, SourcePolicy
 
@@ -67,6 +72,7 @@ SWARM_SCHEMES = frozenset({"damselfly-cache"})
 HOST_SCHEMES = frozenset({"http", "https", "hdfs", "webhdfs", "oci", "ftp", "sftp", "ssh", "smb", "webdav"})
 # The request header that keeps a replica of a persistent cache task until then (daemon.download).
 PIN_HEADER = "x-damselfly-cache-expires"
+CACHE_URL_PREFIX = "damselfly-cache://"  # a persistent cache task's url: its own task key
 
 
 @dataclass(frozen=True)
@@ -157,12 +163,43 @@ def check_source(url: str, origin: Origin, policy: SourcePolicy) -> None:
         policy.check_host(parts.hostname, port)
 
 
+def derived_task_key(url: str) -> str | None:
+    """The ``content_for_calculating_task_id`` that ``url`` itself implies, None if none: the
+    url of a persistent cache task (``damselfly-cache://``: replicas and their seed triggers),
+    the registry-and-repository-bound key of an OCI blob (credentialed pulls, as the proxy and
+    preheat make it: ``ids.bound_blob_content``)."""
+    if url.startswith(CACHE_URL_PREFIX):
+        return url
+    blob = ids.parse_blob_url(url)
+    if blob is None:
+        return None
+    try:
+        return ids.bound_blob_content(urlsplit(url).netloc, blob)
+    except ValueError:
+        return None
+
+
+def check_task_key(url: str, content: str, origin: Origin) -> None:
+    """May a request from ``origin`` choose its task id with ``content``? PermissionDenied (one
+    line) when it comes from the network with a content its url does not imply: else a request
+    could name the content whose sha256 is a victim URL's task id, with its own URL, and have
+    the victim's task filled with its own bytes."""
+    if not content or not origin.from_network or content == derived_task_key(url):
+        return
+    raise PermissionDenied(
+        f"a request from the {origin.value} may not set content_for_calculating_task_id, except to the key "
+        "its own url implies (a damselfly-cache:// url itself, a credentialed OCI blob's registry-bound key): "
+        "its task id is its url's"
+    )
+
+
 def admit(req: DownloadRequest, origin: Origin, policy: SourcePolicy, *, member: bool = False) -> DownloadRequest:
     """The request as it may run for ``origin`` under ``policy``, or PermissionDenied.
 
     ``member``: the caller proved with its certificate that it is a cluster member (then it
     may pin a replica against garbage collection, as ``cache import --replicas`` does)."""
     check_source(req.url, origin, policy)
+    check_task_key(req.url, req.content_for_calculating_task_id, origin)
     if origin.from_network and not member:
         pins = [k for k in req.request_header if k.lower() == PIN_HEADER]
         if pins:

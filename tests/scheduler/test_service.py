@@ -40,8 +40,8 @@ def host(name: str, seed: bool = False) -> common_pb2.Host:
     )
 
 
-def req(host_id: str, peer_id: str, **kw) -> scheduler_pb2.AnnouncePeerRequest:
-    return scheduler_pb2.AnnouncePeerRequest(host_id=host_id, task_id=TASK, peer_id=peer_id, **kw)
+def req(host_id: str, peer_id: str, task_id: str = TASK, **kw) -> scheduler_pb2.AnnouncePeerRequest:
+    return scheduler_pb2.AnnouncePeerRequest(host_id=host_id, task_id=task_id, peer_id=peer_id, **kw)
 
 
 def download(url: str, **kw) -> common_pb2.Download:

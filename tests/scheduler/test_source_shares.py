@@ -4,17 +4,25 @@ import asyncio
 
 import grpc
 import pytest
-from dragonfly_api import dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from dragonfly_api import common_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 from damselfly.config import load_settings
 from damselfly.core.task import PieceRecord
 from damselfly.scheduler.service import start_scheduler
-from damselfly.wire import SOURCE_SHARES_METADATA, piece_to_proto, source_share_from_proto
+from damselfly.wire import SOURCE_SHARES_METADATA, download_task_id, piece_to_proto, source_share_from_proto
 from tests.helpers.waiting import wait_for
 from tests.scheduler.test_service import TASK, download, host, register, req
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20
+# a task named by its url, as the seed a scheduler triggers takes it (a task key a request
+# chooses is no seed's to fill)
+SHARED = common_pb2.Download(url="http://o/shared")
+SHARED_TASK = download_task_id(SHARED)
+
+
+def shared_req(host_id: str, peer_id: str, **kw) -> scheduler_pb2.AnnouncePeerRequest:
+    return req(host_id, peer_id, SHARED_TASK, **kw)
 
 
 class _Seed(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
@@ -69,24 +77,24 @@ def shares_of(resp: scheduler_pb2.AnnouncePeerResponse) -> tuple[list[int], list
 
 async def test_the_seed_and_the_waiting_peers_each_read_a_block_and_a_leaver_hands_its_block_on(cluster):
     stub, server, seed = cluster
-    dl = download(url="http://o/shared")
+    dl = SHARED
     calls = {}
     for name in ("a", "b"):  # damselfly daemons: they offer to take a share
         calls[name] = stub.AnnouncePeer(metadata=SOURCE_SHARES_METADATA)
-        await calls[name].write(req(f"127.0.0.1-{name}", f"p{name}", **register(dl)))
+        await calls[name].write(shared_req(f"127.0.0.1-{name}", f"p{name}", **register(dl)))
     calls["c"] = stub.AnnouncePeer()  # a client that does not (an upstream dfdaemon) gets no share
-    await calls["c"].write(req("127.0.0.1-c", "pc", **register(dl)))
+    await calls["c"].write(shared_req("127.0.0.1-c", "pc", **register(dl)))
     await asyncio.wait_for(seed.triggered.wait(), 10)
 
     # the seed stats the origin (11 pieces of 1 MiB) and registers to read it all
     seed_call = stub.AnnouncePeer(metadata=SOURCE_SHARES_METADATA)
-    seed_dl = download(
-        url="http://o/shared", need_back_to_source=True, actual_content_length=10 * MiB + 1, actual_piece_length=MiB
+    seed_dl = common_pb2.Download(
+        url=SHARED.url, need_back_to_source=True, actual_content_length=10 * MiB + 1, actual_piece_length=MiB
     )
-    await seed_call.write(req("127.0.0.1-s", "ps-seed", **register(seed_dl)))
+    await seed_call.write(shared_req("127.0.0.1-s", "ps-seed", **register(seed_dl)))
     assert shares_of(await seed_call.read()) == ([0, 1, 2], [])  # its block, first; no parent yet
     await seed_call.write(
-        req("127.0.0.1-s", "ps-seed", download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest())
+        shared_req("127.0.0.1-s", "ps-seed", download_peer_started_request=scheduler_pb2.DownloadPeerStartedRequest())
     )
     # the waiting peers hear of their blocks with the seed as a parent; c of the seed alone
     assert shares_of(await calls["a"].read()) == ([3, 4, 5, 6], ["ps-seed"])
@@ -98,7 +106,7 @@ async def test_the_seed_and_the_waiting_peers_each_read_a_block_and_a_leaver_han
     # b reads piece 7, then its stream breaks: the rest of its block goes to the seed
     piece = piece_to_proto(PieceRecord(7, 7 * MiB, MiB, "crc32:7"), traffic_type=0)
     await calls["b"].write(
-        req(
+        shared_req(
             "127.0.0.1-b",
             "pb",
             download_piece_back_to_source_finished_request=scheduler_pb2.DownloadPieceBackToSourceFinishedRequest(
@@ -106,7 +114,7 @@ async def test_the_seed_and_the_waiting_peers_each_read_a_block_and_a_leaver_han
             ),
         )
     )
-    entry = server.service.state.tasks[TASK]
+    entry = server.service.state.tasks[SHARED_TASK]
 
     await wait_for(lambda: 7 not in entry.shares.get("pb", set()), 10, "piece 7 reported")
     calls["b"].cancel()
@@ -119,7 +127,7 @@ async def test_the_seed_and_the_waiting_peers_each_read_a_block_and_a_leaver_han
 
     # a reports it cannot read the source: its block goes to the seed too
     await calls["a"].write(
-        req(
+        shared_req(
             "127.0.0.1-a",
             "pa",
             download_piece_back_to_source_failed_request=scheduler_pb2.DownloadPieceBackToSourceFailedRequest(

@@ -3,6 +3,7 @@ the upload gRPC port, a scheduler's seed trigger, the local socket; origins and 
 127.0.0.0/8 (the suite allows loopback origins: tests of the default policy refuse it explicitly)."""
 
 import asyncio
+import hashlib
 import os
 import re
 import time
@@ -19,6 +20,7 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler
 
 from damselfly.client import Client
 from damselfly.config import load_settings
+from damselfly.core import ids
 from damselfly.core.errors import BackendError, PermissionDenied
 from damselfly.daemon.daemon import Daemon
 from damselfly.daemon.download import CACHE_EXPIRES_HEADER, DownloadRequest
@@ -27,7 +29,7 @@ from damselfly.origin import make_file
 from damselfly.plugins.source.fsspec_source import S3Source
 from damselfly.plugins.source.hf import HfSource
 from damselfly.scheduler.service import start_scheduler
-from damselfly.security.admission import Origin, source_options
+from damselfly.security.admission import Origin, check_task_key, source_options
 
 SECRET = b"root:$6$not-for-the-network$:19000:0:99999:7:::\n"
 NO_LOOPBACK = {"sources": {"allow_loopback": False}}  # the default policy, whatever the suite's environment says
@@ -197,6 +199,64 @@ async def _wait_for_metric(port: int, name: str, at_least: float, timeout: float
             if value >= at_least or time.monotonic() > deadline:
                 return value
             await asyncio.sleep(0.05)
+
+
+# -- a task id from the network is its url's ----------------------------------------------------
+
+
+async def test_the_upload_api_refuses_a_task_key_that_is_not_its_urls_and_takes_a_bound_blob_key(tmp_path, origin):
+    """Task poisoning: the attacker names, as content_for_calculating_task_id, the string whose
+    sha256 is the victim URL's task id, with its own URL (bytes it serves): refused, and the
+    victim's task holds nothing. A blob's registry-bound key of its own URL (credentialed pulls,
+    as the proxy and preheat make it) is taken."""
+    victim = DownloadRequest(url="http://registry.example/files/app.tar")
+    preimage = ids.filter_query_params(victim.url, ids.DEFAULT_FILTERED_QUERY_PARAMS) + ids.STANDARD_TASK_TYPE
+    assert ids.content_task_id(preimage) == victim.task_id()  # the attack's key names the victim's task
+    blob = b"the blob's own bytes\n" * 1000
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    path = origin.root / "v2" / "library" / "app" / "blobs" / digest
+    path.parent.mkdir(parents=True)
+    path.write_bytes(blob)
+    blob_url = origin.url(f"v2/library/app/blobs/{digest}")
+    bound = ids.bound_blob_content(f"127.0.0.1:{origin.port}", ids.parse_blob_url(blob_url))
+    async with daemon(tmp_path) as d, upload_stub(d) as stub:
+        for key in (preimage, bound):  # a blob's key for another url is no better
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await upload_download(
+                    stub, common_pb2.Download(url=origin.url("f.bin"), content_for_calculating_task_id=key)
+                )
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            details = err.value.details()
+            assert "content_for_calculating_task_id" in details and "\n" not in details
+        assert d.storage.get(victim.task_id()) is None and _stored(d) == [] and not d.board.all_running()
+        assert origin.stats.by_method == {}  # the attacker's bytes were never fetched
+        await upload_download(stub, common_pb2.Download(url=blob_url, content_for_calculating_task_id=bound))
+        task = d.storage.get(ids.content_task_id(bound))
+        assert task is not None and task.url == blob_url and task.content_length == len(blob)
+        assert _stored(d) == [blob_url]
+
+
+async def test_a_local_client_keeps_its_own_task_key(tmp_path, origin):
+    """dfget's --content-for-calculating-task-id: a user of this node names its task."""
+    async with daemon(tmp_path) as d, Client(d.socket_path) as c:
+        await c.download(origin.url("f.bin"), tmp_path / "out", content_for_calculating_task_id="my build 42")
+        task = d.storage.get(ids.content_task_id("my build 42"))
+        assert task is not None and task.url == origin.url("f.bin")
+
+
+def test_which_task_keys_a_request_from_the_network_may_carry():
+    cache = "damselfly-cache://" + "ab" * 32
+    blob_url = "https://Registry.Example:5000/v2/team/app/blobs/sha256:" + "cd" * 32
+    bound = ids.bound_blob_content("registry.example:5000", ids.parse_blob_url(blob_url))
+    for origin in (Origin.UPLOAD, Origin.SCHEDULER, Origin.PROXY, Origin.PREHEAT):
+        check_task_key(cache, cache, origin)  # a cache replica names its task by its url
+        check_task_key(blob_url, bound, origin)
+        check_task_key("http://o.example/x", "", origin)
+        for url, key in ((cache, cache + "?x"), (blob_url, bound.replace("team/app", "team/other")), (blob_url, cache)):
+            with pytest.raises(PermissionDenied, match="content_for_calculating_task_id"):
+                check_task_key(url, key, origin)
+    for origin in (Origin.LOCAL, Origin.INTERNAL):
+        check_task_key("http://o.example/x", "anything", origin)
 
 
 # -- the source policy at connect time --------------------------------------------------------

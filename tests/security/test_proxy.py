@@ -474,3 +474,47 @@ async def test_a_client_slow_to_send_its_headers_is_disconnected(start_daemon):
         assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 200")
     finally:
         writer.close()
+
+
+async def test_the_proxy_serves_its_clients_over_mutual_tls_when_asked(start_daemon, tmp_path):
+    import ssl
+
+    from damselfly.config import TlsConfig
+    from damselfly.security import certs, tls
+
+    ca, other = tmp_path / "ca", tmp_path / "other-ca"
+    certs.init_ca(ca)
+    certs.init_ca(other)
+    node = certs.issue(ca, ca, "node", ips=["127.0.0.1"], roles=["peer"])
+    client = certs.issue(ca, ca, "client", ips=["127.0.0.1"], roles=["client"])
+    stranger = certs.issue(other, other, "stranger", ips=["127.0.0.1"], roles=["client"])
+    d = await start_daemon(
+        loopback=True,
+        proxy={"tls": True},
+        tls={"ca": str(ca / "ca.pem"), "cert": str(node.cert), "key": str(node.key)},
+    )
+    assert d.proxy is not None
+    port = d.proxy.port
+    ping = b"GET /healthy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+    async def over_tls(context: ssl.SSLContext) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="127.0.0.1")
+        try:
+            writer.write(ping)
+            await writer.drain()
+            return await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+
+    member = tls.client_ssl_context(TlsConfig(ca=ca / "ca.pem", cert=client.cert, key=client.key))
+    assert (await over_tls(member)).startswith(b"HTTP/1.1 200")
+    # plaintext gets no HTTP answer; a client without a certificate, or with another CA's, is refused
+    assert not (await raw(port, ping)).startswith(b"HTTP/")
+    anonymous = ssl.create_default_context(cafile=str(ca / "ca.pem"))
+    outsider = tls.client_ssl_context(TlsConfig(ca=ca / "ca.pem", cert=stranger.cert, key=stranger.key))
+    for context in (anonymous, outsider):
+        try:
+            answer = await over_tls(context)
+        except (ssl.SSLError, ConnectionResetError):
+            answer = b""
+        assert not answer.startswith(b"HTTP/")

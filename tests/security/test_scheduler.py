@@ -10,15 +10,19 @@ from dragonfly_api import common_pb2, dfdaemon_pb2_grpc, scheduler_pb2, schedule
 from loguru import logger
 
 from damselfly.config import load_settings
+from damselfly.core import ids
 from damselfly.core.task import PieceRecord
 from damselfly.scheduler.service import start_scheduler
 from damselfly.security import certs, tls
-from damselfly.wire import piece_to_proto
+from damselfly.wire import download_task_id, piece_to_proto
 from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
-TASK = "5e" * 32
+# The scheduler takes a register only under its Download's own task id: the downloads of these
+# tests name the one task TASK through their content_for_calculating_task_id, whatever their url.
+TASK_KEY = "tests.security.test_scheduler: the one task"
+TASK = ids.content_task_id(TASK_KEY)
 MiB = 1 << 20
 SECRETS = (
     "Bearer tok-alice-1",
@@ -34,7 +38,8 @@ SHA_FAKE = "sha256:" + "f" * 64
 
 
 def secret_download(url: str = "http://origin.example/private", **kw) -> common_pb2.Download:
-    """A requester's download with every kind of credential the scheduler must not keep."""
+    """A requester's download with every kind of credential the scheduler must not keep (a task
+    named by its url, PRIVATE_TASK by default, as a triggered seed takes it)."""
     return common_pb2.Download(
         url=url,
         request_header={
@@ -48,6 +53,19 @@ def secret_download(url: str = "http://origin.example/private", **kw) -> common_
         hugging_face=common_pb2.HuggingFace(token=SECRETS[5], revision="main"),
         **kw,
     )
+
+
+def public_download(url: str = "http://origin.example/private") -> common_pb2.Download:
+    """``secret_download``'s task without the credentials."""
+    return common_pb2.Download(url=url, hugging_face=common_pb2.HuggingFace(revision="main"))
+
+
+PRIVATE_TASK = download_task_id(public_download())
+
+
+def download(url: str, **kw) -> common_pb2.Download:
+    """A Download of ``url`` whose task id is TASK."""
+    return common_pb2.Download(url=url, content_for_calculating_task_id=TASK_KEY, **kw)
 
 
 def leaked(data: bytes | str) -> list[str]:
@@ -116,26 +134,28 @@ async def test_credentials_are_absent_from_stat_task_parent_answers_and_logs(sch
         for name in ("a", "b"):
             await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host(name)))
         first = stub.AnnouncePeer()
-        await first.write(req("127.0.0.1-a", "pa", **register(secret_download())))
+        await first.write(req("127.0.0.1-a", "pa", PRIVATE_TASK, **register(secret_download())))
         assert (await first.read()).WhichOneof("response") == "need_back_to_source_response"
-        await first.write(req("127.0.0.1-a", "pa", **BTS_STARTED))
-        await first.write(req("127.0.0.1-a", "pa", **bts_piece(0, SHA_SEED)))
+        await first.write(req("127.0.0.1-a", "pa", PRIVATE_TASK, **BTS_STARTED))
+        await first.write(req("127.0.0.1-a", "pa", PRIVATE_TASK, **bts_piece(0, SHA_SEED)))
         second = stub.AnnouncePeer()
-        await second.write(req("127.0.0.1-b", "pb", **register(common_pb2.Download(url="http://origin.example/x"))))
+        await second.write(req("127.0.0.1-b", "pb", PRIVATE_TASK, **register(public_download())))
         answer = await second.read()
         (parent,) = answer.normal_task_response.candidate_parents
         assert parent.id == "pa" and [p.digest for p in parent.task.pieces] == [SHA_SEED]
         assert leaked(answer.SerializeToString()) == []
         assert dict(parent.task.request_header) == {"Accept": "application/octet-stream"}  # the rest kept
 
-        task = await stub.StatTask(scheduler_pb2.StatTaskRequest(host_id="127.0.0.1-b", task_id=TASK))
+        task = await stub.StatTask(scheduler_pb2.StatTaskRequest(host_id="127.0.0.1-b", task_id=PRIVATE_TASK))
         assert task.url == "http://origin.example/private" and leaked(task.SerializeToString()) == []
-        peer = await stub.StatPeer(scheduler_pb2.StatPeerRequest(host_id="127.0.0.1-b", task_id=TASK, peer_id="pa"))
+        peer = await stub.StatPeer(
+            scheduler_pb2.StatPeerRequest(host_id="127.0.0.1-b", task_id=PRIVATE_TASK, peer_id="pa")
+        )
         assert leaked(peer.SerializeToString()) == []
         # nothing the scheduler keeps holds them either
         st = server.service.state
         assert leaked(st.downloads["pa"].SerializeToString()) == []
-        assert leaked(repr(st.tasks[TASK].task)) == []
+        assert leaked(repr(st.tasks[PRIVATE_TASK].task)) == []
         first.cancel()
         second.cancel()
     finally:
@@ -153,7 +173,7 @@ async def test_signed_url_credentials_are_not_shown():
         await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
         url = "https://alice:pw-7@bucket.example/k?X-Amz-Signature=sig-8&X-Amz-Credential=cred-9&part=1"
         call = stub.AnnouncePeer()
-        await call.write(req("127.0.0.1-a", "pa", **register(common_pb2.Download(url=url))))
+        await call.write(req("127.0.0.1-a", "pa", **register(download(url=url))))
         await call.read()
         task = await stub.StatTask(scheduler_pb2.StatTaskRequest(task_id=TASK))
         for secret in ("pw-7", "sig-8", "cred-9"):
@@ -199,7 +219,7 @@ async def test_without_tls_the_seed_trigger_carries_no_credentials_and_the_reque
         await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
         await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("s", seed=True, port=seed_port)))
         call = stub.AnnouncePeer()
-        await call.write(req("127.0.0.1-a", "pa", **register(secret_download())))
+        await call.write(req("127.0.0.1-a", "pa", PRIVATE_TASK, **register(secret_download())))
         # the seed was asked, without the credentials; it failed, so the requester reads the source
         answer = await asyncio.wait_for(call.read(), 10)
         assert answer.WhichOneof("response") == "need_back_to_source_response"
@@ -222,7 +242,7 @@ async def test_a_fake_back_to_source_report_is_ignored_and_the_honest_parent_sta
     for name in ("a", "c"):
         await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host(name)))
     await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("s", seed=True)))
-    dl = common_pb2.Download(url="http://origin.example/x", actual_content_length=8 * MiB, actual_piece_length=4 * MiB)
+    dl = download(url="http://origin.example/x", actual_content_length=8 * MiB, actual_piece_length=4 * MiB)
     seed = stub.AnnouncePeer()
     seed_dl = common_pb2.Download()
     seed_dl.CopyFrom(dl)
@@ -257,7 +277,7 @@ async def test_a_seeds_digest_wins_over_a_peer_sent_to_the_source_and_bad_report
     stub, server = sched
     await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
     await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("s", seed=True)))
-    dl = common_pb2.Download(url="http://origin.example/y", actual_content_length=8 * MiB, actual_piece_length=4 * MiB)
+    dl = download(url="http://origin.example/y", actual_content_length=8 * MiB, actual_piece_length=4 * MiB)
     peer = stub.AnnouncePeer()
     await peer.write(req("127.0.0.1-a", "pa", **register(dl)))
     assert (await peer.read()).WhichOneof("response") == "need_back_to_source_response"  # no parent, no trigger
@@ -297,7 +317,7 @@ async def test_a_metadata_only_claim_is_a_parent_only_once_every_digest_is_known
     stub, _ = sched
     for name in ("m", "c", "d"):
         await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host(name)))
-    dl = common_pb2.Download(url="http://origin.example/z", actual_content_length=8 * MiB, actual_piece_length=4 * MiB)
+    dl = download(url="http://origin.example/z", actual_content_length=8 * MiB, actual_piece_length=4 * MiB)
     claim = common_pb2.Download()
     claim.CopyFrom(dl)
     claim.metadata_only = True
@@ -327,6 +347,75 @@ async def test_a_metadata_only_claim_is_a_parent_only_once_every_digest_is_known
         call.cancel()
 
 
+# -- a task id is its download's ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sched", ["native", "grpcio"], indirect=True)
+async def test_a_register_under_another_downloads_task_id_is_refused(sched):
+    """Task poisoning: a peer registers the victim URL's task id with its own URL (to be sent
+    to the source and have its bytes' digests become the task's), or claims to hold it."""
+    stub, server = sched
+    await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
+    victim = common_pb2.Download(url="http://origin.example/victim.tar")
+    victim_id = download_task_id(victim)
+    evil = common_pb2.Download(url="http://attacker.example/evil.tar", need_back_to_source=True)
+    claim = common_pb2.Download(url="http://attacker.example/evil.tar", metadata_only=True)
+    for n, dl in enumerate((evil, claim, common_pb2.Download(url="no scheme, no host"))):
+        call = stub.AnnouncePeer()
+        await call.write(req("127.0.0.1-a", f"pevil{n}", victim_id, **register(dl)))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = err.value.details()
+        assert details.startswith("register refused: ") and "\n" not in details
+        assert ("is not its download's" in details) == (n < 2), details
+    assert refused_total(server, "task_id") == 3
+    st = server.service.state
+    assert victim_id not in st.tasks and not st.peers
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.StatTask(scheduler_pb2.StatTaskRequest(task_id=victim_id))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # the victim's own download is taken under its id
+    call = stub.AnnouncePeer()
+    await call.write(req("127.0.0.1-a", "pvictim", victim_id, **register(victim)))
+    assert (await call.read()).WhichOneof("response") == "need_back_to_source_response"
+    assert st.tasks[victim_id].task.url == victim.url
+    call.cancel()
+
+
+async def test_no_seed_is_asked_to_fill_a_task_id_the_request_chose():
+    """A content_for_calculating_task_id its url does not imply (a local client's choice, or an
+    attacker's preimage of a victim's id) is never forwarded to a seed, which would store that
+    url's bytes under the id; a cache task's key, its url, is."""
+    seed_server, seed_port, seed = await _seed_server()
+    server = await start_scheduler(load_settings(scheduler={"seed_wait": 20, "retry_interval": 0.05}))
+    channel = grpc.aio.insecure_channel(server.address)
+    try:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
+        await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("s", seed=True, port=seed_port)))
+        victim_id = download_task_id(common_pb2.Download(url="http://origin.example/victim.tar"))
+        preimage = "http://origin.example/victim.tar" + ids.STANDARD_TASK_TYPE
+        chosen = common_pb2.Download(url="http://attacker.example/evil.tar", content_for_calculating_task_id=preimage)
+        assert download_task_id(chosen) == victim_id  # the scheduler cannot tell it from a dfget --content-...
+        call = stub.AnnouncePeer()
+        await call.write(req("127.0.0.1-a", "pa", victim_id, **register(chosen)))
+        answer = await asyncio.wait_for(call.read(), 10)
+        assert answer.WhichOneof("response") == "need_back_to_source_response" and seed.requests == []
+        call.cancel()
+        cache_url = "damselfly-cache://" + "ab" * 32
+        cached = common_pb2.Download(url=cache_url, content_for_calculating_task_id=cache_url)
+        call = stub.AnnouncePeer()
+        await call.write(req("127.0.0.1-a", "pc", download_task_id(cached), **register(cached)))
+        await asyncio.wait_for(call.read(), 10)  # the test seed fails at once
+        assert [r.download.url for r in seed.requests] == [cache_url]
+        call.cancel()
+    finally:
+        await channel.close()
+        await server.stop()
+        await seed_server.stop(0)
+
+
 # -- caps ---------------------------------------------------------------------------------------
 
 
@@ -349,22 +438,25 @@ async def test_caps_on_hosts_tasks_and_peers(kind):
 
         calls = []
 
-        async def register_one(peer_id: str, task_id: str) -> scheduler_pb2.AnnouncePeerResponse:
+        def task_download(n: str) -> common_pb2.Download:  # a task of its own for each n
+            return common_pb2.Download(url=f"http://origin.example/{n}")
+
+        async def register_one(peer_id: str, n: str) -> scheduler_pb2.AnnouncePeerResponse:
             call = stub.AnnouncePeer()
             calls.append(call)
-            dl = common_pb2.Download(url=f"http://origin.example/{task_id[:4]}")
-            await call.write(req("127.0.0.1-a", peer_id, task_id, **register(dl)))
+            dl = task_download(n)
+            await call.write(req("127.0.0.1-a", peer_id, download_task_id(dl), **register(dl)))
             return await call.read()
 
-        t1, t2, t3 = "1" * 64, "2" * 64, "3" * 64
-        assert (await register_one("p1", t1)).WhichOneof("response") == "need_back_to_source_response"
-        assert (await register_one("p2", t2)).WhichOneof("response") == "need_back_to_source_response"
-        for peer_id, task_id, cap in (("p3", t3, "max_tasks"), ("p4", t1, "max_peers")):
+        assert (await register_one("p1", "1")).WhichOneof("response") == "need_back_to_source_response"
+        assert (await register_one("p2", "2")).WhichOneof("response") == "need_back_to_source_response"
+        for peer_id, n, cap in (("p3", "3", "max_tasks"), ("p4", "1", "max_peers")):
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await register_one(peer_id, task_id)
+                await register_one(peer_id, n)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and cap in err.value.details()
         st = server.service.state
-        assert set(st.tasks) == {t1, t2} and set(st.peers) == {"p1", "p2"}
+        assert set(st.tasks) == {download_task_id(task_download(n)) for n in "12"}
+        assert set(st.peers) == {"p1", "p2"}
         assert refused_total(server, "limit") == 3
         for call in calls:
             call.cancel()
@@ -461,10 +553,10 @@ async def test_under_tls_peers_and_deletes_only_for_the_callers_own_host(tls_sch
     await b.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("b")))
     # a registers a peer for b's host: refused on the stream
     hijack = a.AnnouncePeer()
-    await hijack.write(req("127.0.0.1-b", "px", **register(common_pb2.Download(url="http://origin.example/x"))))
+    await hijack.write(req("127.0.0.1-b", "px", **register(download(url="http://origin.example/x"))))
     await _denied(hijack.read(), "AnnouncePeer", "127.0.0.1-b")
     own = a.AnnouncePeer()
-    await own.write(req("127.0.0.1-a", "pa", **register(common_pb2.Download(url="http://origin.example/x"))))
+    await own.write(req("127.0.0.1-a", "pa", **register(download(url="http://origin.example/x"))))
     assert (await own.read()).WhichOneof("response") == "need_back_to_source_response"
     # b deletes a's peer, a's task entry and a's host: each refused, nothing is gone
     await _denied(b.DeletePeer(scheduler_pb2.DeletePeerRequest(host_id="127.0.0.1-b", task_id=TASK, peer_id="pa")))
@@ -508,12 +600,12 @@ async def test_under_tls_the_seed_gets_the_requesters_credentials_and_nobody_kee
         await a.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
         await s.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("s", seed=True, port=seed_port)))
         call = a.AnnouncePeer()
-        await call.write(req("127.0.0.1-a", "pa", **register(secret_download())))
+        await call.write(req("127.0.0.1-a", "pa", PRIVATE_TASK, **register(secret_download())))
         answer = await asyncio.wait_for(call.read(), 10)  # the test seed fails: back to source
         assert answer.WhichOneof("response") == "need_back_to_source_response"
         (trigger,) = seed.requests
         assert sorted(leaked(trigger.SerializeToString())) == sorted(SECRETS)  # to the one seed, over mTLS
-        task = await a.StatTask(scheduler_pb2.StatTaskRequest(task_id=TASK))
+        task = await a.StatTask(scheduler_pb2.StatTaskRequest(task_id=PRIVATE_TASK))
         assert leaked(task.SerializeToString()) == []
         assert leaked(server.service.state.downloads["pa"].SerializeToString()) == []
         call.cancel()

@@ -61,6 +61,12 @@ class TcpConfig(BaseModel):
     tls_slice: int = Field(
         256 * 1024, ge=16 * 1024, description="Under TLS, bytes of a stored piece read and encrypted at a time."
     )
+    tls_connections: int = Field(
+        4,
+        ge=1,
+        description="Connections a child opens to one parent under TLS (16 in plaintext): each decrypts in its own "
+        "thread, a record at a time, and more threads contend for the GIL more than they add.",
+    )
 
 
 def _tune(sock: socket.socket | None, buffer: int = 0) -> None:
@@ -563,10 +569,15 @@ def _handshake(sock: socket.socket, context: ssl.SSLContext, host: str) -> _Clie
 
 class TcpTransport(Transport):
     name: ClassVar[str] = "tcp"
-    connections_per_parent: ClassVar[int] = 16  # a request holds its connection until its piece is in
     Config = TcpConfig
     options: TcpConfig
     _client_context: ssl.SSLContext | None = None
+
+    @property  # type: ignore[misc]
+    def connections_per_parent(self) -> int:  # type: ignore[override]
+        """A request holds its connection until its piece is in: many in plaintext, fewer under TLS (see
+        ``tls_connections``)."""
+        return self.options.tls_connections if tls_of(self.security) is not None else 16
 
     def _client_tls(self) -> ssl.SSLContext | None:
         cfg = tls_of(self.security)
