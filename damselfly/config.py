@@ -248,7 +248,20 @@ class TlsConfig(Section):
 
 class SourcePolicyConfig(Section):
     schemes: list[str] = Field(
-        default_factory=lambda: ["http", "https", "s3", "gs", "gcs", "abfs", "az", "oss", "hdfs", "webhdfs", "hf", "oci"],
+        default_factory=lambda: [
+            "http",
+            "https",
+            "s3",
+            "gs",
+            "gcs",
+            "abfs",
+            "az",
+            "oss",
+            "hdfs",
+            "webhdfs",
+            "hf",
+            "oci",
+        ],
         description="URL schemes a request from the network may have fetched from the source "
         "(`file` and other local schemes only ever from the local socket).",
     )

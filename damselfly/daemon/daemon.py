@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import platform
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from urllib.parse import urlsplit
 
@@ -459,14 +460,20 @@ class Daemon:
     # -- downloads ----------------------------------------------------------------------
 
     async def start_download(
-        self, req: DownloadRequest, *, origin: Origin = Origin.LOCAL, member: bool = False
+        self,
+        req: DownloadRequest,
+        *,
+        origin: Origin = Origin.LOCAL,
+        member: bool = False,
+        open_local: Callable[[str], Awaitable[int]] | None = None,
     ) -> TaskRuntime:
         """Start (or join) the download of ``req``'s task; progress arrives on the runtime.
 
         ``origin`` says where the request came from: the admission point decides which
         sources it may use and with whose credentials (PermissionDenied when it may not;
         see :mod:`damselfly.security.admission`); ``member``: the caller proved with a
-        certificate that it belongs to the cluster."""
+        certificate that it belongs to the cluster; ``open_local``: how its local files are
+        opened (as the local caller, where that is not the daemon's own user)."""
         req = admit(req, origin, self.source_policy, member=member)
         task_id = req.task_id()
         for rt in self.board.running(task_id):
@@ -475,7 +482,8 @@ class Daemon:
         rt = TaskRuntime(task_id, range=req.range)
         self.board.add(rt)
         downloader = Downloader(self, req, rt)
-        with admitted(origin, self.source_policy):  # the download, and every source it makes, acts for it
+        # the download, and every source it makes, acts for it
+        with admitted(origin, self.source_policy, open_local):
             rt.runner = self._spawn(downloader.run())
         rt.runner.add_done_callback(lambda _: self.board.remove(rt))
         return rt

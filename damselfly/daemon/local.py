@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -149,6 +149,25 @@ async def check_local_read(url_or_path: str, caller: Caller | None) -> None:
     await as_caller(caller, probe)
 
 
+def local_opener(caller: Caller | None) -> Callable[[str], Awaitable[int]] | None:
+    """How a download for ``caller`` opens local files: as the caller, so that the kernel checks
+    each open (a path swapped for a symlink after ``check_local_read`` gains nothing); None for
+    root and the daemon's own user, who may read what the daemon reads."""
+    if caller is None or caller.uid in (0, os.geteuid()):
+        return None
+
+    async def open_as_caller(path: str) -> int:
+        def opening() -> int:
+            try:
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except PermissionError:
+                raise PermissionDenied(f"{caller} may not read {path!r}") from None
+
+        return await as_caller(caller, opening, undo=os.close)
+
+    return open_as_caller
+
+
 def output_mode(daemon: Daemon) -> tuple[int, int]:
     """Mode and group (-1: the caller's) of the outputs the daemon writes. An output belongs to
     the user who asked for it (see ``localrelay``): 0600, or 0640 and the socket's group when
@@ -198,8 +217,14 @@ async def export_output(
             os.close(dfd)
             raise
 
+    def discard(created: tuple[int, int]) -> None:  # made for a download that was cancelled meanwhile
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=created[0])
+        os.close(created[1])
+        os.close(created[0])
+
     try:
-        dfd, fd = await as_caller(caller, create)
+        dfd, fd = await as_caller(caller, create, discard)
     except PermissionError:
         raise PermissionDenied(f"{caller} may not write {output_path!r}") from None
     except OSError as exc:
@@ -304,7 +329,7 @@ class LocalService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
             await check_local_read(req.url, caller)
             if dl.output_path:
                 await check_output(dl.output_path, dl.overwrite, caller)
-            rt = await self.d.start_download(req)
+            rt = await self.d.start_download(req, open_local=local_opener(caller))
             self.d.gc.touch(rt.task_id)
         except DamselflyError as exc:
             await abort_with(context, exc)

@@ -46,6 +46,7 @@ _SYS_SETGROUPS = {"x86_64": 116, "aarch64": 159, "arm64": 159}.get(platform.mach
 _MAX_UNIX_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 _HIGH_WATER = 256 * 1024  # bytes a side may hold for a slow reader before the other side stops reading
 _CLOSE_GRACE = 5.0  # seconds a side closed by its partner may take to flush before it is aborted
+_LONGEST_NAME = f"c.{2**32}.{2**32}.{'0' * 32}"  # a caller's socket name at its longest
 
 
 @dataclass(frozen=True)
@@ -121,20 +122,33 @@ def _run_as(caller: Caller, fn: Callable[[], T]) -> T:
     return value  # type: ignore[no-any-return]
 
 
-async def as_caller(caller: Caller, fn: Callable[[], T]) -> T:
+async def as_caller(caller: Caller, fn: Callable[[], T], undo: Callable[[T], object] | None = None) -> T:
     """``fn()`` with the files it touches opened, created and renamed as ``caller``.
 
     A daemon running as root acts as anyone; a daemon running as another user acts only
-    for callers of its own uid (and as itself); any other caller gets PermissionDenied."""
+    for callers of its own uid (and as itself); any other caller gets PermissionDenied.
+    ``fn`` runs to its end even when the awaiting task is cancelled; then ``undo`` gets what
+    it returned (files it opened, say, to be closed)."""
     euid = os.geteuid()
     if caller.uid == euid and euid != 0:
-        return await asyncio.to_thread(fn)
-    if euid != 0:
+        work = asyncio.ensure_future(asyncio.to_thread(fn))
+    elif euid != 0:
         raise PermissionDenied(
-            f"the daemon runs as uid {euid} and cannot write files for uid {caller.uid}: "
-            "ask as that user or run the daemon as root"
+            f"the daemon runs as uid {euid}, not root: it cannot read or write files as uid {caller.uid} "
+            f"(ask as uid {euid}, or run the daemon as root)"
         )
-    return await asyncio.to_thread(_run_as, caller, fn)
+    else:
+        work = asyncio.ensure_future(asyncio.to_thread(_run_as, caller, fn))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        work.add_done_callback(lambda t: _undo(t, undo))
+        raise
+
+
+def _undo(done: asyncio.Future[T], undo: Callable[[T], object] | None) -> None:
+    if not done.cancelled() and done.exception() is None and undo is not None:
+        undo(done.result())
 
 
 # -- the public socket ---------------------------------------------------------------------------
@@ -273,8 +287,14 @@ class LocalRelay:
         self.mode = mode
         self.gid = gid
         self.dir = _private_dir(state_dir)
-        self._owns_fallback = self.dir != state_dir
-        self.upstream_path = self.dir / "rpc.sock"
+        # sockets are named by a path short enough for sun_path: the directory's own, else the
+        # directory through a handle this process holds on it (/proc/self/fd/N, this process only)
+        self._dir_fd = -1
+        self._names = self.dir
+        if len(str(self.dir / _LONGEST_NAME).encode()) > _MAX_UNIX_PATH:
+            self._dir_fd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._names = Path(f"/proc/self/fd/{self._dir_fd}")
+        self.upstream_path = self._names / "rpc.sock"
         self._server: asyncio.base_events.Server | None = None
         self._pairs: dict[str, tuple[_Pair, Caller]] = {}
         self._changed = asyncio.Event()
@@ -313,8 +333,9 @@ class LocalRelay:
         await self.wait_for(lambda: self.active == 0, timeout=_CLOSE_GRACE + 1)
         if server is not None:
             await server.wait_closed()
-        if self._owns_fallback:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
         """Wait until ``predicate()`` holds, testing it whenever a connection comes or goes; False on timeout."""
@@ -349,7 +370,7 @@ class LocalRelay:
         assert pair.down.transport is not None
         try:
             caller = peer_caller(pair.down.transport.get_extra_info("socket"))
-        except OSError as exc:
+        except (OSError, AttributeError) as exc:  # AttributeError: no SO_PEERCRED (not Linux)
             logger.warning("local socket: cannot read a caller's credentials ({}); closing it", exc)
             pair.connecting = False
             pair.close()
@@ -363,7 +384,7 @@ class LocalRelay:
 
     async def _open_upstream(self, pair: _Pair, caller: Caller) -> None:
         loop = asyncio.get_running_loop()
-        name = self.dir / f"c.{caller.uid}.{caller.gid}.{pair.token}"
+        name = self._names / f"c.{caller.uid}.{caller.gid}.{pair.token}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         up = _Side(pair)
         up.partner = pair.down  # the server speaks first
@@ -404,11 +425,7 @@ class LocalRelay:
 
 
 def _private_dir(state_dir: Path) -> Path:
-    """``state_dir`` made afresh, 0700, when a caller's socket name fits under it; else a new
-    0700 directory in the system's temporary directory."""
-    longest = len(str(state_dir / f"c.{2**32}.{2**32}.{'0' * 32}").encode())
-    if longest > _MAX_UNIX_PATH:
-        return Path(tempfile.mkdtemp(prefix="damselfly-local-"))
+    """``state_dir`` made afresh, 0700 (it must be the daemon's own, not a symlink)."""
     if state_dir.is_symlink() or (state_dir.exists() and state_dir.stat().st_uid != os.geteuid()):
         raise StorageError(f"{state_dir} is not the daemon's own directory")
     shutil.rmtree(state_dir, ignore_errors=True)

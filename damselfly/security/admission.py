@@ -34,7 +34,7 @@ import contextlib
 import contextvars
 import enum
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -81,6 +81,9 @@ class Admission:
 
     origin: Origin
     policy: SourcePolicy
+    # opens a local path for reading as the local caller (a file descriptor), where the caller is
+    # not the daemon's own user: file:// sources open through it, so the kernel checks the caller
+    open_local: Callable[[str], Awaitable[int]] | None = None
 
 
 _CURRENT: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("damselfly_admission", default=None)
@@ -104,9 +107,12 @@ def current_policy() -> SourcePolicy | None:
 
 
 @contextlib.contextmanager
-def admitted(origin: Origin, policy: SourcePolicy) -> Iterator[None]:
-    """Tasks started inside this block (and the sources they make) act for ``origin``, under ``policy``."""
-    token = _CURRENT.set(Admission(origin, policy))
+def admitted(
+    origin: Origin, policy: SourcePolicy, open_local: Callable[[str], Awaitable[int]] | None = None
+) -> Iterator[None]:
+    """Tasks started inside this block (and the sources they make) act for ``origin``, under
+    ``policy``; local files are opened through ``open_local`` when given."""
+    token = _CURRENT.set(Admission(origin, policy, open_local))
     try:
         yield
     finally:

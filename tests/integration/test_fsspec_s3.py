@@ -35,7 +35,8 @@ async def test_pandas_and_pyarrow_through_two_peers(damselfly_s3, damselfly_clus
     parts = [_table(5_000, i * 5_000) for i in range(3)]
     for i, part in enumerate(parts):
         _put_parquet(s3, bucket, f"ds/part-{i}.parquet", part)
-    cluster = damselfly_cluster_factory(peers=2)
+    # mutual TLS: the request's S3 credentials then travel with it to the seed (never without)
+    cluster = damselfly_cluster_factory(peers=2, tls=True)
 
     def options(peer: str) -> dict:
         return {"s3": s3.storage_options, "p2p": {"daemon": cluster.daemon(peer)["socket"]}}
@@ -65,7 +66,7 @@ async def test_pandas_and_pyarrow_through_two_peers(damselfly_s3, damselfly_clus
 
 
 async def test_s3_get_with_request_credentials(damselfly_s3, damselfly_cluster_factory, tmp_path):
-    """`damselfly get`'s --storage-* options reach the seed through the scheduler."""
+    """`damselfly get`'s --storage-* options reach the seed through the scheduler, over mutual TLS."""
     from damselfly.client import Client
     from damselfly.core.errors import BackendError
 
@@ -73,7 +74,7 @@ async def test_s3_get_with_request_credentials(damselfly_s3, damselfly_cluster_f
     bucket = s3.bucket()
     payload = bytes(range(256)) * 40_000  # 10 MB: three pieces
     s3.client().put_object(Bucket=bucket, Key="blob.bin", Body=payload)
-    cluster = damselfly_cluster_factory(peers=1)
+    cluster = damselfly_cluster_factory(peers=1, tls=True)
     async with Client(cluster.daemon("peer1")["socket"]) as c:
         r = await c.download(
             f"s3://{bucket}/blob.bin", tmp_path / "out.bin", source_options={"object_storage": s3.object_storage}
@@ -88,3 +89,25 @@ async def test_s3_get_with_request_credentials(damselfly_s3, damselfly_cluster_f
                 f"s3://{bucket}/missing.bin", tmp_path / "nope", source_options={"object_storage": s3.object_storage}
             )
     assert not (tmp_path / "nope").exists()
+
+
+async def test_without_tls_request_credentials_stay_with_the_requesting_peer(
+    damselfly_s3, damselfly_cluster_factory, tmp_path
+):
+    """Credentials travel only over mutual TLS: without it the seed is not handed them, and the
+    peer that holds them reads the private object itself; the download still works."""
+    from damselfly.client import Client
+
+    s3 = damselfly_s3
+    bucket = s3.bucket()
+    payload = bytes(range(256)) * 20_000
+    s3.client().put_object(Bucket=bucket, Key="private.bin", Body=payload)
+    cluster = damselfly_cluster_factory(peers=1)
+    async with Client(cluster.daemon("peer1")["socket"]) as c:
+        r = await c.download(
+            f"s3://{bucket}/private.bin", tmp_path / "out.bin", source_options={"object_storage": s3.object_storage}
+        )
+    assert (tmp_path / "out.bin").read_bytes() == payload
+    assert r.peer_bytes == 0 and r.source_bytes == len(payload)  # the peer read S3 with its own credentials
+    back_to_source = '{traffic_type="back_to_source"}'
+    assert not cluster.metric("seed", "dragonfly_dfdaemon_download_traffic_bytes_total", back_to_source)

@@ -306,7 +306,7 @@ async def test_the_relay_closes_both_sides_when_the_client_leaves(base, origin):
         reader, writer = await asyncio.open_unix_connection(str(d.socket_path))
         assert await relay.wait_for(lambda: relay.active == 1, timeout=10)
     assert relay.active == 0
-    assert await asyncio.wait_for(reader.read(), 10) is not None  # EOF (after the server's goodbye)
+    await asyncio.wait_for(reader.read(), 10)  # whatever the server said last, then the end
     assert reader.at_eof()
     writer.close()
 
@@ -353,3 +353,59 @@ async def test_a_stale_private_directory_is_replaced(base):
         assert d.local_relay is not None and d.local_relay.dir == stale
         assert stat.S_IMODE(stale.stat().st_mode) == 0o700
         assert [p.name for p in stale.iterdir()] == ["rpc.sock"]
+
+
+async def test_a_data_directory_too_long_for_a_socket_name_still_names_the_caller(base, origin):
+    deep = base / ("x" * 100)
+    deep.mkdir()
+    d = Daemon(load_settings(daemon={"data_dir": str(deep / "d"), "socket": str(base / "s.sock")}))
+    await d.start()
+    try:
+        relay = d.local_relay
+        assert relay is not None
+        assert relay.dir == deep / "d" / "local" and len(str(relay.upstream_path)) < 108
+        async with Client(d.socket_path) as c:
+            await c.download(origin.url("f.bin"), base / "out")  # an output needs a known caller
+        assert digest(base / "out") == digest(origin.root / "f.bin")
+    finally:
+        await d.stop()
+    assert relay.active == 0
+
+
+@as_root
+async def test_a_file_source_opens_as_the_local_caller_so_a_swapped_symlink_gains_nothing(base):
+    """check_local_read probes a path as the caller; the source then opens it again, as the
+    caller too: a path the caller swaps for a symlink to root's file in between is refused."""
+    from damselfly.config import SourcePolicyConfig
+    from damselfly.daemon.local import local_opener
+    from damselfly.daemon.localrelay import Caller
+    from damselfly.plugins.source.file import FileSource
+    from damselfly.security.admission import Origin as Admitted
+    from damselfly.security.admission import admitted
+    from damselfly.security.policy import SourcePolicy
+
+    secret = base / "root-only"
+    secret.write_bytes(b"root's secret")
+    secret.chmod(0o600)
+    mine = base / "public"
+    mine.write_bytes(b"anyone may read this")
+    mine.chmod(0o644)
+    swapped = base / "swapped"
+    swapped.symlink_to(secret)
+    nobody = Caller(pid=os.getpid(), uid=65534, gid=65534)
+    policy = SourcePolicy.from_config(SourcePolicyConfig())
+    source = FileSource()
+
+    async def read(path: Path) -> bytes:
+        async def go() -> bytes:
+            info = await source.stat(path.as_uri(), {})
+            return b"".join([c async for c in source.read(path.as_uri(), 0, info.content_length, {})])
+
+        with admitted(Admitted.LOCAL, policy, local_opener(nobody)):
+            return await asyncio.get_running_loop().create_task(go())
+
+    assert await read(mine) == b"anyone may read this"
+    for path in (secret, swapped):
+        with pytest.raises(PermissionDenied, match="may not read"):
+            await read(path)
+    assert local_opener(Caller(pid=1, uid=0, gid=0)) is None  # root reads as the daemon does

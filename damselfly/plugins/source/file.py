@@ -10,8 +10,9 @@ from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
 from damselfly.contracts import Source, SourceEntry, SourceInfo
-from damselfly.core.errors import BackendError
+from damselfly.core.errors import BackendError, PermissionDenied
 from damselfly.hookspecs import hookimpl
+from damselfly.security import admission
 
 CHUNK = 1 << 20
 
@@ -23,26 +24,40 @@ def _path(url: str) -> Path:
     return Path(unquote(parts.path))
 
 
+async def _open(path: Path) -> int:
+    """Open ``path`` for reading: as the local caller the download serves, where it is not the
+    daemon's own user (``admission.open_local``), so that the kernel checks every open."""
+    adm = admission.current()
+    try:
+        if adm is not None and adm.open_local is not None:
+            return await adm.open_local(str(path))
+        return await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise BackendError(f"no such file: {path}", status_code=404) from None
+    except IsADirectoryError:
+        raise BackendError(f"{path} is a directory", status_code=400) from None
+    except PermissionDenied:
+        raise
+    except OSError as exc:
+        raise BackendError(f"cannot open {path}: {exc.strerror}", status_code=403) from None
+
+
 class FileSource(Source):
     name: ClassVar[str] = "file"
     schemes: ClassVar[tuple[str, ...]] = ("file",)
 
     async def stat(self, url: str, headers: dict[str, str]) -> SourceInfo:
         path = _path(url)
+        fd = await _open(path)
         try:
-            st = await asyncio.to_thread(path.stat)
-        except FileNotFoundError:
-            raise BackendError(f"no such file: {path}", status_code=404) from None
-        except OSError as exc:
-            raise BackendError(f"cannot stat {path}: {exc.strerror}") from None
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
         return SourceInfo(st.st_size, True, {})
 
     async def read(self, url: str, offset: int, length: int, headers: dict[str, str]) -> AsyncIterator[bytes]:
         path = _path(url)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise BackendError(f"cannot open {path}: {exc.strerror}", status_code=404) from None
+        fd = await _open(path)
         try:
             left = length
             while left > 0:
