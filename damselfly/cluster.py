@@ -91,7 +91,9 @@ def tls_files(directory: Path, name: str) -> dict[str, str]:
 
 def init_tls(directory: Path, names: list[str]) -> None:
     """A fresh CA in DIR/tls and a certificate for each process in ``names`` (and ``client``);
-    every one names 127.0.0.1 and ``localhost``, a daemon's also its host name."""
+    every one names 127.0.0.1, a daemon's also its own host name and no other: the scheduler
+    lets a certificate announce only the hosts it names (``localhost`` in all of them would let
+    any member announce a host ``127.0.0.1-localhost``)."""
     from damselfly.security import certs
 
     d = directory / "tls"
@@ -100,7 +102,7 @@ def init_tls(directory: Path, names: list[str]) -> None:
         (d / certs.CA_KEY).unlink(missing_ok=True)
     certs.init_ca(d, name=f"damselfly cluster CA ({directory.name})", days=30)
     for name in [*names, "client"]:
-        dns = ["localhost"] if name.startswith("scheduler") or name == "client" else ["localhost", hostname_of(name)]
+        dns = [] if name.startswith("scheduler") or name == "client" else [hostname_of(name)]
         certs.issue(d, d, name, ips=[LOOPBACK], dns=dns, roles=roles_of(name), days=30)
 
 

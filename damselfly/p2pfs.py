@@ -47,8 +47,8 @@ from fsspec.asyn import get_loop, sync
 from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.spec import AbstractBufferedFile
 
+from damselfly import wire
 from damselfly.client import Client
-from damselfly.core import ids
 from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound, PermissionDenied
 
 PROTOCOL = "p2p"
@@ -258,12 +258,13 @@ class P2PFileSystem(ChainedFileSystem):
         """The content length the daemon or its scheduler knows for this url's task, if any."""
         r = self.request
         try:
-            task_id = ids.task_id(
+            task_id = wire.task_id_of(  # as the daemon computes it (the source's endpoint included)
                 self.url(path),
-                tag=r["tag"] or None,
-                application=r["application"] or None,
-                piece_length=r["piece_length"] or None,
-                filtered_query_params=r["filtered_query_params"] or list(ids.DEFAULT_FILTERED_QUERY_PARAMS),
+                tag=r["tag"],
+                application=r["application"],
+                piece_length=r["piece_length"],
+                filtered_query_params=r["filtered_query_params"],
+                endpoint=wire.source_endpoint(r["source_options"] or {}),
             )
             task = sync(get_loop(), self._client().stat_task, task_id)
         except (DamselflyError, ValueError):

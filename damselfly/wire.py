@@ -69,13 +69,37 @@ SECRET_QUERY_PARAMS = frozenset(
 REDACTED = "REDACTED"
 
 
+# The request headers the scheduler may keep and show (an allow-list): those that say which
+# content or representation is asked for, and Dragonfly's own (X-Dragonfly-*) except any whose
+# name says it carries a credential. Every other header may be one (X-Auth-Token, PRIVATE-TOKEN,
+# X-Api-Key, a vendor's signature...): it stays on the peer's stream and goes only to the seed
+# chosen for it, over TLS.
+PUBLIC_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "Range", "Accept", "Accept-Encoding", "Accept-Language", "Accept-Charset", "User-Agent", "Content-Type",
+        "If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since", "If-Range", "Cache-Control",
+        "Pragma", "Origin", "Host", "DNT", "Docker-Distribution-API-Version", "Connection", "Keep-Alive", "TE",
+        "Upgrade-Insecure-Requests", "Via",
+    )
+)  # fmt: skip
+PUBLIC_HEADER_PREFIXES = ("x-dragonfly-",)
+_CREDENTIAL_NAME = re.compile(r"auth|token|secret|passw|cookie|credential|signature|session|api-?key|private|key$")
+
+
 def is_secret_header(name: str) -> bool:
-    n = name.lower()
-    return n in SECRET_HEADERS or n.startswith(SECRET_HEADER_PREFIXES)
+    """``name`` is not a header the scheduler may keep: anything outside the allow-list."""
+    n = name.strip().lower()
+    if n in SECRET_HEADERS or n.startswith(SECRET_HEADER_PREFIXES):
+        return True
+    if n in PUBLIC_HEADERS:
+        return False
+    return not (n.startswith(PUBLIC_HEADER_PREFIXES) and not _CREDENTIAL_NAME.search(n))
 
 
 def public_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """``headers`` without credentials (Authorization, Cookie, Proxy-Authorization, X-Amz-*)."""
+    """``headers`` the scheduler may keep and show: only the allow-listed ones (``PUBLIC_HEADERS``,
+    X-Dragonfly-* that carry no credential); every other header counts as a secret."""
     return {k: v for k, v in headers.items() if not is_secret_header(k)}
 
 
@@ -149,23 +173,48 @@ def task_id_of(
     filtered_query_params: list[str] | tuple[str, ...] = (),
     content: str = "",
     blob_digest_mode: bool = False,
+    endpoint: str = "",
 ) -> str:
-    """The task id of a download: sha256 of ``content`` (``content_for_calculating_task_id``)
-    when there is one; the blob digest's hex in blob-digest mode for an OCI blob URL; else the
-    URL-based id (query filtered with ``filtered_query_params``, Dragonfly's list when empty).
-    InvalidArgument for a URL without scheme and host."""
+    """The task id of a download: ``ids.keyed_task_id`` of ``content``
+    (``content_for_calculating_task_id``) when there is one; the blob digest's hex in blob-digest
+    mode for an OCI blob URL; else the URL-based id (query filtered with ``filtered_query_params``,
+    Dragonfly's list when empty). A request that names its source's endpoint (``endpoint``,
+    ``source_endpoint``) gets that id folded with it: what another server answers for the same
+    URL is another task. InvalidArgument for a URL without scheme and host."""
     if content:
-        return ids.content_task_id(content)
-    if blob_digest_mode and ids.blob_digest(url):
-        return ids.blob_task_id(url)
-    return ids.task_id(
-        url,
-        tag=tag or None,
-        application=application or None,
-        revision=revision or None,
-        piece_length=piece_length or None,
-        filtered_query_params=filtered_query_params or ids.DEFAULT_FILTERED_QUERY_PARAMS,
-    )
+        base = ids.keyed_task_id(content)
+    elif blob_digest_mode and ids.blob_digest(url):
+        base = ids.blob_task_id(url)
+    else:
+        base = ids.task_id(
+            url,
+            tag=tag or None,
+            application=application or None,
+            revision=revision or None,
+            piece_length=piece_length or None,
+            filtered_query_params=filtered_query_params or ids.DEFAULT_FILTERED_QUERY_PARAMS,
+        )
+    return ids.endpoint_task_id(base, endpoint) if endpoint else base
+
+
+# The Download fields that name the server a source talks to (or how it is trusted): the ones
+# of the sources' ``endpoint_fields`` that a Download carries (HDFS names its namenode in the url).
+ENDPOINT_FIELDS: dict[str, tuple[str, ...]] = {
+    "object_storage": ("endpoint", "insecure_skip_verify"),
+    "hugging_face": ("base_url",),
+}
+
+
+def source_endpoint(options: Mapping[str, Mapping[str, Any]]) -> str:
+    """The canonical endpoint override of a request's source options (the Download's
+    object_storage / hugging_face messages as dicts), '' when it names none."""
+    named = [
+        f"{name}.{key}={json.dumps(value)}"
+        for name, keys in ENDPOINT_FIELDS.items()
+        for key in keys
+        if (value := (options.get(name) or {}).get(key))
+    ]
+    return "\n".join(named)
 
 
 def download_task_id(download: common_pb2.Download) -> str:
@@ -179,6 +228,12 @@ def download_task_id(download: common_pb2.Download) -> str:
         filtered_query_params=download.filtered_query_params,
         content=download.content_for_calculating_task_id,
         blob_digest_mode=download.enable_task_id_based_blob_digest,
+        endpoint=source_endpoint(
+            {
+                name: {key: getattr(getattr(download, name), key) for key in keys}
+                for name, keys in ENDPOINT_FIELDS.items()
+            }
+        ),
     )
 
 

@@ -95,3 +95,55 @@ async def test_a_refusing_transport_falls_back_and_is_not_retried_at_once():
     with pytest.raises(PeerError, match="no common transport"):
         await pool.acquire({"quic": "p:3"})
     await pool.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("tls", [False, True])
+async def test_tcp_opens_fewer_connections_to_a_parent_under_tls(tls, tmp_path):
+    """16 fetches at once from one real piece server: 16 connections in plaintext, ``tls_connections`` (4)
+    under mutual TLS, where more decrypting threads contend for the GIL more than they add."""
+    from damselfly.contracts import ServedPiece
+    from damselfly.core import vortex
+    from damselfly.core.piece import digest
+    from damselfly.plugins.transport.tcp import TcpTransport
+    from damselfly.testing.transport import TASK_ID, Collector, tls_security
+
+    data = b"p" * 4096
+    gate, all_asked = asyncio.Event(), asyncio.Event()
+    asked = 0
+
+    async def lookup(task_id, number):
+        nonlocal asked
+        asked += 1
+        if asked == expected:  # every connection the pool may open has a request waiting here
+            all_asked.set()
+        await gate.wait()
+        return ServedPiece(vortex.PieceMetadata(number, 0, len(data), digest(data)), data=data)
+
+    transport = TcpTransport()
+    transport.security = tls_security(tmp_path) if tls else None
+    expected = 4 if tls else 16
+    assert transport.connections_per_parent == expected
+    server = await transport.serve("127.0.0.1", 0, lookup)
+    pool = ConnectionPool([transport], 5)
+    address = {"tcp": f"127.0.0.1:{server.port}"}
+
+    async def fetch(number):
+        key, conn = await pool.acquire(address)
+        try:
+            sink = Collector(len(data))
+            await conn.fetch(TASK_ID, number, sink)
+            return sink.data
+        finally:
+            await pool.release(key, conn)
+
+    try:
+        fetches = [asyncio.ensure_future(fetch(n)) for n in range(16)]
+        await all_asked.wait()
+        assert server.connections == expected and asked == expected
+        gate.set()
+        assert await asyncio.gather(*fetches) == [data] * 16
+        assert server.connections == expected
+    finally:
+        await pool.close()
+        await server.close()

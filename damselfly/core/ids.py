@@ -122,8 +122,30 @@ def task_id(
 
 
 def content_task_id(content: str) -> str:
-    """Task id from ``content_for_calculating_task_id``."""
+    """Upstream Dragonfly's task id from ``content_for_calculating_task_id``: sha256 of the content.
+
+    damselfly does not name tasks with it (``keyed_task_id`` does): it is the hash space of URL
+    ids, so a client could pick the content whose sha256 is a victim URL's task id and fill that
+    task with another URL's bytes. Kept, checked against upstream's vector, for comparison only;
+    a content-keyed damselfly task is therefore not the same task as an upstream peer's."""
     return hashlib.sha256(content.encode()).hexdigest()
+
+
+# No URL's filtered form (``scheme:...``) nor any other id's hash input starts with it.
+KEYED_TASK_PREFIX = b"damselfly-task-key\x00"
+
+
+def keyed_task_id(content: str) -> str:
+    """The task id of a request keyed by ``content_for_calculating_task_id``: sha256 of a prefix
+    no URL can begin with, then the content, so that no key names a URL's task (a deviation
+    from upstream, which hashes the content alone: ``content_task_id``)."""
+    return hashlib.sha256(KEYED_TASK_PREFIX + content.encode()).hexdigest()
+
+
+def endpoint_task_id(base_id: str, endpoint: str) -> str:
+    """The task id of a request that overrides its source's endpoint (``endpoint``, canonical):
+    its own task, never the one the same URL names from the configured endpoint."""
+    return hashlib.sha256(f"{base_id}\x00endpoint\x00{endpoint}".encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -169,11 +191,20 @@ def blob_digest(url: str) -> str | None:
     return blob.digest if blob else None
 
 
-def bound_blob_content(registry: str, blob: BlobPath) -> str:
+BOUND_BLOB_PREFIX = "oci-blob"  # every key that starts with it is a bound blob's (admission reserves them)
+
+
+def bound_blob_content(scheme: str, registry: str, blob: BlobPath) -> str:
     """``content_for_calculating_task_id`` of a blob pulled with credentials: bound to its registry
-    (``host[:port]``) and repository, so that its task is found only by a pull the same registry
-    authorised for the same repository, never by a digest alone."""
-    return f"oci-blob://{registry.lower()}/{blob.repository}@{blob.digest}"
+    (``scheme`` and ``host[:port]``) and repository, so that its task is found only by a pull the
+    same registry authorised for the same repository over the same scheme (a plaintext pull never
+    shares a task authorised over https), never by a digest alone."""
+    return f"{BOUND_BLOB_PREFIX}+{scheme.lower()}://{registry.lower()}/{blob.repository}@{blob.digest}"
+
+
+def is_bound_blob_content(content: str) -> bool:
+    """``content`` has the form of a bound blob's key (any ``oci-blob...`` key, old forms too)."""
+    return content[: len(BOUND_BLOB_PREFIX)].lower() == BOUND_BLOB_PREFIX
 
 
 def blob_task_id(url: str) -> str:

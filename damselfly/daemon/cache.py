@@ -31,7 +31,7 @@ from damselfly.core.errors import InvalidArgument, StorageError, Unavailable
 from damselfly.core.piece import Layout, digest
 from damselfly.core.task import Task, TaskState
 from damselfly.daemon.download import CACHE_EXPIRES_HEADER, DownloadRequest
-from damselfly.plugins.source.cache import cache_task_id, cache_url
+from damselfly.plugins.source.cache import cache_url
 from damselfly.wire import piece_to_proto
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ async def import_file(
         raise InvalidArgument("cache import needs a positive --ttl and at least one replica")
     sha = await asyncio.to_thread(_sha256, src)
     url = cache_url(sha, tag, application)
-    task_id = cache_task_id(url)
+    task_id = ids.keyed_task_id(url)  # as its content_for_calculating_task_id (the url) names it
     size = src.stat().st_size
     expires = time.time() + ttl
     task = d.storage.get(task_id)

@@ -41,7 +41,7 @@ from damselfly.daemon.upload import UploadService, UploadSlots, lookup_piece
 from damselfly.metrics import DaemonMetrics, serve_metrics
 from damselfly.plugin_manager import Plugins, build_plugins
 from damselfly.security import tls
-from damselfly.security.admission import Origin, admit, admitted
+from damselfly.security.admission import Origin, admit, admitted, reads_this_node
 from damselfly.security.policy import SourcePolicy
 from damselfly.wire import duration, host_to_proto, piece_to_proto
 
@@ -408,6 +408,8 @@ class Daemon:
         for task in self.storage.tasks():
             if task.state is not TaskState.SUCCEEDED or self.board.running(task.id):
                 continue
+            if reads_this_node(urlsplit(task.url).scheme):
+                continue  # this node's own files are never offered to the swarm
             if lost is not None and self.schedulers.order(task.id)[0] != lost:
                 continue
             if not await self.announce_finished(task):
@@ -569,7 +571,8 @@ class Daemon:
 def announce_request(task: Task) -> DownloadRequest | None:
     """A request whose task id is ``task``'s, from what the store keeps of it: the scheduler takes
     a register only under its Download's own task id. The ways a task id is made from a request
-    are tried in turn; None when none gives it back (a Hugging Face revision is not kept)."""
+    are tried in turn; None when none gives it back (a Hugging Face revision is not kept, nor a
+    source endpoint a request named: such a task is not re-announced)."""
     base = DownloadRequest(
         url=task.url,
         tag=task.tag,
@@ -584,7 +587,7 @@ def announce_request(task: Task) -> DownloadRequest | None:
         replace(base, use_blob_digest=True),
     ]
     if blob is not None:  # a blob of a pull with credentials, bound to its registry and repository
-        bound = ids.bound_blob_content(urlsplit(task.url).netloc, blob)
+        bound = ids.bound_blob_content(*urlsplit(task.url)[:2], blob)
         candidates.append(replace(base, content_for_calculating_task_id=bound))
     for req in candidates:
         try:

@@ -61,6 +61,7 @@ from damselfly.wire import (
     SOURCE_SHARES_METADATA,
     addresses_from_response,
     piece_to_proto,
+    source_endpoint,
     source_share_from_proto,
     task_id_of,
     transports_from_metadata,
@@ -179,6 +180,7 @@ class DownloadRequest:
             filtered_query_params=self.filtered_query_params,
             content=self.content_for_calculating_task_id,
             blob_digest_mode=self.use_blob_digest,
+            endpoint=source_endpoint(self.source_options),  # another server's answer is another task
         )
 
 
@@ -685,6 +687,16 @@ class Downloader:
                     self.rt.publish(PieceEvent(rec, vortex.TrafficType.LOCAL_PEER, "", 0.0))
             if not self._missing():
                 return
+        if self._reads_this_node():
+            # one of this node's own files: read here, never announced, so no peer is handed it
+            # (nor asks this node for it) and no peer's copy stands in for it
+            if not self.may_read_source:
+                raise PeerError(
+                    f"{self.req.url.split(':', 1)[0]}:// is read from this node's own files, never from peers, "
+                    "and back-to-source is disabled"
+                )
+            await self._from_source(report=False)
+            return
         if not self.d.schedulers.addresses:
             if not self.may_read_source:
                 raise PeerError("no scheduler is configured and back-to-source is disabled")
@@ -713,6 +725,14 @@ class Downloader:
                 self.d._spawn(self.d.announce_finished(self.task))
             return
         await self._source_without_scheduler(f"no scheduler answered for {self.req.url}")
+
+    def _reads_this_node(self) -> bool:
+        """The url's source reads this node's own files (file://, local://...)."""
+        from urllib.parse import urlsplit
+
+        from damselfly.security.admission import reads_this_node
+
+        return reads_this_node(urlsplit(self.req.url).scheme)
 
     # -- the scheduler ------------------------------------------------------------------
 

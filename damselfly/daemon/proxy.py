@@ -355,7 +355,7 @@ class Proxy:
             # gave the blob to a client without credentials, so its bytes are public, and a
             # task only anonymous pulls fill holds nothing else. A registry that answers yes to
             # everything reaches that public task only, never a credentialed pull's.
-            req.content_for_calculating_task_id = ids.bound_blob_content(urlsplit(url).netloc, blob)
+            req.content_for_calculating_task_id = ids.bound_blob_content(*urlsplit(url)[:2], blob)
         return req
 
     async def _p2p(self, request: web.BaseRequest, url: str) -> web.StreamResponse:

@@ -7,6 +7,7 @@ import collections
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
@@ -20,7 +21,7 @@ from damselfly.core.ids import is_task_id
 from damselfly.core.task import Task
 from damselfly.daemon.download import DownloadRequest
 from damselfly.daemon.local import abort_with, progress_stream
-from damselfly.security.admission import Origin
+from damselfly.security.admission import Origin, reads_this_node
 from damselfly.security.identity import identity_of
 from damselfly.wire import host_to_proto, redact_url, task_to_proto, transports_to_metadata
 
@@ -39,8 +40,8 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
     ) -> AsyncIterator[dfdaemon_pb2.SyncPiecesResponse]:
         d = self.d
         deadline = time.monotonic() + TASK_APPEAR_WAIT
-        while (task := d.storage.get(request.task_id)) is None:
-            if not d.board.running(request.task_id) or time.monotonic() > deadline:
+        while (task := shared_task(d, request.task_id)) is None:
+            if local_task(d, request.task_id) or not d.board.running(request.task_id) or time.monotonic() > deadline:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
             try:
                 await asyncio.wait_for(d.board.event(request.task_id).wait(), 1.0)
@@ -127,7 +128,7 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
     async def StatTask(
         self, request: dfdaemon_pb2.StatTaskRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.Task:
-        task = self.d.storage.get(request.task_id)
+        task = shared_task(self.d, request.task_id)
         if task is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
         return public_task(task)
@@ -146,6 +147,25 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
             await asyncio.sleep(1.0)
 
 
+def is_local(task: Task) -> bool:
+    """``task`` holds one of this node's own files (file://, local://...): never shared."""
+    return reads_this_node(urlsplit(task.url).scheme)
+
+
+def local_task(daemon: Daemon, task_id: str) -> bool:
+    task = daemon.storage.get(task_id)
+    return task is not None and is_local(task)
+
+
+def shared_task(daemon: Daemon, task_id: str) -> Task | None:
+    """The stored task ``task_id`` as other hosts may see it: None when there is none, and when
+    it is a copy of one of this node's own files (other hosts are told it is not here)."""
+    task = daemon.storage.get(task_id)
+    if task is None or is_local(task):
+        return None
+    return task
+
+
 def public_task(task: Task) -> common_pb2.Task:
     """A task as the upload API shows it to other hosts: no request headers (they carry the
     requester's credentials) and no credentials in its url."""
@@ -159,7 +179,7 @@ async def lookup_piece(daemon: Daemon, task_id: str, number: int) -> ServedPiece
     """What the piece server sends for a DownloadPiece request."""
     if not is_task_id(task_id):
         raise InvalidArgument(f"bad task id {task_id!r}")
-    task = daemon.storage.get(task_id)
+    task = shared_task(daemon, task_id)
     if task is None:
         raise NotFound(f"task {task_id} not found")
     record = task.pieces.get(number)

@@ -132,13 +132,13 @@ def bound_content(url: str, blob_digest: bool, credentialed: bool) -> str:
     registry and repository (``ids.bound_blob_content``), never the digest-only id that anonymous
     pulls share, which holds only public bytes; '' for anything else."""
     blob = ids.parse_blob_url(url) if blob_digest and credentialed else None
-    return ids.bound_blob_content(urlsplit(url).netloc, blob) if blob is not None else ""
+    return ids.bound_blob_content(*urlsplit(url)[:2], blob) if blob is not None else ""
 
 
 def task_id_for(url: str, req: Any, blob_digest: bool, credentialed: bool = False) -> str:
     bound = bound_content(url, blob_digest, credentialed)
     if bound:
-        return ids.content_task_id(bound)
+        return ids.keyed_task_id(bound)
     if blob_digest and ids.blob_digest(url):
         return ids.blob_task_id(url)
     return ids.task_id(

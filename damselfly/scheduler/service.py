@@ -1331,6 +1331,13 @@ class _PeerSession:
             raise ScheduleError(grpc.StatusCode.NOT_FOUND, f"host {req.host_id} has not been announced")
         if not req.task_id or not req.peer_id:
             raise ScheduleError(grpc.StatusCode.INVALID_ARGUMENT, "task_id and peer_id are required")
+        from damselfly.security.admission import reads_this_node
+
+        scheme = download.url.partition(":")[0] if ":" in download.url else ""
+        if scheme and reads_this_node(scheme):  # a host's own file is never shared through the swarm
+            raise ScheduleError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{scheme.lower()}:// tasks are a host's own files, never scheduled"
+            )
         svc = self.svc
         if svc.tls:
             svc.check_owner(svc.identity(self.context), host.id, "AnnouncePeer")

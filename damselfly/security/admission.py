@@ -19,9 +19,11 @@ The rules:
 - Only a local client (or a cluster member proven by its certificate) may pin a task
   against garbage collection.
 - A request from the network names its task by its URL: its ``content_for_calculating_task_id``
-  (whose sha256 is the task id) may only be the one its URL implies (``derived_task_key``),
-  or any content's id could be filled with another URL's bytes. A local client keeps the
-  freedom (dfget's ``--content-for-calculating-task-id``).
+  (whose ``ids.keyed_task_id`` is the task id, never a URL's) may only be the one its URL
+  implies (``derived_task_key``), or any key's task could be filled with another URL's bytes.
+  A local client keeps the freedom (dfget's ``--content-for-calculating-task-id``), except for
+  a registry-bound blob key, which no local client may use (it would read a private blob
+  without showing the registry credentials).
 
 A download runs in a task started under ``admitted(origin, policy)``: the sources it makes
 know whose request they serve (``current_origin()``, for their options) and the policy
@@ -180,7 +182,7 @@ def derived_task_key(url: str) -> str | None:
     if blob is None:
         return None
     try:
-        return ids.bound_blob_content(urlsplit(url).netloc, blob)
+        return ids.bound_blob_content(*urlsplit(url)[:2], blob)
     except ValueError:
         return None
 
@@ -188,8 +190,25 @@ def derived_task_key(url: str) -> str | None:
 def check_task_key(url: str, content: str, origin: Origin) -> None:
     """May a request from ``origin`` choose its task id with ``content``? PermissionDenied (one
     line) when it comes from the network with a content its url does not imply: else a request
-    could name the content whose sha256 is a victim URL's task id, with its own URL, and have
-    the victim's task filled with its own bytes."""
+    could name another request's key, with its own URL, and have that task filled with its own
+    bytes. (A key never names a URL's task: ``ids.keyed_task_id``.)
+
+    A bound blob's key (``ids.bound_blob_content``) names bytes a registry gave a client with
+    credentials: it is taken only when derived from the request's own url, whatever the origin,
+    and never from a local client, who shows the registry no credentials (the proxy, which asks
+    the registry, and the scheduler's seed trigger and preheat make bound tasks)."""
+    if ids.is_bound_blob_content(content):
+        if origin is Origin.LOCAL:
+            raise PermissionDenied(
+                "a local client may not set content_for_calculating_task_id to a registry-bound blob key "
+                "(only the proxy, which checks the client's registry credentials, makes those tasks)"
+            )
+        if content != derived_task_key(url):
+            raise PermissionDenied(
+                f"a request from the {origin.value} may set content_for_calculating_task_id to a registry-bound blob "
+                "key only as its own url implies it"
+            )
+        return
     if not content or not origin.from_network or content == derived_task_key(url):
         return
     raise PermissionDenied(

@@ -15,7 +15,7 @@ from damselfly.wire import piece_to_proto
 # The scheduler takes a register only under its Download's own task id: the downloads of these
 # tests name the one task TASK through their content_for_calculating_task_id, whatever their url.
 TASK_KEY = "tests.scheduler: the one task"
-TASK = ids.content_task_id(TASK_KEY)
+TASK = ids.keyed_task_id(TASK_KEY)
 
 
 @pytest.fixture

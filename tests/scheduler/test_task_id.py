@@ -11,7 +11,7 @@ from damselfly.wire import download_task_id
 
 BLOB = "https://registry.example/v2/team/app/blobs/sha256:" + "ab" * 32
 CACHE = "damselfly-cache://" + "cd" * 32
-BOUND = ids.bound_blob_content("registry.example", ids.parse_blob_url(BLOB))
+BOUND = ids.bound_blob_content("https", "registry.example", ids.parse_blob_url(BLOB))
 
 DOWNLOADS = [
     common_pb2.Download(url="http://origin.example/a.bin"),
@@ -26,6 +26,9 @@ DOWNLOADS = [
     common_pb2.Download(url=BLOB, content_for_calculating_task_id=BOUND),
     common_pb2.Download(url=CACHE, content_for_calculating_task_id=CACHE, tag="ignored with a content key"),
     common_pb2.Download(url="s3://bucket/key", object_storage=common_pb2.ObjectStorage(region="eu")),
+    common_pb2.Download(url="s3://bucket/key", object_storage=common_pb2.ObjectStorage(endpoint="http://evil.example")),
+    common_pb2.Download(url="s3://bucket/key", object_storage=common_pb2.ObjectStorage(insecure_skip_verify=True)),
+    common_pb2.Download(url="hf://acme/llm/model.bin", hugging_face=common_pb2.HuggingFace(base_url="http://hub.evil")),
 ]  # fmt: skip
 
 

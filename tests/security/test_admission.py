@@ -149,8 +149,9 @@ async def test_the_upload_api_refuses_local_files_and_schemes_outside_the_policy
 
 
 async def test_a_seed_triggered_by_the_scheduler_does_not_read_a_peers_file_url(tmp_path, secret):
-    """A peer registers a Download of file:///... on AnnouncePeer; the scheduler forwards it to
-    the seed's DfdaemonUpload.DownloadTask; the seed refuses it and reads nothing."""
+    """A peer registers a Download of file:///... on AnnouncePeer: the scheduler refuses the
+    register (a node's own files are never swarm tasks), so no seed is asked to read it; the
+    seed would refuse it too (its upload API's own check: see the DownloadTask tests above)."""
     sched = await start_scheduler(load_settings(scheduler={"seed_wait": 30, "retry_interval": 0.05}))
     try:
         async with daemon(tmp_path, "seed", daemon={"seed": True, "schedulers": [sched.address]}) as seed:
@@ -175,9 +176,11 @@ async def test_a_seed_triggered_by_the_scheduler_does_not_read_a_peers_file_url(
                         register_peer_request=scheduler_pb2.RegisterPeerRequest(download=download),
                     )
                 )
-                failures = await _wait_for_metric(sched.metrics_port, "trigger_seed_peer_failure_total", 1)
-                call.cancel()
-            assert failures >= 1  # the seed was asked, and refused
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call.read()
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                triggered = await _wait_for_metric(sched.metrics_port, "trigger_seed_peer_total", 0, timeout=0)
+            assert triggered == 0  # no seed was asked
             assert seed.storage.get(task_id) is None and _stored(seed) == []
     finally:
         await sched.stop()
@@ -211,14 +214,14 @@ async def test_the_upload_api_refuses_a_task_key_that_is_not_its_urls_and_takes_
     as the proxy and preheat make it) is taken."""
     victim = DownloadRequest(url="http://registry.example/files/app.tar")
     preimage = ids.filter_query_params(victim.url, ids.DEFAULT_FILTERED_QUERY_PARAMS) + ids.STANDARD_TASK_TYPE
-    assert ids.content_task_id(preimage) == victim.task_id()  # the attack's key names the victim's task
+    assert ids.content_task_id(preimage) == victim.task_id()  # upstream's key would name the victim's task
     blob = b"the blob's own bytes\n" * 1000
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     path = origin.root / "v2" / "library" / "app" / "blobs" / digest
     path.parent.mkdir(parents=True)
     path.write_bytes(blob)
     blob_url = origin.url(f"v2/library/app/blobs/{digest}")
-    bound = ids.bound_blob_content(f"127.0.0.1:{origin.port}", ids.parse_blob_url(blob_url))
+    bound = ids.bound_blob_content("http", f"127.0.0.1:{origin.port}", ids.parse_blob_url(blob_url))
     async with daemon(tmp_path) as d, upload_stub(d) as stub:
         for key in (preimage, bound):  # a blob's key for another url is no better
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -231,7 +234,7 @@ async def test_the_upload_api_refuses_a_task_key_that_is_not_its_urls_and_takes_
         assert d.storage.get(victim.task_id()) is None and _stored(d) == [] and not d.board.all_running()
         assert origin.stats.by_method == {}  # the attacker's bytes were never fetched
         await upload_download(stub, common_pb2.Download(url=blob_url, content_for_calculating_task_id=bound))
-        task = d.storage.get(ids.content_task_id(bound))
+        task = d.storage.get(ids.keyed_task_id(bound))
         assert task is not None and task.url == blob_url and task.content_length == len(blob)
         assert _stored(d) == [blob_url]
 
@@ -240,14 +243,14 @@ async def test_a_local_client_keeps_its_own_task_key(tmp_path, origin):
     """dfget's --content-for-calculating-task-id: a user of this node names its task."""
     async with daemon(tmp_path) as d, Client(d.socket_path) as c:
         await c.download(origin.url("f.bin"), tmp_path / "out", content_for_calculating_task_id="my build 42")
-        task = d.storage.get(ids.content_task_id("my build 42"))
+        task = d.storage.get(ids.keyed_task_id("my build 42"))
         assert task is not None and task.url == origin.url("f.bin")
 
 
 def test_which_task_keys_a_request_from_the_network_may_carry():
     cache = "damselfly-cache://" + "ab" * 32
     blob_url = "https://Registry.Example:5000/v2/team/app/blobs/sha256:" + "cd" * 32
-    bound = ids.bound_blob_content("registry.example:5000", ids.parse_blob_url(blob_url))
+    bound = ids.bound_blob_content("https", "registry.example:5000", ids.parse_blob_url(blob_url))
     for origin in (Origin.UPLOAD, Origin.SCHEDULER, Origin.PROXY, Origin.PREHEAT):
         check_task_key(cache, cache, origin)  # a cache replica names its task by its url
         check_task_key(blob_url, bound, origin)
@@ -257,6 +260,11 @@ def test_which_task_keys_a_request_from_the_network_may_carry():
                 check_task_key(url, key, origin)
     for origin in (Origin.LOCAL, Origin.INTERNAL):
         check_task_key("http://o.example/x", "anything", origin)
+    with pytest.raises(PermissionDenied, match="registry-bound blob key"):  # a local client shows no credentials
+        check_task_key(blob_url, bound, Origin.LOCAL)
+    with pytest.raises(PermissionDenied, match="registry-bound blob key"):
+        check_task_key("http://o.example/x", bound, Origin.INTERNAL)
+    check_task_key(blob_url, bound, Origin.INTERNAL)
 
 
 # -- the source policy at connect time --------------------------------------------------------

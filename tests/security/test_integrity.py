@@ -19,7 +19,7 @@ from dragonfly_api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from damselfly.client import Client
 from damselfly.config import SecurityConfig
 from damselfly.contracts import DigestingWriter, ServedPiece, strong_of
-from damselfly.core import vortex
+from damselfly.core import ids, vortex
 from damselfly.core.errors import DamselflyError, PieceCorrupt
 from damselfly.core.piece import PieceSpan, digest, strong_digest
 from damselfly.core.task import Task, TaskState
@@ -372,7 +372,13 @@ async def test_a_seed_announcing_its_stored_tasks_gives_the_scheduler_their_stro
         {"filtered_query_params": ["sig"]},
         {"use_blob_digest": True},
         {"content_for_calculating_task_id": "damselfly-cache://x"},
-        {"content_for_calculating_task_id": "oci-blob://reg.example:5000/team/app@sha256:" + "ab" * 32},
+        {
+            "content_for_calculating_task_id": ids.bound_blob_content(
+                "http",
+                "reg.example:5000",
+                ids.parse_blob_url("http://reg.example:5000/v2/team/app/blobs/sha256:" + "ab" * 32),
+            )
+        },
     ],
 )
 def test_a_stored_task_is_announced_under_the_task_id_it_was_fetched_under(request_fields):
@@ -382,7 +388,7 @@ def test_a_stored_task_is_announced_under_the_task_id_it_was_fetched_under(reque
     url = "http://reg.example:5000/v2/team/app/blobs/sha256:" + "ab" * 32 + "?sig=1"
     if request_fields.get("content_for_calculating_task_id", "").startswith("damselfly-cache://"):
         url = request_fields["content_for_calculating_task_id"]
-    if request_fields.get("content_for_calculating_task_id", "").startswith("oci-blob://"):
+    if request_fields.get("content_for_calculating_task_id", "").startswith("oci-blob"):
         url = url.split("?")[0]
     req = DownloadRequest(url=url, **request_fields)
     task = Task(

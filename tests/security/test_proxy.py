@@ -289,7 +289,9 @@ async def test_a_registry_that_says_yes_does_not_authorise_another_registrys_blo
         proxy + path, {"X-Dragonfly-Registry": f"http://{private_registry.address}", "Authorization": ALICE}
     )
     assert alice.status == 200 and alice.body == data
-    bound = ids.content_task_id(ids.bound_blob_content(private_registry.address, ids.BlobPath("team/secret", digest)))
+    bound = ids.keyed_task_id(
+        ids.bound_blob_content("http", private_registry.address, ids.BlobPath("team/secret", digest))
+    )
     assert alice.headers["X-Dragonfly-Task-ID"] == bound != digest.split(":")[1]
     # mallory names his own registry, which answers yes to everything, with or without credentials
     for creds in ({"Authorization": MALLORY}, {}):

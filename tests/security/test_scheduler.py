@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(60)
 # The scheduler takes a register only under its Download's own task id: the downloads of these
 # tests name the one task TASK through their content_for_calculating_task_id, whatever their url.
 TASK_KEY = "tests.security.test_scheduler: the one task"
-TASK = ids.content_task_id(TASK_KEY)
+TASK = ids.keyed_task_id(TASK_KEY)
 MiB = 1 << 20
 SECRETS = (
     "Bearer tok-alice-1",
@@ -397,9 +397,9 @@ async def test_no_seed_is_asked_to_fill_a_task_id_the_request_chose():
         victim_id = download_task_id(common_pb2.Download(url="http://origin.example/victim.tar"))
         preimage = "http://origin.example/victim.tar" + ids.STANDARD_TASK_TYPE
         chosen = common_pb2.Download(url="http://attacker.example/evil.tar", content_for_calculating_task_id=preimage)
-        assert download_task_id(chosen) == victim_id  # the scheduler cannot tell it from a dfget --content-...
+        assert download_task_id(chosen) == ids.keyed_task_id(preimage) != victim_id  # a key names no url's task
         call = stub.AnnouncePeer()
-        await call.write(req("127.0.0.1-a", "pa", victim_id, **register(chosen)))
+        await call.write(req("127.0.0.1-a", "pa", download_task_id(chosen), **register(chosen)))
         answer = await asyncio.wait_for(call.read(), 10)
         assert answer.WhichOneof("response") == "need_back_to_source_response" and seed.requests == []
         call.cancel()

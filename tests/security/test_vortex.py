@@ -302,6 +302,29 @@ async def test_the_tcp_piece_server_closes_idle_connections(tmp_path):
         await until(lambda: server.connections == 0)
 
 
+@pytest.mark.parametrize("tls", [False, True])
+async def test_a_child_sees_its_idle_connection_closed_before_it_fetches(tls, tmp_path, cluster_ca):
+    """The parent's idle timeout ends a pooled connection: the child marks it broken on its own (so the pool
+    drops it) instead of failing the next fetch and blaming the parent."""
+    parent = _security(cluster_ca, tmp_path, "idle-parent", piece_idle_timeout=0.3)
+    child = _security(cluster_ca, tmp_path, "idle-child") if tls else None
+    if not tls:
+        parent = SecurityConfig(limits=parent.limits)
+    async with _serve(_plugin("tcp", parent, tmp_path)) as (server, _, address):
+        conn = await _plugin("tcp", child, tmp_path).connect(address, 5)
+        try:
+            await asyncio.sleep(0.05)  # TLS 1.3 session tickets wait unread in the socket: they break nothing
+            assert not conn.broken
+            sink = Collector(len(PIECE))
+            await conn.fetch(TASK_ID, 1, sink)
+            assert sink.data == PIECE
+            assert not conn.broken
+            await until(lambda: server.connections == 0)
+            await until(lambda: conn.broken)
+        finally:
+            await conn.close()
+
+
 async def test_a_tls_handshake_that_never_comes_is_closed_after_the_idle_timeout(tmp_path, cluster_ca):
     parent = _security(cluster_ca, tmp_path, "waiting", piece_idle_timeout=0.2)
     async with _serve(_plugin("tcp", parent, tmp_path)) as (server, _, address):

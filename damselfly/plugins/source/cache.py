@@ -8,12 +8,12 @@ a download of such a task comes from peers or not at all.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator
 from typing import ClassVar
 from urllib.parse import urlencode
 
 from damselfly.contracts import Source, SourceInfo
+from damselfly.core import ids
 from damselfly.core.errors import BackendError
 from damselfly.hookspecs import hookimpl
 
@@ -26,8 +26,8 @@ def cache_url(sha256_hex: str, tag: str = "", application: str = "") -> str:
 
 
 def cache_task_id(url: str) -> str:
-    """The task id of a cache url: sha256 of the url, as ``content_for_calculating_task_id`` makes it."""
-    return hashlib.sha256(url.encode()).hexdigest()
+    """The task id of a cache url: its own task key (``content_for_calculating_task_id``)."""
+    return ids.keyed_task_id(url)
 
 
 class CacheSource(Source):

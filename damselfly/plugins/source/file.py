@@ -13,6 +13,7 @@ from damselfly.contracts import Source, SourceEntry, SourceInfo
 from damselfly.core.errors import BackendError, PermissionDenied
 from damselfly.hookspecs import hookimpl
 from damselfly.security import admission
+from damselfly.wire import redact_url
 
 CHUNK = 1 << 20
 
@@ -20,7 +21,7 @@ CHUNK = 1 << 20
 def _path(url: str) -> Path:
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
-        raise BackendError(f"file url {url!r} names a remote host")
+        raise BackendError(f"file url {redact_url(url)!r} names a remote host")
     return Path(unquote(parts.path))
 
 

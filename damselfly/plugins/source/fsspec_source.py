@@ -19,6 +19,12 @@ source policy (``security.sources``): every endpoint its options name (an S3
 ``endpoint``, ``client_kwargs.endpoint_url``, a ``host``...) and the host of a url whose
 protocol names one (``ftp://HOST/...``), by name and by each address it resolves to.
 The clouds' default endpoints are public names and pass.
+
+The node's own cloud credentials (configured keys, and the SDKs' ambient chains: the
+environment's ``AWS_*``, ``~/.aws``, instance metadata, Google's and Azure's default
+credentials) sign only requests from this node's own clients that name no endpoint of their
+own. A request from the network, or one that names its endpoint, carries its own keys or
+is sent anonymously (``node_credentials_allowed``).
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from damselfly.contracts import Source, SourceEntry, SourceInfo
 from damselfly.core.errors import BackendError, InvalidArgument, PermissionDenied
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.source.http import policy_of
-from damselfly.security.admission import current_policy
+from damselfly.plugins.source.http import policy_of, shown
+from damselfly.security.admission import current_origin, current_policy
 from damselfly.security.policy import SourcePolicy, check_endpoint
 
 CHUNK = 8 << 20
@@ -44,18 +50,31 @@ _NOT_OURS = {"http", "https", "file", "local", "p2p", "hf", "hdfs", "webhdfs", "
 _ENDPOINT_KEYS = {"endpoint_url", "endpoint", "host", "hostname", "base_url", "server", "account_host"}
 # protocols whose url names the server (ftp://HOST/path), not a bucket or an account
 _HOST_PROTOCOLS = {"ftp", "sftp", "ssh", "smb", "webdav", "dav", "http", "https"}
+# the options that make a cloud filesystem unsigned instead of using its SDK's ambient credentials
+_ANONYMOUS = {
+    "s3": {"anon": True},
+    "s3a": {"anon": True},
+    "gs": {"token": "anon"},
+    "gcs": {"token": "anon"},
+    "abfs": {"anon": True},
+    "abfss": {"anon": True},
+    "az": {"anon": True},
+    "adl": {"anon": True},
+}
+# options of those filesystems that are credentials of the request's (or the configuration's) own
+_KEY_OPTIONS = {"key", "secret", "token", "account_key", "sas_token", "connection_string", "client_secret"}
 
 
 def _backend_error(exc: BaseException, url: str) -> BackendError:
     """An fsspec exception as a one-line BackendError with the HTTP-like status it means."""
     if isinstance(exc, FileNotFoundError):
-        return BackendError(f"not found: {url}", status_code=404)
+        return BackendError(f"not found: {shown(url)}", status_code=404)
     if isinstance(exc, PermissionError):
-        return BackendError(f"access denied to {url}: {exc}", status_code=403)
+        return BackendError(shown(f"access denied to {url}: {exc}"), status_code=403)
     if isinstance(exc, IsADirectoryError):
-        return BackendError(f"{url} is a directory", status_code=400)
+        return BackendError(f"{shown(url)} is a directory", status_code=400)
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return BackendError(f"reading {url} failed: {text}")
+    return BackendError(shown(f"reading {url} failed: {text}"))
 
 
 class FsspecConfig(BaseModel):
@@ -73,6 +92,7 @@ class FsspecSource(Source):
     def __init__(self, options: BaseModel | None = None, *, policy: SourcePolicy | None = None):
         super().__init__(options)
         self.policy = policy or current_policy()  # made for an admitted download: its policy
+        self.origin = current_origin()  # likewise its origin (None: made outside any download)
         self._filesystems: dict[str, Any] = {}
 
     @classmethod
@@ -105,6 +125,26 @@ class FsspecSource(Source):
     def path_of(self, url: str, fs: Any) -> str:
         return fs._strip_protocol(url)
 
+    def names_own_endpoint(self) -> bool:
+        """The request named the server to talk to (the node's credentials are not for it)."""
+        return False
+
+    def node_credentials_allowed(self) -> bool:
+        """May a filesystem fall back on the node's ambient credentials (the SDK's default chain)?
+        Only for a request of this node's own (a local client, the daemon itself) that names no
+        endpoint: never for one from the network (or made outside any download)."""
+        origin = self.origin
+        return origin is not None and not origin.from_network and not self.names_own_endpoint()
+
+    def without_ambient(self, protocol: str, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` made anonymous when they carry no keys and the node's may not be used."""
+        anonymous = _ANONYMOUS.get(protocol)
+        if anonymous is None or self.node_credentials_allowed():
+            return options
+        if any(options.get(k) for k in _KEY_OPTIONS if not (k == "token" and options.get(k) == "anon")):
+            return options
+        return {**options, **anonymous}
+
     # -- the source contract -------------------------------------------------------------
 
     async def filesystem(self, url: str) -> Any:
@@ -118,7 +158,7 @@ class FsspecSource(Source):
             cls = fsspec.get_filesystem_class(protocol)
         except (ImportError, ValueError) as exc:
             raise InvalidArgument(f"cannot read {protocol}:// urls: {exc}") from None
-        options = self.storage_options(protocol)
+        options = self.without_ambient(protocol, self.storage_options(protocol))
         await self.check_servers(url, options)
         if getattr(cls, "async_impl", False):
             fs = cls(asynchronous=True, loop=asyncio.get_running_loop(), skip_instance_cache=True, **options)
@@ -142,7 +182,7 @@ class FsspecSource(Source):
             except PermissionDenied:
                 raise
             except OSError as exc:
-                raise BackendError(f"cannot resolve {endpoint} ({setting}): {exc}") from None
+                raise BackendError(shown(f"cannot resolve {endpoint} ({setting}): {exc}")) from None
 
     async def _call(self, fs: Any, name: str, *args: Any, **kwargs: Any) -> Any:
         if getattr(fs, "async_impl", False) and getattr(fs, "asynchronous", False):
@@ -156,7 +196,7 @@ class FsspecSource(Source):
         except Exception as exc:  # fsspec backends raise anything; each becomes a one-line error
             raise _backend_error(exc, url) from None
         if info.get("type") == "directory":
-            raise BackendError(f"{url} is a directory (use a recursive download)", status_code=400)
+            raise BackendError(f"{shown(url)} is a directory (use a recursive download)", status_code=400)
         size = info.get("size")
         meta = {k: str(v) for k, v in info.items() if k in ("ETag", "LastModified", "etag", "mtime")}
         return SourceInfo(int(size) if size is not None else -1, True, meta)
@@ -173,7 +213,7 @@ class FsspecSource(Source):
             except Exception as exc:  # one-line error, whatever the backend raised
                 raise _backend_error(exc, url) from None
             if not data:
-                raise BackendError(f"{url} ended {end - offset} bytes early")
+                raise BackendError(f"{shown(url)} ended {end - offset} bytes early")
             offset += len(data)
             yield data[: len(data) - max(0, offset - end)]
 
@@ -223,6 +263,9 @@ class S3Config(BaseModel):
     insecure_skip_verify: bool = Field(False, description="Do not verify the endpoint's TLS certificate.")
     anonymous: bool = Field(False, description="Unsigned requests (public buckets).")
     chunk: int = Field(CHUNK, ge=64 * 1024, description="Bytes per ranged GET.")
+    endpoint_from_request: bool = Field(
+        False, description="Set for a request that names its endpoint: the node's ambient credentials stay home."
+    )
 
 
 class S3Source(FsspecSource):
@@ -240,6 +283,19 @@ class S3Source(FsspecSource):
     @classmethod
     def handles(cls, scheme: str) -> bool:
         return False
+
+    @classmethod
+    def request_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """A request's ``ObjectStorage`` values; one that names an endpoint is marked so (it
+        gets no ambient credentials), and it cannot set the mark itself."""
+        out = super().request_options(values)
+        out.pop("endpoint_from_request", None)
+        if out.get("endpoint"):
+            out["endpoint_from_request"] = True
+        return out
+
+    def names_own_endpoint(self) -> bool:
+        return self.options.endpoint_from_request
 
     @classmethod
     def available(cls) -> str | None:
@@ -271,7 +327,7 @@ class S3Source(FsspecSource):
     def path_of(self, url: str, fs: Any) -> str:
         parts = urlsplit(url)
         if not parts.netloc:
-            raise InvalidArgument(f"s3 url {url!r} names no bucket (s3://bucket/key)")
+            raise InvalidArgument(f"s3 url {shown(url)!r} names no bucket (s3://bucket/key)")
         return f"{parts.netloc}{parts.path}"
 
 

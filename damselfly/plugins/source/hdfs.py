@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from damselfly.contracts import SourceEntry, SourceInfo
 from damselfly.core.errors import BackendError, InvalidArgument
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.source.http import HttpConfig, HttpSource
+from damselfly.plugins.source.http import HttpConfig, HttpSource, shown
 
 CHUNK = 256 * 1024
 
@@ -50,7 +50,7 @@ class HdfsSource(HttpSource):
     def _rest(self, url: str, op: str, **params: Any) -> tuple[str, str]:
         parts = urlsplit(url)
         if not parts.hostname:
-            raise InvalidArgument(f"hdfs url {url!r} names no namenode (hdfs://host:port/path)")
+            raise InvalidArgument(f"hdfs url {shown(url)!r} names no namenode (hdfs://host:port/path)")
         o = self.options
         query: dict[str, Any] = {"op": op, **params}
         if o.delegation_token:
@@ -71,19 +71,21 @@ class HdfsSource(HttpSource):
                 if resp.status >= 400:
                     message = (body or {}).get("RemoteException", {}).get("message", resp.reason)
                     status = 404 if resp.status == 404 else (403 if resp.status in (401, 403) else resp.status)
-                    raise BackendError(f"namenode answered {resp.status} for {url}: {message}", status_code=status)
+                    raise BackendError(
+                        f"namenode answered {resp.status} for {shown(url)}: {message}", status_code=status
+                    )
                 return body  # type: ignore[no-any-return]
         except aiohttp.ClientError as exc:
-            raise self.client_error(exc, f"cannot reach the namenode for {url}") from None
+            raise self.client_error(exc, f"cannot reach the namenode for {shown(url)}") from None
         except ValueError as exc:
-            raise BackendError(f"the namenode's answer for {url} is not JSON: {exc}") from None
+            raise BackendError(f"the namenode's answer for {shown(url)} is not JSON: {exc}") from None
 
     async def stat(self, url: str, headers: dict[str, str]) -> SourceInfo:
         status = (await self._json(url, "GETFILESTATUS")).get("FileStatus") or {}
         if status.get("type") == "DIRECTORY":
-            raise BackendError(f"{url} is a directory (use a recursive download)", status_code=400)
+            raise BackendError(f"{shown(url)} is a directory (use a recursive download)", status_code=400)
         if "length" not in status:
-            raise BackendError(f"the namenode gave no length for {url}")
+            raise BackendError(f"the namenode gave no length for {shown(url)}")
         return SourceInfo(int(status["length"]), True, {"modificationTime": str(status.get("modificationTime", ""))})
 
     async def read(self, url: str, offset: int, length: int, headers: dict[str, str]) -> AsyncIterator[bytes]:
@@ -93,7 +95,9 @@ class HdfsSource(HttpSource):
         try:
             async with self._client().get(rest, **self._follow()) as resp:
                 if resp.status != 200:
-                    raise BackendError(f"reading {url} answered {resp.status} {resp.reason}", status_code=resp.status)
+                    raise BackendError(
+                        f"reading {shown(url)} answered {resp.status} {resp.reason}", status_code=resp.status
+                    )
                 left = length
                 async for chunk in resp.content.iter_chunked(CHUNK):
                     chunk = chunk[:left]
@@ -102,9 +106,9 @@ class HdfsSource(HttpSource):
                     if not left:
                         break
                 if left:
-                    raise BackendError(f"the datanode closed {url} {left} bytes short")
+                    raise BackendError(f"the datanode closed {shown(url)} {left} bytes short")
         except aiohttp.ClientError as exc:
-            raise self.client_error(exc, f"reading {url} from HDFS failed") from None
+            raise self.client_error(exc, f"reading {shown(url)} from HDFS failed") from None
 
     async def list(self, url: str, headers: dict[str, str]) -> list[SourceEntry]:
         parts = urlsplit(url)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from damselfly.contracts import SourceEntry, SourceInfo
 from damselfly.core.errors import BackendError, InvalidArgument
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.source.http import HttpConfig, HttpSource
+from damselfly.plugins.source.http import HttpConfig, HttpSource, shown
 
 REPO_TYPES = {"datasets": "datasets", "spaces": "spaces", "models": "models"}
 
@@ -50,20 +50,20 @@ class HfPath:
     def parse(cls, url: str, default_revision: str) -> HfPath:
         parts = urlsplit(url)
         if parts.scheme != "hf":
-            raise InvalidArgument(f"not an hf:// url: {url!r}")
+            raise InvalidArgument(f"not an hf:// url: {shown(url)!r}")
         bits = [b for b in (parts.netloc + parts.path).split("/") if b]
         repo_type = "models"
         if bits and bits[0] in REPO_TYPES:
             repo_type = REPO_TYPES[bits.pop(0)]
         if len(bits) < 2:
-            raise InvalidArgument(f"hf url {url!r} names no repository (hf://[datasets/]owner/repo/path)")
+            raise InvalidArgument(f"hf url {shown(url)!r} names no repository (hf://[datasets/]owner/repo/path)")
         owner, name = bits[0], bits[1]
         revision = default_revision
         pinned = "@" in name
         if pinned:
             name, _, revision = name.partition("@")
             if not revision:
-                raise InvalidArgument(f"hf url {url!r} has an empty revision after '@'")
+                raise InvalidArgument(f"hf url {shown(url)!r} has an empty revision after '@'")
         return cls(repo_type, f"{owner}/{name}", revision, "/".join(bits[2:]), pinned)
 
     def resolve_url(self, base: str) -> str:
@@ -93,7 +93,9 @@ class HfSource(HttpSource):
     def _target(self, url: str, headers: dict[str, str]) -> tuple[HfPath, str, dict[str, str]]:
         where = HfPath.parse(url, self.options.revision)
         if not where.path:
-            raise BackendError(f"{url} names a repository, not a file (use a recursive download)", status_code=400)
+            raise BackendError(
+                f"{shown(url)} names a repository, not a file (use a recursive download)", status_code=400
+            )
         hdrs = dict(headers)
         if self.options.token:
             hdrs["Authorization"] = f"Bearer {self.options.token}"
@@ -120,7 +122,7 @@ class HfSource(HttpSource):
                 async with self._client().get(next_url, headers=self._headers(hdrs), **self._follow()) as resp:
                     if resp.status >= 400:
                         raise BackendError(
-                            f"hub answered {resp.status} {resp.reason} listing {url}", status_code=resp.status
+                            f"hub answered {resp.status} {resp.reason} listing {shown(url)}", status_code=resp.status
                         )
                     for item in await resp.json(content_type=None):
                         is_dir = item.get("type") == "directory"
@@ -128,9 +130,9 @@ class HfSource(HttpSource):
                     next_url = resp.links.get("next", {}).get("url")  # type: ignore[assignment]
                     next_url = str(next_url) if next_url else None
         except aiohttp.ClientError as exc:
-            raise self.client_error(exc, f"cannot list {url}") from None
+            raise self.client_error(exc, f"cannot list {shown(url)}") from None
         except (ValueError, KeyError, TypeError) as exc:
-            raise BackendError(f"the hub's listing of {url} is malformed: {exc}") from None
+            raise BackendError(f"the hub's listing of {shown(url)} is malformed: {exc}") from None
         return sorted(entries, key=lambda e: e.url)
 
 

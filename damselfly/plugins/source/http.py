@@ -22,11 +22,22 @@ from damselfly.core.errors import BackendError, PermissionDenied
 from damselfly.hookspecs import hookimpl
 from damselfly.security.admission import current_policy
 from damselfly.security.policy import SourcePolicy, policy_connector, refusal_in
+from damselfly.wire import redact_url
 
 CHUNK = 256 * 1024
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 # Hop-by-hop and framing headers are ours to set, never passed on to the origin.
 _DROP = {"host", "range", "content-length", "transfer-encoding", "connection", "accept-encoding"}
+# URLs inside a message (an aiohttp error names its request's), and webhdfs's delegation token
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*[^\s'\"<>.,:;)]")
+_DELEGATION = re.compile(r"(?i)\b(delegation=)[^&\s'\"<>]+")
+
+
+def shown(text: object) -> str:
+    """``text`` (a URL, or a message naming URLs) as it may go into an error or a log: each URL
+    without its user:password and its signed-URL credentials (``wire.redact_url``)."""
+    out = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), str(text))
+    return _DELEGATION.sub(r"\1REDACTED", out)
 
 
 class HttpConfig(BaseModel):
@@ -116,7 +127,7 @@ class HttpSource(Source):
                     )
                 if resp.status >= 400 and resp.status not in (405, 501):
                     raise BackendError(
-                        f"origin answered {resp.status} {resp.reason} for HEAD {url}",
+                        f"origin answered {resp.status} {resp.reason} for HEAD {shown(url)}",
                         status_code=resp.status,
                         headers=dict(resp.headers),
                     )
@@ -131,12 +142,12 @@ class HttpSource(Source):
                 if resp.status == 200 and resp.headers.get("Content-Length") is not None:
                     return SourceInfo(int(resp.headers["Content-Length"]), False, dict(resp.headers))
                 raise BackendError(
-                    f"origin gives no content length for {url} (status {resp.status})",
+                    f"origin gives no content length for {shown(url)} (status {resp.status})",
                     status_code=resp.status,
                     headers=dict(resp.headers),
                 )
         except aiohttp.ClientError as exc:
-            raise self.client_error(exc, f"cannot reach origin for {url}") from None
+            raise self.client_error(exc, f"cannot reach origin for {shown(url)}") from None
 
     async def read(self, url: str, offset: int, length: int, headers: dict[str, str]) -> AsyncIterator[bytes]:
         if length <= 0:
@@ -146,10 +157,10 @@ class HttpSource(Source):
             async with self._client().get(url, headers=hdrs, **self._follow()) as resp:
                 if resp.status == 200:
                     if offset != 0:
-                        raise BackendError(f"origin ignored the Range header for {url}", status_code=200)
+                        raise BackendError(f"origin ignored the Range header for {shown(url)}", status_code=200)
                 elif resp.status != 206:
                     raise BackendError(
-                        f"origin answered {resp.status} {resp.reason} for {url}",
+                        f"origin answered {resp.status} {resp.reason} for {shown(url)}",
                         status_code=resp.status,
                         headers=dict(resp.headers),
                     )
@@ -162,19 +173,19 @@ class HttpSource(Source):
                     if left == 0:
                         break
                 if left:
-                    raise BackendError(f"origin closed {url} {left} bytes short")
+                    raise BackendError(f"origin closed {shown(url)} {left} bytes short")
         except aiohttp.ClientError as exc:
-            raise self.client_error(exc, f"reading {url} from origin failed") from None
+            raise self.client_error(exc, f"reading {shown(url)} from origin failed") from None
 
     def client_error(self, exc: aiohttp.ClientError, what: str) -> PermissionDenied | BackendError:
         """aiohttp's error as ours: the policy's refusal inside it, or a BackendError saying ``what``."""
         denied = refusal_in(exc)
         if denied is not None:
-            return PermissionDenied(f"{what}: {denied}")
+            return PermissionDenied(shown(f"{what}: {denied}"))
         if isinstance(exc, aiohttp.TooManyRedirects):
             most = self.source_policy().max_redirects
-            return BackendError(f"{what}: more than {most} redirects (security.sources.max_redirects)")
-        return BackendError(f"{what}: {exc}")
+            return BackendError(shown(f"{what}: more than {most} redirects (security.sources.max_redirects)"))
+        return BackendError(shown(f"{what}: {exc}"))
 
     async def close(self) -> None:
         if self._session is not None:

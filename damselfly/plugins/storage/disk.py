@@ -39,6 +39,9 @@ from damselfly.hookspecs import hookimpl
 READ_CHUNK = 1 << 20
 META = "meta.json"
 CONTENT = "content"
+# the storage is private to the daemon's user: a task may hold one of this node's files, and its signed URL
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 class DiskConfig(BaseModel):
@@ -110,6 +113,14 @@ class _DiskWriter(BufferedPieceWriter):
         self._storage._record(self._task, record)
 
 
+def _make_private(d: Path) -> None:
+    """``d`` (a task's directory) and the files in it readable by the daemon's user only."""
+    d.chmod(DIR_MODE)
+    for f in d.iterdir():
+        if f.is_file() and not f.is_symlink():
+            f.chmod(FILE_MODE)
+
+
 class DiskStorage(Storage):
     name: ClassVar[str] = "disk"
     Config = DiskConfig
@@ -129,12 +140,17 @@ class DiskStorage(Storage):
         self._saves: set[asyncio.Task[None]] = set()  # saves started by finish, still running
 
     async def open(self) -> None:
+        """Load the stored tasks. The storage is private to the daemon's user (the root and each
+        task's directory 0700, its files 0600): a task's content may be a file of this node's, and
+        its metadata holds the URL with its signature; a store made before is made private too."""
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            self.root.chmod(DIR_MODE)
         except OSError as exc:
             raise StorageError(f"cannot create {self.root}: {exc.strerror}") from None
         for meta in sorted(self.root.glob(f"*/{META}")):
             try:
+                _make_private(meta.parent)
                 task = _task_from_json(json.loads(meta.read_text()))
                 size = (meta.parent / CONTENT).stat().st_size
                 if size != task.content_length:
@@ -193,8 +209,10 @@ class DiskStorage(Storage):
                 f"{free} free in {self.root}"
             )
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            fd = os.open(d / CONTENT, os.O_RDWR | os.O_CREAT, 0o644)
+            d.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+            d.chmod(DIR_MODE)
+            fd = os.open(d / CONTENT, os.O_RDWR | os.O_CREAT, FILE_MODE)
+            os.fchmod(fd, FILE_MODE)
             os.ftruncate(fd, task.content_length)
             if task.content_length and self.options.preallocate:
                 # Reserve the blocks now: a full disk fails here, with a clear error, not
@@ -245,7 +263,10 @@ class DiskStorage(Storage):
                 return  # the task was deleted, or a newer snapshot is on disk already
             tmp = d / f"{META}.tmp{os.getpid()}"
             try:
-                tmp.write_text(text)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+                with os.fdopen(fd, "w") as f:
+                    os.fchmod(fd, FILE_MODE)
+                    f.write(text)
                 os.replace(tmp, d / META)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)

@@ -267,10 +267,17 @@ class _TlsChannel:
         poller.register(fd, select.POLLOUT)
         view = _thread_buffer(self.slice_size, "tls_send")
         self.obj.write(head)
-        with open(region.path, "rb") as f:
+        try:
+            f = open(region.path, "rb")  # noqa: SIM115 (the with below closes it)
+        except OSError as exc:
+            raise PeerError(f"cannot read the stored piece: {exc}") from exc
+        with f:
             offset, left = region.offset, region.length
             while left:
-                n = os.preadv(f.fileno(), [view[: min(left, len(view))]], offset)
+                try:
+                    n = os.preadv(f.fileno(), [view[: min(left, len(view))]], offset)
+                except OSError as exc:
+                    raise PeerError(f"cannot read the stored piece: {exc}") from exc
                 if n == 0:
                     raise PeerError(f"piece cut short on disk, {left} of {region.length} bytes unsent")
                 self.obj.write(view[:n])  # encrypts without the GIL
@@ -399,7 +406,25 @@ class TcpConnection(PieceConnection):
 
     @property
     def broken(self) -> bool:
+        if self._lost is None and not self._busy and not self._turn.locked():
+            self._check_idle()
         return self._lost is not None
+
+    def _check_idle(self) -> None:
+        """An idle connection the parent has closed (its idle timeout, a restart) is broken now, before
+        a fetch finds out and blames the parent. One non-blocking look at the socket."""
+        try:
+            if self._tls is not None:
+                if self._tls.poll():
+                    return
+                raise ConnectionError("the parent ended the connection")
+            data = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return  # nothing to read: open and idle, as it should be
+        except (OSError, ProtocolError) as exc:
+            self._fail(PeerError(f"idle connection lost: {exc}"))
+            return
+        self._fail(PeerError("the parent closed the idle connection" if not data else "bytes nobody asked for"))
 
     def _fail(self, exc: Exception) -> Exception:
         if self._lost is None:
@@ -520,6 +545,22 @@ class _ClientTls:
     def sendall(self, data: bytes) -> None:
         self.obj.write(data)
         self._flush()
+
+    def poll(self) -> bool:
+        """While the connection is idle: take what the parent sent without blocking (TLS 1.3 session
+        tickets, an alert, the end); True while it is still usable, BlockingIOError if nothing came."""
+        scratch = bytearray(16 * 1024)
+        n = self.sock.recv_into(scratch, len(scratch), socket.MSG_DONTWAIT)
+        if n == 0:
+            return False
+        self.incoming.write(memoryview(scratch)[:n])
+        try:
+            self.obj.read(1)  # handshake messages are taken; any plaintext is out of step
+        except ssl.SSLWantReadError:
+            return True
+        except ssl.SSLError:  # close_notify or another alert
+            return False
+        raise ProtocolError("the parent sent bytes nobody asked for")
 
     def recv_into(self, view: memoryview) -> int:
         """Plaintext into ``view``: at least one byte, at most one record; 0 at the end of the stream."""
