@@ -170,6 +170,7 @@ def measure(root: Path, origin: OriginProcess, url: str, size: int, names: list[
         sampler = RssSampler({f"{v.name}/{k}": p.pid for v in variants for k, p in v.procs.items()})
         sampler.start()
         for i in range(args.runs):
+            os.sync()  # each round starts with no dirty page cache: no writeback of the last one's files meanwhile
             for v in variants:
                 v.download(keep=i == args.runs - 1)
         sampler.stop_event.set()

@@ -24,6 +24,7 @@ from urllib.parse import urlencode, urlsplit
 import aiohttp
 
 from damselfly.core.errors import BackendError, InvalidArgument
+from damselfly.security.policy import refusal_in
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -153,6 +154,9 @@ class RegistryClient:
                         raise BackendError(f"registry answered {r.status} for {url}", status_code=r.status)
                     return await r.read(), dict(r.headers)
             except aiohttp.ClientError as exc:
+                refused = refusal_in(exc)  # the source policy refused the address it resolved to
+                if refused is not None:
+                    raise refused from None
                 raise BackendError(f"cannot reach registry {ref.registry}: {exc}") from None
         raise BackendError(f"registry {ref.registry} refused the credentials for {url}", status_code=401)
 

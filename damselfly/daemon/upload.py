@@ -21,6 +21,7 @@ from damselfly.core.ids import is_task_id
 from damselfly.core.task import Task
 from damselfly.daemon.download import DownloadRequest
 from damselfly.daemon.local import abort_with, progress_stream
+from damselfly.security import tls
 from damselfly.security.admission import Origin, reads_this_node
 from damselfly.security.identity import identity_of
 from damselfly.wire import host_to_proto, redact_url, task_to_proto, transports_to_metadata
@@ -29,6 +30,19 @@ if TYPE_CHECKING:
     from damselfly.daemon.daemon import Daemon
 
 TASK_APPEAR_WAIT = 10.0  # seconds SyncPieces waits for a task this daemon is about to start
+
+
+def delete_refusal(context: grpc.aio.ServicerContext, tls_enabled: bool) -> str:
+    """Why the caller may not delete this daemon's tasks ('' when it may)."""
+    if tls_enabled:
+        identity = identity_of(context)
+        if identity is not None and identity.roles & {"scheduler", "client"}:
+            return ""
+        return "DeleteTask needs a certificate with role scheduler or client"
+    ip = tls.peer_ip(context.peer())
+    if ip and tls.is_loopback(ip):
+        return ""
+    return f"DeleteTask from {ip or 'another host'} refused: without security.tls only this host may delete tasks"
 
 
 class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
@@ -136,6 +150,12 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
     async def DeleteTask(
         self, request: dfdaemon_pb2.DeleteTaskRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
+        """Only the scheduler or an operator deletes a daemon's task: under mutual TLS a
+        certificate with role ``scheduler`` or ``client``; without TLS a caller on loopback
+        (this host). Another cluster member may not."""
+        why = delete_refusal(context, self.d.settings.security.tls.enabled)
+        if why:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         await self.d.delete_task(request.task_id)
         return empty_pb2.Empty()
 

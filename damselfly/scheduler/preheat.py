@@ -29,11 +29,12 @@ from loguru import logger
 
 from damselfly.config import Settings
 from damselfly.core import ids
-from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument
+from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument, PermissionDenied
 from damselfly.core.host import Host
 from damselfly.core.peer import PeerState
 from damselfly.oci import Reference, RegistryClient, Resolved
 from damselfly.security import tls
+from damselfly.security.policy import SourcePolicy, policy_connector
 from damselfly.wire import public_headers, redact_url
 
 if TYPE_CHECKING:
@@ -58,11 +59,16 @@ def targets(hosts: list[Host], scope: str, ips: list[str], count: int) -> list[H
     return chosen
 
 
-async def resolve_image(req: Any) -> tuple[Reference, Resolved]:
+async def resolve_image(req: Any, settings: Settings) -> tuple[Reference, Resolved]:
+    """The image's manifest, read by the scheduler itself: through the source policy, which
+    checks every address it connects to (redirects included), like any source read."""
     ref = Reference.parse(req.url)
     timeout = aiohttp.ClientTimeout(total=120)
     ssl = False if req.insecure_skip_verify else None
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=ssl)) as session:
+    policy = SourcePolicy.from_config(settings.security.sources)
+    policy.check_url(f"{ref.scheme}://{ref.registry}/")
+    connector = policy_connector(policy, ssl=ssl)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector, trust_env=False) as session:
         client = RegistryClient(session, req.username, req.password)
         return ref, await client.resolve(ref, req.platform or "linux/amd64")
 
@@ -171,7 +177,7 @@ def holders(service: SchedulerService, task_id: str) -> list[Host]:
 
 async def preheat_image(service: SchedulerService, request: Any, context: grpc.aio.ServicerContext) -> None:
     try:
-        ref, image = await resolve_image(request)
+        ref, image = await resolve_image(request, service.settings)
         urls = [ref.blob_url(image.config)] + [ref.blob_url(d) for d, _ in image.layers]
         headers = dict(request.header)
         if image.authorization:
@@ -183,7 +189,7 @@ async def preheat_image(service: SchedulerService, request: Any, context: grpc.a
 
 async def stat_image(service: SchedulerService, request: Any, context: grpc.aio.ServicerContext) -> Any:
     try:
-        ref, image = await resolve_image(request)
+        ref, image = await resolve_image(request, service.settings)
     except DamselflyError as exc:
         await _abort(context, exc)
     urls = [ref.blob_url(image.config)] + [ref.blob_url(d) for d, _ in image.layers]
@@ -215,7 +221,7 @@ async def preheat_file(service: SchedulerService, request: Any, context: grpc.ai
 async def _abort(context: grpc.aio.ServicerContext, exc: DamselflyError) -> None:
     status = exc.status_code if isinstance(exc, BackendError) else 0
     code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(exc, InvalidArgument) else grpc.StatusCode.UNAVAILABLE
-    if status in (401, 403):
+    if status in (401, 403) or isinstance(exc, PermissionDenied):
         code = grpc.StatusCode.PERMISSION_DENIED
     elif status == 404:
         code = grpc.StatusCode.NOT_FOUND

@@ -682,3 +682,38 @@ async def test_preheat_credentials_go_only_to_the_seed_and_only_over_tls(pki, se
         await server.stop()
         await seed_server.stop(0)
         await peer_server.stop(0)
+
+
+async def test_preheat_resolves_an_image_only_where_the_source_policy_allows():
+    """The scheduler reads an image's manifest itself: through the source policy, so a preheat
+    naming a registry on a refused address (here loopback) reaches nothing."""
+    from aiohttp import web
+
+    seen: list[str] = []
+
+    async def record(request: web.BaseRequest) -> web.Response:
+        seen.append(request.path)
+        return web.Response(status=404)
+
+    server = web.Server(record)
+    runner = web.ServerRunner(server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    sched = await start_scheduler(load_settings(security={"sources": {"allow_loopback": False}}))
+    try:
+        async with grpc.aio.insecure_channel(sched.address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.PreheatImage(scheduler_pb2.PreheatImageRequest(url=f"oci://127.0.0.1:{port}/team/app:v1"))
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "allow_loopback" in (refused.value.details() or "")
+            # a name that resolves to loopback is refused where it connects
+            with pytest.raises(grpc.aio.AioRpcError) as by_name:
+                await stub.PreheatImage(scheduler_pb2.PreheatImageRequest(url=f"oci://localhost:{port}/team/app:v1"))
+            assert by_name.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert seen == []
+    finally:
+        await sched.stop()
+        await runner.cleanup()

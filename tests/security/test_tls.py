@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from click.testing import CliRunner
-from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
+from dragonfly_api import dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loguru import logger
 
@@ -445,6 +445,27 @@ def test_a_tls_cluster_downloads_a_file(tmp_path):
             return len(hosts.hosts)
 
         assert asyncio.run(plaintext_and_member()) == 3
+
+        # another member may not delete a daemon's task; an operator's client certificate may
+        from damselfly.cluster import tls_files
+
+        task_id = result.task_id
+        upload = cluster.daemon("peer1")["upload"]
+
+        async def delete_as(name: str) -> grpc.StatusCode:
+            files = {k: Path(v) for k, v in tls_files(tmp_path / "cluster", name).items()}
+            async with tls.grpc_channel(upload, TlsConfig(**files)) as ch:
+                try:
+                    await dfdaemon_pb2_grpc.DfdaemonUploadStub(ch).DeleteTask(
+                        dfdaemon_pb2.DeleteTaskRequest(task_id=task_id), timeout=10
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+        assert asyncio.run(delete_as("peer2")) == grpc.StatusCode.PERMISSION_DENIED
+        assert cluster.client("peer1").stat_task(task_id).content_length == src.stat().st_size
+        assert asyncio.run(delete_as("client")) == grpc.StatusCode.OK
 
         # an operator's tool (preheat) with the cluster's client config speaks mutual TLS; without it, nothing
         origin.make("warm.bin", 1 << 20)
