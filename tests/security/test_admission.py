@@ -433,3 +433,21 @@ async def test_the_socket_and_outputs_are_the_owners_alone(tmp_path, origin):
             await c.download(origin.url("f.bin"), tmp_path / "shared-out")
         st = (tmp_path / "shared-out").stat()
         assert st.st_mode & 0o777 == 0o640 and st.st_gid == gid
+
+
+async def test_an_output_path_sent_over_the_upload_api_is_dropped(tmp_path):
+    """Another host may have this daemon fetch an allowed origin, never write a file of its choosing."""
+    (tmp_path / "origin").mkdir()
+    make_file(tmp_path / "origin" / "f.bin", 100_000)
+    origin = CountingOrigin(tmp_path / "origin")
+    await origin.start()
+    target = tmp_path / "written-by-the-network"
+    try:
+        async with daemon(tmp_path) as d, upload_stub(d) as stub:
+            download = common_pb2.Download(url=origin.url("f.bin"), output_path=str(target))
+            await upload_download(stub, download)
+            task = d.storage.get(DownloadRequest.from_proto(download).task_id())
+            assert task is not None and task.content_length == 100_000  # the fetch itself was allowed
+        assert not target.exists()
+    finally:
+        await origin.stop()
