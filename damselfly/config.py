@@ -295,7 +295,12 @@ class LimitsConfig(Section):
     vortex_error_frames: int = Field(
         64, ge=1, description="Error frames one Vortex connection may send before it is dropped."
     )
-    header_timeout: float = Field(10.0, gt=0, description="Seconds a proxy client has to send its request headers.")
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a proxy client has to send its request headers, and a piece connection to finish "
+        "its TLS handshake.",
+    )
 
 
 class SecurityConfig(Section):

@@ -412,3 +412,36 @@ async def test_an_oversized_frame_header_is_refused_without_waiting_for_its_body
             writer.close()
         await until(lambda: server.connections == 0)
         assert calls.count == 0
+
+
+async def test_a_tls_handshake_must_finish_within_the_header_timeout_and_cannot_hold_the_server(
+    tmp_path, cluster_ca, child_security
+):
+    """Connections that never say hello end after header_timeout however long the idle timeout,
+    and one address holds at most HANDSHAKES_PER_ADDRESS unfinished handshakes (the next is closed
+    at once), so one host cannot fill the server's connections with handshakes that never come."""
+    from damselfly.plugins.transport.tcp import HANDSHAKES_PER_ADDRESS
+
+    parent = _security(cluster_ca, tmp_path, "shaking", header_timeout=0.3, piece_idle_timeout=60)
+    async with _serve(_plugin("tcp", parent, tmp_path)) as (server, _, address):
+        reader, writer = await _raw(address)
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(100), 10) == b""
+        assert time.monotonic() - started < 30  # the handshake's own clock, not the idle timeout's
+        writer.close()
+        await until(lambda: server.connections == 0)
+    parent = _security(cluster_ca, tmp_path, "held", header_timeout=30)
+    async with _serve(_plugin("tcp", parent, tmp_path)) as (server, _, address):
+        held = [await _raw(address) for _ in range(HANDSHAKES_PER_ADDRESS)]
+        await until(lambda: server.connections == HANDSHAKES_PER_ADDRESS)
+        reader, writer = await _raw(address)  # one more from the same address: closed at once
+        assert await asyncio.wait_for(reader.read(100), 10) == b""
+        writer.close()
+        for _, w in held:
+            w.close()
+        await until(lambda: server.connections == 0)
+        member = await _plugin("tcp", child_security, tmp_path).connect(address, 5)
+        sink = Collector(len(PIECE))
+        await member.fetch(TASK_ID, 1, sink)
+        assert sink.data == PIECE
+        await member.close()

@@ -634,11 +634,19 @@ class TcpTransport(Transport):
         cfg = tls_of(self.security)
         context = server_ssl_context(cfg) if cfg is not None else None
         refused = _Refusals()
+        # connections still in their TLS handshake, by source address: one address may not hold
+        # the server's connections with handshakes that never come (they also end after header_timeout)
+        shaking: dict[str, int] = {}
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             if len(handlers) >= limits.piece_connections:
                 refused.note(writer.get_extra_info("peername"), limits.piece_connections)
                 writer.transport.abort()  # at once: no handshake, no buffers
+                return
+            source = str((writer.get_extra_info("peername") or ("",))[0])
+            if context is not None and shaking.get(source, 0) >= HANDSHAKES_PER_ADDRESS:
+                refused.note(writer.get_extra_info("peername"), HANDSHAKES_PER_ADDRESS)
+                writer.transport.abort()
                 return
             task = asyncio.current_task()
             assert task is not None
@@ -651,11 +659,19 @@ class TcpTransport(Transport):
                     channel = _PlainChannel(reader, writer, limits.piece_idle_timeout)
                 else:
                     channel = _TlsChannel(reader, writer, context, limits.piece_idle_timeout, self.options.tls_slice)
+                    shaking[source] = shaking.get(source, 0) + 1
                     try:
-                        await channel.handshake()
+                        await asyncio.wait_for(
+                            channel.handshake(), min(limits.header_timeout, limits.piece_idle_timeout)
+                        )
                     except (OSError, TimeoutError) as exc:  # ssl.SSLError: a missing or foreign certificate
-                        logger.warning("refusing a piece connection from {}: TLS handshake failed: {}", peer, exc)
+                        logger.warning("refusing a piece connection from {}: TLS handshake failed: {!r}", peer, exc)
                         return
+                    finally:
+                        if shaking[source] <= 1:
+                            del shaking[source]
+                        else:
+                            shaking[source] -= 1
                 await _serve_connection(channel, peer, lookup, self.options.sendfile)
             except asyncio.CancelledError:
                 pass  # the server is closing: end quietly
@@ -684,6 +700,9 @@ class TcpTransport(Transport):
                 raise PeerError(f"TLS handshake with {address} failed: {exc}") from None
         sock.settimeout(None)
         return TcpConnection(sock, self.options.read_buffer, limits_of(self.security).vortex_error_frames, tls)
+
+
+HANDSHAKES_PER_ADDRESS = 64  # TLS handshakes one source address may have unfinished at once
 
 
 class _Refusals:
