@@ -118,7 +118,9 @@ async def _stored_daemon(tmp_path, pieces: int, **daemon):
     d = Daemon(settings)
     await d.storage.open()
     data = b"x" * 1024
-    task = await d.storage.create(Task(id="a" * 64, content_length=1024 * pieces, piece_length=1024))
+    task = await d.storage.create(
+        Task(id="a" * 64, url="http://origin.example/f.bin", content_length=1024 * pieces, piece_length=1024)
+    )
     for n in range(pieces):
         w = d.storage.writer(task.id, PieceSpan(n, n * 1024, 1024))
         w.write(data)

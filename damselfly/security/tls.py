@@ -44,35 +44,33 @@ def _files(cfg: TlsConfig) -> tuple[bytes, bytes, bytes]:
         raise InvalidArgument(f"security.tls: cannot read {exc.filename}: {exc.strerror}") from None
 
 
-def server_ssl_context(cfg: TlsConfig, alpn: Sequence[str] = (), *, require_client_cert: bool = True) -> ssl.SSLContext:
-    """A server context: our certificate, and the peer's must chain to the cluster CA."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+def _context(cfg: TlsConfig, protocol: int, alpn: Sequence[str]) -> ssl.SSLContext:
+    """A context holding our certificate and trusting the cluster CA alone."""
+    ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
         ctx.load_verify_locations(cafile=str(cfg.ca))
     except (OSError, ssl.SSLError) as exc:
         raise InvalidArgument(f"security.tls: cannot load the certificate, key or CA: {exc}") from None
-    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
+def server_ssl_context(cfg: TlsConfig, alpn: Sequence[str] = (), *, require_client_cert: bool = True) -> ssl.SSLContext:
+    """A server context: our certificate, and the peer's must chain to the cluster CA."""
+    ctx = _context(cfg, ssl.PROTOCOL_TLS_SERVER, alpn)
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return ctx
 
 
 def client_ssl_context(cfg: TlsConfig, alpn: Sequence[str] = ()) -> ssl.SSLContext:
     """A client context: our certificate, and the server's must chain to the CA and name the
     address dialled (pass that address as ``server_hostname``)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(str(cfg.cert), str(cfg.key))
-        ctx.load_verify_locations(cafile=str(cfg.ca))
-    except (OSError, ssl.SSLError) as exc:
-        raise InvalidArgument(f"security.tls: cannot load the certificate, key or CA: {exc}") from None
+    ctx = _context(cfg, ssl.PROTOCOL_TLS_CLIENT, alpn)
     ctx.check_hostname = cfg.verify_address
     ctx.verify_mode = ssl.CERT_REQUIRED
-    if alpn:
-        ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 

@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import grpc
@@ -30,19 +29,10 @@ from damselfly.plugins.source.fsspec_source import S3Source
 from damselfly.plugins.source.hf import HfSource
 from damselfly.scheduler.service import start_scheduler
 from damselfly.security.admission import Origin, check_task_key, source_options
+from tests.helpers.daemons import daemon
 
 SECRET = b"root:$6$not-for-the-network$:19000:0:99999:7:::\n"
 NO_LOOPBACK = {"sources": {"allow_loopback": False}}  # the default policy, whatever the suite's environment says
-
-
-@asynccontextmanager
-async def daemon(tmp_path: Path, name: str = "d", **overrides: Any) -> AsyncIterator[Daemon]:
-    d = Daemon(load_settings(daemon={"data_dir": str(tmp_path / name), **overrides.pop("daemon", {})}, **overrides))
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.stop()
 
 
 @asynccontextmanager

@@ -4,8 +4,6 @@ request headers, and the sources' errors show no URL credentials."""
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -15,27 +13,17 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler
 from damselfly.client import Client
 from damselfly.config import load_settings
 from damselfly.core.errors import BackendError, DamselflyError
-from damselfly.daemon.daemon import Daemon
 from damselfly.plugins.source.http import HttpSource
 from damselfly.scheduler.service import start_scheduler
 from damselfly.security.policy import SourcePolicy
 from damselfly.wire import download_task_id
+from tests.helpers.daemons import daemon
 
 pytestmark = pytest.mark.timeout(90)
 
 AMBIENT_KEY = "AKIAAMBIENTNODEKEY01"
 AMBIENT_TOKEN = "ambient-node-session-token"
 LOOPBACK = {"sources": {"allow_loopback": False, "allow_networks": ["127.0.0.1/32"]}}
-
-
-@asynccontextmanager
-async def daemon(tmp_path: Path, name: str = "d", **overrides: Any) -> AsyncIterator[Daemon]:
-    d = Daemon(load_settings(daemon={"data_dir": str(tmp_path / name), **overrides.pop("daemon", {})}, **overrides))
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.stop()
 
 
 @asynccontextmanager

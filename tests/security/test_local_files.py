@@ -3,10 +3,7 @@ announced to the scheduler, never served to another host (upload API or Vortex p
 and the storage that holds it is private to the daemon's user."""
 
 import stat
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -15,26 +12,16 @@ from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler
 from damselfly.client import Client
 from damselfly.config import load_settings
 from damselfly.core.errors import DamselflyError, NotFound
-from damselfly.daemon.daemon import Daemon
 from damselfly.plugins.transport.tcp import TcpTransport
 from damselfly.scheduler.service import start_scheduler
 from damselfly.testing.transport import Collector
 from damselfly.wire import download_task_id
+from tests.helpers.daemons import daemon
 from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
 SECRET = b"root:$6$private-hash-of-node-a:19000:0:99999:7:::\n" * 100
-
-
-@asynccontextmanager
-async def daemon(tmp_path: Path, name: str, **overrides: Any) -> AsyncIterator[Daemon]:
-    d = Daemon(load_settings(daemon={"data_dir": str(tmp_path / name), **overrides.pop("daemon", {})}, **overrides))
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.stop()
 
 
 def _mode(path: Path) -> int:

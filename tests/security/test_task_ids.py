@@ -6,29 +6,17 @@ import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
 from damselfly.client import Client
-from damselfly.config import load_settings
 from damselfly.core import ids
 from damselfly.core.errors import PermissionDenied
-from damselfly.daemon.daemon import Daemon
 from damselfly.daemon.download import DownloadRequest
 from damselfly.origin import Origin as CountingOrigin
-
-
-@asynccontextmanager
-async def daemon(tmp_path: Path, **overrides: Any) -> AsyncIterator[Daemon]:
-    d = Daemon(load_settings(daemon={"data_dir": str(tmp_path / "d")}, **overrides))
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.stop()
+from tests.helpers.daemons import daemon
 
 
 @pytest.fixture
