@@ -304,11 +304,13 @@ def get(
 ) -> None:
     """Download URL through the local daemon into OUTPUT (written to a temp file, then renamed)."""
     from damselfly.client import Client
+    from damselfly.plugin_manager import build_plugins
 
     settings = _settings(ctx)
     _logs(settings, quiet=True)
     try:
         plen = parse_size(piece_length) if piece_length else 0
+        build_plugins(settings).source_for(url)  # a bad url or scheme is said before any socket is looked for
     except DamselflyError as exc:
         _fail(str(exc), 2)
     if includes and not recursive:
@@ -872,7 +874,12 @@ def cluster_down(directory: str) -> None:
 @cli.command()
 @click.option("--peers", type=click.IntRange(1, 64), default=8, help="Peers downloading at once.")
 @click.option("--size", default="128MiB", help="Size of the generated file.")
-@click.option("--origin-rate", default="", help="Token-bucket limit on the origin, e.g. 50MB/s.")
+@click.option(
+    "--origin-rate",
+    default="50MB/s",
+    show_default=True,
+    help="Token-bucket limit on the origin (as slow as a real registry or bucket); `unlimited` for none.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--dir", "directory", default=None, type=click.Path(file_okay=False), help="Keep files here.")
 @click.option("--transport", default="tcp", show_default=True, help="Piece transport every peer uses (tcp, quic, ...).")
@@ -890,7 +897,7 @@ def demo(
         result = dm.run(
             peers=peers,
             size=parse_size(size),
-            origin_rate=origin_rate,
+            origin_rate="" if origin_rate.strip().lower() in ("unlimited", "none", "0", "") else origin_rate,
             directory=directory,
             quiet=as_json,
             transport=transport,

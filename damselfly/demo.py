@@ -228,7 +228,7 @@ def table(r: dict[str, Any]) -> str:
         lines.append("  (every part ran on 127.0.0.1: the cluster's config allowed loopback origins)")
     if not r["origin_rate"]:
         lines.append(
-            "  (an unlimited origin on this same machine outruns any relay; try --origin-rate 50MB/s"
-            " for an origin as slow as real registries and buckets)"
+            "  (an unlimited origin on this same machine outruns any relay; the default --origin-rate 50MB/s"
+            " is as slow as real registries and buckets)"
         )
     return "\n".join(lines)

@@ -160,8 +160,11 @@ class Plugins:
         except ValueError as exc:
             raise InvalidArgument(f"invalid url {url!r}: {exc}") from None
         scheme = parts.scheme.lower()
-        if not scheme:
-            raise InvalidArgument(f"url {url!r} has no scheme")
+        if not scheme or not (parts.netloc or parts.path):
+            raise InvalidArgument(
+                f"{url!r} is not a url: expected SCHEME://..., e.g. https://host/path or file:///path "
+                f"(schemes: {', '.join(self.source_schemes())})"
+            )
         classes = self.sources.classes()
         for cls in classes:
             if scheme in cls.schemes:
@@ -169,7 +172,14 @@ class Plugins:
         for cls in classes:
             if cls.handles(scheme):
                 return cls
-        raise InvalidArgument(f"no source plugin handles {scheme}:// urls (url {url!r})")
+        raise InvalidArgument(
+            f"no source plugin handles {scheme}:// urls (url {url!r}); supported: {', '.join(self.source_schemes())}"
+            " and the protocols of installed fsspec filesystems"
+        )
+
+    def source_schemes(self) -> list[str]:
+        """The schemes the registered source plugins name (the fsspec adapter takes more)."""
+        return sorted({scheme for cls in self.sources.classes() for scheme in cls.schemes})
 
     def make_source(
         self, url: str, request: dict[str, dict[str, Any]] | None = None, *, origin: Origin | None = None

@@ -252,7 +252,7 @@ def test_get_errors_are_one_line_and_leave_nothing(damselfly_origin, damselfly_c
     for url, needle in [
         ("gopher://example/x", "no source plugin handles gopher://"),
         ("http://[::1/x", "invalid url"),
-        ("http://", "scheme and host are required"),
+        ("http://", "is not a url"),
         (damselfly_origin.url("missing.bin"), "404"),
         ("http://127.0.0.1:9/unreachable", "cannot reach origin"),
     ]:
