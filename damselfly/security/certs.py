@@ -50,6 +50,48 @@ def _key_pem(key: object) -> bytes:
     )
 
 
+def _builder(subject: object, issuer: object, public_key: object, days: int) -> object:
+    """A certificate builder with the fields every certificate here shares: a random serial,
+    valid from five minutes ago (clocks drift) for ``days``."""
+    from cryptography import x509
+
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)  # type: ignore[arg-type]
+        .issuer_name(issuer)  # type: ignore[arg-type]
+        .public_key(public_key)  # type: ignore[arg-type]
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+    )
+
+
+def self_signed_pem(names: list[str], common_name: str = "damselfly", days: int = 3650) -> tuple[bytes, bytes]:
+    """A self-signed certificate naming ``names`` (IPs or DNS names) and its key, in PEM: for a
+    transport that needs a certificate to run at all (QUIC) when no cluster CA is configured."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    alt: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt.append(x509.DNSName(name))
+    cert = (
+        _builder(subject, subject, key.public_key(), days)
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)  # type: ignore[attr-defined]
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(Encoding.PEM), _key_pem(key)
+
+
 def init_ca(directory: Path | str, name: str = "damselfly cluster CA", days: int = 3650) -> Issued:
     """Make a new CA in ``directory`` (ca.pem, ca-key.pem); refuses to overwrite one."""
     from cryptography import x509
@@ -63,16 +105,9 @@ def init_ca(directory: Path | str, name: str = "damselfly cluster CA", days: int
         raise InvalidArgument(f"a CA already exists in {directory}")
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        _builder(subject, subject, key.public_key(), days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)  # type: ignore[attr-defined]
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -134,19 +169,13 @@ def issue(
     except (ValueError, TypeError) as exc:
         raise InvalidArgument(f"cannot read the CA in {ca_dir}: {exc}".splitlines()[0]) from None
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
     sans: list[x509.GeneralName] = [x509.IPAddress(a) for a in addresses]
     sans += [x509.DNSName(d) for d in dns]
     sans += [x509.UniformResourceIdentifier(ROLE_URI_PREFIX + r) for r in roles]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        _builder(subject, ca_cert.subject, key.public_key(), days)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)  # type: ignore[attr-defined]
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False

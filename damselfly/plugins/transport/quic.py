@@ -38,7 +38,6 @@ with more Error frames than that.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import functools
 import ipaddress
 import ssl
@@ -90,35 +89,9 @@ def self_signed(directory: Path | None, names: list[str]) -> tuple[bytes, bytes]
         cert_file, key_file = directory / "quic-cert.pem", directory / "quic-key.pem"
         if cert_file.exists() and key_file.exists():
             return cert_file.read_bytes(), key_file.read_bytes()
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from damselfly.security.certs import self_signed_pem
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "damselfly")])
-    alt: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            alt.append(x509.DNSName(name))
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    cert_pem, key_pem = self_signed_pem(names)
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
         for path, data in ((cert_file, cert_pem), (key_file, key_pem)):
