@@ -30,6 +30,7 @@ from damselfly.plugins.source.hf import HfSource
 from damselfly.scheduler.service import start_scheduler
 from damselfly.security.admission import Origin, check_task_key, source_options
 from tests.helpers.daemons import daemon
+from tests.helpers.web import http_server
 
 SECRET = b"root:$6$not-for-the-network$:19000:0:99999:7:::\n"
 NO_LOOPBACK = {"sources": {"allow_loopback": False}}  # the default policy, whatever the suite's environment says
@@ -269,24 +270,15 @@ async def test_a_redirect_to_a_refused_address_is_refused_before_it_connects(tmp
         hits.append(request.method)
         raise web.HTTPFound(f"{target.base}/secret-metadata")
 
-    app = web.Application()
-    app.router.add_route("*", "/r", redirect)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    policy = {"sources": {"allow_loopback": False, "allow_networks": ["127.0.0.1/32"]}}
-    try:
+    async with http_server(redirect, "/r") as base:
+        policy = {"sources": {"allow_loopback": False, "allow_networks": ["127.0.0.1/32"]}}
         async with Recorder("127.0.0.2") as target, daemon(tmp_path, security=policy) as d:
             async with Client(d.socket_path) as c:
                 with pytest.raises(PermissionDenied, match=r"127\.0\.0\.2.*security\.sources\.allow_loopback"):
-                    await c.download(f"http://127.0.0.1:{port}/r", tmp_path / "out")
+                    await c.download(f"{base}/r", tmp_path / "out")
             assert hits  # the origin was reached and redirected
             assert target.connections == 0  # the redirect's target never was
             assert not (tmp_path / "out").exists()
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize(

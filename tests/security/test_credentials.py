@@ -18,6 +18,7 @@ from damselfly.scheduler.service import start_scheduler
 from damselfly.security.policy import SourcePolicy
 from damselfly.wire import download_task_id
 from tests.helpers.daemons import daemon
+from tests.helpers.web import http_server
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -35,17 +36,8 @@ async def recording_server() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
         seen.append({k.lower(): v for k, v in request.headers.items()})
         return web.Response(status=403, text="<Error><Code>AccessDenied</Code></Error>")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}", seen
-    finally:
-        await runner.cleanup()
+    async with http_server(handle) as base:
+        yield base, seen
 
 
 @pytest.fixture

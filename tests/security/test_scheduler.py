@@ -16,6 +16,7 @@ from damselfly.scheduler.service import start_scheduler
 from damselfly.security import certs, tls
 from damselfly.wire import download_task_id, piece_to_proto
 from tests.helpers.waiting import wait_for
+from tests.helpers.web import http_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -691,19 +692,14 @@ async def test_preheat_resolves_an_image_only_where_the_source_policy_allows():
 
     seen: list[str] = []
 
-    async def record(request: web.BaseRequest) -> web.Response:
+    async def record(request: web.Request) -> web.Response:
         seen.append(request.path)
         return web.Response(status=404)
 
-    server = web.Server(record)
-    runner = web.ServerRunner(server)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     sched = await start_scheduler(load_settings(security={"sources": {"allow_loopback": False}}))
     try:
-        async with grpc.aio.insecure_channel(sched.address) as channel:
+        async with http_server(record) as base, grpc.aio.insecure_channel(sched.address) as channel:
+            port = base.rsplit(":", 1)[1]
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.PreheatImage(scheduler_pb2.PreheatImageRequest(url=f"oci://127.0.0.1:{port}/team/app:v1"))
@@ -716,4 +712,3 @@ async def test_preheat_resolves_an_image_only_where_the_source_policy_allows():
         assert seen == []
     finally:
         await sched.stop()
-        await runner.cleanup()

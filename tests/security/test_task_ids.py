@@ -17,6 +17,7 @@ from damselfly.core.errors import PermissionDenied
 from damselfly.daemon.download import DownloadRequest
 from damselfly.origin import Origin as CountingOrigin
 from tests.helpers.daemons import daemon
+from tests.helpers.web import http_server
 
 
 @pytest.fixture
@@ -128,16 +129,8 @@ async def rewriting_s3(target: str, bucket: str, evil_bucket: str) -> AsyncItera
                 out.headers["Content-Length"] = r.headers.get("Content-Length", "0")
             return out
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
-    finally:
-        await runner.cleanup()
+    async with http_server(forward) as base:
+        yield base
 
 
 @pytest.mark.integration

@@ -7,6 +7,7 @@ from damselfly.core.errors import BackendError, PermissionDenied
 from damselfly.origin import Origin, make_file
 from damselfly.plugins.source.http import HttpSource
 from damselfly.security.policy import SourcePolicy
+from tests.helpers.web import http_server
 
 # the origin of these tests runs on 127.0.0.1, which the default policy refuses
 LOOPBACK = SourcePolicy.from_config(SourcePolicyConfig(allow_loopback=True))
@@ -98,23 +99,14 @@ async def test_redirects_are_followed_at_most_max_redirects():
             raise web.HTTPFound(f"/hop/{n + 1}")
         return web.Response(body=b"x" * 10)
 
-    app = web.Application()
-    app.router.add_route("*", "/hop/{n}", hop)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with http_server(hop, "/hop/{n}") as base:
         two = SourcePolicy.from_config(SourcePolicyConfig(allow_loopback=True, max_redirects=2))
         src = HttpSource(policy=two)
         with pytest.raises(BackendError, match=r"more than 2 redirects \(security\.sources\.max_redirects\)"):
-            await src.stat(f"http://127.0.0.1:{port}/hop/0", {})
+            await src.stat(f"{base}/hop/0", {})
         await src.close()
         assert hops == [0, 1, 2]  # the first request and two redirects, not a third
         hops.clear()
         src = HttpSource(policy=LOOPBACK)  # five by default: from 7, three hops reach 10
-        assert (await src.stat(f"http://127.0.0.1:{port}/hop/7", {})).content_length == 10
+        assert (await src.stat(f"{base}/hop/7", {})).content_length == 10
         await src.close()
-    finally:
-        await runner.cleanup()
