@@ -30,6 +30,7 @@ from damselfly.plugins.source.hf import HfSource
 from damselfly.scheduler.service import start_scheduler
 from damselfly.security.admission import Origin, check_task_key, source_options
 from tests.helpers.daemons import daemon
+from tests.helpers.waiting import wait_for
 from tests.helpers.web import http_server
 
 SECRET = b"root:$6$not-for-the-network$:19000:0:99999:7:::\n"
@@ -148,10 +149,11 @@ async def test_a_seed_triggered_by_the_scheduler_does_not_read_a_peers_file_url(
         async with daemon(tmp_path, "seed", daemon={"seed": True, "schedulers": [sched.address]}) as seed:
             async with grpc.aio.insecure_channel(sched.address) as channel:
                 stub = scheduler_pb2_grpc.SchedulerStub(channel)
-                deadline = time.monotonic() + 20
-                while seed.host_id not in await _host_ids(stub):
-                    assert time.monotonic() < deadline, "the seed never announced itself"
-                    await asyncio.sleep(0.05)
+
+                async def announced() -> bool:
+                    return seed.host_id in await _host_ids(stub)
+
+                await wait_for(announced, timeout=20, what="the seed to announce itself")
                 attacker = common_pb2.Host(
                     id="10.9.9.9-attacker", type=0, hostname="attacker", ip="10.9.9.9", port=4000, download_port=4000
                 )

@@ -13,7 +13,7 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ from damselfly.plugins.transport.quic import QuicConfig, QuicTransport
 from damselfly.plugins.transport.tcp import TcpTransport
 from damselfly.security.certs import CA_CERT, init_ca, issue
 from damselfly.testing.transport import TASK_ID, Collector, piece_bytes
+from tests.helpers.waiting import wait_for
 
 PIECE = piece_bytes(1, 256 * 1024)
 
@@ -88,14 +89,6 @@ def _plugin(kind: str, security: SecurityConfig | None, tmp_path: Path) -> Trans
     return t
 
 
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait until ``condition()`` holds; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.01)
-
-
 @contextlib.asynccontextmanager
 async def _serve(transport: Transport) -> AsyncIterator[tuple[object, Calls, str]]:
     calls = Calls()
@@ -143,7 +136,7 @@ async def test_tcp_without_a_client_certificate_is_refused(tmp_path, parent_secu
 
     async with _serve(_plugin("tcp", parent_security, tmp_path)) as (server, calls, address):
         assert await asyncio.to_thread(attempt, address) == b""
-        await until(lambda: server.connections == 0)
+        await wait_for(lambda: server.connections == 0)
         assert calls.count == 0
 
 
@@ -262,14 +255,14 @@ async def test_the_tcp_piece_server_closes_connections_past_the_cap(tmp_path):
     plugin = _plugin("tcp", SecurityConfig(limits=LimitsConfig(piece_connections=2)), tmp_path)
     async with _serve(plugin) as (server, _, address):
         held = [await _raw(address) for _ in range(2)]
-        await until(lambda: server.connections == 2)
+        await wait_for(lambda: server.connections == 2)
         reader, writer = await _raw(address)
         assert await asyncio.wait_for(reader.read(100), 5) == b""  # closed at once, nothing said
         writer.close()
         for r, w in held:  # the ones it holds still work
             assert await _raw_fetch(r, w) == PIECE
             w.close()
-        await until(lambda: server.connections == 0)
+        await wait_for(lambda: server.connections == 0)
         r, w = await _raw(address)  # room again
         assert await _raw_fetch(r, w) == PIECE
         w.close()
@@ -279,7 +272,7 @@ async def test_the_tls_piece_server_refuses_past_the_cap_before_any_handshake(tm
     parent = _security(cluster_ca, tmp_path, "capped", piece_connections=1)
     async with _serve(_plugin("tcp", parent, tmp_path)) as (server, _, address):
         first = await _plugin("tcp", child_security, tmp_path).connect(address, 5)
-        await until(lambda: server.connections == 1)
+        await wait_for(lambda: server.connections == 1)
         reader, writer = await _raw(address)
         assert await asyncio.wait_for(reader.read(100), 5) == b""  # no ServerHello: closed before TLS
         writer.close()
@@ -299,7 +292,7 @@ async def test_the_tcp_piece_server_closes_idle_connections(tmp_path):
         assert await asyncio.wait_for(reader.read(100), 10) == b""
         assert time.monotonic() - started >= idle * 0.9
         writer.close()
-        await until(lambda: server.connections == 0)
+        await wait_for(lambda: server.connections == 0)
 
 
 @pytest.mark.parametrize("tls", [False, True])
@@ -319,8 +312,8 @@ async def test_a_child_sees_its_idle_connection_closed_before_it_fetches(tls, tm
             await conn.fetch(TASK_ID, 1, sink)
             assert sink.data == PIECE
             assert not conn.broken
-            await until(lambda: server.connections == 0)
-            await until(lambda: conn.broken)
+            await wait_for(lambda: server.connections == 0)
+            await wait_for(lambda: conn.broken)
         finally:
             await conn.close()
 
@@ -329,10 +322,10 @@ async def test_a_tls_handshake_that_never_comes_is_closed_after_the_idle_timeout
     parent = _security(cluster_ca, tmp_path, "waiting", piece_idle_timeout=0.2)
     async with _serve(_plugin("tcp", parent, tmp_path)) as (server, _, address):
         reader, writer = await _raw(address)  # connects, never says hello
-        await until(lambda: server.connections == 1)
+        await wait_for(lambda: server.connections == 1)
         assert await asyncio.wait_for(reader.read(100), 10) == b""
         writer.close()
-        await until(lambda: server.connections == 0)
+        await wait_for(lambda: server.connections == 0)
 
 
 async def test_the_quic_piece_server_closes_connections_past_the_cap(tmp_path, cluster_ca, child_security):
@@ -378,7 +371,7 @@ async def test_a_tcp_child_that_sends_an_error_frame_is_dropped(tmp_path):
         rest = await asyncio.wait_for(reader.read(), 5)  # one Error frame back, then the end
         assert rest[1] == vortex.Tag.ERROR
         writer.close()
-        await until(lambda: server.connections == 0)
+        await wait_for(lambda: server.connections == 0)
         assert calls.count == 0
 
 
@@ -392,11 +385,11 @@ async def test_a_quic_child_that_sends_more_error_frames_than_the_cap_is_dropped
                 stream = protocol._quic.get_next_available_stream_id()
                 protocol._quic.send_stream_data(stream, vortex.encode_error(vortex.ErrorCode.INTERNAL, "x"), True)
                 protocol.transmit()
-            await until(lambda: conn.broken)
+            await wait_for(lambda: conn.broken)
             assert "too many bad requests" in str(protocol.lost)
         finally:
             await conn.close()
-        await until(lambda: server.connections == 0)
+        await wait_for(lambda: server.connections == 0)
         assert calls.count == 0
 
 
@@ -410,7 +403,7 @@ async def test_an_oversized_frame_header_is_refused_without_waiting_for_its_body
             rest = await asyncio.wait_for(reader.read(), 5)
             assert rest[1] == vortex.Tag.ERROR
             writer.close()
-        await until(lambda: server.connections == 0)
+        await wait_for(lambda: server.connections == 0)
         assert calls.count == 0
 
 
@@ -429,17 +422,17 @@ async def test_a_tls_handshake_must_finish_within_the_header_timeout_and_cannot_
         assert await asyncio.wait_for(reader.read(100), 10) == b""
         assert time.monotonic() - started < 30  # the handshake's own clock, not the idle timeout's
         writer.close()
-        await until(lambda: server.connections == 0)
+        await wait_for(lambda: server.connections == 0)
     parent = _security(cluster_ca, tmp_path, "held", header_timeout=30)
     async with _serve(_plugin("tcp", parent, tmp_path)) as (server, _, address):
         held = [await _raw(address) for _ in range(HANDSHAKES_PER_ADDRESS)]
-        await until(lambda: server.connections == HANDSHAKES_PER_ADDRESS)
+        await wait_for(lambda: server.connections == HANDSHAKES_PER_ADDRESS)
         reader, writer = await _raw(address)  # one more from the same address: closed at once
         assert await asyncio.wait_for(reader.read(100), 10) == b""
         writer.close()
         for _, w in held:
             w.close()
-        await until(lambda: server.connections == 0)
+        await wait_for(lambda: server.connections == 0)
         member = await _plugin("tcp", child_security, tmp_path).connect(address, 5)
         sink = Collector(len(PIECE))
         await member.fetch(TASK_ID, 1, sink)
