@@ -8,7 +8,8 @@ The seed first fetches the file from a local origin (not timed); then one peer
 downloads it from the seed through the scheduler, Vortex over TCP, the piece digest
 checked on every piece and the disk storage, as in production. RSS of the daemons
 is sampled every 20 ms during the transfers; their CPU time is summed over each
-timed download.
+timed download: ``cpu_s_per_gb`` each, and ``cpu_seconds_per_gib`` the two together per GiB
+the peer got (as ``swarm.py`` reports per profile).
 
 ``--variants`` runs several configurations in one invocation: ``default`` (whatever the
 configuration's defaults are), a piece digest (``crc32``, ``sha256``, ``blake3``:
@@ -42,6 +43,7 @@ from damselfly.client import Client
 from damselfly.core.units import format_size, parse_size
 from damselfly.testing import Cluster, OriginProcess
 
+GIB = 1 << 30
 DIGESTS = ("crc32", "sha256", "blake3")
 SECURITY_VARIANTS = ("crc32", "sha256", "blake3", "tls-crc32", "tls-sha256")
 
@@ -146,6 +148,9 @@ class Variant:
             "origin_bytes": self.origin_bytes,
             # CPU seconds each daemon spent per GB moved (user + system, all its threads): what the transfer costs
             "cpu_s_per_gb": {k: round(v / moved, 2) for k, v in self.cpu.items()},
+            # the seed's and the peer's CPU seconds together over the timed transfers, per GiB the peer
+            # got: the figure benchmarks/swarm.py reports per profile
+            "cpu_seconds_per_gib": round(sum(self.cpu.values()) / (self.size * len(self.runs) / GIB), 3),
             "peer_warnings": sum(
                 1 for line in self.cluster.log("peer1").splitlines() if "WARNING" in line or "ERROR" in line
             ),
@@ -241,13 +246,13 @@ def main() -> None:
     print(f"one peer <- seed on loopback, {format_size(size)}, {rounds} ({report['machine']})")
     print(f"  load average before / after: {report['load_average'][0]} / {report['load_average'][1]}")
     head = f"  {'variant':<12}{'MB/s (median)':>15}{'vs first':>10}  {'each run (MB/s)':<30}"
-    print(head + f"{'CPU s/GB seed/peer':>20}{'peak RSS seed/peer (MB)':>26}")
+    print(head + f"{'CPU s/GB seed/peer':>20}{'CPU s/GiB':>11}{'peak RSS seed/peer (MB)':>26}")
     for r in results:
         runs = ", ".join(str(x) for x in r["runs_mb_per_s"])
         cpu = f"{r['cpu_s_per_gb']['seed']} / {r['cpu_s_per_gb']['peer']}"
         rss = f"{r['peak_rss_mb']['seed']} / {r['peak_rss_mb']['peer']}"
         line = f"  {r['variant']:<12}{r['mb_per_s']:>15}{r['relative_to_first']:>10.2f}  {runs:<30}"
-        print(line + f"{cpu:>20}{rss:>26}")
+        print(line + f"{cpu:>20}{r['cpu_seconds_per_gib']:>11}{rss:>26}")
     for name, why in skipped.items():
         print(f"  {name:<12}skipped: {why}")
     print(f"  origin bytes per seed fill: {', '.join(str(r['origin_bytes']) for r in results)}")

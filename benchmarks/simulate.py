@@ -103,35 +103,40 @@ class Profile:
     share_concurrent: int = 0  # a peer's share_concurrent_pieces: its fetches while it reads a share
 
 
+def _settings(env: dict[str, str]) -> Settings:
+    """The settings a process started with ``env`` (over no other DAMSELFLY_ variables) runs with."""
+    from unittest import mock
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DAMSELFLY_")}
+    with mock.patch.dict(os.environ, {**clean, **env}, clear=True):
+        return Settings()
+
+
 def profile_settings(name: str) -> Profile:
+    """A lab profile's settings as the daemons and the scheduler resolve them (defaults included)."""
     p = netswarm.PROFILES[name]
-    daemon = p.daemon_env
-    seed = {**daemon, **(p.seed_env or {})}
-    defaults = Settings().daemon
-
-    def num(env: dict[str, str], key: str, default: int) -> int:
-        return int(env.get(f"DAMSELFLY_DAEMON__{key}", default))
-
+    sched = _settings(p.scheduler_env).scheduler
+    peer = _settings(p.daemon_env).daemon
+    seed = _settings({**p.daemon_env, **(p.seed_env or {}), "DAMSELFLY_DAEMON__SEED": "true"}).daemon
     return Profile(
-        strategy=p.scheduler_env.get("DAMSELFLY_SCHEDULER__STRATEGY", "default"),
-        picker=daemon.get("DAMSELFLY_DAEMON__PIECE_PICKER", defaults.piece_picker),
-        concurrent=num(daemon, "CONCURRENT_PIECES", defaults.concurrent_pieces),
-        upload_slots=num(daemon, "UPLOAD_SLOTS", defaults.upload_slots),
-        seed_upload_slots=num(seed, "UPLOAD_SLOTS", defaults.upload_slots),
-        super_seed=seed.get("DAMSELFLY_DAEMON__SUPER_SEED", "false") == "true",
-        source_concurrent=num(seed, "SOURCE_CONCURRENT_PIECES", 0) or num(seed, "CONCURRENT_PIECES", 8),
-        seed_extra=num(daemon, "SEED_EXTRA_PIECES", defaults.seed_extra_pieces),
-        source_stream=seed.get("DAMSELFLY_DAEMON__SOURCE_STREAM", str(defaults.source_stream)).lower() == "true",
-        offer_timeout=float(seed.get("DAMSELFLY_DAEMON__OFFER_TIMEOUT", defaults.offer_timeout)),
-        offers_per_child=num(seed, "OFFERS_PER_CHILD", defaults.offers_per_child),
-        endgame=num(daemon, "ENDGAME_DUPLICATES", defaults.endgame_duplicates),
-        busy_backoff=float(daemon.get("DAMSELFLY_DAEMON__BUSY_BACKOFF", defaults.busy_backoff)),
-        share_concurrent=num(daemon, "SHARE_CONCURRENT_PIECES", defaults.share_concurrent_pieces),
-        seed_concurrent=num(seed, "CONCURRENT_PIECES", defaults.concurrent_pieces),
-        source_shares=p.scheduler_env.get("DAMSELFLY_SCHEDULER__SOURCE_SHARES", "false").lower() == "true",
-        peer_source_concurrent=num(daemon, "SOURCE_CONCURRENT_PIECES", 0)
-        or num(daemon, "CONCURRENT_PIECES", defaults.concurrent_pieces),
-        peer_source_stream=daemon.get("DAMSELFLY_DAEMON__SOURCE_STREAM", str(defaults.source_stream)).lower() == "true",
+        strategy=sched.strategy,
+        picker=peer.piece_picker,
+        concurrent=peer.concurrent_pieces,
+        upload_slots=peer.upload_slots,
+        seed_upload_slots=seed.upload_slots,
+        super_seed=seed.super_seed,
+        source_concurrent=seed.source_concurrent_pieces,  # 0: by the size of the read, as the daemon does
+        seed_extra=peer.seed_extra_pieces,
+        source_stream=seed.source_stream,
+        offer_timeout=seed.offer_timeout,
+        offers_per_child=seed.offers_per_child,
+        endgame=peer.endgame_duplicates,
+        busy_backoff=peer.busy_backoff,
+        share_concurrent=peer.share_concurrent_pieces,
+        seed_concurrent=seed.concurrent_pieces,
+        source_shares=sched.source_shares,
+        peer_source_concurrent=peer.source_concurrent_pieces,
+        peer_source_stream=peer.source_stream,
     )
 
 
@@ -241,7 +246,8 @@ class Simulation:
         for i, block in zip(readers, share_blocks(self.count, len(readers)), strict=True):
             seed = i == 0
             stream = self.prof.source_stream if seed else self.prof.peer_source_stream
-            width = self.prof.source_concurrent if seed else self.prof.peer_source_concurrent
+            fixed = self.prof.source_concurrent if seed else self.prof.peer_source_concurrent
+            width = DaemonConfig(source_concurrent_pieces=fixed).source_reads(len(block) * self.piece)
             self.source_waiting[i] = source_runs(list(block), width) if stream else [[n] for n in block]
             self.source_running[i] = []
             self.source_width[i] = width
@@ -455,7 +461,7 @@ def main() -> None:
     ap.add_argument("--seed-rate", default="")
     ap.add_argument("--origin-rate", default="400mbit")
     ap.add_argument("--size", default="128MiB")
-    ap.add_argument("--strategy", default="swarm", help=f"a profile of {', '.join(netswarm.PROFILES)}")
+    ap.add_argument("--strategy", default="out-of-box", help=f"a profile of {', '.join(netswarm.PROFILES)}")
     ap.add_argument("--step", type=float, default=0.0, help="seconds per step (default: a 20th of a piece's time)")
     ap.add_argument(
         "--efficiency",

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import gc
 import json
 import os
+import shutil
 import signal
+import socket
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,7 +23,7 @@ import click
 
 from damselfly import __version__
 from damselfly.config import Settings, load_settings
-from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound
+from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound, PeerError
 from damselfly.core.units import format_size, parse_duration, parse_size
 
 
@@ -245,6 +249,119 @@ def _relative(base: str, url: str) -> str:
     return "/".join(parts)
 
 
+def _nothing_listens(path: Path) -> bool:
+    """Whether no daemon answers on the unix socket ``path``: it is absent, or a stale file."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        return True
+    except OSError:
+        return False  # something is there (another user's daemon, a busy one): the client says what
+    finally:
+        probe.close()
+    return False
+
+
+def _embedded_settings(settings: Settings, root: Path) -> Settings:
+    """The user's settings for a daemon that serves one ``get``: its data dir and socket in
+    ``root``, never a seed, no proxy, metrics on a free port. With schedulers it joins their
+    swarm as configured (listen address, ports, TLS); without, nothing can find its servers,
+    so they listen on loopback at free ports."""
+    daemon = settings.daemon
+    update: dict[str, Any] = {"data_dir": root, "socket": root / "dfdaemon.sock", "seed": False, "metrics_port": 0}
+    if not daemon.schedulers:
+        update.update(listen_ip="127.0.0.1", upload_port=0, piece_port=0)
+    return settings.model_copy(
+        update={
+            "daemon": daemon.model_copy(update=update),
+            "proxy": settings.proxy.model_copy(update={"enabled": False}),
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def _embedded_daemon(settings: Settings, missing: Path) -> AsyncIterator[Path]:
+    """A daemon in this process for one ``get`` (as ``p2p::`` starts one); yields its socket.
+
+    Its directory is new, private (0700) and removed with everything in it when the download
+    ends: inside the configured data dir when that exists and is this user's to write (the
+    disk meant for task data), else in the system's temp dir. Downloads go through its unix
+    socket, so they are admitted as any local client's."""
+    from damselfly.daemon.daemon import Daemon
+
+    def failed(exc: BaseException) -> PeerError:
+        return PeerError(f"no daemon at {missing}, and an embedded one could not start: {exc}")
+
+    parent = settings.daemon.data_dir
+    usable = parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+    try:
+        root = Path(tempfile.mkdtemp(prefix="embedded-get-", dir=parent if usable else None))
+    except OSError as exc:
+        raise failed(exc) from None
+    try:
+        try:
+            daemon = Daemon(_embedded_settings(settings, root))
+        except (DamselflyError, OSError) as exc:
+            raise failed(exc) from None
+        try:
+            await daemon.start()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):  # what it started so far; the directory goes below
+                await daemon.stop()
+            if isinstance(exc, DamselflyError | OSError):
+                raise failed(exc) from None
+            raise
+        try:
+            yield daemon.socket_path
+        finally:
+            await daemon.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _embedded_logs(settings: Settings) -> None:
+    """The CLI's log sink while an embedded daemon serves a get: as ``_logs(quiet=True)``, less
+    the daemon's own line for a failed download, which this command's error already says."""
+    from loguru import logger
+
+    from damselfly import logs
+
+    def keep(record: Any) -> bool:
+        return not (record["name"] == "damselfly.daemon.download" and record["message"].startswith("download failed: "))
+
+    logger.remove()
+    logger.add(
+        sys.stderr,
+        level="WARNING",
+        format=logs._format,  # the sink logs.setup adds, with a filter
+        serialize=settings.log.json_format,
+        colorize=None,
+        filter=keep,
+    )
+
+
+def _run_download(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run a download; SIGTERM, like Ctrl-C, cancels it so that an embedded daemon stops cleanly."""
+
+    async def runner() -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await main()
+
+    try:
+        return asyncio.run(runner())
+    except DamselflyError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except asyncio.CancelledError:
+        _fail("terminated", 143)
+
+
 @cli.command()
 @click.argument("url")
 @click.option("-O", "--output", required=True, type=click.Path(), help="Where to write the content (-r: a directory).")
@@ -256,7 +373,7 @@ def _relative(base: str, url: str) -> str:
 @click.option("--piece-length", default="", help="Fixed piece length (64KiB to 64MiB; upstream allows 4MiB and up).")
 @click.option("--priority", type=click.IntRange(0, 6), default=0, help="Priority level 0-6.")
 @click.option("--timeout", type=float, default=0.0, help="Give up after this many seconds (0: never).")
-@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+@click.option("--no-progress", is_flag=True, help="Print nothing but errors (no progress bar, summary or note).")
 @click.option("--disable-back-to-source", is_flag=True, help="Never let this download read the origin.")
 @click.option("-r", "--recursive", is_flag=True, help="URL is a directory (prefix): download every file under it.")
 @click.option("--include", "includes", multiple=True, help="With -r: only paths matching this glob (repeatable).")
@@ -271,7 +388,14 @@ def _relative(base: str, url: str) -> str:
 @click.option("--hdfs-delegation-token", default="", help="HDFS delegation token.")
 @click.option("--hf-token", default="", help="Hugging Face access token.")
 @click.option("--hf-revision", default="", help="Hugging Face revision (branch, tag or commit).")
-@click.option("--socket", "socket_path", default=None, help="Daemon socket (else from config).")
+@click.option(
+    "--socket", "socket_path", default=None, help="Daemon socket (else from config); a named one must be running."
+)
+@click.option(
+    "--no-embedded",
+    is_flag=True,
+    help="With no daemon at the configured socket, fail instead of starting an embedded one for this download.",
+)
 @click.pass_context
 def get(
     ctx: click.Context,
@@ -301,8 +425,14 @@ def get(
     hf_token: str,
     hf_revision: str,
     socket_path: str | None,
+    no_embedded: bool,
 ) -> None:
-    """Download URL through the local daemon into OUTPUT (written to a temp file, then renamed)."""
+    """Download URL through the local daemon into OUTPUT (written to a temp file, then renamed).
+
+    With no daemon at the configured socket, one started inside this command serves the
+    download (with the config's schedulers, if any, it joins their swarm) and stops after
+    it, leaving nothing behind; --no-embedded fails instead. A --socket named on the
+    command line is never replaced: its daemon must be running."""
     from damselfly.client import Client
     from damselfly.plugin_manager import build_plugins
 
@@ -341,35 +471,49 @@ def get(
         "disable_back_to_source": disable_back_to_source,
         "source_options": options,
     }
+    target = Path(socket_path) if socket_path else settings.socket_path
+    embedded = not (socket_path or no_embedded) and _nothing_listens(target)
+    if embedded:
+        _embedded_logs(settings)
+
+    def daemon_socket() -> contextlib.AbstractAsyncContextManager[Path]:
+        return _embedded_daemon(settings, target) if embedded else contextlib.nullcontext(target)
+
     if recursive:
-        _get_recursive(socket_path or str(settings.socket_path), url, Path(output), includes, concurrency, common)
-        return
-    bar = _Bar(not no_progress)
+        _get_recursive(daemon_socket, url, Path(output), includes, concurrency, common)
+    else:
+        bar = _Bar(not no_progress)
 
-    async def main() -> Any:
-        async with Client(socket_path or settings.socket_path) as c:
-            return await c.download(url, output, digest=digest, on_progress=bar, **common)
+        async def main() -> Any:
+            try:
+                async with daemon_socket() as path, Client(path) as c:
+                    return await c.download(url, output, digest=digest, on_progress=bar, **common)
+            finally:
+                bar.close()
 
-    try:
-        result = asyncio.run(main())
-    except DamselflyError as exc:
-        bar.close()
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        bar.close()
-        _fail("interrupted", 130)
-    bar.close()
-    if not no_progress:
+        result = _run_download(main)
+        if not no_progress:
+            click.echo(
+                f"{result.output}: {format_size(result.content_length)} in {result.seconds:.2f}s "
+                f"(peers {format_size(result.peer_bytes)}, source {format_size(result.source_bytes)}, "
+                f"local {format_size(result.local_bytes)}) task {result.task_id}",
+                err=True,
+            )
+    if embedded and not no_progress:
         click.echo(
-            f"{result.output}: {format_size(result.content_length)} in {result.seconds:.2f}s "
-            f"(peers {format_size(result.peer_bytes)}, source {format_size(result.source_bytes)}, "
-            f"local {format_size(result.local_bytes)}) task {result.task_id}",
+            f"damselfly: no daemon was running at {target}: an embedded one served this download and stopped "
+            "(`damselfly daemon` keeps one running, to share with peers)",
             err=True,
         )
 
 
 def _get_recursive(
-    socket_path: str, url: str, out_dir: Path, includes: tuple[str, ...], concurrency: int, common: dict[str, Any]
+    daemon_socket: Callable[[], contextlib.AbstractAsyncContextManager[Path]],
+    url: str,
+    out_dir: Path,
+    includes: tuple[str, ...],
+    concurrency: int,
+    common: dict[str, Any],
 ) -> None:
     """dfget --recursive: list through the daemon, then download each file, ``concurrency`` at a time."""
     from damselfly.client import Client
@@ -378,7 +522,7 @@ def _get_recursive(
         _fail(f"output {str(out_dir)!r} exists and is not a directory", 2)
 
     async def main() -> list[tuple[str, Any]]:
-        async with Client(socket_path) as c:
+        async with daemon_socket() as path, Client(path) as c:
             entries = await c.list_entries(
                 url, headers=common["headers"], source_options=common["source_options"], timeout=common["timeout"] or 60
             )
@@ -402,12 +546,7 @@ def _get_recursive(
 
             return list(await asyncio.gather(*(one(u, r) for u, r in files)))
 
-    try:
-        results = asyncio.run(main())
-    except DamselflyError as exc:
-        _fail(str(exc))
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    results = _run_download(main)
     total = sum(r.content_length for _, r in results)
     peers = sum(r.peer_bytes for _, r in results)
     source = sum(r.source_bytes for _, r in results)

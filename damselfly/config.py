@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -88,6 +88,15 @@ class GcConfig(Section):
         return parse_size(v) if isinstance(v, str) else v
 
 
+# A daemon's fetches from parents at once when ``daemon.concurrent_pieces`` is 0: six on a peer (its
+# link is full with six 4 MiB or 1 MiB pieces in flight, and more spreads it over more parents than
+# the swarm can feed); one on a seed, whose download comes before the children it serves.
+PEER_CONCURRENT_PIECES = 6
+SEED_CONCURRENT_PIECES = 1
+MAX_SOURCE_READS = 4  # concurrent reads of the source when ``source_concurrent_pieces`` is 0
+SOURCE_READ_SPAN = 64 << 20  # bytes each of them covers at least
+
+
 class DaemonConfig(Section):
     seed: bool = Field(False, description="Run as a seed peer (the one that goes back to source).")
     data_dir: Path = Field(
@@ -105,8 +114,18 @@ class DaemonConfig(Section):
         description="Piece transports to serve and to try, in order.",
     )
     piece_port: int = Field(0, ge=0, le=65535, description="Port of the first transport's piece server.")
-    concurrent_pieces: int = Field(8, ge=1, le=256, description="Pieces fetched at once per download.")
-    piece_picker: str = Field("sequential", description="Piece-picker plugin: the order missing pieces are fetched in.")
+    concurrent_pieces: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Pieces fetched from parents at once per download (0: chosen by role, "
+        f"{PEER_CONCURRENT_PIECES} on a peer, {SEED_CONCURRENT_PIECES} on a seed, whose own download comes first).",
+    )
+    piece_picker: str = Field(
+        "rarest-first",
+        description="Piece-picker plugin: the order missing pieces are fetched in (`rarest-first` spreads copies "
+        "through the swarm soonest; `sequential` is upstream's order).",
+    )
     super_seed: bool = Field(
         False,
         description="On a seed: tell one child at a time of each new piece, so each leaves the seed once at first.",
@@ -118,7 +137,7 @@ class DaemonConfig(Section):
         1, ge=1, le=64, description="On a super-seeding seed: its pieces one child may be offered and not have yet."
     )
     upload_slots: int = Field(
-        0,
+        6,
         ge=0,
         description="Pieces sent to children at once (0: no limit); a child that finds them taken asks elsewhere.",
     )
@@ -129,23 +148,27 @@ class DaemonConfig(Section):
         0.2, gt=0, description="Seconds before a parent that answered busy (its upload slots taken) is asked again."
     )
     endgame_duplicates: int = Field(
-        0,
+        1,
         ge=0,
         le=4,
         description="Endgame: once every missing piece is in flight, fetch each from this many more parents "
         "(the first copy wins, the others are cancelled; 0: off).",
     )
     seed_extra_pieces: int = Field(
-        0,
+        1,
         ge=0,
         le=16,
         description="Fetches from seeds a download may run beyond concurrent_pieces (a new piece waits for none).",
     )
     source_concurrent_pieces: int = Field(
-        0, ge=0, le=256, description="Pieces fetched from the source at once (0: concurrent_pieces)."
+        0,
+        ge=0,
+        le=256,
+        description="Reads of the source at once (0: one per 64 MiB missing, at most "
+        f"{MAX_SOURCE_READS}: a share of a shared read, or a small task, comes in one read, whole soonest).",
     )
     share_concurrent_pieces: int = Field(
-        0,
+        4,
         ge=0,
         le=256,
         description="Fetches from peers while this download reads its share of a shared source read "
@@ -161,13 +184,28 @@ class DaemonConfig(Section):
     piece_connect_timeout: float = Field(3.0, gt=0, description="Seconds to open a piece connection to a parent.")
     gc: GcConfig = Field(default_factory=GcConfig, description="Garbage collection of stored tasks.")
     parent_gather_window: float = Field(
-        0.1, ge=0, description="Seconds a reported piece waits for other parents to report it too."
+        0.0, ge=0, description="Seconds a reported piece waits for other parents to report it too."
     )
     schedule_timeout: float = Field(30.0, gt=0, description="Seconds to wait for parents before asking again.")
     schedule_retries: int = Field(5, ge=1, description="Reschedules before falling back to the source.")
     disable_back_to_source: bool = Field(False, description="Never read the origin from this daemon.")
     announce_interval: float = Field(300.0, gt=0, description="Seconds between AnnounceHost calls.")
     scheduler_connect_timeout: float = Field(3.0, gt=0, description="Seconds to reach a scheduler.")
+
+    @model_validator(mode="after")
+    def _by_role(self) -> DaemonConfig:
+        """Settings left at 0 ("chosen by role") take the value for a seed or a peer."""
+        if self.concurrent_pieces == 0:
+            chosen = SEED_CONCURRENT_PIECES if self.seed else PEER_CONCURRENT_PIECES
+            object.__setattr__(self, "concurrent_pieces", chosen)  # frozen: set once, while validating
+        return self
+
+    def source_reads(self, missing_bytes: int) -> int:
+        """Concurrent reads of the source for ``missing_bytes``: ``source_concurrent_pieces``, else
+        one per SOURCE_READ_SPAN, at most MAX_SOURCE_READS."""
+        if self.source_concurrent_pieces:
+            return self.source_concurrent_pieces
+        return max(1, min(MAX_SOURCE_READS, -(-missing_bytes // SOURCE_READ_SPAN)))
 
 
 class SchedulerConfig(Section):
@@ -179,7 +217,11 @@ class SchedulerConfig(Section):
         description="What serves the scheduler's gRPC: 'native' (damselfly.h2grpc, HTTP/2 in the event "
         "loop, about a tenth of grpcio's CPU per stream) or 'grpcio' (grpcio's asyncio server).",
     )
-    strategy: str = Field("default", description="Parent-selection strategy plugin.")
+    strategy: str = Field(
+        "swarm",
+        description="Parent-selection strategy plugin: `swarm` (a mesh, every peer uploads), `dragonfly` "
+        "(upstream's evaluator and DAG), `random`, `locality`.",
+    )
     candidate_parent_limit: int = Field(3, ge=1, description="Parents returned per schedule.")
     filter_parent_limit: int = Field(15, ge=1, description="Candidates sampled before ranking.")
     retry_interval: float = Field(0.5, gt=0, description="Seconds between scheduling rounds when no parent fits.")
@@ -191,7 +233,7 @@ class SchedulerConfig(Section):
     back_to_source_limit: int = Field(200, ge=0, description="Peers of one task allowed to go back to source.")
     seed_trigger: bool = Field(True, description="Make a seed peer fetch new tasks from the source.")
     source_shares: bool = Field(
-        False,
+        True,
         description="Share a new task's read of the source: when its seed registers, the seed and each "
         "damselfly peer then waiting read different blocks of pieces from the source, once each, and get "
         "the rest from each other (origin bytes stay 1 x the task; the origin's bandwidth beyond one "

@@ -39,7 +39,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "damselfly.plugins.transport.rdma",
     "damselfly.plugins.storage.disk",
     "damselfly.plugins.storage.memory",
-    "damselfly.plugins.scheduler.default",
+    "damselfly.plugins.scheduler.dragonfly",
     "damselfly.plugins.scheduler.random",
     "damselfly.plugins.scheduler.locality",
     "damselfly.plugins.scheduler.swarm",

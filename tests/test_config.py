@@ -21,7 +21,12 @@ def clean_env(monkeypatch):
 
 def test_defaults_are_documented_and_sane():
     s = load_settings()
-    assert s.daemon.concurrent_pieces == 8
+    assert s.daemon.concurrent_pieces == 6  # chosen by role: a peer
+    assert load_settings(daemon={"seed": True}).daemon.concurrent_pieces == 1  # a seed's own download first
+    assert load_settings(daemon={"seed": True, "concurrent_pieces": 4}).daemon.concurrent_pieces == 4
+    # the swarm's settings are the defaults: no user has to know them (issue 26)
+    assert (s.scheduler.strategy, s.scheduler.source_shares, s.daemon.piece_picker) == ("swarm", True, "rarest-first")
+    assert s.daemon.source_reads(8 << 20) == 1 and s.daemon.source_reads(1 << 30) == 4
     assert s.scheduler.candidate_parent_limit == 3
     assert s.scheduler.filter_parent_limit == 15
     assert s.daemon.storage.type == "disk"
@@ -34,10 +39,10 @@ def test_env_nested_and_yaml(tmp_path, monkeypatch):
     cfg = tmp_path / "d.yaml"
     cfg.write_text("daemon:\n  concurrent_pieces: 4\n  storage: {type: memory, capacity: 64MiB}\nhost:\n  idc: idc-a\n")
     monkeypatch.setenv("DAMSELFLY_CONFIG", str(cfg))
-    monkeypatch.setenv("DAMSELFLY_DAEMON__CONCURRENT_PIECES", "6")
+    monkeypatch.setenv("DAMSELFLY_DAEMON__CONCURRENT_PIECES", "7")
     monkeypatch.setenv("DAMSELFLY_HOST__MAX_TX_BANDWIDTH", "100MB/s")
     s = load_settings()
-    assert s.daemon.concurrent_pieces == 6  # env beats YAML
+    assert s.daemon.concurrent_pieces == 7  # env beats YAML
     assert s.host.idc == "idc-a"
     assert s.host.max_tx_bandwidth == 100_000_000
     assert s.daemon.storage.type == "memory" and s.daemon.storage.options == {"capacity": "64MiB"}
@@ -93,7 +98,7 @@ def test_config_show_prints_the_effective_config(tmp_path, monkeypatch):
 
 
 def test_cli_reports_a_bad_config_in_one_line(monkeypatch):
-    monkeypatch.setenv("DAMSELFLY_DAEMON__CONCURRENT_PIECES", "0")
+    monkeypatch.setenv("DAMSELFLY_DAEMON__CONCURRENT_PIECES", "-1")
     result = CliRunner().invoke(cli, ["config", "show"])
     assert result.exit_code == 2
     lines = [ln for ln in result.output.splitlines() if ln]

@@ -3,7 +3,7 @@
 import pytest
 
 from damselfly.config import DaemonConfig
-from damselfly.daemon.download import fetch_slots, source_runs
+from damselfly.daemon.download import _Fetch, endgame, fetch_slots, source_runs
 
 
 @pytest.mark.parametrize(
@@ -77,3 +77,18 @@ async def test_a_staged_copy_is_verified_aside_and_lands_only_when_asked(tmp_pat
             loser.write(data)  # a worker thread still writing into a cancelled copy is refused
     finally:
         await storage.close()
+
+
+@pytest.mark.parametrize(
+    ("missing", "in_flight", "expected"),
+    [
+        ({3, 4}, [3, 4], True),  # every missing piece is being fetched: the endgame
+        ({3, 4}, [3, 4, 4], True),
+        ({4}, [3, 4], True),  # piece 3 is in but its fetch not yet reaped
+        ({3, 4, 5}, [3, 4], False),  # piece 5 is held by no parent yet: mid-download, no duplicates
+        ({3, 4}, [], False),
+    ],
+)
+def test_the_endgame_begins_only_once_every_missing_piece_is_in_flight(missing, in_flight, expected):
+    fetches = [_Fetch(n, f"parent{i}", False, 0.0) for i, n in enumerate(in_flight)]
+    assert endgame(missing, fetches) is expected

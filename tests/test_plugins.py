@@ -27,7 +27,8 @@ def test_builtins_are_registered_with_their_kind_and_origin():
         ("tcp", "transport"),
         ("disk", "storage"),
         ("memory", "storage"),
-        ("default", "strategy"),
+        ("dragonfly", "strategy"),
+        ("swarm", "strategy"),
         ("random", "strategy"),
     ]:
         assert rows[key] == "builtin"
@@ -47,7 +48,7 @@ def test_block_by_plugin_name_and_module():
     plugins = build_plugins(s)
     assert "random" not in plugins.strategies
     assert "memory" not in plugins.storages
-    assert "default" in plugins.strategies
+    assert "dragonfly" in plugins.strategies
 
 
 class Dup(Source):

@@ -24,11 +24,13 @@ def simulate(*args: str) -> dict:
 
 def test_the_swarm_profile_reads_the_origin_once_and_beats_the_default_dag_without_beating_the_bound():
     swarm = simulate("--strategy", "swarm")
-    default = simulate("--strategy", "default")
-    for run in (swarm, default):
+    default = simulate("--strategy", "dragonfly")
+    out_of_box = simulate("--strategy", "out-of-box")
+    for run in (swarm, default, out_of_box):
         assert run["origin_ratio"] == 1.0
         # no host can download faster than its link: at most the payload share of it
         assert 1.0 < run["p50_ratio"] <= run["p90_ratio"] <= run["max_ratio"]
     assert swarm["p50_ratio"] < default["p50_ratio"]
+    assert out_of_box["p50_ratio"] < default["p50_ratio"]  # the defaults are the mesh, not the DAG
     held_back = simulate("--strategy", "swarm", "--share-concurrent", "1")
     assert held_back["origin_ratio"] == 1.0 and held_back["p50_ratio"] != swarm["p50_ratio"]  # the setting is modelled

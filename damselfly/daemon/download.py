@@ -625,6 +625,7 @@ class Downloader:
         self.authoritative = self.authority.known
         self._content: ContentCheck | None = None  # the whole content's digest, checked in order
         self._content_checked = False
+        self._source_instead: set[int] = set()  # pieces no parent can attest, read from the source
         self._unattested: set[str] = set()  # parents whose pieces were taken without a digest from the scheduler
         self.blocklist: set[str] = set()
         self._todo: set[int] | None = None
@@ -1053,7 +1054,7 @@ class Downloader:
         """Read pieces ``missing`` (sorted) from the source, storing and reporting each once whole."""
         assert self.task is not None
         cfg = self.d.settings.daemon
-        width = cfg.source_concurrent_pieces or cfg.concurrent_pieces
+        width = cfg.source_reads(len(missing) * self.task.layout.piece_length)
         # With source_stream, a few long reads, each cutting pieces as its bytes arrive: fewer
         # requests for the origin, and no gap between one piece's last byte and the next one's first.
         runs = source_runs(missing, width) if cfg.source_stream else [[n] for n in missing]
@@ -1138,6 +1139,7 @@ class Downloader:
     def _share_failed(self, numbers: list[int], exc: BaseException) -> None:
         """Tell the scheduler; it hands the rest of the share on, and the pieces come from a parent."""
         self.log.warning("source share failed ({} pieces left): {}", len(numbers), exc)
+        self._source_instead.difference_update(numbers)  # parents may serve them after all
         if self.link is not None and numbers:
             self.link.send(
                 download_piece_back_to_source_failed_request=scheduler_pb2.DownloadPieceBackToSourceFailedRequest(
@@ -1289,7 +1291,7 @@ class Downloader:
                             self._held = _holders(usable)
                         held_by = self._held
                     fetching = {f.number for f in inflight.values()}
-                    wanted = (held_by.keys() & missing) - fetching
+                    wanted = (held_by.keys() & missing) - fetching - self._source_instead
                     # Only parents not backing off can be asked, so only their pieces are walked:
                     # with every parent busy a pass costs next to nothing.
                     ready = [p for p in choosable if p.busy_until <= now]
@@ -1326,10 +1328,10 @@ class Downloader:
                         tried.setdefault(number, set()).add(parent.peer_id)
                         start(parent, number, now)
                     peers_full, full = slots()
-                    if cfg.endgame_duplicates and not peers_full and wanted <= {f.number for f in inflight.values()}:
-                        # Endgame: every piece a parent holds is being fetched, and slots are free.
-                        # The pieces in flight longest get one more fetch each, from another
-                        # holder, into a staged writer; the first copy in wins, the rest are cancelled.
+                    if cfg.endgame_duplicates and not peers_full and endgame(missing, inflight.values()):
+                        # Endgame: every missing piece is being fetched, and slots are free. The
+                        # pieces in flight longest get one more fetch each, from another holder,
+                        # into a staged writer; the first copy in wins, the rest are cancelled.
                         for number in endgame_order(list(inflight.values()), cfg.endgame_duplicates):
                             if slots()[0]:
                                 break
@@ -1458,6 +1460,11 @@ class Downloader:
                 )
             expected = known or await self.authority.digest(number)
             if expected is None and not (parent.is_seed or self._content_named):
+                if self.scheduler_lost and self.may_read_source and number not in self._source_instead:
+                    # no scheduler will ever name this piece's digest: the source is the one
+                    # place left to take it from (a seed whose scheduler died mid-task, say)
+                    self._source_instead.add(number)
+                    self._take_shares([number])
                 # not stored unverified: fetched again once the scheduler knows it
                 raise Declined(f"the scheduler has no source digest for piece {number} yet")
             if expected is None:
@@ -1589,6 +1596,17 @@ def fetch_slots(in_flight: int, from_seeds: int, cfg: DaemonConfig, *, sharing: 
     extra = min(from_seeds, cfg.seed_extra_pieces)
     ordinary_full = in_flight - extra >= limit
     return ordinary_full, ordinary_full and extra >= cfg.seed_extra_pieces
+
+
+def endgame(missing: set[int], fetches: Iterable[_Fetch]) -> bool:
+    """Whether a download is in its endgame: every piece it misses is in flight.
+
+    Not before: while a missing piece is held by no parent yet (mid-download, the swarm
+    short of pieces), a second fetch of a piece in flight moves the same bytes twice, and
+    the loser's cancelled connection has to be opened again; that cost the daemons a third
+    more piece transfers in a loopback swarm.
+    """
+    return missing <= {f.number for f in fetches}
 
 
 def endgame_order(fetches: list[_Fetch], duplicates: int) -> list[int]:

@@ -955,16 +955,30 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         waiting = sorted((p for p, h in self._live_sharers(entry) if not h.is_seed), key=lambda p: p.id)
         if not waiting:
             return None
+        unheld = self.unheld(entry)
+        if not unheld:
+            return None
         entry.shares_planned = True
         readers = [seed, *waiting]
-        for p, block in zip(readers, share_blocks(entry.task.piece_count, len(readers)), strict=True):
-            if block:
+        for p, part in zip(readers, share_blocks(len(unheld), len(readers)), strict=True):
+            if part:
+                block = unheld[part.start : part.stop]  # contiguous runs of what nobody holds yet
                 entry.shares[p.id] = set(block)
                 entry.untold[p.id] = set(block)
                 self.metrics.source_share_pieces.labels("planned").inc(len(block))
         seed.need_back_to_source = False  # it reads its share and fetches the rest like any peer
         logger.info("task {}: the source read is shared among {} peers", entry.task.id[:12], len(readers))
         return self._offer(entry, seed, [], [])
+
+    def unheld(self, entry: TaskEntry) -> list[int]:
+        """The task's pieces no peer of it holds, in order: what a shared read still has to read
+        (after a scheduler restart, say, peers that hold the task announce it first)."""
+        held: set[int] = set()
+        for pid in entry.task.peer_ids:
+            p = self.state.peers.get(pid)
+            if p is not None:
+                held |= p.finished_pieces
+        return [n for n in range(entry.task.piece_count) if n not in held]
 
     def _live_sharers(self, entry: TaskEntry) -> list[tuple[Peer, Host]]:
         """The peers of the task that offered to read a share and are still downloading."""
@@ -977,12 +991,16 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 live.append((p, h))
         return live
 
-    def hand_on_shares(self, entry: TaskEntry, peer: Peer, why: str) -> None:
+    def hand_on_shares(self, entry: TaskEntry, peer: Peer, why: str, *, gone: bool = False) -> None:
         """``peer`` will not read the rest of its share (it failed, or left): another sharer
-        of the task takes it, the seed first; an answered one hears of it at once."""
+        of the task takes it, the seed first; an answered one hears of it at once. When the
+        peer is ``gone``, the pieces it read from the source that no other peer holds yet go
+        too: nobody else can serve them, and waiting for a parent would stall every child."""
         left = entry.shares.pop(peer.id, set())
         entry.untold.pop(peer.id, None)
         entry.sharers.pop(peer.id, None)
+        if gone and entry.shares_planned and peer.finished_pieces:
+            left |= self._orphans(entry, peer)
         if not left:
             return
         heirs = [(not h.is_seed, len(entry.shares.get(p.id, ())), p.id, p) for p, h in self._live_sharers(entry)]
@@ -1010,6 +1028,19 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         if heir.id in entry.answered:
             queue = entry.sharers[heir.id]
             queue.put_nowait(self._offer(entry, heir, [], []))
+
+    def _orphans(self, entry: TaskEntry, peer: Peer) -> set[int]:
+        """The pieces ``peer`` holds that no other peer of the task holds or is to read."""
+        st = self.state
+        held: set[int] = set()
+        for pid in entry.task.peer_ids:
+            other = st.peers.get(pid)
+            if other is not None and other is not peer:
+                held |= other.finished_pieces
+        for pid, share in entry.shares.items():
+            if pid != peer.id:
+                held |= share
+        return peer.finished_pieces - held
 
     def _source_busy(self, entry: TaskEntry, peer: Peer) -> bool:
         """Someone (a seed or another peer) is fetching what ``peer`` needs from the source."""
@@ -1163,7 +1194,7 @@ class _PeerSession:
             # The stream broke before the peer said it finished: it is gone.
             entry = self.st.tasks.get(p.task_id)
             if entry is not None:
-                self.svc.hand_on_shares(entry, p, "its stream ended")
+                self.svc.hand_on_shares(entry, p, "its stream ended", gone=True)
             p.state = PeerState.LEAVE
             self.st.remove_peer(p.id)
             self.svc._refresh_gauges()
@@ -1412,6 +1443,12 @@ class _PeerSession:
         the whole task from the source when there is nobody to share with."""
         await asyncio.sleep(self.svc.cfg.source_share_wait)
         if seed.id not in self.st.peers or seed.done:
+            return
+        if entry.task.known_length and entry.task.piece_count and not self.svc.unheld(entry):
+            # every piece is held by a peer already: the seed fetches them like any peer
+            entry.shares_planned = True
+            seed.need_back_to_source = False
+            self._schedule_soon()
             return
         shared = self.svc.plan_shares(entry, seed)
         if shared is None:

@@ -66,7 +66,8 @@ async def test_a_dead_scheduler_hands_its_tasks_to_the_next_and_running_download
             cluster.stop_scheduler(home, kill=True)
             first = await running  # finishes with the parents it had
         assert sha(tmp_path / "out1") == sha(src)
-        assert first.peer_bytes == 24 * MiB
+        # from its parents, and its share of the source read (the seed and peer1 read half each)
+        assert first.peer_bytes + first.source_bytes == 24 * MiB and first.peer_bytes > 0
 
         # the task now belongs to the other scheduler, and peer1 told it that it holds the task
         await wait_for(lambda: peers_known(other, task_id), what="peer1 to announce the task to the next scheduler")
@@ -74,7 +75,10 @@ async def test_a_dead_scheduler_hands_its_tasks_to_the_next_and_running_download
             second = await c.download(url, tmp_path / "out2")
         assert sha(tmp_path / "out2") == sha(src)
         assert second.peer_bytes == 24 * MiB and second.source_bytes == 0
-        assert origin.stats()["bytes"] == 24 * MiB  # the origin still sent the file once
+        # The seed could not check the pieces peer1 read as its share against any digest once their
+        # scheduler was gone (peer1 is no seed), so it read them from the origin itself: at most
+        # peer1's share again, and never a wait for a digest that no scheduler will give.
+        assert 24 * MiB <= origin.stats()["bytes"] <= 24 * MiB + first.source_bytes
         assert "does not answer" in cluster.log("peer2")  # it tried the dead one, then the next
     finally:
         origin.stop()

@@ -103,7 +103,8 @@ async def test_the_seed_and_the_waiting_peers_each_read_a_block_and_a_leaver_han
     metrics = server.service.metrics
     assert metrics.source_share_pieces.labels("planned")._value.get() == 11
 
-    # b reads piece 7, then its stream breaks: the rest of its block goes to the seed
+    # b reads piece 7, then its stream breaks: the rest of its block goes to the seed, and so
+    # does piece 7, which nobody else holds (children waiting for it would wait for nothing)
     piece = piece_to_proto(PieceRecord(7, 7 * MiB, MiB, "crc32:7"), traffic_type=0)
     await calls["b"].write(
         shared_req(
@@ -121,9 +122,9 @@ async def test_the_seed_and_the_waiting_peers_each_read_a_block_and_a_leaver_han
     handed = await seed_call.read()
     while shares_of(handed)[0] == []:  # a refresh may come first
         handed = await seed_call.read()
-    assert shares_of(handed)[0] == [8, 9, 10]
-    assert metrics.source_share_pieces.labels("handed_on")._value.get() == 3
-    assert entry.shares["ps-seed"] == {0, 1, 2, 8, 9, 10}
+    assert shares_of(handed)[0] == [7, 8, 9, 10]
+    assert metrics.source_share_pieces.labels("handed_on")._value.get() == 4
+    assert entry.shares["ps-seed"] == {0, 1, 2, 7, 8, 9, 10}
 
     # a reports it cannot read the source: its block goes to the seed too
     await calls["a"].write(
@@ -155,3 +156,26 @@ async def test_a_seed_with_nobody_waiting_reads_the_whole_task(cluster):
     assert resp.WhichOneof("response") == "need_back_to_source_response"
     assert not server.service.state.tasks[TASK].shares
     seed_call.cancel()
+
+
+async def test_pieces_a_peer_already_holds_are_left_out_of_the_shares(cluster):
+    """A task the scheduler meets again (after a restart): a peer announces it holds pieces
+    0-5; the seed and the waiting peer share only 6-10, and no piece is read twice."""
+    stub, server, seed = cluster
+    holder = stub.AnnouncePeer(metadata=SOURCE_SHARES_METADATA)
+    await holder.write(shared_req("127.0.0.1-c", "pc", **register(SHARED)))
+    waiting = stub.AnnouncePeer(metadata=SOURCE_SHARES_METADATA)
+    await waiting.write(shared_req("127.0.0.1-a", "pa", **register(SHARED)))
+    await asyncio.wait_for(seed.triggered.wait(), 10)
+    entry = server.service.state.tasks[SHARED_TASK]
+    server.service.state.peers["pc"].finished_pieces.update(range(6))  # as its announcement said
+    seed_call = stub.AnnouncePeer(metadata=SOURCE_SHARES_METADATA)
+    seed_dl = common_pb2.Download(
+        url=SHARED.url, need_back_to_source=True, actual_content_length=10 * MiB + 1, actual_piece_length=MiB
+    )
+    await seed_call.write(shared_req("127.0.0.1-s", "ps-seed", **register(seed_dl)))
+    first = shares_of(await seed_call.read())[0]
+    planned = sorted(n for share in entry.shares.values() for n in share)
+    assert planned == [6, 7, 8, 9, 10] and first and set(first) <= set(planned)
+    for call in (holder, waiting, seed_call):
+        call.cancel()

@@ -129,9 +129,12 @@ async def test_a_parent_forging_a_piece_with_its_crc32_is_refused_and_blockliste
         "DAMSELFLY_PLUGINS__LOAD": '["tests.helpers.recorder"]',
         "DAMSELFLY_TEST_HOOK_LOG": str(hook_log),
         "DAMSELFLY_DAEMON__CONCURRENT_PIECES": "1",  # one fetch from a peer at a time: the forger's first is its last
+        "DAMSELFLY_DAEMON__PARENT_GATHER_WINDOW": "0.5",  # the forger's pieces are known before the first choice
     }
     cluster = damselfly_cluster_factory(
-        peers=2, peer_env={0: {"DAMSELFLY_HOST__MAX_TX_BANDWIDTH": "1MB/s"}, 1: forger, 2: child}
+        peers=2,
+        peer_env={0: {"DAMSELFLY_HOST__MAX_TX_BANDWIDTH": "1MB/s"}, 1: forger, 2: child},
+        env={"DAMSELFLY_SCHEDULER__SOURCE_SHARES": "false"},  # the forger reads no block: the seed holds all
     )
     url = damselfly_origin.url("f.bin")
     await download(cluster, "peer1", url, tmp_path / "forger.bin")

@@ -15,7 +15,7 @@ from typing import ClassVar
 from damselfly.contracts import Candidate, Strategy
 from damselfly.core.task import Task
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.scheduler.default import idc_affinity, location_affinity, score
+from damselfly.plugins.scheduler.dragonfly import idc_affinity, location_affinity, score
 
 
 class LocalityStrategy(Strategy):

@@ -26,7 +26,7 @@ from typing import ClassVar
 from damselfly.contracts import Candidate, Strategy
 from damselfly.core.task import Task
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.scheduler.default import score
+from damselfly.plugins.scheduler.dragonfly import score
 
 
 class SwarmStrategy(Strategy):

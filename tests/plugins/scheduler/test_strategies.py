@@ -1,4 +1,4 @@
-"""The default strategy scores like upstream's evaluator."""
+"""The dragonfly strategy scores like upstream's evaluator."""
 
 import random
 
@@ -8,8 +8,8 @@ from damselfly.contracts import Candidate
 from damselfly.core.host import Host, HostType
 from damselfly.core.peer import Peer, PeerState
 from damselfly.core.task import Task
-from damselfly.plugins.scheduler import default
-from damselfly.plugins.scheduler.default import DefaultStrategy
+from damselfly.plugins.scheduler import dragonfly
+from damselfly.plugins.scheduler.dragonfly import DragonflyStrategy
 from damselfly.plugins.scheduler.random import RandomStrategy
 
 GBIT = 1_000_000_000
@@ -34,16 +34,16 @@ def cand(name, *, seed=False, idc="", location="", tx=0, uploaded=0, state=PeerS
 def test_component_scores():
     h = cand("a", tx=GBIT // 4).host
     # 0.5 x free peak (0.75) + 0.3 x duration (1: nothing uploaded) + 0.2 x concurrency (1: idle)
-    assert default.load_quality(h) == pytest.approx(0.5 * 0.75 + 0.3 + 0.2)
+    assert dragonfly.load_quality(h) == pytest.approx(0.5 * 0.75 + 0.3 + 0.2)
     h.upload_content_length = GBIT // 8 * 30  # 30 s of the link in the last minute: duration 0.5
-    assert default.load_quality(h) == pytest.approx(0.5 * 0.75 + 0.3 * 0.5 + 0.2)
+    assert dragonfly.load_quality(h) == pytest.approx(0.5 * 0.75 + 0.3 * 0.5 + 0.2)
     h.concurrent_upload_pieces = 15  # twice the ~7.45 pieces its bandwidth needs: concurrency 0.5
-    assert default.load_quality(h) == pytest.approx(0.5 * 0.75 + 0.3 * 0.5 + 0.2 * (GBIT / (16 << 20) / 8) / 15)
+    assert dragonfly.load_quality(h) == pytest.approx(0.5 * 0.75 + 0.3 * 0.5 + 0.2 * (GBIT / (16 << 20) / 8) / 15)
     h.max_tx_bandwidth = 0
-    assert default.load_quality(h) == 0.0
-    assert default.location_affinity("a|b|c|d|e", "a|b|x") == pytest.approx(0.4)
-    assert default.location_affinity("", "a") == 0.0
-    assert default.idc_affinity("IDC1", "idc1") == 1.0
+    assert dragonfly.load_quality(h) == 0.0
+    assert dragonfly.location_affinity("a|b|c|d|e", "a|b|x") == pytest.approx(0.4)
+    assert dragonfly.location_affinity("", "a") == 0.0
+    assert dragonfly.idc_affinity("IDC1", "idc1") == 1.0
 
 
 def test_rank_prefers_idle_same_idc_parents():
@@ -51,7 +51,7 @@ def test_rank_prefers_idle_same_idc_parents():
     busy = cand("busy", idc="x", tx=GBIT * 9 // 10)
     far = cand("far", idc="y")
     near = cand("near", idc="x", location="cn|bj")
-    ranked = DefaultStrategy().rank(child, [busy, far, near], Task(id="t"))
+    ranked = DragonflyStrategy().rank(child, [busy, far, near], Task(id="t"))
     assert [c.host.id for c in ranked] == ["near", "far", "busy"]
 
 
@@ -59,8 +59,8 @@ def test_running_seed_beats_a_normal_peer_on_host_type():
     child = cand("child")
     seed = cand("seed", seed=True, state=PeerState.RUNNING)
     normal = cand("normal")
-    assert default.host_type_score(seed) == 1.0 and default.host_type_score(normal) == 0.5
-    assert DefaultStrategy().rank(child, [normal, seed], Task(id="t"))[0].host.id == "seed"
+    assert dragonfly.host_type_score(seed) == 1.0 and dragonfly.host_type_score(normal) == 0.5
+    assert DragonflyStrategy().rank(child, [normal, seed], Task(id="t"))[0].host.id == "seed"
 
 
 def test_random_keeps_every_candidate():
@@ -86,8 +86,8 @@ def test_locality_puts_the_same_idc_and_the_nearest_location_first():
     assert names[0] == "busy-same-rack"  # closest wins even though busier
     assert names[1:3] == ["idle-same-idc", "idle-same-idc-2"]  # equally close: the less loaded first
     assert names[3:] == ["idle-far", "idle-nowhere"]  # the far ones still rank, last
-    # default would have put the idle same-IDC parent ahead of the busy same-rack one
-    assert DefaultStrategy().rank(child, [busy_same_rack, idle_same_idc], Task(id="t"))[0].host.id == "idle-same-idc"
+    # dragonfly would have put the idle same-IDC parent ahead of the busy same-rack one
+    assert DragonflyStrategy().rank(child, [busy_same_rack, idle_same_idc], Task(id="t"))[0].host.id == "idle-same-idc"
 
 
 def test_swarm_puts_the_seed_first_then_peers_with_more_pieces():
@@ -100,7 +100,7 @@ def test_swarm_puts_the_seed_first_then_peers_with_more_pieces():
     poor.peer.finished_pieces.update(range(2))
     ranked = SwarmStrategy().rank(child, [poor, rich, seed], Task(id="t"))
     assert [c.host.id for c in ranked] == ["seed", "rich", "poor"]
-    assert SwarmStrategy.dag is False and DefaultStrategy.dag is True
+    assert SwarmStrategy.dag is False and DragonflyStrategy.dag is True
 
 
 def test_a_mesh_strategy_lets_two_peers_be_parents_of_each_other():
@@ -125,7 +125,7 @@ def test_a_mesh_strategy_lets_two_peers_be_parents_of_each_other():
             task.peer_ids.add(p.id)
         return st, a
 
-    st, a = state(DefaultStrategy())
+    st, a = state(DragonflyStrategy())
     assert st.candidates(a) == []  # b is below a in the DAG
     st, a = state(SwarmStrategy())
     assert [c.peer.id for c in st.candidates(a)] == ["b-p"]
@@ -139,7 +139,7 @@ def test_candidates_look_past_the_first_draw_when_it_holds_no_usable_parent():
     from damselfly.core.peer import Peer
     from damselfly.scheduler.service import SchedulerState
 
-    st = SchedulerState(Settings(), DefaultStrategy())
+    st = SchedulerState(Settings(), DragonflyStrategy())
     for name in ("child", "other"):
         st.hosts[name] = cand(name).host
     task = st.entry("t").task
@@ -180,8 +180,8 @@ def test_scores_in_one_loop_equal_the_scores_one_by_one():
         c.host.concurrent_upload_pieces = rng.choice([0, 3, 40])
         parents.append(c)
     for child in (cand("c1", idc="idc-1", location="cn|bj|r1"), cand("c2"), parents[3]):
-        got = default.scores(child, parents)
-        assert got == [default.score(p, child) for p in parents]
-        ranked = DefaultStrategy().rank(child, parents, Task(id="t"))
-        assert ranked == sorted(parents, key=lambda p: default.score(p, child), reverse=True)
-    assert len(set(default.scores(parents[0], parents))) > 20  # the inputs do spread the scores
+        got = dragonfly.scores(child, parents)
+        assert got == [dragonfly.score(p, child) for p in parents]
+        ranked = DragonflyStrategy().rank(child, parents, Task(id="t"))
+        assert ranked == sorted(parents, key=lambda p: dragonfly.score(p, child), reverse=True)
+    assert len(set(dragonfly.scores(parents[0], parents))) > 20  # the inputs do spread the scores

@@ -1,4 +1,4 @@
-"""``default``: Dragonfly's evaluator, scored the way upstream's scheduler scores.
+"""``dragonfly``: Dragonfly's evaluator, scored the way upstream's scheduler scores.
 
 score = 0.6 load quality + 0.2 IDC affinity + 0.1 location affinity + 0.1 host type
 load quality = 0.5 free peak bandwidth + 0.3 bandwidth duration + 0.2 concurrency
@@ -106,8 +106,8 @@ def scores(child: Candidate, candidates: list[Candidate]) -> list[float]:
     return out
 
 
-class DefaultStrategy(Strategy):
-    name: ClassVar[str] = "default"
+class DragonflyStrategy(Strategy):
+    name: ClassVar[str] = "dragonfly"
 
     def rank(self, child: Candidate, candidates: list[Candidate], task: Task) -> list[Candidate]:
         s = scores(child, candidates)
@@ -117,4 +117,4 @@ class DefaultStrategy(Strategy):
 
 @hookimpl
 def damselfly_add_strategies(registry):  # type: ignore[no-untyped-def]
-    registry.add(DefaultStrategy)
+    registry.add(DragonflyStrategy)
