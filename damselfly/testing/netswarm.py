@@ -249,7 +249,7 @@ MiB = 1 << 20
 
 # One host's plain HTTP download, started on a word from stdin so all begin at one instant.
 _DIRECT = """
-import sys, time, urllib.request
+import os, sys, time, urllib.request
 url = sys.argv[1]
 print("ready", flush=True)
 sys.stdin.readline()
@@ -257,7 +257,8 @@ with urllib.request.urlopen(url, timeout=600) as resp:
     n = 0
     while chunk := resp.read(1 << 20):
         n += len(chunk)
-print(f"{time.time()} {n}", flush=True)
+t = os.times()
+print(f"{time.time()} {n} {t.user + t.system} {t.system}", flush=True)
 """
 
 
@@ -468,6 +469,8 @@ class _Run:
     info: dict[str, dict[str, Any]]  # each daemon's ready file
     cpu_from: dict[str, float] = field(default_factory=dict)  # when its part of the downloads began
     cpu_to: dict[str, float] = field(default_factory=dict)  # at the last finish, or at its kill
+    sys_from: dict[str, float] = field(default_factory=dict)  # the system (kernel) part of cpu_from
+    sys_to: dict[str, float] = field(default_factory=dict)
     started: dict[str, float] = field(default_factory=dict)  # each peer's download request
     finished: dict[str, float] = field(default_factory=dict)
     daemon_started: dict[str, float] = field(default_factory=dict)  # the joiners'
@@ -650,6 +653,9 @@ class SwarmLab:
         summary["cpu_seconds"] = round(cpu, 1)
         summary["cpu_seconds_download"] = round(daemon_cpu, 2)
         summary["cpu_seconds_per_gib"] = round(daemon_cpu / (len(times) * cfg.size / GiB), 2)
+        # the kernel's part (TCP, the veths, the bridge and tc run in the daemons' context here)
+        daemon_sys = sum(run.sys_to[n] - run.sys_from[n] for n in run.sys_from if n != "sched")
+        summary["system_seconds_per_gib"] = round(daemon_sys / (len(times) * cfg.size / GiB), 2)
         summary["scheduler_cpu_seconds"] = round(run.cpu_to["sched"] - run.cpu_from["sched"], 2)
         summary["correct_hosts"] = correct
         summary["busy_answers"] = int(busy)
@@ -681,6 +687,7 @@ class SwarmLab:
         t_min = cfg.t_min()
         late = cfg.late_names()
         run.cpu_from = {n: _cpu_seconds(p.popen.pid) for n, p in run.procs.items()}
+        run.sys_from = {n: _cpu_seconds(p.popen.pid, system_only=True) for n, p in run.procs.items()}
         t0 = time.monotonic()
 
         async def at(fraction: float) -> None:
@@ -702,6 +709,7 @@ class SwarmLab:
             run.info.update(await asyncio.to_thread(cl.wait_ready, [proc], READY_TIMEOUT))
             await _wait_hosts(run.scheduler, ips=[host.ip])
             run.cpu_from[host.name] = _cpu_seconds(proc.popen.pid)
+            run.sys_from[host.name] = _cpu_seconds(proc.popen.pid, system_only=True)
             await download(host.name)
 
         tasks = {h.name: asyncio.create_task(download(h.name)) for h in self.peer_hosts if h.name not in late}
@@ -711,6 +719,7 @@ class SwarmLab:
             for name in cfg.killed_names():
                 pid = run.procs[name].popen.pid
                 run.cpu_to[name] = _cpu_seconds(pid)
+                run.sys_to[name] = _cpu_seconds(pid, system_only=True)
                 try:
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -727,6 +736,7 @@ class SwarmLab:
                 raise result
         for name, proc in run.procs.items():
             run.cpu_to.setdefault(name, _cpu_seconds(proc.popen.pid))
+            run.sys_to.setdefault(name, _cpu_seconds(proc.popen.pid, system_only=True))
 
     def _summary(self, times: dict[str, float], origin_bytes: int, uploaded: dict[str, float]) -> dict[str, Any]:
         """Ratios of each host's time (from its own start) to T_min and to its own bound, by host order."""
@@ -792,26 +802,38 @@ class SwarmLab:
                 assert p.stdout is not None
                 if p.stdout.readline().strip() != "ready":
                     raise DamselflyError(f"a direct download did not start: {p.stderr.read() if p.stderr else ''}")
+            origin_cpu = _cpu_seconds(self.origin.pid)
             t0 = time.time()
             for p in procs.values():
                 assert p.stdin is not None
                 p.stdin.write("go\n")
                 p.stdin.flush()
             times = {}
+            cpu = system = 0.0
             for name, p in procs.items():
                 out, err = p.communicate(timeout=3600)
                 if p.returncode != 0:
                     raise DamselflyError(f"a direct download failed: {err.strip().splitlines()[-1:]}")
-                end, n = out.split()
+                end, n, used, kernel = out.split()
                 if int(n) != self.cfg.size:
                     raise DamselflyError(f"a direct download got {n} bytes, not {self.cfg.size}")
                 times[name] = float(end) - t0
+                cpu, system = cpu + float(used), system + float(kernel)
+            origin_cpu = _cpu_seconds(self.origin.pid) - origin_cpu
         finally:
             for p in procs.values():
                 if p.poll() is None:
                     os.killpg(p.pid, signal.SIGKILL)
                     p.wait()
-        return self._summary(times, self._origin_stats()["bytes"], {})
+        summary = self._summary(times, self._origin_stats()["bytes"], {})
+        # what the plain clients spent receiving (start-up included): the floor of a download's cost
+        # on these emulated links, whose kernel work (veth, bridge, tc) runs in the processes' context
+        gib = len(times) * self.cfg.size / GiB
+        summary["cpu_seconds_per_gib"] = round(cpu / gib, 2)
+        summary["system_seconds_per_gib"] = round(system / gib, 2)
+        # and the origin's sending them: with the clients', what moving the bytes costs on these links
+        summary["origin_cpu_seconds_per_gib"] = round(origin_cpu / gib, 2)
+        return summary
 
 
 async def _wait_hosts(scheduler: str, count: int = 0, ips: Sequence[str] = (), timeout: float = 30.0) -> None:
@@ -835,13 +857,15 @@ async def _wait_hosts(scheduler: str, count: int = 0, ips: Sequence[str] = (), t
             await asyncio.sleep(0.1)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User and system CPU of a process and its children (``ip netns exec`` execs, so it is the service)."""
+def _cpu_seconds(pid: int, *, system_only: bool = False) -> float:
+    """User and system CPU of a process and its children (``ip netns exec`` execs, so it is the
+    service); with ``system_only``, the system part alone."""
     import psutil
 
     try:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+        times = [p.cpu_times() for p in procs]
+        return sum(t.system + (0.0 if system_only else t.user) for t in times)
     except psutil.Error:
         return 0.0
 
