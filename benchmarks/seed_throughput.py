@@ -106,7 +106,7 @@ class Variant:
     def __init__(self, root: Path, origin: OriginProcess, url: str, size: int, name: str, args: Any):
         self.name, self.url, self.size = name, url, size
         self.digest, self.tls = parse_variant(name)
-        env: dict[str, str] = {}
+        env: dict[str, str] = dict(setting.split("=", 1) for setting in args.env)
         if self.digest is not None:
             env["DAMSELFLY_SECURITY__PIECE_DIGEST"] = self.digest
         peer_env: dict[int, dict[str, str]] = {}
@@ -193,6 +193,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="peer downloads per variant, the task deleted between them")
     ap.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--peer-storage", default="disk", choices=["disk", "memory"], help="the fetching peer's storage")
+    ap.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="DAMSELFLY_KEY=VALUE",
+        help="a setting for every process of every variant (repeatable), e.g. DAMSELFLY_DAEMON__UPLOAD_SLOTS=0",
+    )
     ap.add_argument(
         "--variants",
         default="default",

@@ -1376,6 +1376,12 @@ class Downloader:
                     fetch = inflight.pop(t)  # type: ignore[arg-type]
                     number, parent_id = fetch.number, fetch.parent_id
                     load[parent_id] -= 1
+                    held = parents.get(parent_id)
+                    if held is not None and (t.cancelled() or not isinstance(t.exception(), Busy)):
+                        # our fetch from it ended, so one of its upload slots is free: a parent that
+                        # answered busy is asked again now, not busy_backoff later (on a fast link
+                        # a piece takes milliseconds, and a fixed pause idled it most of the time)
+                        held.busy_until = 0.0
                     if t.cancelled():
                         continue  # an endgame loser
                     exc = t.exception()
