@@ -101,6 +101,7 @@ class Profile:
     endgame: int = 0  # duplicate fetches per piece once every missing piece is in flight
     busy_backoff: float = BUSY_BACKOFF
     share_concurrent: int = 0  # a peer's share_concurrent_pieces: its fetches while it reads a share
+    share_readers: int = 0  # the scheduler's source_share_readers: at most this many read a block (0: all)
 
 
 def _settings(env: dict[str, str]) -> Settings:
@@ -135,6 +136,7 @@ def profile_settings(name: str) -> Profile:
         share_concurrent=peer.share_concurrent_pieces,
         seed_concurrent=seed.concurrent_pieces,
         source_shares=sched.source_shares,
+        share_readers=sched.source_share_readers,
         peer_source_concurrent=peer.source_concurrent_pieces,
         peer_source_stream=peer.source_stream,
     )
@@ -243,6 +245,8 @@ class Simulation:
         """Who reads which pieces of the source: the seed all of them, or with source_shares the
         seed and every peer (all waiting when the seed registers) a block each, the seed first."""
         readers = list(range(len(self.nodes))) if self.prof.source_shares else [0]
+        if self.prof.share_readers:
+            readers = readers[: self.prof.share_readers]
         for i, block in zip(readers, share_blocks(self.count, len(readers)), strict=True):
             seed = i == 0
             stream = self.prof.source_stream if seed else self.prof.peer_source_stream
@@ -491,6 +495,7 @@ def main() -> None:
     ap.add_argument("--offers-per-child", type=int, help="override the seed's offers_per_child")
     ap.add_argument("--share-concurrent", type=int, help="override the peers' share_concurrent_pieces")
     ap.add_argument("--endgame", type=int, help="override the peers' endgame_duplicates")
+    ap.add_argument("--share-readers", type=int, help="override the scheduler's source_share_readers")
     ap.add_argument("--source-stream", type=int, choices=(0, 1), help="override source_stream (1: long reads)")
     ap.add_argument("--measured", default="", help="benchmarks/swarm.py --json output to compare with")
     ap.add_argument("--json", action="store_true")
@@ -509,6 +514,7 @@ def main() -> None:
         "offers_per_child",
         "endgame",
         "share_concurrent",
+        "share_readers",
     ):
         if getattr(args, key) is not None:
             setattr(prof, key, getattr(args, key))

@@ -324,22 +324,12 @@ async def _embedded_daemon(settings: Settings, missing: Path) -> AsyncIterator[P
 def _embedded_logs(settings: Settings) -> None:
     """The CLI's log sink while an embedded daemon serves a get: as ``_logs(quiet=True)``, less
     the daemon's own line for a failed download, which this command's error already says."""
-    from loguru import logger
-
     from damselfly import logs
 
     def keep(record: Any) -> bool:
         return not (record["name"] == "damselfly.daemon.download" and record["message"].startswith("download failed: "))
 
-    logger.remove()
-    logger.add(
-        sys.stderr,
-        level="WARNING",
-        format=logs._format,  # the sink logs.setup adds, with a filter
-        serialize=settings.log.json_format,
-        colorize=None,
-        filter=keep,
-    )
+    logs.setup("WARNING", settings.log.json_format, keep=keep)
 
 
 def _run_download(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:

@@ -239,6 +239,13 @@ class SchedulerConfig(Section):
         "the rest from each other (origin bytes stay 1 x the task; the origin's bandwidth beyond one "
         "host's link is used). Mesh strategies only (swarm): in a DAG pieces never flow up to a parent.",
     )
+    source_share_readers: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="With source_shares: at most this many peers (the seed first) read a block of the source at "
+        "once; the others fetch from them (0: every peer waiting).",
+    )
     source_share_wait: float = Field(
         0.2,
         ge=0,

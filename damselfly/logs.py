@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from loguru import logger
 
@@ -25,9 +27,17 @@ def _format(record: dict) -> str:  # type: ignore[type-arg]
     return head + tail + "\n{exception}"
 
 
-def setup(level: str = "INFO", json_format: bool = False, stream: object = None) -> None:
-    """Enable damselfly's logs on stderr and route grpc/aiohttp/asyncio logging into loguru."""
+def setup(
+    level: str = "INFO",
+    json_format: bool = False,
+    stream: object = None,
+    keep: Callable[[Any], bool] | None = None,
+) -> None:
+    """Enable damselfly's logs on stderr and route grpc/aiohttp/asyncio logging into loguru;
+    ``keep``, given a loguru record, says whether it is written."""
     logger.remove()
     logger.enable("damselfly")
-    logger.add(stream or sys.stderr, level=level.upper(), format=_format, serialize=json_format, colorize=None)
+    logger.add(
+        stream or sys.stderr, level=level.upper(), format=_format, serialize=json_format, colorize=None, filter=keep
+    )
     logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)

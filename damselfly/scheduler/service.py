@@ -960,6 +960,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return None
         entry.shares_planned = True
         readers = [seed, *waiting]
+        if self.cfg.source_share_readers:
+            readers = readers[: self.cfg.source_share_readers]
         for p, part in zip(readers, share_blocks(len(unheld), len(readers)), strict=True):
             if part:
                 block = unheld[part.start : part.stop]  # contiguous runs of what nobody holds yet

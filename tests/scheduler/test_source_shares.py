@@ -179,3 +179,25 @@ async def test_pieces_a_peer_already_holds_are_left_out_of_the_shares(cluster):
     assert planned == [6, 7, 8, 9, 10] and first and set(first) <= set(planned)
     for call in (holder, waiting, seed_call):
         call.cancel()
+
+
+async def test_source_share_readers_caps_who_reads_a_block(cluster):
+    """With scheduler.source_share_readers 2, the seed and the first waiting peer read the task
+    (a slow origin split 17 ways gives no whole piece for seconds); the other peer fetches."""
+    stub, server, seed = cluster
+    server.service.cfg = server.service.cfg.model_copy(update={"source_share_readers": 2})
+    calls = {}
+    for name in ("a", "b"):
+        calls[name] = stub.AnnouncePeer(metadata=SOURCE_SHARES_METADATA)
+        await calls[name].write(shared_req(f"127.0.0.1-{name}", f"p{name}", **register(SHARED)))
+    await asyncio.wait_for(seed.triggered.wait(), 10)
+    seed_call = stub.AnnouncePeer(metadata=SOURCE_SHARES_METADATA)
+    seed_dl = common_pb2.Download(
+        url=SHARED.url, need_back_to_source=True, actual_content_length=10 * MiB + 1, actual_piece_length=MiB
+    )
+    await seed_call.write(shared_req("127.0.0.1-s", "ps-seed", **register(seed_dl)))
+    assert shares_of(await seed_call.read()) == ([0, 1, 2, 3, 4], [])
+    entry = server.service.state.tasks[SHARED_TASK]
+    assert entry.shares == {"ps-seed": {0, 1, 2, 3, 4}, "pa": {5, 6, 7, 8, 9, 10}}  # b reads nothing
+    for call in (*calls.values(), seed_call):
+        call.cancel()
