@@ -37,17 +37,10 @@ from damselfly import cluster as cl
 from damselfly.client import Client
 from damselfly.core.units import format_size, parse_size
 from damselfly.testing import OriginProcess
+from damselfly.testing.netswarm import cpu_times
 
 GIB = 1 << 30
 PREFIX = "dragonfly_dfdaemon_"
-
-
-def _cpu(pid: int) -> float:
-    try:
-        t = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return 0.0
-    return t.user + t.system
 
 
 def _metric_sum(addr: str, name: str, labels: str = "") -> float:
@@ -99,13 +92,13 @@ def run_once(info: dict[str, Any], origin: OriginProcess, size: int, piece_lengt
         spy = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
     before_counts = _counters(daemons)
-    before = {d["name"]: _cpu(d["pid"]) for d in daemons}
-    sched_before = _cpu(info["scheduler_pid"])
+    before = {d["name"]: cpu_times(d["pid"]).total for d in daemons}
+    sched_before = cpu_times(info["scheduler_pid"]).total
     t0 = time.monotonic()
     results = asyncio.run(_all(peers, url, piece_length))
     seconds = time.monotonic() - t0
-    cpu = {d["name"]: _cpu(d["pid"]) - before[d["name"]] for d in daemons}
-    sched = _cpu(info["scheduler_pid"]) - sched_before
+    cpu = {d["name"]: cpu_times(d["pid"]).total - before[d["name"]] for d in daemons}
+    sched = cpu_times(info["scheduler_pid"]).total - sched_before
     asyncio.run(_delete(daemons, results[0].task_id))
     if spy is not None:
         spy.send_signal(signal.SIGINT)

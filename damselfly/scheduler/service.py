@@ -972,14 +972,19 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         logger.info("task {}: the source read is shared among {} peers", entry.task.id[:12], len(readers))
         return self._offer(entry, seed, [], [])
 
+    def held(self, entry: TaskEntry, *, but: Peer | None = None) -> set[int]:
+        """The pieces of the task its peers (``but`` one) hold."""
+        out: set[int] = set()
+        for pid in entry.task.peer_ids:
+            p = self.state.peers.get(pid)
+            if p is not None and p is not but:
+                out |= p.finished_pieces
+        return out
+
     def unheld(self, entry: TaskEntry) -> list[int]:
         """The task's pieces no peer of it holds, in order: what a shared read still has to read
         (after a scheduler restart, say, peers that hold the task announce it first)."""
-        held: set[int] = set()
-        for pid in entry.task.peer_ids:
-            p = self.state.peers.get(pid)
-            if p is not None:
-                held |= p.finished_pieces
+        held = self.held(entry)
         return [n for n in range(entry.task.piece_count) if n not in held]
 
     def _live_sharers(self, entry: TaskEntry) -> list[tuple[Peer, Host]]:
@@ -1033,12 +1038,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     def _orphans(self, entry: TaskEntry, peer: Peer) -> set[int]:
         """The pieces ``peer`` holds that no other peer of the task holds or is to read."""
-        st = self.state
-        held: set[int] = set()
-        for pid in entry.task.peer_ids:
-            other = st.peers.get(pid)
-            if other is not None and other is not peer:
-                held |= other.finished_pieces
+        held = self.held(entry, but=peer)
         for pid, share in entry.shares.items():
             if pid != peer.id:
                 held |= share

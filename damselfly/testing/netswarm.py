@@ -39,7 +39,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from damselfly import cluster as cl
 from damselfly.core.errors import DamselflyError
@@ -467,10 +467,8 @@ class _Run:
     trace: Path | None
     procs: dict[str, cl.Proc]  # sched, seed, h1...: every process started, joiners too
     info: dict[str, dict[str, Any]]  # each daemon's ready file
-    cpu_from: dict[str, float] = field(default_factory=dict)  # when its part of the downloads began
-    cpu_to: dict[str, float] = field(default_factory=dict)  # at the last finish, or at its kill
-    sys_from: dict[str, float] = field(default_factory=dict)  # the system (kernel) part of cpu_from
-    sys_to: dict[str, float] = field(default_factory=dict)
+    cpu_from: dict[str, CpuTimes] = field(default_factory=dict)  # when its part of the downloads began
+    cpu_to: dict[str, CpuTimes] = field(default_factory=dict)  # at the last finish, or at its kill
     started: dict[str, float] = field(default_factory=dict)  # each peer's download request
     finished: dict[str, float] = field(default_factory=dict)
     daemon_started: dict[str, float] = field(default_factory=dict)  # the joiners'
@@ -625,7 +623,7 @@ class SwarmLab:
                 name, why = next(iter(failed.items()))
                 raise DamselflyError(f"{profile.name}: {len(failed)} downloads failed: {name}: {why}")
             correct = asyncio.run(self._verify(run, staying)) if verify else []
-            cpu = sum(run.cpu_to[n] if n in run.left else _cpu_seconds(p.popen.pid) for n, p in procs.items())
+            cpu = sum((run.cpu_to[n] if n in run.left else cpu_times(p.popen.pid)).total for n, p in procs.items())
             alive = [n for n in ["seed", *cfg.peer_names()] if n in run.info and n not in run.left]
             metrics = {n: run.info[n]["metrics"] for n in alive}
             uploaded = {n: scrape(m, "dragonfly_dfdaemon_upload_traffic_bytes_total") for n, m in metrics.items()}
@@ -649,14 +647,15 @@ class SwarmLab:
                 shutil.rmtree(work, ignore_errors=True)
         times = {n: run.finished[n] - run.started[n] for n in staying}
         summary = self._summary(times, origin["bytes"], uploaded)
-        daemon_cpu = sum(run.cpu_to[n] - run.cpu_from[n] for n in run.cpu_from if n != "sched")
+        daemons = [n for n in run.cpu_from if n != "sched"]
+        daemon_cpu = sum(run.cpu_to[n].total - run.cpu_from[n].total for n in daemons)
         summary["cpu_seconds"] = round(cpu, 1)
         summary["cpu_seconds_download"] = round(daemon_cpu, 2)
         summary["cpu_seconds_per_gib"] = round(daemon_cpu / (len(times) * cfg.size / GiB), 2)
         # the kernel's part (TCP, the veths, the bridge and tc run in the daemons' context here)
-        daemon_sys = sum(run.sys_to[n] - run.sys_from[n] for n in run.sys_from if n != "sched")
+        daemon_sys = sum(run.cpu_to[n].system - run.cpu_from[n].system for n in daemons)
         summary["system_seconds_per_gib"] = round(daemon_sys / (len(times) * cfg.size / GiB), 2)
-        summary["scheduler_cpu_seconds"] = round(run.cpu_to["sched"] - run.cpu_from["sched"], 2)
+        summary["scheduler_cpu_seconds"] = round(run.cpu_to["sched"].total - run.cpu_from["sched"].total, 2)
         summary["correct_hosts"] = correct
         summary["busy_answers"] = int(busy)
         summary["source_readers"] = int(readers)  # staying daemons that read from the origin (shares: all)
@@ -686,8 +685,7 @@ class SwarmLab:
         cfg = self.cfg
         t_min = cfg.t_min()
         late = cfg.late_names()
-        run.cpu_from = {n: _cpu_seconds(p.popen.pid) for n, p in run.procs.items()}
-        run.sys_from = {n: _cpu_seconds(p.popen.pid, system_only=True) for n, p in run.procs.items()}
+        run.cpu_from = {n: cpu_times(p.popen.pid) for n, p in run.procs.items()}
         t0 = time.monotonic()
 
         async def at(fraction: float) -> None:
@@ -708,8 +706,7 @@ class SwarmLab:
             proc = self._spawn_daemon(host, run)
             run.info.update(await asyncio.to_thread(cl.wait_ready, [proc], READY_TIMEOUT))
             await _wait_hosts(run.scheduler, ips=[host.ip])
-            run.cpu_from[host.name] = _cpu_seconds(proc.popen.pid)
-            run.sys_from[host.name] = _cpu_seconds(proc.popen.pid, system_only=True)
+            run.cpu_from[host.name] = cpu_times(proc.popen.pid)
             await download(host.name)
 
         tasks = {h.name: asyncio.create_task(download(h.name)) for h in self.peer_hosts if h.name not in late}
@@ -718,8 +715,7 @@ class SwarmLab:
             await at(cfg.kill_at)
             for name in cfg.killed_names():
                 pid = run.procs[name].popen.pid
-                run.cpu_to[name] = _cpu_seconds(pid)
-                run.sys_to[name] = _cpu_seconds(pid, system_only=True)
+                run.cpu_to[name] = cpu_times(pid)
                 try:
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -735,8 +731,7 @@ class SwarmLab:
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 raise result
         for name, proc in run.procs.items():
-            run.cpu_to.setdefault(name, _cpu_seconds(proc.popen.pid))
-            run.sys_to.setdefault(name, _cpu_seconds(proc.popen.pid, system_only=True))
+            run.cpu_to.setdefault(name, cpu_times(proc.popen.pid))
 
     def _summary(self, times: dict[str, float], origin_bytes: int, uploaded: dict[str, float]) -> dict[str, Any]:
         """Ratios of each host's time (from its own start) to T_min and to its own bound, by host order."""
@@ -802,7 +797,7 @@ class SwarmLab:
                 assert p.stdout is not None
                 if p.stdout.readline().strip() != "ready":
                     raise DamselflyError(f"a direct download did not start: {p.stderr.read() if p.stderr else ''}")
-            origin_cpu = _cpu_seconds(self.origin.pid)
+            origin_cpu = cpu_times(self.origin.pid).total
             t0 = time.time()
             for p in procs.values():
                 assert p.stdin is not None
@@ -819,7 +814,7 @@ class SwarmLab:
                     raise DamselflyError(f"a direct download got {n} bytes, not {self.cfg.size}")
                 times[name] = float(end) - t0
                 cpu, system = cpu + float(used), system + float(kernel)
-            origin_cpu = _cpu_seconds(self.origin.pid) - origin_cpu
+            origin_cpu = cpu_times(self.origin.pid).total - origin_cpu
         finally:
             for p in procs.values():
                 if p.poll() is None:
@@ -857,17 +852,22 @@ async def _wait_hosts(scheduler: str, count: int = 0, ips: Sequence[str] = (), t
             await asyncio.sleep(0.1)
 
 
-def _cpu_seconds(pid: int, *, system_only: bool = False) -> float:
-    """User and system CPU of a process and its children (``ip netns exec`` execs, so it is the
-    service); with ``system_only``, the system part alone."""
+class CpuTimes(NamedTuple):
+    total: float  # user and system seconds
+    system: float  # the kernel's part
+
+
+def cpu_times(pid: int) -> CpuTimes:
+    """The CPU a process and its children have used (``ip netns exec`` execs, so it is the
+    service); zeros for a process that is gone."""
     import psutil
 
     try:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
         times = [p.cpu_times() for p in procs]
-        return sum(t.system + (0.0 if system_only else t.user) for t in times)
     except psutil.Error:
-        return 0.0
+        return CpuTimes(0.0, 0.0)
+    return CpuTimes(sum(t.user + t.system for t in times), sum(t.system for t in times))
 
 
 def _strategy(name: str) -> dict[str, str]:

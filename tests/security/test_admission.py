@@ -3,7 +3,6 @@ the upload gRPC port, a scheduler's seed trigger, the local socket; origins and 
 127.0.0.0/8 (the suite allows loopback origins: tests of the default policy refuse it explicitly)."""
 
 import asyncio
-import hashlib
 import os
 import re
 import time
@@ -31,7 +30,7 @@ from damselfly.scheduler.service import start_scheduler
 from damselfly.security.admission import Origin, check_task_key, source_options
 from tests.helpers.daemons import daemon
 from tests.helpers.waiting import wait_for
-from tests.helpers.web import http_server
+from tests.helpers.web import http_server, registry_blob
 
 SECRET = b"root:$6$not-for-the-network$:19000:0:99999:7:::\n"
 NO_LOOPBACK = {"sources": {"allow_loopback": False}}  # the default policy, whatever the suite's environment says
@@ -209,12 +208,7 @@ async def test_the_upload_api_refuses_a_task_key_that_is_not_its_urls_and_takes_
     preimage = ids.filter_query_params(victim.url, ids.DEFAULT_FILTERED_QUERY_PARAMS) + ids.STANDARD_TASK_TYPE
     assert ids.content_task_id(preimage) == victim.task_id()  # upstream's key would name the victim's task
     blob = b"the blob's own bytes\n" * 1000
-    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    path = origin.root / "v2" / "library" / "app" / "blobs" / digest
-    path.parent.mkdir(parents=True)
-    path.write_bytes(blob)
-    blob_url = origin.url(f"v2/library/app/blobs/{digest}")
-    bound = ids.bound_blob_content("http", f"127.0.0.1:{origin.port}", ids.parse_blob_url(blob_url))
+    blob_url, bound = registry_blob(origin, "library/app", blob)
     async with daemon(tmp_path) as d, upload_stub(d) as stub:
         for key in (preimage, bound):  # a blob's key for another url is no better
             with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -3,6 +3,7 @@ their request, piece digests come only from whoever was sent to the source, caps
 authorisation by certificate under mutual TLS."""
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -211,7 +212,10 @@ async def _seed_server(tls_cfg=None, fail: bool = True) -> tuple[grpc.aio.Server
     return server, port, seed
 
 
-async def test_without_tls_the_seed_trigger_carries_no_credentials_and_the_requester_reads_itself():
+@pytest.fixture
+async def with_seed() -> AsyncIterator[tuple[scheduler_pb2_grpc.SchedulerStub, _Seed]]:
+    """A plaintext scheduler that knows host ``a`` and a seed host whose upload API fails every
+    trigger at once (the requester then reads the source)."""
     seed_server, seed_port, seed = await _seed_server()
     server = await start_scheduler(load_settings(scheduler={"seed_wait": 20, "retry_interval": 0.05}))
     channel = grpc.aio.insecure_channel(server.address)
@@ -219,20 +223,25 @@ async def test_without_tls_the_seed_trigger_carries_no_credentials_and_the_reque
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
         await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("s", seed=True, port=seed_port)))
-        call = stub.AnnouncePeer()
-        await call.write(req("127.0.0.1-a", "pa", PRIVATE_TASK, **register(secret_download())))
-        # the seed was asked, without the credentials; it failed, so the requester reads the source
-        answer = await asyncio.wait_for(call.read(), 10)
-        assert answer.WhichOneof("response") == "need_back_to_source_response"
-        (trigger,) = seed.requests
-        assert trigger.download.url == "http://origin.example/private" and trigger.download.need_back_to_source
-        assert dict(trigger.download.request_header) == {"Accept": "application/octet-stream"}
-        assert leaked(trigger.SerializeToString()) == []
-        call.cancel()
+        yield stub, seed
     finally:
         await channel.close()
         await server.stop()
         await seed_server.stop(0)
+
+
+async def test_without_tls_the_seed_trigger_carries_no_credentials_and_the_requester_reads_itself(with_seed):
+    stub, seed = with_seed
+    call = stub.AnnouncePeer()
+    await call.write(req("127.0.0.1-a", "pa", PRIVATE_TASK, **register(secret_download())))
+    # the seed was asked, without the credentials; it failed, so the requester reads the source
+    answer = await asyncio.wait_for(call.read(), 10)
+    assert answer.WhichOneof("response") == "need_back_to_source_response"
+    (trigger,) = seed.requests
+    assert trigger.download.url == "http://origin.example/private" and trigger.download.need_back_to_source
+    assert dict(trigger.download.request_header) == {"Accept": "application/octet-stream"}
+    assert leaked(trigger.SerializeToString()) == []
+    call.cancel()
 
 
 # -- piece digests only from whoever was sent to the source ----------------------------------
@@ -384,37 +393,27 @@ async def test_a_register_under_another_downloads_task_id_is_refused(sched):
     call.cancel()
 
 
-async def test_no_seed_is_asked_to_fill_a_task_id_the_request_chose():
+async def test_no_seed_is_asked_to_fill_a_task_id_the_request_chose(with_seed):
     """A content_for_calculating_task_id its url does not imply (a local client's choice, or an
     attacker's preimage of a victim's id) is never forwarded to a seed, which would store that
     url's bytes under the id; a cache task's key, its url, is."""
-    seed_server, seed_port, seed = await _seed_server()
-    server = await start_scheduler(load_settings(scheduler={"seed_wait": 20, "retry_interval": 0.05}))
-    channel = grpc.aio.insecure_channel(server.address)
-    try:
-        stub = scheduler_pb2_grpc.SchedulerStub(channel)
-        await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("a")))
-        await stub.AnnounceHost(scheduler_pb2.AnnounceHostRequest(host=host("s", seed=True, port=seed_port)))
-        victim_id = download_task_id(common_pb2.Download(url="http://origin.example/victim.tar"))
-        preimage = "http://origin.example/victim.tar" + ids.STANDARD_TASK_TYPE
-        chosen = common_pb2.Download(url="http://attacker.example/evil.tar", content_for_calculating_task_id=preimage)
-        assert download_task_id(chosen) == ids.keyed_task_id(preimage) != victim_id  # a key names no url's task
-        call = stub.AnnouncePeer()
-        await call.write(req("127.0.0.1-a", "pa", download_task_id(chosen), **register(chosen)))
-        answer = await asyncio.wait_for(call.read(), 10)
-        assert answer.WhichOneof("response") == "need_back_to_source_response" and seed.requests == []
-        call.cancel()
-        cache_url = "damselfly-cache://" + "ab" * 32
-        cached = common_pb2.Download(url=cache_url, content_for_calculating_task_id=cache_url)
-        call = stub.AnnouncePeer()
-        await call.write(req("127.0.0.1-a", "pc", download_task_id(cached), **register(cached)))
-        await asyncio.wait_for(call.read(), 10)  # the test seed fails at once
-        assert [r.download.url for r in seed.requests] == [cache_url]
-        call.cancel()
-    finally:
-        await channel.close()
-        await server.stop()
-        await seed_server.stop(0)
+    stub, seed = with_seed
+    victim_id = download_task_id(common_pb2.Download(url="http://origin.example/victim.tar"))
+    preimage = "http://origin.example/victim.tar" + ids.STANDARD_TASK_TYPE
+    chosen = common_pb2.Download(url="http://attacker.example/evil.tar", content_for_calculating_task_id=preimage)
+    assert download_task_id(chosen) == ids.keyed_task_id(preimage) != victim_id  # a key names no url's task
+    call = stub.AnnouncePeer()
+    await call.write(req("127.0.0.1-a", "pa", download_task_id(chosen), **register(chosen)))
+    answer = await asyncio.wait_for(call.read(), 10)
+    assert answer.WhichOneof("response") == "need_back_to_source_response" and seed.requests == []
+    call.cancel()
+    cache_url = "damselfly-cache://" + "ab" * 32
+    cached = common_pb2.Download(url=cache_url, content_for_calculating_task_id=cache_url)
+    call = stub.AnnouncePeer()
+    await call.write(req("127.0.0.1-a", "pc", download_task_id(cached), **register(cached)))
+    await asyncio.wait_for(call.read(), 10)  # the test seed fails at once
+    assert [r.download.url for r in seed.requests] == [cache_url]
+    call.cancel()
 
 
 # -- caps ---------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 never names a URL's task, a registry-bound blob key is no local client's, and a request that names
 its own source endpoint gets its own task (origins on 127.0.0.1: the suite allows loopback)."""
 
-import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +16,7 @@ from damselfly.core.errors import PermissionDenied
 from damselfly.daemon.download import DownloadRequest
 from damselfly.origin import Origin as CountingOrigin
 from tests.helpers.daemons import daemon
-from tests.helpers.web import http_server
+from tests.helpers.web import http_server, registry_blob
 
 
 @pytest.fixture
@@ -61,13 +60,7 @@ async def test_a_local_content_key_preimage_does_not_fill_the_victim_urls_task(t
 async def test_a_local_client_may_not_use_a_registry_bound_blob_key(tmp_path, origin, own_url):
     """The key a credentialed pull through the proxy gets would read a private blob from the swarm
     without showing the registry any credentials: refused over the local socket, whatever the url."""
-    blob = b"a private layer\n" * 1000
-    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    path = origin.root / "v2" / "team" / "secret" / "blobs" / digest
-    path.parent.mkdir(parents=True)
-    path.write_bytes(blob)
-    blob_url = origin.url(f"v2/team/secret/blobs/{digest}")
-    bound = ids.bound_blob_content("http", f"127.0.0.1:{origin.port}", ids.parse_blob_url(blob_url))
+    blob_url, bound = registry_blob(origin, "team/secret", b"a private layer\n" * 1000)
     for key in (bound, bound.replace("oci-blob+http://", "oci-blob://")):  # the older form too
         async with daemon(tmp_path) as d, Client(d.socket_path) as c:
             with pytest.raises(PermissionDenied, match="registry-bound blob key") as err:
