@@ -31,8 +31,8 @@ from pathlib import Path
 
 import fsspec
 
-from damselfly.client import Client
 from damselfly.core.units import format_size, parse_size
+from damselfly.sdk.client import Client
 from damselfly.testing import start_cluster
 from damselfly.testing.s3 import s3_server
 

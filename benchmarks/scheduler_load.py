@@ -26,7 +26,7 @@ both want one, as they would on machines of their own. With
 them (rendezvous hashing of the task id, ``damselfly.daemon.daemon.scheduler_order``),
 and every host announces itself to each.
 
-The scheduler serves gRPC with ``--server`` (``native``: damselfly.h2grpc, its default;
+The scheduler serves gRPC with ``--server`` (``native``: damselfly.rpc.h2grpc, its default;
 ``grpcio``), and the load speaks it through ``--client`` (h2grpc's client or grpcio's).
 With ``--floor`` the same load drives, in place of the scheduler, a servicer that
 keeps no state and answers every register or reschedule with one fixed parent:
@@ -58,9 +58,9 @@ from google.protobuf import duration_pb2, empty_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from damselfly import h2grpc
 from damselfly.daemon.daemon import scheduler_order
-from damselfly.wire import download_task_id
+from damselfly.rpc import h2grpc
+from damselfly.rpc.wire import download_task_id
 
 PIECE = 4 * 1024 * 1024
 PIECES = 64
@@ -74,7 +74,7 @@ TRAFFIC = {FINISHED: common_pb2.TrafficType.REMOTE_PEER, SOURCE_FINISHED: common
 class Driver:
     """The load: hosts announce themselves, then peers run their downloads' messages.
 
-    It speaks gRPC through ``damselfly.h2grpc``'s client (``--client native``, the default)
+    It speaks gRPC through ``damselfly.rpc.h2grpc``'s client (``--client native``, the default)
     or through grpcio's (``--client grpcio``); the messages are the same either way.
     """
 

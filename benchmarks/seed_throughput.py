@@ -38,9 +38,9 @@ from typing import Any
 
 import psutil
 
-from damselfly import cluster as cl
-from damselfly.client import Client
 from damselfly.core.units import format_size, parse_size
+from damselfly.sandbox import cluster as cl
+from damselfly.sdk.client import Client
 from damselfly.testing import Cluster, OriginProcess
 
 GIB = 1 << 30

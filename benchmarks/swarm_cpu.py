@@ -33,9 +33,9 @@ from typing import Any
 
 import psutil
 
-from damselfly import cluster as cl
-from damselfly.client import Client
 from damselfly.core.units import format_size, parse_size
+from damselfly.sandbox import cluster as cl
+from damselfly.sdk.client import Client
 from damselfly.testing import OriginProcess
 from damselfly.testing.netswarm import cpu_times
 

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 logger.disable("damselfly")
 
-from damselfly.client import Client, DownloadResult, Progress, SyncClient  # noqa: E402
 from damselfly.hookspecs import hookimpl  # noqa: E402
+from damselfly.sdk.client import Client, DownloadResult, Progress, SyncClient  # noqa: E402
 
 __all__ = ["Client", "DownloadResult", "Progress", "SyncClient", "__version__", "hookimpl"]

@@ -43,7 +43,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "damselfly.plugins.scheduler.random",
     "damselfly.plugins.scheduler.locality",
     "damselfly.plugins.scheduler.swarm",
-    "damselfly.plugins.scheduler.pickers",
+    "damselfly.plugins.picker.pickers",
 )
 
 P = TypeVar("P", bound=Plugin)

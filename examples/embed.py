@@ -17,7 +17,7 @@ from pathlib import Path
 from damselfly import Client
 from damselfly.config import load_settings
 from damselfly.daemon.daemon import Daemon
-from damselfly.origin import Origin, make_file
+from damselfly.sandbox.origin import Origin, make_file
 from damselfly.scheduler.service import start_scheduler
 
 

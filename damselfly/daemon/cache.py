@@ -32,7 +32,7 @@ from damselfly.core.piece import Layout, digest
 from damselfly.core.task import Task, TaskState
 from damselfly.daemon.download import CACHE_EXPIRES_HEADER, DownloadRequest
 from damselfly.plugins.source.cache import cache_url
-from damselfly.wire import piece_to_proto
+from damselfly.rpc.wire import piece_to_proto
 
 if TYPE_CHECKING:
     from damselfly.daemon.daemon import Daemon

@@ -38,12 +38,12 @@ from damselfly.daemon.proxy import Proxy
 from damselfly.daemon.runtime import TaskBoard, TaskRuntime
 from damselfly.daemon.superseed import SuperSeeder
 from damselfly.daemon.upload import UploadService, UploadSlots, lookup_piece
-from damselfly.metrics import DaemonMetrics, serve_metrics
 from damselfly.plugin_manager import Plugins, build_plugins
+from damselfly.rpc.wire import duration, host_to_proto, piece_to_proto
 from damselfly.security import tls
 from damselfly.security.admission import Origin, admit, admitted, reads_this_node
 from damselfly.security.policy import SourcePolicy
-from damselfly.wire import duration, host_to_proto, piece_to_proto
+from damselfly.telemetry.metrics import DaemonMetrics, serve_metrics
 
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 128 * 1024 * 1024),

@@ -57,7 +57,7 @@ from damselfly.core.host import HostType
 from damselfly.core.piece import STRONG_ALGORITHMS, WEAK_ALGORITHM, Hasher, Layout, algorithm_of, new_hasher
 from damselfly.core.task import PieceRecord, Task, TaskState
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started, TaskRuntime
-from damselfly.wire import (
+from damselfly.rpc.wire import (
     SOURCE_SHARES_METADATA,
     addresses_from_response,
     piece_to_proto,

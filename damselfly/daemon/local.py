@@ -26,8 +26,8 @@ from damselfly.core.errors import (
 from damselfly.core.piece import ByteRange, Layout
 from damselfly.daemon.localrelay import Caller, as_caller
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started, TaskRuntime
+from damselfly.rpc.wire import ERROR_TYPE_KEY, piece_to_proto, task_to_proto, timestamp
 from damselfly.security.admission import Origin, admitted, check_source, reads_this_node
-from damselfly.wire import ERROR_TYPE_KEY, piece_to_proto, task_to_proto, timestamp
 
 if TYPE_CHECKING:
     from damselfly.daemon.daemon import Daemon

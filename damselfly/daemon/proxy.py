@@ -67,7 +67,7 @@ from damselfly.core.piece import Layout
 from damselfly.core.task import TaskState
 from damselfly.daemon.download import DownloadRequest
 from damselfly.daemon.runtime import Failed, Finished, PieceEvent, Started
-from damselfly.oci import registry_scheme
+from damselfly.oci.distribution import registry_scheme
 from damselfly.security import tls
 from damselfly.security.admission import Origin
 from damselfly.security.policy import SourcePolicy, policy_connector, refusal_in

@@ -21,10 +21,10 @@ from damselfly.core.ids import is_task_id
 from damselfly.core.task import Task
 from damselfly.daemon.download import DownloadRequest
 from damselfly.daemon.local import abort_with, progress_stream
+from damselfly.rpc.wire import host_to_proto, redact_url, task_to_proto, transports_to_metadata
 from damselfly.security import tls
 from damselfly.security.admission import Origin, reads_this_node
 from damselfly.security.identity import identity_of
-from damselfly.wire import host_to_proto, redact_url, task_to_proto, transports_to_metadata
 
 if TYPE_CHECKING:
     from damselfly.daemon.daemon import Daemon

@@ -32,10 +32,10 @@ from damselfly.core import ids
 from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument, PermissionDenied
 from damselfly.core.host import Host
 from damselfly.core.peer import PeerState
-from damselfly.oci import Reference, RegistryClient, Resolved
+from damselfly.oci.distribution import Reference, RegistryClient, Resolved
+from damselfly.rpc.wire import public_headers, redact_url
 from damselfly.security import tls
 from damselfly.security.policy import SourcePolicy, policy_connector
-from damselfly.wire import public_headers, redact_url
 
 if TYPE_CHECKING:
     from damselfly.scheduler.service import SchedulerService

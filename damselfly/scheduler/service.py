@@ -33,7 +33,7 @@ from google.protobuf import empty_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from loguru import logger
 
-from damselfly import h2grpc
+from damselfly import rpc
 from damselfly.config import Settings
 from damselfly.contracts import Candidate, Strategy
 from damselfly.core import ids
@@ -42,13 +42,9 @@ from damselfly.core.host import Host, HostType
 from damselfly.core.peer import Peer, PeerState
 from damselfly.core.piece import ByteRange, Layout, covers, share_blocks
 from damselfly.core.task import Task, TaskState
-from damselfly.metrics import SchedulerMetrics, serve_metrics
 from damselfly.plugin_manager import Plugins, build_plugins
-from damselfly.scheduler import preheat
-from damselfly.security import tls
-from damselfly.security.admission import derived_task_key
-from damselfly.security.identity import PeerIdentity, identity_of
-from damselfly.wire import (
+from damselfly.rpc import h2grpc
+from damselfly.rpc.wire import (
     PEER_HOST,
     PEER_TASK,
     download_task_id,
@@ -69,6 +65,11 @@ from damselfly.wire import (
     task_to_proto,
     valid_piece_digest,
 )
+from damselfly.scheduler import preheat
+from damselfly.security import tls
+from damselfly.security.admission import derived_task_key
+from damselfly.security.identity import PeerIdentity, identity_of
+from damselfly.telemetry.metrics import SchedulerMetrics, serve_metrics
 
 _CLOSE = object()
 # field numbers: AnnouncePeerResponse.normal_task_response, NormalTaskResponse.candidate_parents
@@ -774,8 +775,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     # -- the announce stream -------------------------------------------------------------
 
-    def _announce_peer_callbacks(self, requests: h2grpc._Requests, context: h2grpc.ServicerContext) -> None:
-        """AnnouncePeer on damselfly.h2grpc: each request handled as it is read, each answer
+    def _announce_peer_callbacks(self, requests: rpc.RequestStream, context: h2grpc.ServicerContext) -> None:
+        """AnnouncePeer on damselfly.rpc.h2grpc: each request handled as it is read, each answer
         written as it is made, and no task for the stream."""
         self.metrics.announce_peer.inc()
         session = _PeerSession(

@@ -107,7 +107,7 @@ def add_port(server: Any, address: str, cfg: TlsConfig | None) -> int:
     given to ``grpc.aio.server`` for that check."""
     if cfg is None or not cfg.enabled:
         return int(server.add_insecure_port(address))
-    if hasattr(server, "add_secure_port") and getattr(server, "takes_ssl_context", False):  # damselfly.h2grpc
+    if hasattr(server, "add_secure_port") and getattr(server, "takes_ssl_context", False):  # damselfly.rpc.h2grpc
         check = cert_names_ip if cfg.verify_address else None
         return int(server.add_secure_port(address, server_ssl_context(cfg, alpn=("h2",)), peer_check=check))
     return int(server.add_secure_port(address, grpc_server_credentials(cfg)))
@@ -133,7 +133,7 @@ def peer_address_problem(context: Any) -> str | None:
     does (or when the call came in plaintext: there is nothing to check then). ``context`` is
     a grpcio or h2grpc servicer context."""
     der_of = getattr(context, "peer_certificate", None)
-    if der_of is not None:  # damselfly.h2grpc
+    if der_of is not None:  # damselfly.rpc.h2grpc
         der = der_of()
         if not der:
             return None

@@ -13,18 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from damselfly import cluster as cl
-from damselfly.client import SyncClient
 from damselfly.config import TlsConfig
-from damselfly.demo import scrape, start_origin
-from damselfly.origin import make_file
+from damselfly.sandbox import cluster as cl
+from damselfly.sandbox.demo import scrape, start_origin
+from damselfly.sandbox.origin import make_file
+from damselfly.sdk.client import SyncClient
 
 if TYPE_CHECKING:
     import grpc
 
 
 class OriginProcess:
-    """``python -m damselfly.origin`` serving ``root``; counts bytes and requests."""
+    """``python -m damselfly.sandbox.origin`` serving ``root``; counts bytes and requests."""
 
     def __init__(self, root: Path, rate: str = ""):
         self.root = root
@@ -136,7 +136,7 @@ def start_cluster(
     tls: bool = False,
     allow_loopback: bool = True,
 ) -> Cluster:
-    """Start a cluster of processes on 127.0.0.1 (see :func:`damselfly.cluster.start`): with
+    """Start a cluster of processes on 127.0.0.1 (see :func:`damselfly.sandbox.cluster.start`): with
     ``tls``, mutual TLS everywhere with a fresh CA; its config allows loopback origins unless
     ``allow_loopback`` is False."""
     info, procs = cl.start(

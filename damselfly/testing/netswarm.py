@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from damselfly import cluster as cl
 from damselfly.core.errors import DamselflyError
-from damselfly.demo import scrape
+from damselfly.sandbox import cluster as cl
+from damselfly.sandbox.demo import scrape
 
 READY_TIMEOUT = 90.0
 # Per-namespace TCP settings of the emulated hosts. Seventeen hosts share two cores here, so
@@ -494,15 +494,15 @@ class SwarmLab:
             raise
 
     def _start_origin(self) -> None:
-        from damselfly.demo import sha256_of
-        from damselfly.origin import make_file
+        from damselfly.sandbox.demo import sha256_of
+        from damselfly.sandbox.origin import make_file
 
         root = self.workdir / "origin"
         root.mkdir(parents=True, exist_ok=True)
         self.file = make_file(root / "blob", self.cfg.size)
         self.digest = "sha256:" + sha256_of(self.file)
         argv = self.origin_host.argv(
-            sys.executable, "-m", "damselfly.origin", "--dir", str(root), "--host", self.origin_host.ip
+            sys.executable, "-m", "damselfly.sandbox.origin", "--dir", str(root), "--host", self.origin_host.ip
         )
         self.origin = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
         assert self.origin.stdout is not None
@@ -680,7 +680,7 @@ class SwarmLab:
         """The peers' downloads from one common start; late hosts join and killed hosts leave on time."""
         import asyncio
 
-        from damselfly.client import Client
+        from damselfly.sdk.client import Client
 
         cfg = self.cfg
         t_min = cfg.t_min()
@@ -769,7 +769,7 @@ class SwarmLab:
 
     async def _verify(self, run: _Run, names: list[str]) -> list[str]:
         """Each host's copy against the file's sha256 (a local hit: the daemon checks what it stored)."""
-        from damselfly.client import Client
+        from damselfly.sdk.client import Client
 
         verified = []
         for name in names:

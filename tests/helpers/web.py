@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 
 from damselfly.core import ids
-from damselfly.origin import Origin
+from damselfly.sandbox.origin import Origin
 
 
 @asynccontextmanager

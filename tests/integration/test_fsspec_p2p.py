@@ -5,7 +5,7 @@ import errno
 import fsspec
 import pytest
 
-from damselfly.p2pfs import P2PFileSystem, _embedded
+from damselfly.sdk.p2pfs import P2PFileSystem, _embedded
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

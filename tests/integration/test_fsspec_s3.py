@@ -67,8 +67,8 @@ async def test_pandas_and_pyarrow_through_two_peers(damselfly_s3, damselfly_clus
 
 async def test_s3_get_with_request_credentials(damselfly_s3, damselfly_cluster_factory, tmp_path):
     """`damselfly get`'s --storage-* options reach the seed through the scheduler, over mutual TLS."""
-    from damselfly.client import Client
     from damselfly.core.errors import BackendError
+    from damselfly.sdk.client import Client
 
     s3 = damselfly_s3
     bucket = s3.bucket()
@@ -98,7 +98,7 @@ async def test_without_tls_request_credentials_stay_with_the_requesting_peer(
 ):
     """Credentials travel only over mutual TLS: without it the seed is not handed them, and the
     peer that holds them reads the private object itself; the download still works."""
-    from damselfly.client import Client
+    from damselfly.sdk.client import Client
 
     s3 = damselfly_s3
     bucket = s3.bucket()

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from damselfly.client import Client
 from damselfly.core.errors import BackendError, NotFound
+from damselfly.sdk.client import Client
 from damselfly.testing.origins import FakeHub, FakeWebHdfs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]

@@ -12,8 +12,8 @@ import grpc
 import pytest
 from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
 
-from damselfly.client import Client
 from damselfly.core.errors import DamselflyError, InvalidArgument
+from damselfly.sdk.client import Client
 from damselfly.testing import OriginProcess
 from tests.helpers.waiting import wait_for
 

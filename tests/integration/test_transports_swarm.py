@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from damselfly.client import Client
+from damselfly.sdk.client import Client
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 MiB = 1 << 20

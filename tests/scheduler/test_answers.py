@@ -9,10 +9,10 @@ from damselfly.contracts import Candidate
 from damselfly.core.host import Host
 from damselfly.core.peer import Peer, PeerState
 from damselfly.core.task import PieceRecord
-from damselfly.metrics import SchedulerMetrics
 from damselfly.plugin_manager import build_plugins
+from damselfly.rpc.wire import fill_peer_proto, length_delimited, piece_to_proto, varint
 from damselfly.scheduler.service import SchedulerService
-from damselfly.wire import fill_peer_proto, length_delimited, piece_to_proto, varint
+from damselfly.telemetry.metrics import SchedulerMetrics
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -6,9 +6,9 @@ from dragonfly_api import common_pb2
 from damselfly.config import load_settings
 from damselfly.core.host import Host, HostType
 from damselfly.core.peer import Peer, PeerState
-from damselfly.metrics import SchedulerMetrics
 from damselfly.plugin_manager import build_plugins
 from damselfly.scheduler.service import SchedulerService
+from damselfly.telemetry.metrics import SchedulerMetrics
 
 pytestmark = pytest.mark.timeout(30)
 

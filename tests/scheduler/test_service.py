@@ -9,8 +9,8 @@ from dragonfly_api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from damselfly.config import load_settings
 from damselfly.core import ids
 from damselfly.core.task import PieceRecord
+from damselfly.rpc.wire import piece_to_proto
 from damselfly.scheduler.service import start_scheduler
-from damselfly.wire import piece_to_proto
 
 # The scheduler takes a register only under its Download's own task id: the downloads of these
 # tests name the one task TASK through their content_for_calculating_task_id, whatever their url.

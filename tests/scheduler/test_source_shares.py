@@ -8,8 +8,8 @@ from dragonfly_api import common_pb2, dfdaemon_pb2_grpc, scheduler_pb2, schedule
 
 from damselfly.config import load_settings
 from damselfly.core.task import PieceRecord
+from damselfly.rpc.wire import SOURCE_SHARES_METADATA, download_task_id, piece_to_proto, source_share_from_proto
 from damselfly.scheduler.service import start_scheduler
-from damselfly.wire import SOURCE_SHARES_METADATA, download_task_id, piece_to_proto, source_share_from_proto
 from tests.helpers.waiting import wait_for
 from tests.scheduler.test_service import TASK, download, host, register, req
 

@@ -16,17 +16,17 @@ import pytest
 from aiohttp import web
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
-from damselfly.client import Client
 from damselfly.config import load_settings
 from damselfly.core import ids
 from damselfly.core.errors import BackendError, PermissionDenied
 from damselfly.daemon.daemon import Daemon
 from damselfly.daemon.download import CACHE_EXPIRES_HEADER, DownloadRequest
-from damselfly.origin import Origin as CountingOrigin
-from damselfly.origin import make_file
 from damselfly.plugins.source.fsspec_source import S3Source
 from damselfly.plugins.source.hf import HfSource
+from damselfly.sandbox.origin import Origin as CountingOrigin
+from damselfly.sandbox.origin import make_file
 from damselfly.scheduler.service import start_scheduler
+from damselfly.sdk.client import Client
 from damselfly.security.admission import Origin, check_task_key, source_options
 from tests.helpers.daemons import daemon
 from tests.helpers.waiting import wait_for

@@ -10,13 +10,13 @@ import pytest
 from aiohttp import web
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
-from damselfly.client import Client
 from damselfly.config import load_settings
 from damselfly.core.errors import BackendError, DamselflyError
 from damselfly.plugins.source.http import HttpSource
+from damselfly.rpc.wire import download_task_id
 from damselfly.scheduler.service import start_scheduler
+from damselfly.sdk.client import Client
 from damselfly.security.policy import SourcePolicy
-from damselfly.wire import download_task_id
 from tests.helpers.daemons import daemon
 from tests.helpers.web import http_server
 

@@ -16,7 +16,6 @@ import grpc
 import pytest
 from dragonfly_api import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-from damselfly.client import Client
 from damselfly.config import SecurityConfig
 from damselfly.contracts import DigestingWriter, ServedPiece, strong_of
 from damselfly.core import ids, vortex
@@ -26,6 +25,7 @@ from damselfly.core.task import Task, TaskState
 from damselfly.daemon.download import ConnectionPool, ContentCheck, PieceAuthority
 from damselfly.plugins.storage.disk import META, DiskStorage
 from damselfly.plugins.transport.tcp import TcpTransport
+from damselfly.sdk.client import Client
 from tests.helpers.liar import forge_keeping_crc32
 from tests.helpers.waiting import wait_for
 

@@ -22,12 +22,12 @@ import pytest
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from damselfly import h2grpc
-from damselfly.client import Client
 from damselfly.config import load_settings
 from damselfly.core.errors import PermissionDenied
 from damselfly.daemon.daemon import Daemon
-from damselfly.origin import Origin, make_file
+from damselfly.rpc import h2grpc
+from damselfly.sandbox.origin import Origin, make_file
+from damselfly.sdk.client import Client
 
 NOBODY = 65534
 SIZE = 300_000

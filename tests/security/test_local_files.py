@@ -9,13 +9,13 @@ import grpc
 import pytest
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
-from damselfly.client import Client
 from damselfly.config import load_settings
 from damselfly.core.errors import DamselflyError, NotFound
 from damselfly.plugins.transport.tcp import TcpTransport
+from damselfly.rpc.wire import download_task_id
 from damselfly.scheduler.service import start_scheduler
+from damselfly.sdk.client import Client
 from damselfly.testing.transport import Collector
-from damselfly.wire import download_task_id
 from tests.helpers.daemons import daemon
 from tests.helpers.waiting import wait_for
 

@@ -13,9 +13,9 @@ from loguru import logger
 from damselfly.config import load_settings
 from damselfly.core import ids
 from damselfly.core.task import PieceRecord
+from damselfly.rpc.wire import download_task_id, piece_to_proto
 from damselfly.scheduler.service import start_scheduler
 from damselfly.security import certs, tls
-from damselfly.wire import download_task_id, piece_to_proto
 from tests.helpers.waiting import wait_for
 from tests.helpers.web import http_server
 

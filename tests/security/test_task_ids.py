@@ -10,11 +10,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from damselfly.client import Client
 from damselfly.core import ids
 from damselfly.core.errors import PermissionDenied
 from damselfly.daemon.download import DownloadRequest
-from damselfly.origin import Origin as CountingOrigin
+from damselfly.sandbox.origin import Origin as CountingOrigin
+from damselfly.sdk.client import Client
 from tests.helpers.daemons import daemon
 from tests.helpers.web import http_server, registry_blob
 

@@ -22,10 +22,10 @@ from dragonfly_api import dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2, schedu
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loguru import logger
 
-from damselfly import h2grpc
 from damselfly.cli import cli
 from damselfly.config import TlsConfig, load_settings
 from damselfly.daemon.daemon import Daemon, SchedulerPool
+from damselfly.rpc import h2grpc
 from damselfly.scheduler.service import start_scheduler
 from damselfly.security import certs, tls
 from damselfly.security.identity import identity_from_pem
@@ -419,7 +419,7 @@ async def test_h2grpc_client_speaks_mutual_tls_to_its_server(pki):
 @pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_a_tls_cluster_downloads_a_file(tmp_path):
-    from damselfly.demo import sha256_of
+    from damselfly.sandbox.demo import sha256_of
     from damselfly.testing import OriginProcess, start_cluster
 
     origin = OriginProcess(tmp_path / "origin")
@@ -447,7 +447,7 @@ def test_a_tls_cluster_downloads_a_file(tmp_path):
         assert asyncio.run(plaintext_and_member()) == 3
 
         # another member may not delete a daemon's task; an operator's client certificate may
-        from damselfly.cluster import tls_files
+        from damselfly.sandbox.cluster import tls_files
 
         task_id = result.task_id
         upload = cluster.daemon("peer1")["upload"]

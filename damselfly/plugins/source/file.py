@@ -12,8 +12,8 @@ from urllib.parse import unquote, urlsplit
 from damselfly.contracts import Source, SourceEntry, SourceInfo
 from damselfly.core.errors import BackendError, PermissionDenied
 from damselfly.hookspecs import hookimpl
+from damselfly.rpc.wire import redact_url
 from damselfly.security import admission
-from damselfly.wire import redact_url
 
 CHUNK = 1 << 20
 

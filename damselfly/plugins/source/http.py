@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from damselfly.contracts import Source, SourceInfo
 from damselfly.core.errors import BackendError, PermissionDenied
 from damselfly.hookspecs import hookimpl
+from damselfly.rpc.wire import redact_url
 from damselfly.security.admission import current_policy
 from damselfly.security.policy import SourcePolicy, policy_connector, refusal_in
-from damselfly.wire import redact_url
 
 CHUNK = 256 * 1024
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from damselfly.contracts import SourceEntry, SourceInfo
 from damselfly.hookspecs import hookimpl
-from damselfly.oci import MANIFEST_TYPES, Reference, RegistryClient
+from damselfly.oci.distribution import MANIFEST_TYPES, Reference, RegistryClient
 from damselfly.plugins.source.http import HttpConfig, HttpSource
 
 

@@ -4,8 +4,8 @@ import pytest
 
 from damselfly.config import SourcePolicyConfig
 from damselfly.core.errors import BackendError, PermissionDenied
-from damselfly.origin import Origin, make_file
 from damselfly.plugins.source.http import HttpSource
+from damselfly.sandbox.origin import Origin, make_file
 from damselfly.security.policy import SourcePolicy
 from tests.helpers.web import http_server
 

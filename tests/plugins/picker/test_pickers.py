@@ -1,6 +1,6 @@
 """Piece pickers order what a download still needs."""
 
-from damselfly.plugins.scheduler.pickers import RarestFirstPicker, SequentialPicker
+from damselfly.plugins.picker.pickers import RarestFirstPicker, SequentialPicker
 
 
 def test_sequential_is_lowest_first():

@@ -5,7 +5,7 @@ requests, can be limited by a token bucket shared by all requests (as a real
 registry or bucket is), and reports the bytes and requests it served at
 ``GET /__stats`` (``POST /__stats/reset`` zeroes them).
 
-    python -m damselfly.origin --dir DIR [--rate 50MB/s] [--port 0]
+    python -m damselfly.sandbox.origin --dir DIR [--rate 50MB/s] [--port 0]
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m damselfly.origin", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m damselfly.sandbox.origin", description=__doc__.splitlines()[0])
     p.add_argument("--dir", required=True, help="directory to serve")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)

@@ -30,7 +30,7 @@ from damselfly.core.errors import (
     StorageError,
 )
 from damselfly.core.vortex import TrafficType
-from damselfly.wire import ERROR_TYPE_KEY, duration
+from damselfly.rpc.wire import ERROR_TYPE_KEY, duration
 
 
 @dataclass

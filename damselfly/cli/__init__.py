@@ -41,7 +41,7 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
 
 
 def _logs(settings: Settings, quiet: bool = False) -> None:
-    from damselfly import logs
+    from damselfly.telemetry import logs
 
     logs.setup("WARNING" if quiet else settings.log.level, settings.log.json_format)
 
@@ -324,7 +324,7 @@ async def _embedded_daemon(settings: Settings, missing: Path) -> AsyncIterator[P
 def _embedded_logs(settings: Settings) -> None:
     """The CLI's log sink while an embedded daemon serves a get: as ``_logs(quiet=True)``, less
     the daemon's own line for a failed download, which this command's error already says."""
-    from damselfly import logs
+    from damselfly.telemetry import logs
 
     def keep(record: Any) -> bool:
         return not (record["name"] == "damselfly.daemon.download" and record["message"].startswith("download failed: "))
@@ -423,8 +423,8 @@ def get(
     download (with the config's schedulers, if any, it joins their swarm) and stops after
     it, leaving nothing behind; --no-embedded fails instead. A --socket named on the
     command line is never replaced: its daemon must be running."""
-    from damselfly.client import Client
     from damselfly.plugin_manager import build_plugins
+    from damselfly.sdk.client import Client
 
     settings = _settings(ctx)
     _logs(settings, quiet=True)
@@ -506,7 +506,7 @@ def _get_recursive(
     common: dict[str, Any],
 ) -> None:
     """dfget --recursive: list through the daemon, then download each file, ``concurrency`` at a time."""
-    from damselfly.client import Client
+    from damselfly.sdk.client import Client
 
     if out_dir.exists() and not out_dir.is_dir():
         _fail(f"output {str(out_dir)!r} exists and is not a directory", 2)
@@ -556,7 +556,7 @@ def tasks() -> None:
 
 
 def _client_call(ctx: click.Context, socket_path: str | None, method: str, *args: Any, **kwargs: Any) -> Any:
-    from damselfly.client import Client
+    from damselfly.sdk.client import Client
 
     settings = _settings(ctx)
 
@@ -724,7 +724,7 @@ def preheat(
     import grpc
     from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
 
-    from damselfly.wire import duration
+    from damselfly.rpc.wire import duration
 
     settings = _settings(ctx)
     address = scheduler_address or (settings.daemon.schedulers[0] if settings.daemon.schedulers else None)
@@ -971,7 +971,7 @@ def cluster_up(peers: int, directory: str, no_seed: bool, schedulers: int, tls: 
 
     Every part runs on 127.0.0.1, so the config each process gets (DIR/config/NAME.yaml)
     allows loopback origins (security.sources.allow_loopback: true)."""
-    from damselfly import cluster as cl
+    from damselfly.sandbox import cluster as cl
 
     try:
         info = cl.up(Path(directory), peers, seed=not no_seed, schedulers=schedulers, tls=tls)
@@ -991,7 +991,7 @@ def cluster_up(peers: int, directory: str, no_seed: bool, schedulers: int, tls: 
 @click.option("--dir", "directory", required=True, type=click.Path(file_okay=False), help="Cluster directory.")
 def cluster_down(directory: str) -> None:
     """Stop every process of the cluster in DIR."""
-    from damselfly import cluster as cl
+    from damselfly.sandbox import cluster as cl
 
     try:
         n = cl.down(Path(directory))
@@ -1020,7 +1020,7 @@ def demo(
 
     Every part runs on 127.0.0.1, so the cluster's config allows loopback origins
     (security.sources.allow_loopback: true)."""
-    from damselfly import demo as dm
+    from damselfly.sandbox import demo as dm
 
     try:
         result = dm.run(

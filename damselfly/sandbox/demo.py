@@ -23,11 +23,11 @@ from typing import Any
 
 import aiohttp
 
-from damselfly import cluster as cl
-from damselfly.client import Client
 from damselfly.core.errors import DamselflyError
 from damselfly.core.units import format_size
-from damselfly.origin import make_file
+from damselfly.sandbox import cluster as cl
+from damselfly.sandbox.origin import make_file
+from damselfly.sdk.client import Client
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -50,7 +50,7 @@ def _get_json(url: str, method: str = "GET") -> dict[str, Any]:
 
 
 def start_origin(root: Path, rate: str) -> tuple[subprocess.Popen[bytes], int]:
-    args = [sys.executable, "-m", "damselfly.origin", "--dir", str(root)]
+    args = [sys.executable, "-m", "damselfly.sandbox.origin", "--dir", str(root)]
     if rate:
         args += ["--rate", rate]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)

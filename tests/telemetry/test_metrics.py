@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from damselfly.metrics import LoopCounter, LoopHistogram, SchedulerMetrics
+from damselfly.telemetry.metrics import LoopCounter, LoopHistogram, SchedulerMetrics
 
 BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
 

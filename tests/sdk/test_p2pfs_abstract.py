@@ -9,7 +9,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.tests.abstract import AbstractFixtures
 from fsspec.tests.abstract.get import AbstractGetTests
 
-from damselfly.p2pfs import P2PFileSystem
+from damselfly.sdk.p2pfs import P2PFileSystem
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,4 +1,4 @@
-"""damselfly.h2grpc against grpcio: its server under grpcio's client, its client against grpcio's server."""
+"""damselfly.rpc.h2grpc against grpcio: its server under grpcio's client, its client against grpcio's server."""
 
 import asyncio
 import gc
@@ -9,7 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from damselfly import h2grpc
+from damselfly.rpc import h2grpc
 
 pytestmark = pytest.mark.timeout(60)
 

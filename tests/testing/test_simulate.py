@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.timeout(120)
-SIMULATE = Path(__file__).resolve().parents[1] / "benchmarks" / "simulate.py"
+SIMULATE = Path(__file__).resolve().parents[2] / "benchmarks" / "simulate.py"
 
 
 def simulate(*args: str) -> dict:

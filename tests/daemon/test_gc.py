@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from damselfly.client import Client
 from damselfly.config import load_settings
 from damselfly.daemon import gc as gc_module
 from damselfly.daemon.daemon import Daemon
+from damselfly.sdk.client import Client
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -47,9 +47,9 @@ from fsspec.asyn import get_loop, sync
 from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.spec import AbstractBufferedFile
 
-from damselfly import wire
-from damselfly.client import Client
 from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound, PermissionDenied
+from damselfly.rpc import wire
+from damselfly.sdk.client import Client
 
 PROTOCOL = "p2p"
 

@@ -1,0 +1,1 @@
+"""OCI distribution: the registry client that sources, the proxy and preheat share."""

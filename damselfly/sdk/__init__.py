@@ -1,0 +1,1 @@
+"""Front doors for programs: the Python client and the fsspec ``p2p::`` filesystem."""
