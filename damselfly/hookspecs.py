@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from damselfly.contracts import PiecePicker, Source, Storage, Strategy, Transport
     from damselfly.plugin_manager import Registry
 
 PROJECT = "damselfly"
@@ -19,27 +20,27 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def damselfly_add_sources(registry: Registry) -> None:
+def damselfly_add_sources(registry: Registry[Source]) -> None:
     """Add ``Source`` classes: ``registry.add(HttpSource)``. Each serves its ``schemes``."""
 
 
 @hookspec
-def damselfly_add_transports(registry: Registry) -> None:
+def damselfly_add_transports(registry: Registry[Transport]) -> None:
     """Add ``Transport`` classes that move Vortex frames between peers."""
 
 
 @hookspec
-def damselfly_add_storages(registry: Registry) -> None:
+def damselfly_add_storages(registry: Registry[Storage]) -> None:
     """Add ``Storage`` classes that keep pieces and task metadata."""
 
 
 @hookspec
-def damselfly_add_strategies(registry: Registry) -> None:
+def damselfly_add_strategies(registry: Registry[Strategy]) -> None:
     """Add scheduling ``Strategy`` classes that rank candidate parents."""
 
 
 @hookspec
-def damselfly_add_piece_pickers(registry: Registry) -> None:
+def damselfly_add_piece_pickers(registry: Registry[PiecePicker]) -> None:
     """Add ``PiecePicker`` classes that order a download's missing pieces."""
 
 

@@ -14,7 +14,7 @@ from damselfly.hookspecs import hookimpl
 
 
 @hookimpl
-def damselfly_piece_verified(task_id, number, length, parent_id, traffic_type):  # type: ignore[no-untyped-def]
+def damselfly_piece_verified(task_id: str, number: int, length: int, parent_id: str, traffic_type: int) -> None:
     path = os.environ.get("DAMSELFLY_SWARM_TRACE")
     if path:
         with open(path, "a") as f:

@@ -9,10 +9,13 @@ every piece spread through the swarm sooner.
 from __future__ import annotations
 
 import random
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from damselfly.contracts import PiecePicker
 from damselfly.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
 
 
 class SequentialPicker(PiecePicker):
@@ -34,6 +37,6 @@ class RarestFirstPicker(PiecePicker):
 
 
 @hookimpl
-def damselfly_add_piece_pickers(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_piece_pickers(registry: Registry[PiecePicker]) -> None:
     registry.add(SequentialPicker)
     registry.add(RarestFirstPicker)

@@ -10,12 +10,15 @@ close ones, so a child is never left without parents.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from damselfly.contracts import Candidate, Strategy
 from damselfly.core.task import Task
 from damselfly.hookspecs import hookimpl
 from damselfly.plugins.scheduler.dragonfly import idc_affinity, location_affinity, score
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
 
 
 class LocalityStrategy(Strategy):
@@ -33,5 +36,5 @@ class LocalityStrategy(Strategy):
 
 
 @hookimpl
-def damselfly_add_strategies(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_strategies(registry: Registry[Strategy]) -> None:
     registry.add(LocalityStrategy)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random as _random
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from damselfly.contracts import Candidate, Strategy
 from damselfly.core.task import Task
 from damselfly.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
 
 
 class RandomStrategy(Strategy):
@@ -20,5 +23,5 @@ class RandomStrategy(Strategy):
 
 
 @hookimpl
-def damselfly_add_strategies(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_strategies(registry: Registry[Strategy]) -> None:
     registry.add(RandomStrategy)

@@ -21,12 +21,15 @@ skipped by the scheduler whatever the strategy (``Peer.is_bad``).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from damselfly.contracts import Candidate, Strategy
 from damselfly.core.task import Task
 from damselfly.hookspecs import hookimpl
 from damselfly.plugins.scheduler.dragonfly import score
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
 
 
 class SwarmStrategy(Strategy):
@@ -42,5 +45,5 @@ class SwarmStrategy(Strategy):
 
 
 @hookimpl
-def damselfly_add_strategies(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_strategies(registry: Registry[Strategy]) -> None:
     registry.add(SwarmStrategy)

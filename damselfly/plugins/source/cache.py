@@ -9,13 +9,17 @@ a download of such a task comes from peers or not at all.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urlencode
 
 from damselfly.contracts import Source, SourceInfo
 from damselfly.core import ids
 from damselfly.core.errors import BackendError
 from damselfly.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
+
 
 SCHEME = "damselfly-cache"
 
@@ -43,5 +47,5 @@ class CacheSource(Source):
 
 
 @hookimpl
-def damselfly_add_sources(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_sources(registry: Registry[Source]) -> None:
     registry.add(CacheSource)

@@ -6,7 +6,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import unquote, urlsplit
 
 from damselfly.contracts import Source, SourceEntry, SourceInfo
@@ -14,6 +14,10 @@ from damselfly.core.errors import BackendError, PermissionDenied
 from damselfly.hookspecs import hookimpl
 from damselfly.rpc.wire import redact_url
 from damselfly.security import admission
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
+
 
 CHUNK = 1 << 20
 
@@ -80,5 +84,5 @@ class FileSource(Source):
 
 
 @hookimpl
-def damselfly_add_sources(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_sources(registry: Registry[Source]) -> None:
     registry.add(FileSource)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,6 +42,10 @@ from damselfly.hookspecs import hookimpl
 from damselfly.plugins.source.http import policy_of, shown
 from damselfly.security.admission import current_origin, current_policy
 from damselfly.security.policy import SourcePolicy, check_endpoint
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
+
 
 CHUNK = 8 << 20
 # schemes the other built-in sources (or fsspec's chaining) own, never taken by the fallback
@@ -332,6 +336,6 @@ class S3Source(FsspecSource):
 
 
 @hookimpl
-def damselfly_add_sources(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_sources(registry: Registry[Source]) -> None:
     registry.add(S3Source)
     registry.add(FsspecSource)

@@ -15,7 +15,7 @@ No HDFS runs where damselfly is built: this plugin is tested against
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
@@ -25,6 +25,11 @@ from damselfly.contracts import SourceEntry, SourceInfo
 from damselfly.core.errors import BackendError, InvalidArgument
 from damselfly.hookspecs import hookimpl
 from damselfly.plugins.source.http import HttpConfig, HttpSource, shown
+
+if TYPE_CHECKING:
+    from damselfly.contracts import Source
+    from damselfly.plugin_manager import Registry
+
 
 CHUNK = 256 * 1024
 
@@ -128,5 +133,5 @@ class HdfsSource(HttpSource):
 
 
 @hookimpl
-def damselfly_add_sources(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_sources(registry: Registry[Source]) -> None:
     registry.add(HdfsSource)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -27,6 +27,11 @@ from damselfly.contracts import SourceEntry, SourceInfo
 from damselfly.core.errors import BackendError, InvalidArgument
 from damselfly.hookspecs import hookimpl
 from damselfly.plugins.source.http import HttpConfig, HttpSource, shown
+
+if TYPE_CHECKING:
+    from damselfly.contracts import Source
+    from damselfly.plugin_manager import Registry
+
 
 REPO_TYPES = {"datasets": "datasets", "spaces": "spaces", "models": "models"}
 
@@ -137,5 +142,5 @@ class HfSource(HttpSource):
 
 
 @hookimpl
-def damselfly_add_sources(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_sources(registry: Registry[Source]) -> None:
     registry.add(HfSource)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +23,10 @@ from damselfly.hookspecs import hookimpl
 from damselfly.rpc.wire import redact_url
 from damselfly.security.admission import current_policy
 from damselfly.security.policy import SourcePolicy, policy_connector, refusal_in
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
+
 
 CHUNK = 256 * 1024
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
@@ -204,5 +208,5 @@ def policy_of(source: object) -> SourcePolicy:
 
 
 @hookimpl
-def damselfly_add_sources(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_sources(registry: Registry[Source]) -> None:
     registry.add(HttpSource)

@@ -12,7 +12,7 @@ Registries on loopback, and those in ``insecure``, are spoken to over plain HTTP
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,6 +21,10 @@ from damselfly.contracts import SourceEntry, SourceInfo
 from damselfly.hookspecs import hookimpl
 from damselfly.oci.distribution import MANIFEST_TYPES, Reference, RegistryClient
 from damselfly.plugins.source.http import HttpConfig, HttpSource
+
+if TYPE_CHECKING:
+    from damselfly.contracts import Source
+    from damselfly.plugin_manager import Registry
 
 
 class OciConfig(HttpConfig):
@@ -100,5 +104,5 @@ class OciSource(HttpSource):
 
 
 @hookimpl
-def damselfly_add_sources(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_sources(registry: Registry[Source]) -> None:
     registry.add(OciSource)

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +35,10 @@ from damselfly.core.errors import NotFound, StorageError
 from damselfly.core.piece import PieceSpan
 from damselfly.core.task import PieceRecord, Task, TaskState
 from damselfly.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
+
 
 READ_CHUNK = 1 << 20
 META = "meta.json"
@@ -360,5 +364,5 @@ class DiskStorage(Storage):
 
 
 @hookimpl
-def damselfly_add_storages(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_storages(registry: Registry[Storage]) -> None:
     registry.add(DiskStorage)

@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -19,6 +19,10 @@ from damselfly.core.piece import PieceSpan
 from damselfly.core.task import PieceRecord, Task, TaskState
 from damselfly.core.units import parse_size
 from damselfly.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
+
 
 READ_CHUNK = 1 << 20
 
@@ -135,5 +139,5 @@ class MemoryStorage(Storage):
 
 
 @hookimpl
-def damselfly_add_storages(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_storages(registry: Registry[Storage]) -> None:
     registry.add(MemoryStorage)

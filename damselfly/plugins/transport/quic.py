@@ -42,7 +42,7 @@ import functools
 import ipaddress
 import ssl
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,6 +52,10 @@ from damselfly.core import vortex
 from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound, PeerError, ProtocolError
 from damselfly.hookspecs import hookimpl
 from damselfly.plugins.transport.common import ParentRefused, PendingResponse, answer, limits_of, split_address, tls_of
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
+
 
 ALPN = "vortex"
 _QUIC_INTERNAL_ERROR = 0x1
@@ -555,5 +559,5 @@ def _check_parent_name(certificate: Any, host: str) -> None:
 
 
 @hookimpl
-def damselfly_add_transports(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_transports(registry: Registry[Transport]) -> None:
     registry.add(QuicTransport)

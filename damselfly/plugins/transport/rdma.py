@@ -49,7 +49,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import grpc
 from dragonfly_api import dfdaemon_pb2
@@ -63,6 +63,10 @@ from damselfly.core.errors import DamselflyError, PeerError, ProtocolError, Unav
 from damselfly.hookspecs import hookimpl
 from damselfly.plugins.transport.common import PendingResponse, answer, requests_in, split_address, tls_of
 from damselfly.security.tls import add_port, grpc_channel
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
+
 
 SYSFS = Path("/sys/class/infiniband")
 IMM_ABORT = 1  # immediate data of an empty SEND: the parent broke off its answer
@@ -627,5 +631,5 @@ class RdmaTransport(Transport):
 
 
 @hookimpl
-def damselfly_add_transports(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_transports(registry: Registry[Transport]) -> None:
     registry.add(RdmaTransport)

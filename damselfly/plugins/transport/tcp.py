@@ -32,7 +32,7 @@ import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,6 +51,9 @@ from damselfly.plugins.transport.common import (
     tls_of,
 )
 from damselfly.security.tls import client_ssl_context, server_ssl_context
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
 
 
 class TcpConfig(BaseModel):
@@ -727,5 +730,5 @@ class _Refusals:
 
 
 @hookimpl
-def damselfly_add_transports(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_transports(registry: Registry[Transport]) -> None:
     registry.add(TcpTransport)

@@ -30,7 +30,7 @@ import asyncio
 import contextvars
 import functools
 import ipaddress
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,6 +41,10 @@ from damselfly.core.errors import PeerError, ProtocolError
 from damselfly.hookspecs import hookimpl
 from damselfly.plugins.transport.common import PendingResponse, answer, limits_of, requests_in, split_address, tls_of
 from damselfly.security.tls import client_ssl_context, server_ssl_context
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
+
 
 OFFER_PATH = "/vortex/webrtc/offer"
 MESSAGE_SIZE = 60 * 1024  # under aiortc's 64 KiB message limit
@@ -374,5 +378,5 @@ class WebrtcTransport(Transport):
 
 
 @hookimpl
-def damselfly_add_transports(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_transports(registry: Registry[Transport]) -> None:
     registry.add(WebrtcTransport)

@@ -8,12 +8,16 @@ tried without any origin server. Installed, it is found through the
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urlsplit
 
 from damselfly import hookimpl
 from damselfly.contracts import Source, SourceInfo
 from damselfly.core.errors import BackendError
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
+
 
 GREETING = b"hello from a damselfly plugin! "
 
@@ -43,5 +47,5 @@ class HelloSource(Source):
 
 
 @hookimpl
-def damselfly_add_sources(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_sources(registry: Registry[Source]) -> None:
     registry.add(HelloSource)

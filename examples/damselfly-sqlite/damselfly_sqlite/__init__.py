@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -18,6 +18,10 @@ from damselfly.contracts import BufferedPieceWriter, Storage
 from damselfly.core.errors import NotFound, StorageError
 from damselfly.core.piece import PieceSpan
 from damselfly.core.task import PieceRecord, Task, TaskState
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, meta TEXT NOT NULL);
@@ -172,5 +176,5 @@ class SqliteStorage(Storage):
 
 
 @hookimpl
-def damselfly_add_storages(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_storages(registry: Registry[Storage]) -> None:
     registry.add(SqliteStorage)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,6 +20,10 @@ from damselfly.contracts import PieceConnection, PieceLookup, PieceServer, Piece
 from damselfly.core import vortex
 from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound, PeerError, ProtocolError
 from damselfly.plugins.transport.common import ParentRefused, PieceResponse, answer
+
+if TYPE_CHECKING:
+    from damselfly.plugin_manager import Registry
+
 
 PREFIX = "unix:"
 BATCH = 1 << 20  # piece bytes handed to the storage at a time
@@ -159,5 +163,5 @@ class UnixTransport(Transport):
 
 
 @hookimpl
-def damselfly_add_transports(registry):  # type: ignore[no-untyped-def]
+def damselfly_add_transports(registry: Registry[Transport]) -> None:
     registry.add(UnixTransport)
