@@ -33,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from damselfly.core.units import format_size, parse_rate, parse_size
-from damselfly.testing import netswarm, start_cluster
 from damselfly.testing import registry as reg
+from damselfly.testing import start_cluster, swarmconfig
 
 
 class ShapedNamespace:
@@ -168,7 +168,7 @@ def main() -> None:
             results["direct"] = {"registry_bytes": sum(registry.blob_bytes().values()) - before, "slowest_s": seconds}
 
         env = {"DAMSELFLY_PROXY__REGISTRY_MIRROR": f"http://{address}"}
-        profile = netswarm.PROFILES[args.profile]
+        profile = swarmconfig.PROFILES[args.profile]
         env = {**env, **profile.scheduler_env, **profile.daemon_env}
         cluster = start_cluster(work / "cluster", args.peers, env=env, peer_env={0: dict(profile.seed_env or {})})
         try:

@@ -7,7 +7,7 @@
 What it models, as benchmarks/swarm.py runs it: an origin with its own rate, a seed
 and ``--hosts`` peers, each with an upload and a download rate; pieces of the length
 the daemon would choose; every host starting at once. Each download follows the
-settings of the chosen profile (``damselfly.testing.netswarm.PROFILES``): the
+settings of the chosen profile (``damselfly.testing.swarmconfig.PROFILES``): the
 scheduler's strategy plugin ranks each peer's parents (``parent_limit`` of them,
 a DAG or a mesh), the daemon's piece-picker plugin orders the missing pieces
 (a seed counting half a holder), ``concurrent_pieces`` fetches run at once per
@@ -58,7 +58,7 @@ from damselfly.core.units import format_size, parse_size
 from damselfly.daemon.download import fetch_slots, source_runs
 from damselfly.daemon.superseed import SuperSeeder
 from damselfly.plugin_manager import build_plugins
-from damselfly.testing import netswarm
+from damselfly.testing import netns, swarmconfig
 
 SEED_HOLDER = 0.5  # as the daemon's fetch loop counts a seed
 BUSY_BACKOFF = 0.2  # as damselfly.daemon.download
@@ -115,7 +115,7 @@ def _settings(env: dict[str, str]) -> Settings:
 
 def profile_settings(name: str) -> Profile:
     """A lab profile's settings as the daemons and the scheduler resolve them (defaults included)."""
-    p = netswarm.PROFILES[name]
+    p = swarmconfig.PROFILES[name]
     sched = _settings(p.scheduler_env).scheduler
     peer = _settings(p.daemon_env).daemon
     seed = _settings({**p.daemon_env, **(p.seed_env or {}), "DAMSELFLY_DAEMON__SEED": "true"}).daemon
@@ -152,11 +152,11 @@ class Simulation:
         self.piece = args.piece_length or piece_length_for(self.size)
         self.count = -(-self.size // self.piece)
         eff = args.efficiency
-        rate = netswarm.parse_bits(args.rate) / 8 * eff
+        rate = swarmconfig.parse_bits(args.rate) / 8 * eff
         seed_rate = (
-            (netswarm.parse_bits(args.seed_rate) if args.seed_rate else netswarm.parse_bits(args.rate)) / 8 * eff
+            (swarmconfig.parse_bits(args.seed_rate) if args.seed_rate else swarmconfig.parse_bits(args.rate)) / 8 * eff
         )
-        self.origin_rate = netswarm.parse_bits(args.origin_rate) / 8 * eff
+        self.origin_rate = swarmconfig.parse_bits(args.origin_rate) / 8 * eff
         self.nodes = [Node(0, "seed", seed_rate, seed_rate, is_seed=True)]
         self.nodes += [Node(i, f"h{i}", rate, rate) for i in range(1, args.hosts + 1)]
         plugins = build_plugins(Settings())
@@ -444,14 +444,14 @@ class Simulation:
         return {"seconds": [n.done_at for n in self.nodes[1:]]}
 
 
-def summary(cfg: netswarm.SwarmConfig, times: list[float], origin: int, seed_sent: int, size: int) -> dict:
+def summary(cfg: swarmconfig.SwarmConfig, times: list[float], origin: int, seed_sent: int, size: int) -> dict:
     t_min = cfg.t_min()
     return {
         "t_min_seconds": round(t_min, 3),
-        "p50_seconds": round(netswarm.quantile(times, 0.5), 2),
+        "p50_seconds": round(swarmconfig.quantile(times, 0.5), 2),
         "max_seconds": round(max(times), 2),
-        "p50_ratio": round(netswarm.quantile(times, 0.5) / t_min, 3),
-        "p90_ratio": round(netswarm.quantile(times, 0.9) / t_min, 3),
+        "p50_ratio": round(swarmconfig.quantile(times, 0.5) / t_min, 3),
+        "p90_ratio": round(swarmconfig.quantile(times, 0.9) / t_min, 3),
         "max_ratio": round(max(times) / t_min, 3),
         "origin_ratio": round(origin / size, 3),
         "seed_upload_ratio": round(seed_sent / size, 3),
@@ -465,7 +465,7 @@ def main() -> None:
     ap.add_argument("--seed-rate", default="")
     ap.add_argument("--origin-rate", default="400mbit")
     ap.add_argument("--size", default="128MiB")
-    ap.add_argument("--strategy", default="out-of-box", help=f"a profile of {', '.join(netswarm.PROFILES)}")
+    ap.add_argument("--strategy", default="out-of-box", help=f"a profile of {', '.join(swarmconfig.PROFILES)}")
     ap.add_argument("--step", type=float, default=0.0, help="seconds per step (default: a 20th of a piece's time)")
     ap.add_argument(
         "--efficiency",
@@ -519,18 +519,18 @@ def main() -> None:
         if getattr(args, key) is not None:
             setattr(prof, key, getattr(args, key))
     size = parse_size(args.size)
-    rate = netswarm.parse_bits(args.rate)
+    rate = swarmconfig.parse_bits(args.rate)
     # the last line of swarm.py --json's output
     measured_run = json.loads(Path(args.measured).read_text().strip().splitlines()[-1]) if args.measured else {}
     if args.efficiency is None:
-        args.efficiency = netswarm.payload_share(args.mtu or measured_run.get("mtu", 1500))
+        args.efficiency = netns.payload_share(args.mtu or measured_run.get("mtu", 1500))
     if not args.step:
         args.step = (args.piece_length or piece_length_for(size)) * 8 / rate / 20
-    cfg = netswarm.SwarmConfig(
+    cfg = swarmconfig.SwarmConfig(
         hosts=args.hosts,
         rate_bits=rate,
-        seed_rate_bits=netswarm.parse_bits(args.seed_rate) if args.seed_rate else 0,
-        origin_rate_bits=netswarm.parse_bits(args.origin_rate),
+        seed_rate_bits=swarmconfig.parse_bits(args.seed_rate) if args.seed_rate else 0,
+        origin_rate_bits=swarmconfig.parse_bits(args.origin_rate),
         size=size,
     )
     t0 = time.monotonic()

@@ -12,7 +12,7 @@ same download at once, and the script records each host's completion time, the
 bytes the origin sent and the CPU the daemons spent per GiB delivered. Then, as a
 baseline, the same hosts download the file straight from the origin.
 
-Scenarios (``damselfly.testing.netswarm.scenario_config``):
+Scenarios (``damselfly.testing.swarmconfig.scenario_config``):
 
 - ``uniform`` (default): every host at ``--rate``, the origin at 400 Mbit/s.
 - ``mixed``: a quarter of the hosts (4 of 16) at ``--fast-rate`` (default 4 x ``--rate``,
@@ -54,7 +54,7 @@ from pathlib import Path
 
 from damselfly.core.piece import piece_length_for
 from damselfly.core.units import parse_size
-from damselfly.testing import netswarm
+from damselfly.testing import netns, netswarm, swarmconfig
 
 
 def table(result: dict) -> str:
@@ -100,7 +100,7 @@ def table(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scenario", choices=netswarm.SCENARIOS, default="uniform")
+    ap.add_argument("--scenario", choices=swarmconfig.SCENARIOS, default="uniform")
     ap.add_argument("--hosts", type=int, default=16)
     ap.add_argument("--rate", default="50mbit", help="each host's upload and download")
     ap.add_argument("--fast-rate", default="", help="mixed: the fast hosts' rate (default 4 x --rate)")
@@ -117,31 +117,31 @@ def main() -> None:
         "--piece-length", default="", help="fix the task's piece length (default: the daemon's choice for --size)"
     )
     ap.add_argument(
-        "--strategies", default="out-of-box,dragonfly", help=f"comma-separated, of {', '.join(netswarm.PROFILES)}"
+        "--strategies", default="out-of-box,dragonfly", help=f"comma-separated, of {', '.join(swarmconfig.PROFILES)}"
     )
     ap.add_argument("--no-direct", action="store_true", help="skip the straight-from-the-origin baseline")
-    ap.add_argument("--mtu", type=int, default=netswarm.MTU, help="every link's MTU (default 1500)")
+    ap.add_argument("--mtu", type=int, default=netns.MTU, help="every link's MTU (default 1500)")
     ap.add_argument("--prefix", default="dfsw", help="names of the namespaces and links (at most 8 characters)")
     ap.add_argument("--subnet", default="10.77.0", help="the bridge's /24, as its first three octets")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    why = netswarm.unavailable()
+    why = netns.unavailable()
     if why:
         raise SystemExit(f"swarm benchmark: {why}")
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    unknown = [n for n in names if n not in netswarm.PROFILES]
+    unknown = [n for n in names if n not in swarmconfig.PROFILES]
     if unknown:
-        raise SystemExit(f"unknown strategies: {', '.join(unknown)} (known: {', '.join(netswarm.PROFILES)})")
-    cfg = netswarm.scenario_config(
+        raise SystemExit(f"unknown strategies: {', '.join(unknown)} (known: {', '.join(swarmconfig.PROFILES)})")
+    cfg = swarmconfig.scenario_config(
         args.scenario,
         hosts=args.hosts,
-        rate_bits=netswarm.parse_bits(args.rate),
-        fast_rate_bits=netswarm.parse_bits(args.fast_rate) if args.fast_rate else 0,
-        origin_rate_bits=netswarm.parse_bits(args.origin_rate) if args.origin_rate else 0,
+        rate_bits=swarmconfig.parse_bits(args.rate),
+        fast_rate_bits=swarmconfig.parse_bits(args.fast_rate) if args.fast_rate else 0,
+        origin_rate_bits=swarmconfig.parse_bits(args.origin_rate) if args.origin_rate else 0,
         late_hosts=args.joiners,
         killed_hosts=args.leavers,
-        seed_rate_bits=netswarm.parse_bits(args.seed_rate) if args.seed_rate else 0,
+        seed_rate_bits=swarmconfig.parse_bits(args.seed_rate) if args.seed_rate else 0,
         size=parse_size(args.size),
         piece_length=parse_size(args.piece_length) if args.piece_length else 0,
         mtu=args.mtu,
@@ -174,7 +174,7 @@ def main() -> None:
     try:
         with netswarm.SwarmLab(cfg, work) as lab:
             for name in names:
-                result["strategies"][name] = lab.run(netswarm.PROFILES[name])
+                result["strategies"][name] = lab.run(swarmconfig.PROFILES[name])
                 print(f"{name}: done", file=sys.stderr)
             if args.scenario == "churn":
                 result["direct_skipped"] = "churn: hosts that join late or leave have no straight-from-origin twin"

@@ -37,7 +37,7 @@ from damselfly.core.units import format_size, parse_size
 from damselfly.sandbox import cluster as cl
 from damselfly.sdk.client import Client
 from damselfly.testing import OriginProcess
-from damselfly.testing.netswarm import cpu_times
+from damselfly.testing.swarmconfig import cpu_times
 
 GIB = 1 << 30
 PREFIX = "dragonfly_dfdaemon_"

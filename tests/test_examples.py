@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_demo_tls_json(tmp_path):
     assert str(cluster / "tls" / "seed.pem") in seed_config and "ca-key.pem" not in seed_config
 
 
-def _install_and_run_kit(tmp_path, package: Path, row: dict, passed: str) -> None:
+def _install_and_run_kit(tmp_path, package: Path, row: dict) -> None:
     """pip-install an example package into a target dir; it must show up through its entry point and pass its kit."""
     target = tmp_path / "site"
     pip = ["pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(package)]
@@ -97,21 +98,26 @@ def _install_and_run_kit(tmp_path, package: Path, row: dict, passed: str) -> Non
         [sys.executable, "-m", "damselfly", "plugins", "--json"], env=env, capture_output=True, text=True, check=True
     )
     assert row in [json.loads(line) for line in out.stdout.splitlines()]
-    pytest_args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(package), str(package / "tests")]
-    kit = subprocess.run([sys.executable, *pytest_args], env=env, capture_output=True, text=True, timeout=280)
+    pytest_args = ["-m", "pytest", "-p", "no:cacheprovider", "--rootdir", str(package), str(package / "tests")]
+    kit = subprocess.run([sys.executable, *pytest_args, "-v"], env=env, capture_output=True, text=True, timeout=280)
     assert kit.returncode == 0, kit.stdout[-3000:]
-    assert passed in kit.stdout
+    listed = subprocess.run(
+        [sys.executable, *pytest_args, "-q", "--collect-only"], env=env, capture_output=True, text=True, timeout=120
+    )
+    collected = [line for line in listed.stdout.splitlines() if "::" in line]
+    ran = [line for line in kit.stdout.splitlines() if re.search(r"::\S+ (PASSED|SKIPPED)", line)]
+    assert collected and len(ran) == len(collected), kit.stdout[-3000:]  # every test of the kit ran
 
 
 @pytest.mark.timeout(300)
 def test_unix_transport_package_installs_and_passes_the_conformance_kit(tmp_path):
     """examples/damselfly-unix: found through its entry point, and the transport kit passes against it."""
     row = {"name": "unix", "kind": "transport", "origin": "entry point damselfly-unix 0.1.0", "unavailable": None}
-    _install_and_run_kit(tmp_path, ROOT / "examples" / "damselfly-unix", row, "13 passed")
+    _install_and_run_kit(tmp_path, ROOT / "examples" / "damselfly-unix", row)
 
 
 @pytest.mark.timeout(300)
 def test_sqlite_storage_package_installs_and_passes_the_storage_kit(tmp_path):
     """examples/damselfly-sqlite: a third-party storage found through its entry point; the storage kit passes."""
     row = {"name": "sqlite", "kind": "storage", "origin": "entry point damselfly-sqlite 0.1.0", "unavailable": None}
-    _install_and_run_kit(tmp_path, ROOT / "examples" / "damselfly-sqlite", row, "10 passed")
+    _install_and_run_kit(tmp_path, ROOT / "examples" / "damselfly-sqlite", row)

@@ -38,7 +38,7 @@ import enum
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from damselfly.core import ids
@@ -47,7 +47,17 @@ from damselfly.security.policy import LOCAL_SCHEMES, SourcePolicy
 
 if TYPE_CHECKING:
     from damselfly.contracts import Source
-    from damselfly.daemon.download import DownloadRequest
+
+
+class Admissible(Protocol):
+    """What admission reads of a download request (the daemon's ``DownloadRequest``, a dataclass)."""
+
+    url: str
+    content_for_calculating_task_id: str
+    request_header: dict[str, str]
+
+
+R = TypeVar("R", bound=Admissible)
 
 
 class Origin(enum.Enum):
@@ -218,7 +228,7 @@ def check_task_key(url: str, content: str, origin: Origin) -> None:
     )
 
 
-def admit(req: DownloadRequest, origin: Origin, policy: SourcePolicy, *, member: bool = False) -> DownloadRequest:
+def admit(req: R, origin: Origin, policy: SourcePolicy, *, member: bool = False) -> R:
     """The request as it may run for ``origin`` under ``policy``, or PermissionDenied.
 
     ``member``: the caller proved with its certificate that it is a cluster member (then it

@@ -15,11 +15,11 @@ import subprocess
 
 import pytest
 
-from damselfly.testing import netswarm
+from damselfly.testing import netns, netswarm, swarmconfig
 
 pytestmark = [
     pytest.mark.timeout(300),
-    pytest.mark.skipif(netswarm.unavailable() is not None, reason=f"netns: {netswarm.unavailable()}"),
+    pytest.mark.skipif(netns.unavailable() is not None, reason=f"netns: {netns.unavailable()}"),
 ]
 
 PREFIX = "dfci"
@@ -33,19 +33,19 @@ def leftovers() -> list[str]:
 
 
 def test_a_shaped_swarm_delivers_every_copy_and_reads_the_origin_once(tmp_path):
-    cfg = netswarm.SwarmConfig(
+    cfg = swarmconfig.SwarmConfig(
         hosts=4,
         rate_bits=200_000_000,
         origin_rate_bits=400_000_000,
-        size=16 * netswarm.MiB,
-        piece_length=netswarm.MiB,
+        size=16 * swarmconfig.MiB,
+        piece_length=swarmconfig.MiB,
         prefix=PREFIX,
         subnet="10.79.0",
     )
     with netswarm.SwarmLab(cfg, tmp_path) as lab:
         assert sorted(h.name for h in lab.peer_hosts) == ["h1", "h2", "h3", "h4"]
-        out_of_box = lab.run(netswarm.PROFILES["out-of-box"], verify=True)  # verify: each copy's sha256
-        dragonfly = lab.run(netswarm.PROFILES["dragonfly"], verify=True)
+        out_of_box = lab.run(swarmconfig.PROFILES["out-of-box"], verify=True)  # verify: each copy's sha256
+        dragonfly = lab.run(swarmconfig.PROFILES["dragonfly"], verify=True)
         direct = lab.direct()
     assert leftovers() == []
     for r in (out_of_box, dragonfly):
@@ -64,7 +64,7 @@ def test_a_shaped_swarm_delivers_every_copy_and_reads_the_origin_once(tmp_path):
     assert direct["origin_ratio"] == 4.0 and len(direct["seconds"]) == 4
     # in the defaults' mesh a parent is a child too: pieces it announced to a peer are not announced back
     assert out_of_box["sync_pieces_skipped"] > 0 and out_of_box["sync_piece_messages"] > 0
-    assert cfg.t_min() == pytest.approx(16 * netswarm.MiB * 8 / 200_000_000)
+    assert cfg.t_min() == pytest.approx(16 * swarmconfig.MiB * 8 / 200_000_000)
 
 
 # Usually under 10 s. The pieces a killed host had read as its share of the source, and nobody
@@ -72,19 +72,19 @@ def test_a_shaped_swarm_delivers_every_copy_and_reads_the_origin_once(tmp_path):
 # them), so no staying host waits on the dead one.
 @pytest.mark.timeout(120)
 def test_with_churn_every_staying_host_gets_a_whole_copy(tmp_path):
-    cfg = netswarm.SwarmConfig(
+    cfg = swarmconfig.SwarmConfig(
         hosts=5,
         rate_bits=200_000_000,
         origin_rate_bits=400_000_000,
-        size=16 * netswarm.MiB,
-        piece_length=netswarm.MiB,
+        size=16 * swarmconfig.MiB,
+        piece_length=swarmconfig.MiB,
         late_hosts=1,  # h5 starts at 0.3 x T_min
         killed_hosts=1,  # h1 is killed at 0.5 x T_min, mid-download (no host can finish before T_min)
         prefix=PREFIX,
         subnet="10.79.0",
     )
     with netswarm.SwarmLab(cfg, tmp_path) as lab:
-        r = lab.run(netswarm.PROFILES["out-of-box"], verify=True)
+        r = lab.run(swarmconfig.PROFILES["out-of-box"], verify=True)
     assert leftovers() == []
     assert r["left"] == ["h1"] and r["joined"] == ["h5"]
     assert r["correct_hosts"] == ["h2", "h3", "h4", "h5"]  # each copy's sha256
@@ -99,30 +99,30 @@ def test_with_churn_every_staying_host_gets_a_whole_copy(tmp_path):
 
 
 def test_the_bound_takes_the_slowest_of_its_terms():
-    cfg = netswarm.SwarmConfig(hosts=16, rate_bits=50_000_000, size=128 * netswarm.MiB)
+    cfg = swarmconfig.SwarmConfig(hosts=16, rate_bits=50_000_000, size=128 * swarmconfig.MiB)
     assert cfg.t_min() == pytest.approx(21.47483648)  # F / d_min, as in shared/BASELINES.md
-    slow_origin = netswarm.SwarmConfig(hosts=16, rate_bits=50_000_000, origin_rate_bits=10_000_000, size=1 << 20)
+    slow_origin = swarmconfig.SwarmConfig(hosts=16, rate_bits=50_000_000, origin_rate_bits=10_000_000, size=1 << 20)
     assert slow_origin.t_min() == pytest.approx((1 << 20) * 8 / 10_000_000)  # the origin sends every bit once
     # A slow seed bounds the swarm as a receiver (F / d_seed), not as the server: the peers read
     # their shares of the source from the origin, so the old F / u_seed term (the bound with
     # the seed as the only server) does not hold. On this lab's symmetric links the two are
     # the same number.
-    slow_seed = netswarm.SwarmConfig(hosts=100, rate_bits=10_000_000, seed_rate_bits=5_000_000, size=1 << 20)
+    slow_seed = swarmconfig.SwarmConfig(hosts=100, rate_bits=10_000_000, seed_rate_bits=5_000_000, size=1 << 20)
     assert slow_seed.t_min() == pytest.approx((1 << 23) / 5_000_000)  # F / d_seed
 
 
 def test_a_killed_run_is_swept_by_the_next(tmp_path):
-    net = netswarm.Network(PREFIX, "10.79.0")
+    net = netns.Network(PREFIX, "10.79.0")
     net.add_host("stale", 10_000_000)
     assert leftovers()  # as if the run had been killed here
-    netswarm.Network.sweep(PREFIX)
+    netns.Network.sweep(PREFIX)
     assert leftovers() == []
 
 
 def test_links_take_the_configured_mtu():
     with pytest.raises(ValueError, match="MTU"):
-        netswarm.Network(PREFIX, "10.79.0", mtu=100)
-    net = netswarm.Network(PREFIX, "10.79.0", mtu=9000)
+        netns.Network(PREFIX, "10.79.0", mtu=100)
+    net = netns.Network(PREFIX, "10.79.0", mtu=9000)
     try:
         host = net.add_host("jumbo", 10_000_000)
         inner = subprocess.run(
