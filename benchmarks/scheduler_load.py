@@ -2,7 +2,8 @@
 
     python benchmarks/scheduler_load.py [--peers 10000] [--hosts 1000] [--tasks 100]
                                         [--concurrency 64] [--schedulers 1] [--server native]
-                                        [--client native] [--nice 10] [--floor] [--json]
+                                        [--client native] [--framing own] [--nice 10] [--floor]
+                                        [--json]
 
 The real scheduler service runs as its own process (``damselfly scheduler``); this
 script drives it over gRPC like daemons would. It announces ``--hosts`` hosts, then
@@ -23,14 +24,16 @@ The load generator shares the machine's cores with the scheduler; it lowers its 
 priority (``--nice``, 10) once the schedulers run, so that they get a core first when
 both want one, as they would on machines of their own. With
 ``--schedulers K``, K scheduler processes share the tasks the way daemons spread
-them (rendezvous hashing of the task id, ``damselfly.daemon.daemon.scheduler_order``),
+them (rendezvous hashing of the task id, ``damselfly.daemon.schedulers.scheduler_order``),
 and every host announces itself to each.
 
-The scheduler serves gRPC with ``--server`` (``native``: damselfly.rpc.h2grpc, its default;
-``grpcio``), and the load speaks it through ``--client`` (h2grpc's client or grpcio's).
+The scheduler serves gRPC with ``--server`` (``native``: damselfly.rpc's server, its default;
+``grpcio``), and the load speaks it through ``--client`` (damselfly.rpc's client or grpcio's).
 With ``--floor`` the same load drives, in place of the scheduler, a servicer that
 keeps no state and answers every register or reschedule with one fixed parent:
 what the gRPC server alone allows on this machine, the ceiling for the scheduler on it.
+``--framing h2`` puts hyper-h2 under the native server in place of its own HTTP/2 framing
+(the variant in ``rpc_framing.py``, which compares the two; it needs ``pip install h2``).
 """
 
 from __future__ import annotations
@@ -58,8 +61,8 @@ from google.protobuf import duration_pb2, empty_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from damselfly.daemon.daemon import scheduler_order
-from damselfly.rpc import h2grpc
+from damselfly.daemon.schedulers import scheduler_order
+from damselfly.rpc import Connection, RpcError, Server
 from damselfly.rpc.wire import download_task_id
 
 PIECE = 4 * 1024 * 1024
@@ -74,7 +77,7 @@ TRAFFIC = {FINISHED: common_pb2.TrafficType.REMOTE_PEER, SOURCE_FINISHED: common
 class Driver:
     """The load: hosts announce themselves, then peers run their downloads' messages.
 
-    It speaks gRPC through ``damselfly.rpc.h2grpc``'s client (``--client native``, the default)
+    It speaks gRPC through ``damselfly.rpc``'s client (``--client native``, the default)
     or through grpcio's (``--client grpcio``); the messages are the same either way.
     """
 
@@ -109,7 +112,7 @@ class Driver:
                 ]
             else:
                 host, _, port = a.rpartition(":")
-                self.channels[a] = [await h2grpc.Connection.open(host, int(port)) for _ in range(self.n_channels)]
+                self.channels[a] = [await Connection.open(host, int(port)) for _ in range(self.n_channels)]
 
     def channel(self, i: int, task_id: str = "", address: str = "") -> Any:
         """The connection a daemon would use for ``task_id`` (or for ``address``)."""
@@ -232,7 +235,7 @@ class Driver:
                 rest = [piece(k, "", SOURCE_FINISHED) for k in range(4)]
                 await call.write_all([ids + t["source_started"], *rest, ids + t["source_finished"]])
             await call.done_writing()
-        except (grpc.aio.AioRpcError, h2grpc.RpcError, RuntimeError) as exc:
+        except (grpc.aio.AioRpcError, RpcError, RuntimeError) as exc:
             self.errors.append(str(exc))
             return
         # the stream's end is the scheduler's business: the next peer need not wait for it
@@ -314,7 +317,7 @@ class _Call:
 
     def on_end(self, callback: Callable[[str | None], None]) -> None:
         """``callback(None)`` once the scheduler ended the stream with OK (after answers
-        nobody reads any more), ``callback(error)`` otherwise; for h2grpc's client with no
+        nobody reads any more), ``callback(error)`` otherwise; for damselfly.rpc's client with no
         task per stream."""
         if not self.native:
             task = asyncio.ensure_future(self._read_to_end(callback))
@@ -365,8 +368,12 @@ class FloorServicer(scheduler_pb2_grpc.SchedulerServicer):
                 yield self.ANSWER
 
 
-async def serve_floor(ready: str, kind: str) -> None:
-    server: Any = h2grpc.Server() if kind == "native" else grpc.aio.server()
+async def serve_floor(ready: str, kind: str, framing: str = "own") -> None:
+    if framing == "h2":
+        import rpc_framing
+
+        rpc_framing.install()
+    server: Any = Server() if kind == "native" else grpc.aio.server()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(FloorServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -377,7 +384,7 @@ async def serve_floor(ready: str, kind: str) -> None:
 
 
 def start_scheduler(
-    work: Path, name: str = "scheduler", floor: bool = False, server: str = "native"
+    work: Path, name: str = "scheduler", floor: bool = False, server: str = "native", framing: str = "own"
 ) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
     ready = work / f"{name}.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAMSELFLY_")}
@@ -389,8 +396,10 @@ def start_scheduler(
         }
     )
     command = [sys.executable, "-m", "damselfly", "scheduler", "--ready-file", str(ready)]
+    if framing == "h2":  # damselfly, with hyper-h2 under its gRPC server
+        command[1:3] = [str(Path(__file__).with_name("rpc_framing.py")), "serve"]
     if floor:
-        command = [sys.executable, __file__, "--serve-floor", str(ready), "--server", server]
+        command = [sys.executable, __file__, "--serve-floor", str(ready), "--server", server, "--framing", framing]
     with (work / f"{name}.log").open("wb") as log:
         proc = subprocess.Popen(
             command,
@@ -425,6 +434,12 @@ def main() -> None:
     )
     ap.add_argument("--client", choices=["native", "grpcio"], default="native", help="the load generator's gRPC client")
     ap.add_argument(
+        "--framing",
+        choices=["own", "h2"],
+        default="own",
+        help="the native server's HTTP/2 framing: damselfly.rpc.framing, or hyper-h2 (rpc_framing.py)",
+    )
+    ap.add_argument(
         "--floor", action="store_true", help="drive a stateless servicer instead: the ceiling the gRPC server sets"
     )
     ap.add_argument(
@@ -437,11 +452,13 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.serve_floor:
-        asyncio.run(serve_floor(args.serve_floor, args.server))
+        asyncio.run(serve_floor(args.serve_floor, args.server, args.framing))
         return
 
     work = Path(tempfile.mkdtemp(prefix="dfload-"))
-    started = [start_scheduler(work, f"scheduler{i}", args.floor, args.server) for i in range(args.schedulers)]
+    started = [
+        start_scheduler(work, f"scheduler{i}", args.floor, args.server, args.framing) for i in range(args.schedulers)
+    ]
     if args.nice:
         os.nice(args.nice)  # after the schedulers started: they keep the default priority
     try:
@@ -486,6 +503,7 @@ def main() -> None:
         "floor": args.floor,
         "server": args.server,
         "client": args.client,
+        "framing": args.framing,
         "scheduler_cpu_seconds": round(
             sum((b.user + b.system) - (a.user + a.system) for a, b in zip(cpu0, cpu1, strict=True)), 1
         ),

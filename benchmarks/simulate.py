@@ -55,13 +55,13 @@ from damselfly.core.peer import Peer, PeerState
 from damselfly.core.piece import piece_length_for, share_blocks
 from damselfly.core.task import Task
 from damselfly.core.units import format_size, parse_size
-from damselfly.daemon.download import fetch_slots, source_runs
+from damselfly.daemon.planner import fetch_slots, source_runs
 from damselfly.daemon.superseed import SuperSeeder
 from damselfly.plugin_manager import build_plugins
 from damselfly.testing import netns, swarmconfig
 
 SEED_HOLDER = 0.5  # as the daemon's fetch loop counts a seed
-BUSY_BACKOFF = 0.2  # as damselfly.daemon.download
+BUSY_BACKOFF = 0.2  # as DaemonConfig.busy_backoff
 
 
 @dataclass

@@ -99,7 +99,7 @@ def _plugin_parent(name: str, path: str, piece: int, conn: Any) -> None:
 
 
 def _plugin_child(port: int, name: str, pieces: int, piece: int, concurrency: int, conn: Any) -> None:
-    from damselfly.daemon.download import ConnectionPool
+    from damselfly.daemon.pool import ConnectionPool
     from damselfly.testing.transport import Collector
 
     async def main() -> float:

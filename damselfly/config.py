@@ -214,7 +214,7 @@ class SchedulerConfig(Section):
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port.")
     grpc_server: Literal["native", "grpcio"] = Field(
         "native",
-        description="What serves the scheduler's gRPC: 'native' (damselfly.rpc.h2grpc, HTTP/2 in the event "
+        description="What serves the scheduler's gRPC: 'native' (damselfly.rpc.server, HTTP/2 in the event "
         "loop, about a tenth of grpcio's CPU per stream) or 'grpcio' (grpcio's asyncio server).",
     )
     strategy: str = Field(

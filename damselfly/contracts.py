@@ -1,27 +1,29 @@
-"""The four plugin contracts: sources, transports, storages, scheduling strategies.
+"""The plugin contracts: sources, transports, storages, scheduling strategies, piece pickers.
 
 Each plugin is a class with ``name: ClassVar[str]`` and an optional pydantic
-``Config`` model for its options; a registry hook adds the class, and the
-daemon or scheduler instantiates it from config.
+``Config`` model for its options; a registry hook adds the class to a ``Registry``,
+and the daemon or scheduler instantiates it from config.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from damselfly.core.errors import InvalidArgument, PieceCorrupt
+from damselfly.core.errors import InvalidArgument, NotFound, PieceCorrupt, StorageError
 from damselfly.core.host import Host
 from damselfly.core.peer import Peer
 from damselfly.core.piece import DIGEST_ALGORITHM, Hasher, PieceSpan, algorithm_of, crc32, format_digest, new_hasher
-from damselfly.core.task import PieceRecord, Task
+from damselfly.core.task import PieceRecord, Task, TaskState
 from damselfly.core.vortex import PieceMetadata
 
 
@@ -50,6 +52,56 @@ class Plugin:
             raise InvalidArgument(f"invalid config: {where}.{loc}: {err['msg']}") from None
 
 
+P = TypeVar("P", bound=Plugin)
+
+
+class Registry(Generic[P]):
+    """Name -> plugin class for one kind; a duplicate name is an error.
+
+    Registry hooks receive one and ``add`` classes to it. ``base`` is the kind's (abstract)
+    contract, which every added class must subclass; the type parameter is the same class,
+    spelled ``Registry[Source]("source", Source)``.
+    """
+
+    def __init__(self, kind: str, base: type[Plugin]):
+        self.kind = kind
+        self.base = base
+        self._classes: dict[str, type[P]] = {}
+
+    def add(self, cls: type[P]) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise TypeError(f"{cls!r} is not a {self.base.__name__} subclass")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{cls.__qualname__} has no `name`")
+        if name in self._classes:
+            other = self._classes[name]
+            raise InvalidArgument(
+                f"two {self.kind} plugins are named {name!r}: "
+                f"{other.__module__}.{other.__qualname__} and {cls.__module__}.{cls.__qualname__}"
+            )
+        self._classes[name] = cls
+
+    def remove(self, name: str) -> None:
+        self._classes.pop(name, None)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._classes
+
+    def __getitem__(self, name: str) -> type[P]:
+        try:
+            return self._classes[name]
+        except KeyError:
+            known = ", ".join(sorted(self._classes)) or "none"
+            raise InvalidArgument(f"no {self.kind} plugin named {name!r} (known: {known})") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def classes(self) -> list[type[P]]:
+        return [self._classes[n] for n in self.names()]
+
+
 # -- sources --------------------------------------------------------------------
 
 
@@ -76,8 +128,8 @@ class Source(Plugin, abc.ABC):
     request_field: ClassVar[str] = ""
     # option names that are credentials (None: guessed from the names) and that name an endpoint:
     # a request from the network, or one that overrides an endpoint, never gets the configured credentials
-    credential_fields: ClassVar[tuple[str, ...] | None] = None
-    endpoint_fields: ClassVar[tuple[str, ...]] = ()
+    credential_fields: ClassVar[frozenset[str] | None] = None
+    endpoint_fields: ClassVar[frozenset[str]] = frozenset()
     # the back-to-source policy (damselfly.security.policy.SourcePolicy), set by make_source
     policy: Any = None
 
@@ -151,6 +203,9 @@ def piece_record(number: int, offset: int, length: int, digest: str, strong: str
         return DigestedPiece(number, offset, length, digest, strong)
     return PieceRecord(number, offset, length, digest)
 
+
+# Bytes a storage's ``read_range`` reads at a time, where it reads by byte.
+READ_CHUNK = 1 << 20
 
 # Seconds: a storage write on the event loop slower than this sends the rest of that
 # piece's (or read's) writes to a worker thread; page-cache writes take microseconds.
@@ -264,7 +319,8 @@ class StagedPieceWriter(BufferedPieceWriter):
 
     def __init__(self, span: PieceSpan, directory: Path | None = None, in_memory: int = 1 << 20):
         super().__init__(span)
-        self._file = tempfile.SpooledTemporaryFile(max_size=in_memory, dir=directory)  # noqa: SIM115 (closed by abort)
+        where = None if directory is None else str(directory)
+        self._file = tempfile.SpooledTemporaryFile(max_size=in_memory, dir=where)  # noqa: SIM115 (closed by abort)
         self.record: PieceRecord | None = None
 
     def _put(self, chunk: bytes | memoryview, offset: int) -> None:
@@ -297,11 +353,30 @@ class FileRegion:
 
 
 class Storage(Plugin, abc.ABC):
-    """Keeps tasks' pieces and metadata; survives restarts where it can."""
+    """Keeps tasks' pieces and metadata; survives restarts where it can.
+
+    The base does what every storage would repeat: it holds the tasks (``self._tasks``,
+    id -> Task, which ``open`` fills for a persistent storage), finds a task or a present
+    piece or raises NotFound (``_task``, ``_present``), clips reads to the content, refuses to finish an incomplete
+    task or to export an unfinished one, keeps the piece bookkeeping (``_piece_stored``)
+    and maps an export's OSError to StorageError. A storage writes only what is its own:
+
+    - ``_create(task)``: room for a new task (already stamped Running and in ``_tasks``);
+      raise StorageError when there is none, and the task is dropped again;
+    - ``_writer(task, span)``: a ``PieceWriter`` (usually a ``BufferedPieceWriter``) whose
+      commit hands the verified record to ``_piece_stored``;
+    - ``_read(task, offset, length)`` where the content is addressed by byte (a file, a
+      buffer), or ``_read_piece(task, record)`` where whole pieces are kept (rows, objects);
+    - ``_delete(task_id)``: drop what is kept for a task, if anything.
+
+    ``_finished``, ``_export``, ``open``, ``close``, ``usage`` and ``piece_region`` have
+    defaults to override where a storage knows better.
+    """
 
     def __init__(self, data_dir: Path, options: BaseModel | None = None):
         self.data_dir = data_dir
         self.options = options or self.Config()
+        self._tasks: dict[str, Task] = {}
 
     async def open(self) -> None:
         return None
@@ -309,42 +384,145 @@ class Storage(Plugin, abc.ABC):
     async def close(self) -> None:
         return None
 
-    @abc.abstractmethod
-    def tasks(self) -> list[Task]: ...
+    def tasks(self) -> list[Task]:
+        return list(self._tasks.values())
 
-    @abc.abstractmethod
-    def get(self, task_id: str) -> Task | None: ...
+    def get(self, task_id: str) -> Task | None:
+        return self._tasks.get(task_id)
 
-    @abc.abstractmethod
+    def _task(self, task_id: str) -> Task:
+        """The stored task, or NotFound."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise NotFound(f"task {task_id[:12]} is not stored here")
+        return task
+
+    def _present(self, task_id: str, number: int) -> tuple[Task, PieceRecord]:
+        """The stored task and its piece ``number``, or NotFound when either is missing."""
+        task = self._task(task_id)
+        record = task.pieces.get(number)
+        if record is None:
+            raise NotFound(f"piece {number} of task {task_id[:12]} is not stored here")
+        return task, record
+
     async def create(self, task: Task) -> Task:
-        """Create (or return the existing) task with a known layout."""
+        """Create (or return the existing) task with a known layout; a stored task of another
+        length or piece length (the origin changed) is deleted and made again."""
+        existing = self._tasks.get(task.id)
+        if existing is not None:
+            if existing.content_length == task.content_length and existing.piece_length == task.piece_length:
+                return existing
+            await self.delete(task.id)
+        task.state = TaskState.RUNNING
+        task.created_at = task.updated_at = time.time()
+        self._tasks[task.id] = task
+        try:
+            await self._create(task)
+        except BaseException:
+            self._tasks.pop(task.id, None)
+            raise
+        return task
 
     @abc.abstractmethod
-    def writer(self, task_id: str, span: PieceSpan) -> PieceWriter: ...
+    async def _create(self, task: Task) -> None:
+        """Make room for ``task``'s bytes (and keep its metadata, where the storage persists)."""
+
+    def writer(self, task_id: str, span: PieceSpan) -> PieceWriter:
+        return self._writer(self._task(task_id), span)
 
     @abc.abstractmethod
-    async def read_piece(self, task_id: str, number: int) -> bytes: ...
+    def _writer(self, task: Task, span: PieceSpan) -> PieceWriter: ...
+
+    def _piece_stored(self, task: Task, record: PieceRecord) -> None:
+        """Record a verified piece as present (its writer's commit calls this)."""
+        task.pieces[record.number] = record
+        task.updated_at = time.time()
+
+    async def read_piece(self, task_id: str, number: int) -> bytes:
+        task, record = self._present(task_id, number)
+        data = await self._read_piece(task, record)
+        if len(data) != record.length:
+            raise StorageError(f"piece {number} of task {task_id[:12]} is truncated in the {self.name} storage")
+        return data
+
+    async def _read_piece(self, task: Task, record: PieceRecord) -> bytes:
+        """A present piece's bytes; by default ``_read`` of its span."""
+        return await self._read(task, record.offset, record.length)
+
+    async def _read(self, task: Task, offset: int, length: int) -> bytes:
+        """``length`` bytes of ``task``'s content from ``offset`` (all of them: fewer means the
+        storage lost some). By default cut from the present pieces, through ``_read_piece``."""
+        if type(self)._read_piece is Storage._read_piece:
+            raise NotImplementedError(f"{type(self).__qualname__} implements neither _read nor _read_piece")
+        parts = []
+        for number in task.layout.numbers_for_range(offset, length):
+            _, record = self._present(task.id, number)
+            data = await self._read_piece(task, record)
+            parts.append(data[max(offset - record.offset, 0) : offset + length - record.offset])
+        return b"".join(parts)
 
     def piece_region(self, task_id: str, number: int) -> FileRegion | None:
         """Where a present piece lies on disk, for zero-copy sends; None if not a file."""
         return None
 
-    @abc.abstractmethod
-    def read_range(self, task_id: str, offset: int, length: int) -> AsyncIterator[bytes]: ...
+    async def read_range(self, task_id: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        """The bytes [offset, offset + length), clipped to the content, in chunks: of at most
+        ``READ_CHUNK`` where the storage reads by byte, one per piece where it keeps pieces."""
+        task = self._task(task_id)
+        end = min(offset + length, task.content_length)
+        by_piece = type(self)._read is Storage._read
+        while offset < end:
+            if by_piece:
+                n = min(end, (offset // task.piece_length + 1) * task.piece_length) - offset
+            else:
+                n = min(READ_CHUNK, end - offset)
+            chunk = await self._read(task, offset, n)
+            if len(chunk) != n:
+                raise StorageError(f"task {task_id[:12]} is truncated in the {self.name} storage")
+            offset += n
+            yield chunk
 
-    @abc.abstractmethod
     async def finish(self, task_id: str) -> None:
         """Mark the task complete (all pieces present); a persistent storage has it on disk by ``close``."""
+        task = self._task(task_id)
+        if len(task.pieces) != task.piece_count:
+            raise StorageError(f"task {task_id[:12]} has {len(task.pieces)} of {task.piece_count} pieces")
+        task.state = TaskState.SUCCEEDED
+        await self._finished(task)
+
+    async def _finished(self, task: Task) -> None:
+        """``task`` was just marked Succeeded: persist that, where the storage persists."""
+        return None
+
+    async def delete(self, task_id: str) -> None:
+        """Drop the task and its bytes; deleting a task that is not here is no error."""
+        self._tasks.pop(task_id, None)
+        await self._delete(task_id)
 
     @abc.abstractmethod
-    async def delete(self, task_id: str) -> None: ...
+    async def _delete(self, task_id: str) -> None:
+        """Drop what is kept for ``task_id`` (gone from ``_tasks`` already; perhaps never created)."""
 
-    @abc.abstractmethod
     async def export(self, task_id: str, dest: Path) -> None:
         """Write the whole content to ``dest`` (already a temp path; the caller renames)."""
+        task = self._tasks.get(task_id)
+        if task is None or task.state is not TaskState.SUCCEEDED:
+            raise NotFound(f"task {task_id[:12]} is not complete here")
+        try:
+            await self._export(task, dest)
+        except OSError as exc:
+            raise StorageError(f"cannot write {dest}: {exc.strerror}") from None
+
+    async def _export(self, task: Task, dest: Path) -> None:
+        """By default the content through ``read_range``, written from a worker thread."""
+        with open(dest, "wb") as f:
+            async for chunk in self.read_range(task.id, 0, task.content_length):
+                await asyncio.to_thread(f.write, chunk)
 
     def usage(self) -> dict[str, int]:
-        return {}
+        """What the storage holds: its tasks and the bytes of their present pieces."""
+        stored = sum(p.length for t in self._tasks.values() for p in t.pieces.values())
+        return {"tasks": len(self._tasks), "bytes": stored}
 
 
 # -- transports ---------------------------------------------------------------------

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from damselfly.contracts import PiecePicker, Source, Storage, Strategy, Transport
-    from damselfly.plugin_manager import Registry
+    from damselfly.contracts import PiecePicker, Registry, Source, Storage, Strategy, Transport
 
 PROJECT = "damselfly"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -21,22 +20,30 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def damselfly_add_sources(registry: Registry[Source]) -> None:
-    """Add ``Source`` classes: ``registry.add(HttpSource)``. Each serves its ``schemes``."""
+    """Add ``Source`` classes: ``registry.add(HttpSource)``. Each serves its ``schemes``.
+
+    A source's tests subclass ``damselfly.testing.source.SourceConformance``."""
 
 
 @hookspec
 def damselfly_add_transports(registry: Registry[Transport]) -> None:
-    """Add ``Transport`` classes that move Vortex frames between peers."""
+    """Add ``Transport`` classes that move Vortex frames between peers.
+
+    A transport's tests subclass ``damselfly.testing.transport.TransportConformance``."""
 
 
 @hookspec
 def damselfly_add_storages(registry: Registry[Storage]) -> None:
-    """Add ``Storage`` classes that keep pieces and task metadata."""
+    """Add ``Storage`` classes that keep pieces and task metadata.
+
+    A storage's tests subclass ``damselfly.testing.storage.StorageConformance``."""
 
 
 @hookspec
 def damselfly_add_strategies(registry: Registry[Strategy]) -> None:
-    """Add scheduling ``Strategy`` classes that rank candidate parents."""
+    """Add scheduling ``Strategy`` classes that rank candidate parents.
+
+    A strategy's tests subclass ``damselfly.testing.strategy.StrategyConformance``."""
 
 
 @hookspec

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import pluggy
@@ -18,7 +18,7 @@ from loguru import logger
 
 from damselfly import hookspecs
 from damselfly.config import PluginChoice, Settings
-from damselfly.contracts import PiecePicker, Plugin, Source, Storage, Strategy, Transport
+from damselfly.contracts import PiecePicker, Plugin, Registry, Source, Storage, Strategy, Transport
 from damselfly.core.errors import InvalidArgument, Unavailable
 from damselfly.security.admission import Origin, current_origin, source_options
 from damselfly.security.policy import SourcePolicy
@@ -46,8 +46,6 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "damselfly.plugins.picker.pickers",
 )
 
-P = TypeVar("P", bound=Plugin)
-
 
 @dataclass(frozen=True, slots=True)
 class PluginInfo:
@@ -58,63 +56,17 @@ class PluginInfo:
     unavailable: str | None
 
 
-class Registry(Generic[P]):
-    """Name -> plugin class for one kind; a duplicate name is an error."""
-
-    def __init__(self, kind: str, base: type[P], origin_of: Any):
-        self.kind = kind
-        self.base = base
-        self._origin_of = origin_of
-        self._classes: dict[str, type[P]] = {}
-
-    def add(self, cls: type[P]) -> None:
-        if not (isinstance(cls, type) and issubclass(cls, self.base)):
-            raise TypeError(f"{cls!r} is not a {self.base.__name__} subclass")
-        name = getattr(cls, "name", None)
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"{cls.__qualname__} has no `name`")
-        if name in self._classes:
-            other = self._classes[name]
-            raise InvalidArgument(
-                f"two {self.kind} plugins are named {name!r}: "
-                f"{other.__module__}.{other.__qualname__} and {cls.__module__}.{cls.__qualname__}"
-            )
-        self._classes[name] = cls
-
-    def remove(self, name: str) -> None:
-        self._classes.pop(name, None)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._classes
-
-    def __getitem__(self, name: str) -> type[P]:
-        try:
-            return self._classes[name]
-        except KeyError:
-            known = ", ".join(sorted(self._classes)) or "none"
-            raise InvalidArgument(f"no {self.kind} plugin named {name!r} (known: {known})") from None
-
-    def names(self) -> list[str]:
-        return sorted(self._classes)
-
-    def classes(self) -> list[type[P]]:
-        return [self._classes[n] for n in self.names()]
-
-    def info(self) -> list[PluginInfo]:
-        return [PluginInfo(c.name, self.kind, self._origin_of(c), c, c.available()) for c in self.classes()]
-
-
 class Plugins:
     """The one typed door to hooks: the rest of damselfly never calls ``pm.hook``."""
 
     def __init__(self, pm: pluggy.PluginManager, settings: Settings):
         self.pm = pm
         self.settings = settings
-        self.sources: Registry[Source] = Registry("source", Source, self._origin)
-        self.transports: Registry[Transport] = Registry("transport", Transport, self._origin)
-        self.storages: Registry[Storage] = Registry("storage", Storage, self._origin)
-        self.strategies: Registry[Strategy] = Registry("strategy", Strategy, self._origin)
-        self.pickers: Registry[PiecePicker] = Registry("piece picker", PiecePicker, self._origin)
+        self.sources = Registry[Source]("source", Source)
+        self.transports = Registry[Transport]("transport", Transport)
+        self.storages = Registry[Storage]("storage", Storage)
+        self.strategies = Registry[Strategy]("strategy", Strategy)
+        self.pickers = Registry[PiecePicker]("piece picker", PiecePicker)
         self._dists: dict[str, str] = {}
         for plugin, dist in pm.list_plugin_distinfo():
             self._dists[getattr(plugin, "__name__", "")] = f"entry point {dist.project_name} {dist.version}"
@@ -148,10 +100,11 @@ class Plugins:
     # -- the calls the rest of the code makes -------------------------------------
 
     def info(self) -> list[PluginInfo]:
-        rows: list[PluginInfo] = []
-        for reg in self._registries():
-            rows.extend(reg.info())
-        return rows
+        return [
+            PluginInfo(c.name, reg.kind, self._origin(c), c, c.available())
+            for reg in self._registries()
+            for c in reg.classes()
+        ]
 
     def source_for(self, url: str) -> type[Source]:
         try:

@@ -18,7 +18,7 @@ from damselfly import Client
 from damselfly.config import load_settings
 from damselfly.daemon.daemon import Daemon
 from damselfly.sandbox.origin import Origin, make_file
-from damselfly.scheduler.service import start_scheduler
+from damselfly.scheduler import start_scheduler
 
 
 async def main() -> None:

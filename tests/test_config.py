@@ -105,10 +105,10 @@ def test_cli_reports_a_bad_config_in_one_line(monkeypatch):
     assert len(lines) == 1 and "daemon.concurrent_pieces" in lines[0]
 
 
-def test_readme_holds_the_current_config_reference():
+def test_the_configuration_page_holds_the_current_config_reference():
     from pathlib import Path
 
     from damselfly.config import reference_markdown
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert reference_markdown() in readme, "regenerate README's table with `damselfly config reference`"
+    page = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    assert reference_markdown() in page, "regenerate docs/configuration.md's table with `damselfly config reference`"

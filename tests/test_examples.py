@@ -121,3 +121,10 @@ def test_sqlite_storage_package_installs_and_passes_the_storage_kit(tmp_path):
     """examples/damselfly-sqlite: a third-party storage found through its entry point; the storage kit passes."""
     row = {"name": "sqlite", "kind": "storage", "origin": "entry point damselfly-sqlite 0.1.0", "unavailable": None}
     _install_and_run_kit(tmp_path, ROOT / "examples" / "damselfly-sqlite", row)
+
+
+@pytest.mark.timeout(300)
+def test_hello_package_installs_and_passes_the_source_and_strategy_kits(tmp_path):
+    """examples/damselfly-hello: a source and a strategy found through their entry points; both kits pass."""
+    row = {"name": "idle-first", "kind": "strategy", "origin": "entry point damselfly-hello 0.1.0", "unavailable": None}
+    _install_and_run_kit(tmp_path, ROOT / "examples" / "damselfly-hello", row)

@@ -20,7 +20,8 @@ class HostType(enum.IntEnum):
 _NORMAL = HostType.NORMAL
 
 
-@dataclass(slots=True)
+# weakref_slot: the scheduler keeps a host's encoding for as long as the host lives (and no longer)
+@dataclass(slots=True, weakref_slot=True)
 class Host:
     id: str
     ip: str
@@ -39,18 +40,10 @@ class Host:
     announced_at: float = 0.0
     interval: float = 300.0
     peer_ids: set[str] = field(default_factory=set)
-    # the scheduler's message and encoding of the host, with what they were made of
-    wire_cache: tuple[tuple[object, ...], object, bytes] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
 
     @property
     def is_seed(self) -> bool:
         return self.type is not _NORMAL  # not HostType.NORMAL: an enum member lookup is slow in 3.11
-
-    @property
-    def free_tx_bandwidth(self) -> int:
-        return max(0, self.max_tx_bandwidth - self.tx_bandwidth)
 
     def expired(self, now: float) -> bool:
         return now - self.announced_at > 2 * self.interval

@@ -11,7 +11,7 @@ import hashlib
 import re
 import uuid
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote_plus, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
 from damselfly.core.errors import InvalidArgument
 
@@ -146,6 +146,31 @@ def endpoint_task_id(base_id: str, endpoint: str) -> str:
     """The task id of a request that overrides its source's endpoint (``endpoint``, canonical):
     its own task, never the one the same URL names from the configured endpoint."""
     return hashlib.sha256(f"{base_id}\x00endpoint\x00{endpoint}".encode()).hexdigest()
+
+
+# Persistent cache tasks (``damselfly cache import``): their content lives only in the swarm,
+# under ``damselfly-cache://SHA256[?tag=..&application=..]``; the url is the task's own key.
+CACHE_SCHEME = "damselfly-cache"
+CACHE_URL_PREFIX = f"{CACHE_SCHEME}://"
+
+
+def cache_url(sha256_hex: str, tag: str = "", application: str = "") -> str:
+    """The url of the persistent cache task holding the content whose sha256 is ``sha256_hex``."""
+    query = urlencode({k: v for k, v in (("tag", tag), ("application", application)) if v})
+    return f"{CACHE_URL_PREFIX}{sha256_hex}" + (f"?{query}" if query else "")
+
+
+def cache_task_id(url: str) -> str:
+    """The task id of a cache url: its own task key (``content_for_calculating_task_id``)."""
+    return keyed_task_id(url)
+
+
+def cache_url_digest(url: str) -> str | None:
+    """The ``sha256:hex`` a cache url names its content by; None for any other url."""
+    if not url.startswith(CACHE_URL_PREFIX):
+        return None
+    sha = url[len(CACHE_URL_PREFIX) :].partition("?")[0]
+    return f"sha256:{sha}" if len(sha) == 64 and all(c in "0123456789abcdef" for c in sha) else None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ class PeerState(enum.Enum):
 _DONE = (PeerState.SUCCEEDED, PeerState.FAILED, PeerState.LEAVE)
 
 
-@dataclass(slots=True)
+# weakref_slot: the scheduler keeps a peer's encoding for as long as the peer lives (and no longer)
+@dataclass(slots=True, weakref_slot=True)
 class Peer:
     id: str
     task_id: str
@@ -40,9 +41,6 @@ class Peer:
     # is_bad's outlier test, valid while _outlier_fresh (add_cost clears it)
     _outlier_fresh: bool = field(default=False, init=False, repr=False, compare=False)
     _outlier: bool = field(default=False, init=False, repr=False, compare=False)
-    # the scheduler's encoding of the peer's own fields, with what it was made of (kept on the
-    # peer, which a decision reads anyway, rather than in a table of every peer)
-    wire_cache: tuple[tuple[object, ...], bytes] | None = field(default=None, init=False, repr=False, compare=False)
 
     def add_cost(self, seconds: float, keep: int = 64) -> None:
         """Record a piece's download cost, keeping the last ``keep``."""

@@ -170,7 +170,7 @@ def new_hasher(algorithm: str) -> Hasher:
             from blake3 import blake3
         except ImportError:  # pragma: no cover - blake3 is a dependency
             raise InvalidArgument("piece digest blake3 needs the blake3 package (pip install blake3)") from None
-        return blake3()  # type: ignore[no-any-return]
+        return blake3()
     if algorithm == WEAK_ALGORITHM:
         return _Crc32Hasher()
     raise InvalidArgument(f"unsupported piece digest algorithm {algorithm!r} (use sha256, blake3 or crc32)")

@@ -18,6 +18,8 @@ import asyncio
 import hashlib
 import os
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,16 +30,32 @@ from loguru import logger
 from damselfly.contracts import DigestingWriter, strong_of
 from damselfly.core import ids, vortex
 from damselfly.core.errors import InvalidArgument, StorageError, Unavailable
+from damselfly.core.ids import cache_url
 from damselfly.core.piece import Layout, digest
 from damselfly.core.task import Task, TaskState
-from damselfly.daemon.download import CACHE_EXPIRES_HEADER, DownloadRequest
-from damselfly.plugins.source.cache import cache_url
+from damselfly.daemon.request import CACHE_EXPIRES_HEADER, DownloadRequest
 from damselfly.rpc.wire import piece_to_proto
 
 if TYPE_CHECKING:
-    from damselfly.daemon.daemon import Daemon
+    from dragonfly_api import scheduler_pb2_grpc
+
+    from damselfly.contracts import Storage
+    from damselfly.daemon.context import TaskUse
 
 CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class CacheContext:
+    """What a cache import needs of the daemon: its storage, its scheduler and the other hosts."""
+
+    host_id: str
+    storage: Storage
+    piece_digest: str  # security.piece_digest: what this host, the source reader, keeps per piece
+    touch: TaskUse
+    new_peer_id: Callable[[], str]  # a fresh peer id of this host
+    stub_for: Callable[[str], Awaitable[scheduler_pb2_grpc.SchedulerStub | None]]  # the task's scheduler
+    upload_channel: Callable[[str], grpc.aio.Channel]  # to another daemon's upload server
 
 
 def _sha256(path: Path) -> str:
@@ -54,8 +72,9 @@ def _read(path: Path, offset: int, length: int) -> bytes:
 
 
 async def import_file(
-    d: Daemon, path: str, ttl: float, replicas: int, tag: str = "", application: str = ""
+    ctx: CacheContext, path: str, ttl: float, replicas: int, tag: str = "", application: str = ""
 ) -> dict[str, Any]:
+    """Import the file at ``path`` for ``ttl`` seconds on ``replicas`` hosts (this one first)."""
     src = Path(path)
     if not src.is_absolute():
         raise InvalidArgument(f"cache import needs an absolute path, got {path!r}")
@@ -68,10 +87,10 @@ async def import_file(
     task_id = ids.keyed_task_id(url)  # as its content_for_calculating_task_id (the url) names it
     size = src.stat().st_size
     expires = time.time() + ttl
-    task = d.storage.get(task_id)
+    task = ctx.storage.get(task_id)
     if task is None or task.state is not TaskState.SUCCEEDED:
         layout = Layout.for_content(size)
-        task = await d.storage.create(
+        task = await ctx.storage.create(
             Task(
                 id=task_id,
                 url=url,
@@ -88,7 +107,7 @@ async def import_file(
             if len(data) != span.length:
                 raise StorageError(f"{path} changed while it was imported")
             # this daemon is the cache task's source reader: it keeps each piece's strong digest
-            writer = DigestingWriter(d.storage.writer(task_id, span), d.settings.security.piece_digest, span.number)
+            writer = DigestingWriter(ctx.storage.writer(task_id, span), ctx.piece_digest, span.number)
             try:
                 await asyncio.to_thread(writer.write, data)
                 await writer.commit(digest(data))
@@ -96,26 +115,26 @@ async def import_file(
                 writer.abort()
                 raise
     task.expires_at = max(task.expires_at, expires)
-    await d.storage.finish(task_id)
-    d.gc.touch(task_id)
-    if not await announce_source(d, task):
+    await ctx.storage.finish(task_id)
+    ctx.touch(task_id)
+    if not await announce_source(ctx, task):
         logger.warning("no scheduler is reachable: cache task {} is on this host only", task_id[:12])
-    holders = [d.host_id]
+    holders = [ctx.host_id]
     if replicas > 1:
-        holders += await _replicate(d, task, url, task.expires_at, replicas - 1)
+        holders += await _replicate(ctx, task, url, task.expires_at, replicas - 1)
     logger.info("cache task {} imported from {}, on {} hosts", task_id[:12], path, len(holders))
     return {"task_id": task_id, "url": url, "content_length": size, "expires_at": task.expires_at, "replicas": holders}
 
 
-async def announce_source(d: Daemon, task: Task) -> bool:
+async def announce_source(ctx: CacheContext, task: Task) -> bool:
     """Register an imported task with its scheduler as the one who read it from its source
     (the file): the scheduler sends this peer back to source, so the strong digest of each
     piece it then reports is the task's authoritative one. A scheduler that knows the task
     already just hears that this peer holds it. False when no scheduler is reachable."""
-    stub = await d.schedulers.stub_for(task.id)
+    stub = await ctx.stub_for(task.id)
     if stub is None:
         return False
-    peer = ids.peer_id(d.settings.host.ip, d.settings.host.hostname, seed=d.is_seed)
+    peer = ctx.new_peer_id()
     req = DownloadRequest(
         url=task.url,
         tag=task.tag,
@@ -125,7 +144,7 @@ async def announce_source(d: Daemon, task: Task) -> bool:
     )
 
     def msg(**kw: object) -> scheduler_pb2.AnnouncePeerRequest:
-        return scheduler_pb2.AnnouncePeerRequest(host_id=d.host_id, task_id=task.id, peer_id=peer, **kw)
+        return scheduler_pb2.AnnouncePeerRequest(host_id=ctx.host_id, task_id=task.id, peer_id=peer, **kw)
 
     call = stub.AnnouncePeer()
     try:
@@ -157,13 +176,13 @@ async def announce_source(d: Daemon, task: Task) -> bool:
     return True
 
 
-async def _replicate(d: Daemon, task: Task, url: str, expires: float, count: int) -> list[str]:
-    stub = await d.schedulers.stub_for(task.id)
+async def _replicate(ctx: CacheContext, task: Task, url: str, expires: float, count: int) -> list[str]:
+    stub = await ctx.stub_for(task.id)
     if stub is None:
         raise Unavailable("no scheduler is reachable, so no replicas can be placed (use --replicas 1)")
     hosts = (await stub.ListHosts(scheduler_pb2.ListHostsRequest(), timeout=10)).hosts
     others = sorted(
-        (h for h in hosts if h.id != d.host_id), key=lambda h: hashlib.sha256((task.id + h.id).encode()).digest()
+        (h for h in hosts if h.id != ctx.host_id), key=lambda h: hashlib.sha256((task.id + h.id).encode()).digest()
     )
     done: list[str] = []
     for host in others:
@@ -178,7 +197,7 @@ async def _replicate(d: Daemon, task: Task, url: str, expires: float, count: int
         )
         address = f"{host.ip}:{host.port}"
         try:
-            call = dfdaemon_pb2_grpc.DfdaemonUploadStub(d.upload_channel(address)).DownloadTask(
+            call = dfdaemon_pb2_grpc.DfdaemonUploadStub(ctx.upload_channel(address)).DownloadTask(
                 dfdaemon_pb2.DownloadTaskRequest(download=download), timeout=600
             )
             async for _ in call:

@@ -4,170 +4,61 @@ One process holds a storage, a piece server per transport, the
 ``DfdaemonUpload`` gRPC server, the ``DfdaemonDownload`` server on the unix
 socket, ``/metrics``, and an announcer that keeps the schedulers told of this
 host's load.
+
+``Daemon`` composes the parts: each (``local``, ``upload``, ``proxy``, ``gc``,
+``cache``) is handed a context of exactly what it uses, and none imports this module.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import platform
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from urllib.parse import urlsplit
 
 import grpc
 import psutil
-from dragonfly_api import common_pb2, dfdaemon_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from dragonfly_api import common_pb2, dfdaemon_pb2_grpc, scheduler_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from loguru import logger
 
 from damselfly import __version__
-from damselfly.config import Settings, TlsConfig
-from damselfly.contracts import PieceServer, Transport, strong_of
+from damselfly.config import Settings
+from damselfly.contracts import PieceServer, ServedPiece, Transport, strong_of
 from damselfly.core import ids, vortex
-from damselfly.core.errors import InvalidArgument, PieceCorrupt, StorageError, Unavailable
+from damselfly.core.errors import InvalidArgument, StorageError, Unavailable
 from damselfly.core.host import Host, HostType
-from damselfly.core.piece import covers, crc32
+from damselfly.core.piece import covers
 from damselfly.core.task import Task, TaskState
-from damselfly.daemon.download import ConnectionPool, Downloader, DownloadRequest
-from damselfly.daemon.gc import Collector
-from damselfly.daemon.local import LocalService, admin_handler, socket_gid
+from damselfly.daemon.cache import CacheContext, import_file
+from damselfly.daemon.context import GRPC_OPTIONS, LocalOpener
+from damselfly.daemon.download import Downloader
+from damselfly.daemon.download_context import DownloadContext
+from damselfly.daemon.gc import Collector, GcContext
+from damselfly.daemon.local import LocalContext, LocalService, admin_handler
+from damselfly.daemon.localfiles import socket_gid
 from damselfly.daemon.localrelay import LocalRelay
+from damselfly.daemon.offers import Offers
+from damselfly.daemon.pool import ConnectionPool
 from damselfly.daemon.proxy import Proxy
+from damselfly.daemon.proxyswarm import ProxyContext
+from damselfly.daemon.request import DownloadRequest
 from damselfly.daemon.runtime import TaskBoard, TaskRuntime
-from damselfly.daemon.superseed import SuperSeeder
-from damselfly.daemon.upload import UploadService, UploadSlots, lookup_piece
+from damselfly.daemon.schedulers import SchedulerPool
+from damselfly.daemon.upload import UploadContext, UploadService, UploadSlots, lookup_piece
 from damselfly.plugin_manager import Plugins, build_plugins
-from damselfly.rpc.wire import duration, host_to_proto, piece_to_proto
+from damselfly.rpc.wire import host_to_proto, piece_to_proto
 from damselfly.security import tls
 from damselfly.security.admission import Origin, admit, admitted, reads_this_node
 from damselfly.security.policy import SourcePolicy
 from damselfly.telemetry.metrics import DaemonMetrics, serve_metrics
 
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 128 * 1024 * 1024),
-    ("grpc.max_send_message_length", 128 * 1024 * 1024),
-    ("grpc.so_reuseport", 0),
-]
-
-
-def scheduler_order(addresses: list[str], task_id: str) -> list[str]:
-    """Schedulers in the order a task tries them: rendezvous hashing of the task id's prefix."""
-    return sorted(addresses, key=lambda a: hashlib.sha256(f"{a}/{task_id[:5]}".encode()).digest(), reverse=True)
-
-
-class SchedulerPool:
-    """The configured schedulers; a task goes to one chosen by rendezvous hashing of its id.
-
-    A scheduler that does not answer is marked down for ``DOWN_FOR`` seconds: its
-    tasks go to the next one in their order meanwhile, without waiting on it again.
-    """
-
-    DOWN_FOR = 30.0
-
-    def __init__(self, addresses: list[str], connect_timeout: float, tls_config: TlsConfig | None = None):
-        self.addresses = list(addresses)
-        self.connect_timeout = connect_timeout
-        self.tls = tls_config  # mutual TLS to the schedulers when enabled
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._down: dict[str, float] = {}  # address -> monotonic time until which it is skipped
-
-    def is_down(self, address: str) -> bool:
-        return self._down.get(address, 0.0) > time.monotonic()
-
-    def mark_down(self, address: str) -> bool:
-        """Skip ``address`` for a while; True when it was up until now."""
-        was_up = not self.is_down(address)
-        self._down[address] = time.monotonic() + self.DOWN_FOR
-        return was_up
-
-    def preference(self, task_id: str) -> list[str]:
-        """The task's schedulers in the order to try them now: those marked down last."""
-        order = self.order(task_id)
-        return [a for a in order if not self.is_down(a)] + [a for a in order if self.is_down(a)]
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
-        if ch is None:
-            ch = self._channels[address] = tls.grpc_channel(address, self.tls, GRPC_OPTIONS)
-        return ch
-
-    def order(self, key: str) -> list[str]:
-        return scheduler_order(self.addresses, key)
-
-    async def _ready(self, address: str) -> grpc.aio.Channel | None:
-        ch = self._channel(address)
-        try:
-            await asyncio.wait_for(ch.channel_ready(), self.connect_timeout)
-            return ch
-        except (TimeoutError, grpc.aio.AioRpcError):
-            return None
-
-    async def stub_for(self, task_id: str) -> scheduler_pb2_grpc.SchedulerStub | None:
-        picked = await self.pick(task_id)
-        return picked[1] if picked is not None else None
-
-    async def pick(self, task_id: str) -> tuple[str, scheduler_pb2_grpc.SchedulerStub] | None:
-        """The task's scheduler and a stub for it: the first in its order that answers."""
-        for address in self.preference(task_id):
-            ch = await self._ready(address)
-            if ch is not None:
-                self._down.pop(address, None)
-                return address, scheduler_pb2_grpc.SchedulerStub(ch)
-            logger.warning("scheduler {} does not answer; trying the next", address)
-            self.mark_down(address)
-        return None
-
-    async def announce_host(self, host: common_pb2.Host, interval: float) -> tuple[int, list[str]]:
-        """AnnounceHost to every scheduler: how many took it, and the addresses that did not."""
-        ok, failed = 0, []
-        for address in self.addresses:
-            stub = scheduler_pb2_grpc.SchedulerStub(self._channel(address))
-            try:
-                await stub.AnnounceHost(
-                    scheduler_pb2.AnnounceHostRequest(host=host, interval=duration(interval)),
-                    timeout=self.connect_timeout,
-                )
-                ok += 1
-                self._down.pop(address, None)
-            except grpc.aio.AioRpcError as exc:
-                logger.debug("AnnounceHost to {} failed: {}", address, exc.code().name)
-                failed.append(address)
-        return ok, failed
-
-    async def delete_host(self, host_id: str) -> None:
-        for address in self.addresses:
-            stub = scheduler_pb2_grpc.SchedulerStub(self._channel(address))
-            try:
-                await stub.DeleteHost(scheduler_pb2.DeleteHostRequest(host_id=host_id), timeout=1.0)
-            except grpc.aio.AioRpcError:
-                pass
-
-    async def stat_task(self, host_id: str, task_id: str) -> common_pb2.Task | None:
-        stub = await self.stub_for(task_id)
-        if stub is None:
-            return None
-        try:
-            return await stub.StatTask(scheduler_pb2.StatTaskRequest(host_id=host_id, task_id=task_id), timeout=5)
-        except grpc.aio.AioRpcError:
-            return None
-
-    async def delete_task(self, host_id: str, task_id: str) -> None:
-        stub = await self.stub_for(task_id)
-        if stub is not None:
-            try:
-                await stub.DeleteTask(scheduler_pb2.DeleteTaskRequest(host_id=host_id, task_id=task_id), timeout=5)
-            except grpc.aio.AioRpcError:
-                pass
-
-    async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
-        self._channels.clear()
-
 
 class Daemon:
+    """One peer (or seed) daemon: ``start`` opens its servers, ``stop`` closes them."""
+
     def __init__(self, settings: Settings, plugins: Plugins | None = None):
         self.settings = settings
         self.plugins = plugins or build_plugins(settings)
@@ -180,12 +71,31 @@ class Daemon:
         self.picker = self.plugins.make_picker(cfg.piece_picker)
         self.pool = ConnectionPool(self.transports, cfg.piece_connect_timeout)
         self.schedulers = SchedulerPool(cfg.schedulers, cfg.scheduler_connect_timeout, settings.security.tls)
+        self.download_context = DownloadContext(  # what each download sees
+            host_id=self.host_id,
+            is_seed=self.is_seed,
+            config=cfg,
+            piece_digest=settings.security.piece_digest,
+            storage=self.storage,
+            plugins=self.plugins,
+            metrics=self.metrics,
+            pool=self.pool,
+            picker=self.picker,
+            schedulers=self.schedulers,
+            new_peer_id=self.new_peer_id,
+            upload_channel=self.upload_channel,
+            scheduler_lost=self.scheduler_lost,
+            offer_pieces=self.offer_pieces,
+            announce_finished=self.announce_finished,
+            spawn=self._spawn,
+        )
         self.board = TaskBoard()
-        self.super_seeders: dict[str, SuperSeeder] = {}
-        self.offer_events: dict[str, dict[object, asyncio.Event]] = {}  # task -> SyncPieces stream -> wake-up
+        # a super-seeding seed's offers: per task, and the SyncPieces streams they wake
+        self.offers = Offers(
+            cfg.seed and cfg.super_seed, offer_timeout=cfg.offer_timeout, per_child=cfg.offers_per_child
+        )
         self.upload_slots = UploadSlots()  # pieces being sent to children now
-        self.gc = Collector(self)
-        self.uploaded_bytes = 0
+        self.gc = Collector(GcContext(self.storage, self.board, self.delete_task), cfg.gc, cfg.data_dir)
         self.piece_port = 0
         self.piece_addresses: dict[str, str] = {}  # transport name -> the address children use
         self.upload_port = 0
@@ -202,6 +112,65 @@ class Daemon:
         self._upload_channels: dict[str, grpc.aio.Channel] = {}
         self._last_load = (time.monotonic(), 0)
         self._tx_rate = 0
+        self.upload_context = self._upload_context()  # what the upload service and the piece servers see
+
+    # -- what each part sees -------------------------------------------------------------
+
+    def _upload_context(self) -> UploadContext:
+        cfg = self.settings.daemon
+        return UploadContext(
+            host_id=self.host_id,
+            ip=self.settings.host.ip,
+            storage=self.storage,
+            board=self.board,
+            metrics=self.metrics,
+            offers=self.offers,
+            slots=self.upload_slots,
+            slot_limit=cfg.upload_slots,
+            slot_wait=cfg.upload_wait,
+            piece_addresses=self.piece_addresses,
+            tls_enabled=self.settings.security.tls.enabled,
+            served=self.gc.served,
+            start_download=self.start_download,
+            delete_task=self.delete_task,
+            core_host=self.core_host,
+        )
+
+    def _local_context(self, relay: LocalRelay) -> LocalContext:
+        """What the unix-socket services see: ``relay`` tells them who calls."""
+        cache = CacheContext(
+            host_id=self.host_id,
+            storage=self.storage,
+            piece_digest=self.settings.security.piece_digest,
+            touch=self.gc.touch,
+            new_peer_id=self.new_peer_id,
+            stub_for=self.schedulers.stub_for,
+            upload_channel=self.upload_channel,
+        )
+        return LocalContext(
+            host_id=self.host_id,
+            storage=self.storage,
+            source_policy=self.source_policy,
+            source_for=self.plugins.source_for,
+            make_source=self.plugins.make_source,
+            caller_of=relay.caller_of,
+            socket_group=self.settings.security.socket_group,
+            start_download=self.start_download,
+            delete_task=self.delete_task,
+            touch=self.gc.touch,
+            stat_remote=functools.partial(self.schedulers.stat_task, self.host_id),
+            collect=self.gc.collect,
+            import_cache=functools.partial(import_file, cache),
+        )
+
+    def _proxy_context(self) -> ProxyContext:
+        """What the proxy sees (its GETs through the swarm)."""
+        return ProxyContext(
+            storage=self.storage,
+            start_download=self.start_download,
+            touch=self.gc.touch,
+            stat_remote=functools.partial(self.schedulers.stat_task, self.host_id),
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -214,8 +183,10 @@ class Daemon:
         await self.storage.open()
         self.metrics.tasks.set(len(self.storage.tasks()))
 
-        async def lookup(task_id: str, number: int):  # type: ignore[no-untyped-def]
-            return await lookup_piece(self, task_id, number)
+        uploads = self.upload_context
+
+        async def lookup(task_id: str, number: int) -> ServedPiece:
+            return await lookup_piece(uploads, task_id, number)
 
         for i, transport in enumerate(self.transports):
             transport.state_dir = cfg.data_dir / "transport" / transport.name
@@ -232,7 +203,7 @@ class Daemon:
         self._upload_server = grpc.aio.server(
             options=[*GRPC_OPTIONS, streams], interceptors=tls.server_interceptors(tls_config)
         )
-        dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(UploadService(self), self._upload_server)
+        dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(UploadService(uploads), self._upload_server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._upload_server)
         self.upload_port = tls.add_port(self._upload_server, f"{cfg.listen_ip}:{cfg.upload_port}", tls_config)
@@ -244,23 +215,24 @@ class Daemon:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         if self.socket_path.exists():
             self.socket_path.unlink()
-        self._local_server = grpc.aio.server(options=GRPC_OPTIONS)
-        dfdaemon_pb2_grpc.add_DfdaemonDownloadServicer_to_server(LocalService(self), self._local_server)
-        self._local_server.add_generic_rpc_handlers((admin_handler(self),))
-        local_health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(local_health, self._local_server)
         # the server listens in a directory only the daemon reaches; clients use the relay's socket,
         # which has its mode before it is reachable and tells the server each caller's uid and gid
         sec = self.settings.security
         gid = socket_gid(sec.socket_group) if sec.socket_group else -1
         self.local_relay = LocalRelay(self.socket_path, cfg.data_dir / "local", sec.socket_mode, gid)
+        local = self._local_context(self.local_relay)
+        self._local_server = grpc.aio.server(options=GRPC_OPTIONS)
+        dfdaemon_pb2_grpc.add_DfdaemonDownloadServicer_to_server(LocalService(local), self._local_server)
+        self._local_server.add_generic_rpc_handlers((admin_handler(local),))
+        local_health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(local_health, self._local_server)
         self._local_server.add_insecure_port(self.local_relay.upstream)
         await self._local_server.start()
         await self.local_relay.start()
         await local_health.set("", health_pb2.HealthCheckResponse.SERVING)
 
         if self.settings.proxy.enabled:
-            self.proxy = Proxy(self, self.settings.proxy)
+            self.proxy = Proxy(self._proxy_context(), self.settings.proxy, self.settings.security)
             await self.proxy.start(cfg.listen_ip)
         self._metrics_runner, self.metrics_port = await serve_metrics(
             self.metrics.registry, cfg.listen_ip, cfg.metrics_port
@@ -332,8 +304,9 @@ class Daemon:
         now = time.monotonic()
         then, sent = self._last_load
         if now - then >= 1.0:
-            self._tx_rate = int((self.uploaded_bytes - sent) / (now - then))
-            self._last_load = (now, self.uploaded_bytes)
+            uploaded = self.upload_slots.sent_bytes
+            self._tx_rate = int((uploaded - sent) / (now - then))
+            self._last_load = (now, uploaded)
         return Host(
             id=self.host_id,
             ip=h.ip,
@@ -421,12 +394,16 @@ class Daemon:
             logger.warning("scheduler {} is down; its tasks go to the next scheduler", address)
             self._spawn(self._announce_stored_tasks(lost=address))
 
+    def new_peer_id(self) -> str:
+        """A fresh peer id of this host's."""
+        return ids.peer_id(self.settings.host.ip, self.settings.host.hostname, seed=self.is_seed)
+
     async def announce_finished(self, task: Task) -> bool:
         """Register a finished task with its scheduler (``metadata_only``); False when none is reachable."""
         stub = await self.schedulers.stub_for(task.id)
         if stub is None:
             return False
-        peer = ids.peer_id(self.settings.host.ip, self.settings.host.hostname, seed=self.is_seed)
+        peer = self.new_peer_id()
         req = announce_request(task)
         if req is None:
             logger.warning("stored task {} is not announced: its task id cannot be derived again", task.id[:12])
@@ -467,7 +444,7 @@ class Daemon:
         *,
         origin: Origin = Origin.LOCAL,
         member: bool = False,
-        open_local: Callable[[str], Awaitable[int]] | None = None,
+        open_local: LocalOpener | None = None,
     ) -> TaskRuntime:
         """Start (or join) the download of ``req``'s task; progress arrives on the runtime.
 
@@ -483,7 +460,7 @@ class Daemon:
                 return rt  # a running download already brings every byte asked for
         rt = TaskRuntime(task_id, range=req.range)
         self.board.add(rt)
-        downloader = Downloader(self, req, rt)
+        downloader = Downloader(self.download_context, req, rt)
         # the download, and every source it makes, acts for it
         with admitted(origin, self.source_policy, open_local):
             rt.runner = self._spawn(downloader.run())
@@ -503,9 +480,7 @@ class Daemon:
             if rt.runner is not None:
                 rt.runner.cancel()
         await self.storage.delete(task_id)
-        self.super_seeders.pop(task_id, None)
-        for event in self.offer_events.pop(task_id, {}).values():
-            event.set()
+        self.offers.forget(task_id)
         self.metrics.tasks.set(len(self.storage.tasks()))
         await self.schedulers.delete_task(self.host_id, task_id)
 
@@ -514,31 +489,9 @@ class Daemon:
         """Pieces being sent to children now."""
         return self.upload_slots.used
 
-    def super_seeder(self, task: Task) -> SuperSeeder | None:
-        """The task's super-seeding state, on a seed with ``daemon.super_seed`` (else None)."""
-        cfg = self.settings.daemon
-        if not (self.is_seed and cfg.super_seed):
-            return None
-        seeder = self.super_seeders.get(task.id)
-        if seeder is None:
-            seeder = self.super_seeders[task.id] = SuperSeeder(
-                task.piece_count, offer_timeout=cfg.offer_timeout, per_child=cfg.offers_per_child
-            )
-        return seeder
-
     def offer_pieces(self, task: Task) -> None:
         """On a super-seeding seed: offer what can be offered, and wake the streams of the children told."""
-        seeder = self.super_seeder(task)
-        if seeder is None:
-            return
-        events = self.offer_events.get(task.id, {})
-        told = seeder.sync(task.pieces.keys(), time.monotonic())
-        if seeder.open(task.pieces.keys()):
-            told = list(events)  # every piece went out once: every child may see every piece
-        for child in told:
-            event = events.get(child)
-            if event is not None:
-                event.set()
+        self.offers.offer(task)
 
     def upload_channel(self, address: str) -> grpc.aio.Channel:
         ch = self._upload_channels.get(address)
@@ -546,26 +499,6 @@ class Daemon:
             # mutual TLS when configured: the other daemon's certificate must name ``address``
             ch = self._upload_channels[address] = tls.grpc_channel(address, self.settings.security.tls, GRPC_OPTIONS)
         return ch
-
-    async def check_digest(self, task: Task, expected: str) -> None:
-        """Verify the whole content against ``algo:hex``; a mismatch drops the task."""
-        algo, _, want = expected.partition(":")
-        algo = algo.lower()
-        if algo == "crc32":
-            crc = 0
-            async for chunk in self.storage.read_range(task.id, 0, task.content_length):
-                crc = crc32(chunk, crc)
-            got = str(crc)
-        elif algo in ("sha256", "sha512", "md5", "sha1"):
-            h = hashlib.new(algo)
-            async for chunk in self.storage.read_range(task.id, 0, task.content_length):
-                await asyncio.to_thread(h.update, chunk)
-            got = h.hexdigest()
-        else:
-            raise InvalidArgument(f"unsupported digest {expected!r} (use sha256:, sha512:, md5: or crc32:)")
-        if got.lower() != want.lower():
-            await self.storage.delete(task.id)
-            raise PieceCorrupt(f"content digest mismatch: expected {expected}, got {algo}:{got}")
 
 
 def announce_request(task: Task) -> DownloadRequest | None:
@@ -596,15 +529,3 @@ def announce_request(task: Task) -> DownloadRequest | None:
         except InvalidArgument:
             continue
     return None
-
-
-async def run_daemon(settings: Settings, ready: asyncio.Event | None = None) -> None:
-    """Run a daemon until cancelled (the CLI's ``damselfly daemon``)."""
-    daemon = Daemon(settings)
-    await daemon.start()
-    if ready is not None:
-        ready.set()
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await daemon.stop()

@@ -21,12 +21,26 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loguru import logger
 
 if TYPE_CHECKING:
-    from damselfly.daemon.daemon import Daemon
+    from damselfly.config import GcConfig
+    from damselfly.contracts import Storage
+    from damselfly.daemon.context import DeleteTask
+    from damselfly.daemon.runtime import TaskBoard
+
+
+@dataclass(frozen=True)
+class GcContext:
+    """What the collector needs of the daemon: its stored tasks, the downloads running, and
+    deleting through it (so that the scheduler hears)."""
+
+    storage: Storage
+    board: TaskBoard
+    delete_task: DeleteTask
 
 
 @dataclass
@@ -48,9 +62,12 @@ class GcReport:
 
 
 class Collector:
-    def __init__(self, daemon: Daemon):
-        self.d = daemon
-        self.cfg = daemon.settings.daemon.gc
+    """Garbage collection of the stored tasks in ``data_dir``, by ``cfg``'s rules (above)."""
+
+    def __init__(self, ctx: GcContext, cfg: GcConfig, data_dir: Path):
+        self.ctx = ctx
+        self.cfg = cfg
+        self.data_dir = data_dir
         self.last_used: dict[str, float] = {}
         self.last_served: dict[str, float] = {}
         self.started = time.time()
@@ -64,17 +81,17 @@ class Collector:
         self.last_used[task_id] = now
 
     def used_at(self, task_id: str) -> float:
-        task = self.d.storage.get(task_id)
+        task = self.ctx.storage.get(task_id)
         written = task.updated_at if task is not None else 0.0
         return max(self.last_used.get(task_id, 0.0), written, self.started)
 
     def in_use(self, task_id: str) -> bool:
-        if self.d.board.running(task_id):
+        if self.ctx.board.running(task_id):
             return True
         return time.time() - self.last_served.get(task_id, 0.0) < self.cfg.serving_grace
 
     def _sizes(self) -> dict[str, int]:
-        return {t.id: sum(p.length for p in t.pieces.values()) for t in self.d.storage.tasks()}
+        return {t.id: sum(p.length for p in t.pieces.values()) for t in self.ctx.storage.tasks()}
 
     def _limits(self, used: int) -> tuple[int, int, bool]:
         """(high, low) in bytes of our own content, and whether usage is over the high mark."""
@@ -83,7 +100,7 @@ class Collector:
             high = int(cfg.quota * cfg.high_watermark / 100)
             low = int(cfg.quota * cfg.low_watermark / 100)
             return high, low, used > high
-        disk = shutil.disk_usage(self.d.settings.daemon.data_dir)
+        disk = shutil.disk_usage(self.data_dir)
         others = disk.used - used  # what is on the disk that is not ours
         high = max(0, int(disk.total * cfg.high_watermark / 100) - others)
         low = max(0, int(disk.total * cfg.low_watermark / 100) - others)
@@ -93,10 +110,10 @@ class Collector:
         report = GcReport()
         now = time.time()
         sizes = self._sizes()
-        for task in self.d.storage.tasks():
+        for task in self.ctx.storage.tasks():
             if task.expires_at and now > task.expires_at and not self.in_use(task.id):
                 await self._remove(task.id, "its cache TTL ran out", sizes, report)
-        pinned = {t.id for t in self.d.storage.tasks() if t.expires_at}  # persistent cache: kept until expiry
+        pinned = {t.id for t in self.ctx.storage.tasks() if t.expires_at}  # persistent cache: kept until expiry
         for task_id in sorted(sizes, key=self.used_at):
             if task_id in pinned:
                 continue
@@ -125,7 +142,7 @@ class Collector:
         return report
 
     async def _remove(self, task_id: str, why: str, sizes: dict[str, int], report: GcReport) -> None:
-        await self.d.delete_task(task_id)
+        await self.ctx.delete_task(task_id)
         report.removed[task_id] = why
         report.freed_bytes += sizes.pop(task_id, 0)
         self.last_used.pop(task_id, None)

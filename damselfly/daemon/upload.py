@@ -1,11 +1,16 @@
-"""``dfdaemon.v2.DfdaemonUpload``: what other daemons and the scheduler ask of this one."""
+"""``dfdaemon.v2.DfdaemonUpload``: what other daemons and the scheduler ask of this one.
+
+Other hosts see only what may be shared (never a copy of this node's own files, never a
+task's request headers), and pieces go out through a bounded number of upload slots.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -19,17 +24,44 @@ from damselfly.core import vortex
 from damselfly.core.errors import Busy, DamselflyError, InvalidArgument, NotFound
 from damselfly.core.ids import is_task_id
 from damselfly.core.task import Task
-from damselfly.daemon.download import DownloadRequest
-from damselfly.daemon.local import abort_with, progress_stream
+from damselfly.daemon.replies import abort_with, progress_stream
+from damselfly.daemon.request import DownloadRequest
 from damselfly.rpc.wire import host_to_proto, redact_url, task_to_proto, transports_to_metadata
 from damselfly.security import tls
 from damselfly.security.admission import Origin, reads_this_node
 from damselfly.security.identity import identity_of
 
 if TYPE_CHECKING:
-    from damselfly.daemon.daemon import Daemon
+    from damselfly.contracts import Storage
+    from damselfly.core.host import Host
+    from damselfly.daemon.context import DeleteTask, StartDownload, TaskUse
+    from damselfly.daemon.offers import Offers
+    from damselfly.daemon.runtime import TaskBoard
+    from damselfly.telemetry.metrics import DaemonMetrics
 
 TASK_APPEAR_WAIT = 10.0  # seconds SyncPieces waits for a task this daemon is about to start
+
+
+@dataclass(frozen=True)
+class UploadContext:
+    """What the upload side needs of the daemon: its stored and running tasks, its upload slots
+    and super-seeding offers, and the few calls the upload API makes on it."""
+
+    host_id: str
+    ip: str  # host.ip: where SyncPieces tells children to fetch
+    storage: Storage
+    board: TaskBoard
+    metrics: DaemonMetrics
+    offers: Offers
+    slots: UploadSlots
+    slot_limit: int  # daemon.upload_slots
+    slot_wait: float  # daemon.upload_wait
+    piece_addresses: dict[str, str]  # transport name -> the address children use (filled in at start)
+    tls_enabled: bool  # security.tls.enabled: callers are told apart by their certificates
+    served: TaskUse
+    start_download: StartDownload
+    delete_task: DeleteTask
+    core_host: Callable[[], Host]
 
 
 def delete_refusal(context: grpc.aio.ServicerContext, tls_enabled: bool) -> str:
@@ -46,16 +78,17 @@ def delete_refusal(context: grpc.aio.ServicerContext, tls_enabled: bool) -> str:
 
 
 class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
-    def __init__(self, daemon: Daemon):
-        self.d = daemon
+    def __init__(self, ctx: UploadContext):
+        self.ctx = ctx
 
     async def SyncPieces(
         self, request: dfdaemon_pb2.SyncPiecesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[dfdaemon_pb2.SyncPiecesResponse]:
-        d = self.d
+        d = self.ctx
         deadline = time.monotonic() + TASK_APPEAR_WAIT
-        while (task := shared_task(d, request.task_id)) is None:
-            if local_task(d, request.task_id) or not d.board.running(request.task_id) or time.monotonic() > deadline:
+        while (task := shared_task(d.storage, request.task_id)) is None:
+            gone = local_task(d.storage, request.task_id) or not d.board.running(request.task_id)
+            if gone or time.monotonic() > deadline:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
             try:
                 await asyncio.wait_for(d.board.event(request.task_id).wait(), 1.0)
@@ -64,19 +97,22 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
         wanted = set(request.interested_piece_numbers) or set(range(task.piece_count))
         sent: set[int] = set()
         announced, skipped = (d.metrics.sync_pieces.labels(o) for o in ("announced", "skipped"))
-        ip = d.settings.host.ip
+        ip = d.ip
         tcp_port, quic_port = (_port_of(d.piece_addresses.get(name, "")) for name in ("tcp", "quic"))
         await context.send_initial_metadata(transports_to_metadata(d.piece_addresses))
-        seeder = d.super_seeder(task)
+        seeder = d.offers.seeder(task)
         child = object()  # this stream, as the super-seeder tells children apart
         offered = asyncio.Event()  # a super-seeding seed wakes this stream alone when it offers it a piece
         if seeder is not None:
             seeder.join(child, wanted)
-            d.offer_events.setdefault(request.task_id, {})[child] = offered
-            d.offer_pieces(task)
+            d.offers.listen(request.task_id, child, offered)
+            d.offers.offer(task)
         try:
             while True:
                 wait = 1.0
+                # decided before what is visible is read: a seeder that opens while this stream is
+                # suspended in a yield below gets one more pass, which sends what the opening showed
+                last = not d.board.running(request.task_id) and (seeder is None or seeder.open(task.pieces.keys()))
                 if seeder is None:
                     changed = d.board.event(request.task_id)
                     visible = task.pieces.keys()
@@ -107,19 +143,19 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
                     )
                 if sent >= wanted or d.storage.get(request.task_id) is not task:
                     return
-                if not d.board.running(request.task_id) and (seeder is None or seeder.open(task.pieces.keys())):
+                if last:
                     return  # no more pieces will land here; the child looks elsewhere
                 try:
                     async with asyncio.timeout(wait):  # a timer, not a task, per wake: this runs per piece
                         await changed.wait()
                 except TimeoutError:
                     if seeder is not None:
-                        d.offer_pieces(task)  # offers that timed out go to one more child
+                        d.offers.offer(task)  # offers that timed out go to one more child
         finally:
             if seeder is not None:
                 seeder.leave(child)
-                d.offer_events.get(request.task_id, {}).pop(child, None)
-                d.offer_pieces(task)  # what it was offered goes to another child
+                d.offers.unlisten(request.task_id, child)
+                d.offers.offer(task)  # what it was offered goes to another child
 
     async def DownloadTask(
         self, request: dfdaemon_pb2.DownloadTaskRequest, context: grpc.aio.ServicerContext
@@ -132,17 +168,17 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
             req.output_path = ""
             identity = identity_of(context)
             origin = Origin.SCHEDULER if identity is not None and "scheduler" in identity.roles else Origin.UPLOAD
-            rt = await self.d.start_download(req, origin=origin, member=identity is not None)
+            rt = await self.ctx.start_download(req, origin=origin, member=identity is not None)
         except DamselflyError as exc:
             await abort_with(context, exc)
             return
-        async for resp in progress_stream(self.d, rt, context, with_content=False):
+        async for resp in progress_stream(self.ctx.host_id, self.ctx.storage, rt, context, with_content=False):
             yield resp
 
     async def StatTask(
         self, request: dfdaemon_pb2.StatTaskRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.Task:
-        task = shared_task(self.d, request.task_id)
+        task = shared_task(self.ctx.storage, request.task_id)
         if task is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} not found")
         return public_task(task)
@@ -153,17 +189,17 @@ class UploadService(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
         """Only the scheduler or an operator deletes a daemon's task: under mutual TLS a
         certificate with role ``scheduler`` or ``client``; without TLS a caller on loopback
         (this host). Another cluster member may not."""
-        why = delete_refusal(context, self.d.settings.security.tls.enabled)
+        why = delete_refusal(context, self.ctx.tls_enabled)
         if why:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
-        await self.d.delete_task(request.task_id)
+        await self.ctx.delete_task(request.task_id)
         return empty_pb2.Empty()
 
     async def SyncHost(
         self, request: dfdaemon_pb2.SyncHostRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.Host]:
         while True:
-            yield host_to_proto(self.d.core_host())
+            yield host_to_proto(self.ctx.core_host())
             await asyncio.sleep(1.0)
 
 
@@ -172,15 +208,15 @@ def is_local(task: Task) -> bool:
     return reads_this_node(urlsplit(task.url).scheme)
 
 
-def local_task(daemon: Daemon, task_id: str) -> bool:
-    task = daemon.storage.get(task_id)
+def local_task(storage: Storage, task_id: str) -> bool:
+    task = storage.get(task_id)
     return task is not None and is_local(task)
 
 
-def shared_task(daemon: Daemon, task_id: str) -> Task | None:
+def shared_task(storage: Storage, task_id: str) -> Task | None:
     """The stored task ``task_id`` as other hosts may see it: None when there is none, and when
     it is a copy of one of this node's own files (other hosts are told it is not here)."""
-    task = daemon.storage.get(task_id)
+    task = storage.get(task_id)
     if task is None or is_local(task):
         return None
     return task
@@ -195,57 +231,56 @@ def public_task(task: Task) -> common_pb2.Task:
     return pb
 
 
-async def lookup_piece(daemon: Daemon, task_id: str, number: int) -> ServedPiece:
+async def lookup_piece(ctx: UploadContext, task_id: str, number: int) -> ServedPiece:
     """What the piece server sends for a DownloadPiece request."""
     if not is_task_id(task_id):
         raise InvalidArgument(f"bad task id {task_id!r}")
-    task = shared_task(daemon, task_id)
+    task = shared_task(ctx.storage, task_id)
     if task is None:
         raise NotFound(f"task {task_id} not found")
     record = task.pieces.get(number)
     if record is None:
         raise NotFound(f"piece {number} of task {task_id} not found")
-    cfg = daemon.settings.daemon
-    if not await daemon.upload_slots.acquire(cfg.upload_slots, cfg.upload_wait):
+    if not await ctx.slots.acquire(ctx.slot_limit, ctx.slot_wait):
         logger.debug("piece {}: busy", number)
-        daemon.metrics.upload_busy.inc()
-        raise Busy(f"all {cfg.upload_slots} upload slots are taken")
-    seeder = daemon.super_seeder(task)
+        ctx.metrics.upload_busy.inc()
+        raise Busy(f"all {ctx.slot_limit} upload slots are taken")
+    seeder = ctx.offers.seeder(task)
     if seeder is not None:
         seeder.taken(number)
         if seeder.open(task.pieces.keys()):
-            daemon.offer_pieces(task)  # every piece went out once: all children may see all now
+            ctx.offers.offer(task)  # every piece went out once: all children may see all now
     logger.debug("piece {}: sending", number)
-    daemon.gc.served(task_id)
+    ctx.served(task_id)
     meta = vortex.PieceMetadata(
         number=record.number,
         offset=record.offset,
         length=record.length,
         digest=record.digest,
-        parent_id=daemon.board.peer_id(task_id),
+        parent_id=ctx.board.peer_id(task_id),
         traffic_type=vortex.TrafficType.REMOTE_PEER,
         cost_seconds=0,
         created_at=int(time.time()),
     )
-    daemon.metrics.upload_traffic.inc(record.length)
-    daemon.metrics.upload_pieces.inc()
-    daemon.uploaded_bytes += record.length
+    ctx.metrics.upload_traffic.inc(record.length)
+    ctx.metrics.upload_pieces.inc()
+    ctx.slots.sent_bytes += record.length
     released = False
 
     def release() -> None:
         nonlocal released
         if not released:
             released = True
-            daemon.upload_slots.release()
+            ctx.slots.release()
             if seeder is not None:
                 seeder.done(number)
-                daemon.offer_pieces(task)  # the child has room for another offer
+                ctx.offers.offer(task)  # the child has room for another offer
 
     try:
-        region = daemon.storage.piece_region(task_id, number)
+        region = ctx.storage.piece_region(task_id, number)
         if region is not None:
             return ServedPiece(meta, region=region, release=release)
-        return ServedPiece(meta, data=await daemon.storage.read_piece(task_id, number), release=release)
+        return ServedPiece(meta, data=await ctx.storage.read_piece(task_id, number), release=release)
     except BaseException:
         release()
         raise
@@ -256,11 +291,13 @@ class UploadSlots:
 
     A request that finds them taken may wait up to ``wait`` seconds for one: a slot
     that frees is handed to the oldest waiter, so a child is served a little later
-    rather than told "busy" and left to ask around.
+    rather than told "busy" and left to ask around. ``sent_bytes`` counts the bytes of
+    the pieces handed out (the upload load the host announces).
     """
 
     def __init__(self) -> None:
         self.used = 0
+        self.sent_bytes = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def acquire(self, limit: int, wait: float) -> bool:

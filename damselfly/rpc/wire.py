@@ -49,7 +49,10 @@ def duration(seconds: float) -> duration_pb2.Duration:
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 SECRET_HEADER_PREFIXES = ("x-amz-",)
 # the credential fields of a Download's per-source messages (a credential file's path too:
-# it names a file on the requester's node)
+# it names a file on the requester's node): every message of the protocol, whether or not a
+# source of ours reads it. Those that one does are described with its options
+# (plugins/source/options.py), which rpc cannot import; tests/plugins/source/test_options.py
+# checks that the two agree.
 SOURCE_SECRETS: dict[str, tuple[str, ...]] = {
     "object_storage": ("access_key_id", "access_key_secret", "session_token", "security_token", "credential_path"),
     "hdfs": ("delegation_token",),

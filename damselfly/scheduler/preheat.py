@@ -19,7 +19,7 @@ target, and every target without TLS, gets the request without them.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -34,11 +34,9 @@ from damselfly.core.host import Host
 from damselfly.core.peer import PeerState
 from damselfly.oci.distribution import Reference, RegistryClient, Resolved
 from damselfly.rpc.wire import public_headers, redact_url
+from damselfly.scheduler.state import SchedulerState
 from damselfly.security import tls
 from damselfly.security.policy import SourcePolicy, policy_connector
-
-if TYPE_CHECKING:
-    from damselfly.scheduler.service import SchedulerService
 
 SCOPES = ("single_seed_peer", "all_seed_peers", "all_peers")
 
@@ -89,16 +87,16 @@ async def _download_on(host: Host, download: common_pb2.Download, timeout: float
 
 
 async def preheat(
-    service: SchedulerService, urls: list[str], req: Any, headers: dict[str, str], blob_digest: bool
+    state: SchedulerState, settings: Settings, urls: list[str], req: Any, headers: dict[str, str], blob_digest: bool
 ) -> None:
-    hosts = targets(list(service.state.hosts.values()), req.scope, list(req.ips), req.count)
+    hosts = targets(list(state.hosts.values()), req.scope, list(req.ips), req.count)
     timeout = req.timeout.ToSeconds() if req.HasField("timeout") and req.timeout.ToSeconds() > 0 else 3600
     limit = asyncio.Semaphore(max(1, req.concurrent_task_count or 4))
     # seeds first: the other hosts then find each blob in the swarm
     waves = [[h for h in hosts if h.is_seed], [h for h in hosts if not h.is_seed]]
     # the credentials only to a seed that reads the source, and only over mutual TLS
     public = public_headers(headers)
-    secure = service.settings.security.tls.enabled
+    secure = settings.security.tls.enabled
     if len(public) < len(headers) and not secure:
         logger.warning("preheat: the request's credentials are not sent to any host without security.tls")
 
@@ -123,7 +121,7 @@ async def preheat(
             download.content_for_calculating_task_id = bound
         async with limit:
             try:
-                await _download_on(host, download, timeout, service.settings)
+                await _download_on(host, download, timeout, settings)
             except grpc.aio.AioRpcError as exc:
                 hint = "" if secure or len(public) == len(headers) else " (credentials need security.tls)"
                 raise BackendError(f"preheat of {url} on {host.id} failed: {exc.details()}{hint}") from None
@@ -156,10 +154,9 @@ def task_id_for(url: str, req: Any, blob_digest: bool, credentialed: bool = Fals
     )
 
 
-def holders(service: SchedulerService, task_id: str) -> list[Host]:
+def holders(st: SchedulerState, task_id: str) -> list[Host]:
     """Hosts with a finished peer of the task (a normal host's unchecked ``metadata_only`` claim
     only once the scheduler has every piece's digest, as for a parent)."""
-    st = service.state
     entry = st.tasks.get(task_id)
     if entry is None:
         return []
@@ -175,21 +172,23 @@ def holders(service: SchedulerService, task_id: str) -> list[Host]:
     return out
 
 
-async def preheat_image(service: SchedulerService, request: Any, context: grpc.aio.ServicerContext) -> None:
+async def preheat_image(
+    state: SchedulerState, settings: Settings, request: Any, context: grpc.aio.ServicerContext
+) -> None:
     try:
-        ref, image = await resolve_image(request, service.settings)
+        ref, image = await resolve_image(request, settings)
         urls = [ref.blob_url(image.config)] + [ref.blob_url(d) for d, _ in image.layers]
         headers = dict(request.header)
         if image.authorization:
             headers["Authorization"] = image.authorization
-        await preheat(service, urls, request, headers, True)
+        await preheat(state, settings, urls, request, headers, True)
     except DamselflyError as exc:
         await _abort(context, exc)
 
 
-async def stat_image(service: SchedulerService, request: Any, context: grpc.aio.ServicerContext) -> Any:
+async def stat_image(state: SchedulerState, settings: Settings, request: Any, context: grpc.aio.ServicerContext) -> Any:
     try:
-        ref, image = await resolve_image(request, service.settings)
+        ref, image = await resolve_image(request, settings)
     except DamselflyError as exc:
         await _abort(context, exc)
     urls = [ref.blob_url(image.config)] + [ref.blob_url(d) for d, _ in image.layers]
@@ -198,7 +197,7 @@ async def stat_image(service: SchedulerService, request: Any, context: grpc.aio.
     by_host: dict[str, tuple[Host, list[str]]] = {}
     layers = []
     for url in urls:
-        have = holders(service, task_id_for(url, request, blob_digest, credentialed))
+        have = holders(state, task_id_for(url, request, blob_digest, credentialed))
         layers.append(scheduler_pb2.Layer(url=url, is_finished=bool(have)))
         for h in have:
             by_host.setdefault(h.id, (h, []))[1].append(url)
@@ -209,11 +208,13 @@ async def stat_image(service: SchedulerService, request: Any, context: grpc.aio.
     return scheduler_pb2.StatImageResponse(image=scheduler_pb2.Image(layers=layers), peers=peers)
 
 
-async def preheat_file(service: SchedulerService, request: Any, context: grpc.aio.ServicerContext) -> None:
+async def preheat_file(
+    state: SchedulerState, settings: Settings, request: Any, context: grpc.aio.ServicerContext
+) -> None:
     try:
         if not request.url:
             raise InvalidArgument("PreheatFile needs a url")
-        await preheat(service, [request.url], request, dict(request.header), False)
+        await preheat(state, settings, [request.url], request, dict(request.header), False)
     except DamselflyError as exc:
         await _abort(context, exc)
 

@@ -1,1 +1,1 @@
-"""Front doors for programs: the Python client and the fsspec ``p2p::`` filesystem."""
+"""Front doors for programs: the Python client, the fsspec ``p2p::`` filesystem, and preheat through a scheduler."""

@@ -30,6 +30,7 @@ from damselfly.core.errors import (
     StorageError,
 )
 from damselfly.core.vortex import TrafficType
+from damselfly.plugins.source.options import REQUEST_CONFIGS
 from damselfly.rpc.wire import ERROR_TYPE_KEY, duration
 
 
@@ -85,10 +86,18 @@ def _error(exc: grpc.aio.AioRpcError) -> DamselflyError:
 _TO_END = (1 << 63) - 1
 
 
+# the Download's source messages a request may fill (those the daemon's sources read)
+SOURCE_OPTION_GROUPS = tuple(config.message for config in REQUEST_CONFIGS)
+
+
+def _check_group(name: str) -> None:
+    if name not in SOURCE_OPTION_GROUPS:
+        raise InvalidArgument(f"unknown source option group {name!r} ({', '.join(SOURCE_OPTION_GROUPS)})")
+
+
 def _fill_source_options(download: common_pb2.Download, options: dict[str, dict[str, Any]] | None) -> None:
     for name, values in (options or {}).items():
-        if name not in ("object_storage", "hdfs", "hugging_face"):
-            raise InvalidArgument(f"unknown source option group {name!r} (object_storage, hdfs, hugging_face)")
+        _check_group(name)
         try:
             json_format.ParseDict({k: v for k, v in values.items() if v is not None}, getattr(download, name))
         except json_format.ParseError as exc:
@@ -301,8 +310,7 @@ class Client:
         """What lies under ``url`` at the origin (files and directories, recursively), via the daemon's source."""
         req = dfdaemon_pb2.ListTaskEntriesRequest(url=url, request_header=dict(headers or {}))
         for name, values in (source_options or {}).items():
-            if name not in ("object_storage", "hdfs", "hugging_face"):
-                raise InvalidArgument(f"unknown source option group {name!r} (object_storage, hdfs, hugging_face)")
+            _check_group(name)
             json_format.ParseDict({k: v for k, v in values.items() if v is not None}, getattr(req, name))
         try:
             resp = await self._stub().ListTaskEntries(req, timeout=timeout)

@@ -28,7 +28,8 @@ What goes where:
 The target's options (``s3={...}``) are what the daemon's source plugin gets too:
 s3fs's ``key``/``secret``/``token``/``endpoint_url``/``client_kwargs`` become the
 Download's ``object_storage``; ``token``/``revision`` of ``hf`` its
-``hugging_face``; ``token`` of ``webhdfs`` its ``hdfs`` delegation token.
+``hugging_face``; ``token`` of ``webhdfs`` its ``hdfs`` delegation token (each
+source's options name their fsspec names: ``plugins/source/options.py``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.spec import AbstractBufferedFile
 
 from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound, PermissionDenied
+from damselfly.plugins.source.options import from_fsspec
 from damselfly.rpc import wire
 from damselfly.sdk.client import Client
 
@@ -64,32 +66,6 @@ def _os_error(exc: DamselflyError, path: str) -> OSError:
     if isinstance(exc, InvalidArgument):
         return ValueError(str(exc))  # type: ignore[return-value]
     return OSError(errno.EIO, str(exc), path)
-
-
-def source_options_for(protocol: str, options: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The Download's source options (``object_storage``/``hdfs``/``hugging_face``) for a target's options."""
-    if protocol in ("s3", "s3a"):
-        client = dict(options.get("client_kwargs") or {})
-        mapped = {
-            "endpoint": options.get("endpoint_url") or client.get("endpoint_url"),
-            "region": client.get("region_name") or options.get("region_name"),
-            "access_key_id": options.get("key"),
-            "access_key_secret": options.get("secret"),
-            "session_token": options.get("token"),
-        }
-        if client.get("verify") is False:
-            mapped["insecure_skip_verify"] = True
-        return {"object_storage": {k: v for k, v in mapped.items() if v}}
-    if protocol == "hf":
-        mapped = {
-            "token": options.get("token"),
-            "revision": options.get("revision"),
-            "base_url": options.get("endpoint"),
-        }
-        return {"hugging_face": {k: v for k, v in mapped.items() if v}}
-    if protocol in ("webhdfs", "hdfs") and options.get("token"):
-        return {"hdfs": {"delegation_token": options["token"]}}
-    return {}
 
 
 # -- the embedded daemon ---------------------------------------------------------------------
@@ -176,7 +152,7 @@ class P2PFileSystem(ChainedFileSystem):
             "headers": dict(headers or {}),
             "timeout": timeout,
             "source_options": {
-                **source_options_for(self.target_protocol or "", self.target_options),
+                **from_fsspec(self.target_protocol or "", self.target_options),
                 **(source_options or {}),
             },
         }

@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 from damselfly.core import ids
 from damselfly.core.errors import InvalidArgument, PermissionDenied
+from damselfly.core.ids import CACHE_URL_PREFIX
 from damselfly.security.policy import LOCAL_SCHEMES, SourcePolicy
 
 if TYPE_CHECKING:
@@ -78,13 +79,12 @@ class Origin(enum.Enum):
 # What the proxy's upstream may be, whatever else the policy allows.
 PROXY_SCHEMES = frozenset({"http", "https"})
 # Content that only ever comes from the swarm (no origin, no file behind it).
-SWARM_SCHEMES = frozenset({"damselfly-cache"})
+SWARM_SCHEMES = frozenset({ids.CACHE_SCHEME})
 # Schemes whose URL names the server that is reached (s3://BUCKET, hf://OWNER/REPO do not:
 # their sources check the endpoint they connect to).
 HOST_SCHEMES = frozenset({"http", "https", "hdfs", "webhdfs", "oci", "ftp", "sftp", "ssh", "smb", "webdav"})
-# The request header that keeps a replica of a persistent cache task until then (daemon.download).
+# The request header that keeps a replica of a persistent cache task until then (daemon.request).
 PIN_HEADER = "x-damselfly-cache-expires"
-CACHE_URL_PREFIX = "damselfly-cache://"  # a persistent cache task's url: its own task key
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,9 @@ def identity_from_pem(pem: bytes) -> PeerIdentity:
 
 def identity_of(context: Any) -> PeerIdentity | None:
     """The verified identity of the caller of a gRPC method: grpcio's ``auth_context()``
-    or h2grpc's ``peer_certificate()`` (DER); None on a plaintext connection."""
+    or damselfly.rpc's ``peer_certificate()`` (DER); None on a plaintext connection."""
     der_of = getattr(context, "peer_certificate", None)
-    if der_of is not None:  # damselfly.rpc.h2grpc
+    if der_of is not None:  # damselfly.rpc.server
         der = der_of()
         return identity_from_der(der) if der else None
     auth = getattr(context, "auth_context", None)

@@ -9,7 +9,7 @@ says so loudly for a listener that other hosts can reach.
 Servers also check the other way (with ``verify_address``): the client's certificate must
 name the IP address the connection comes from, so a certificate stolen from one node is
 no use from another. gRPC's TLS does not do this, so damselfly does it itself:
-h2grpc at the handshake (``add_secure_port``'s ``peer_check``), grpcio servers in an
+damselfly.rpc at the handshake (``add_secure_port``'s ``peer_check``), grpcio servers in an
 interceptor (``server_interceptors``) that runs ``check_peer_address`` before every call.
 """
 
@@ -100,14 +100,14 @@ def grpc_channel(address: str, cfg: TlsConfig | None, options: Sequence[tuple[st
 
 
 def add_port(server: Any, address: str, cfg: TlsConfig | None) -> int:
-    """Bind ``server`` (grpcio's or h2grpc's) at ``address``: mTLS when configured.
+    """Bind ``server`` (grpcio's or damselfly.rpc's) at ``address``: mTLS when configured.
 
-    h2grpc checks at the handshake that the client's certificate names the address it
+    damselfly.rpc checks at the handshake that the client's certificate names the address it
     connects from (with ``verify_address``); a grpcio server needs ``server_interceptors(cfg)``
     given to ``grpc.aio.server`` for that check."""
     if cfg is None or not cfg.enabled:
         return int(server.add_insecure_port(address))
-    if hasattr(server, "add_secure_port") and getattr(server, "takes_ssl_context", False):  # damselfly.rpc.h2grpc
+    if hasattr(server, "add_secure_port") and getattr(server, "takes_ssl_context", False):  # damselfly.rpc.server
         check = cert_names_ip if cfg.verify_address else None
         return int(server.add_secure_port(address, server_ssl_context(cfg, alpn=("h2",)), peer_check=check))
     return int(server.add_secure_port(address, grpc_server_credentials(cfg)))
@@ -131,9 +131,9 @@ def _identity_of_pem(pem: bytes) -> PeerIdentity:
 def peer_address_problem(context: Any) -> str | None:
     """Why the caller's certificate does not fit the connection it came on, or None when it
     does (or when the call came in plaintext: there is nothing to check then). ``context`` is
-    a grpcio or h2grpc servicer context."""
+    a grpcio or damselfly.rpc servicer context."""
     der_of = getattr(context, "peer_certificate", None)
-    if der_of is not None:  # damselfly.rpc.h2grpc
+    if der_of is not None:  # damselfly.rpc.server
         der = der_of()
         if not der:
             return None

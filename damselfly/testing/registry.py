@@ -177,7 +177,7 @@ def _runner():  # type: ignore[no-untyped-def]
 
 def skopeo_pull(work: Path, reference: str, mirror: str, name: str, creds: str = "") -> str:
     """Pull with skopeo through ``mirror`` (a registries.conf mirror); the pulled manifest's digest."""
-    from damselfly.cli import runtime_snippet
+    from damselfly.oci.runtimes import runtime_snippet
 
     registry = reference.split("/", 1)[0]
     conf = work / f"registries-{name}.conf"
@@ -225,7 +225,7 @@ class Containerd:
 
     def pull(self, reference: str, mirror: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """``ctr images pull`` with a hosts.toml naming ``mirror`` first and the registry after it."""
-        from damselfly.cli import runtime_snippet
+        from damselfly.oci.runtimes import runtime_snippet
 
         registry = reference.split("/", 1)[0]
         hosts = self.directory / "hosts" / registry

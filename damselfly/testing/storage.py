@@ -13,8 +13,10 @@ opened); the kit opens, closes and reopens storages itself:
         def make_storage(self):
             return lambda data_dir: MyStorage(data_dir, MyStorage.Config())
 
-Cases: write, verify and read back (pieces, ranges, export; a piece's strong digest,
-handed to ``commit``, kept with its record); a piece with a wrong
+Cases: write, verify and read back (pieces, ranges clipped to the content, export; a
+piece's strong digest, handed to ``commit``, kept with its record); a task created again
+with another layout (the origin changed) starts empty; a missing task or piece, and an
+unfinished task's export, are NotFound; a piece with a wrong
 digest, a short or a long piece is refused and nothing of it is kept; an
 interrupted write (aborted mid-piece) leaves the piece absent and can be redone;
 readers of finished pieces run concurrently with writers of others; ``finish``
@@ -107,7 +109,7 @@ class StorageConformance:
         finally:
             subprocess.run(["umount", "-l", str(mnt)], check=False)
 
-    async def test_write_verify_read_and_export(self, storage: Storage, tmp_path: Path):
+    async def test_write_verify_read_and_export(self, storage: Storage, tmp_path: Path) -> None:
         task = await storage.create(new_task())
         assert task.piece_count == 3
         await fill(storage, task)
@@ -122,14 +124,47 @@ class StorageConformance:
         assert out.read_bytes() == CONTENT
         assert [t.id for t in storage.tasks()] == [task.id]
 
-    async def test_create_is_idempotent(self, storage: Storage):
+    async def test_create_is_idempotent(self, storage: Storage) -> None:
         a = await storage.create(new_task())
         await write_piece(storage, a, 0)
         b = await storage.create(new_task())
         assert b.id == a.id
         assert 0 in b.pieces
 
-    async def test_a_wrong_digest_keeps_nothing(self, storage: Storage):
+    async def test_a_changed_layout_starts_the_task_again(self, storage: Storage) -> None:
+        """The origin changed under a stored task: creating it with the new length drops the old pieces."""
+        old = await storage.create(new_task())
+        await write_piece(storage, old, 0)
+        shorter = CONTENT[: 6 * MiB]
+        task = await storage.create(new_task(content=shorter))
+        assert (task.content_length, task.pieces) == (len(shorter), {})
+        await fill(storage, task, shorter)
+        assert b"".join([c async for c in storage.read_range(task.id, 0, 7 * MiB)]) == shorter
+
+    async def test_a_range_is_clipped_to_the_content(self, storage: Storage) -> None:
+        task = await storage.create(new_task())
+        await fill(storage, task)
+        got = b"".join([c async for c in storage.read_range(task.id, len(CONTENT) - 10, 100)])
+        assert got == CONTENT[-10:]
+        assert [c async for c in storage.read_range(task.id, len(CONTENT), 100)] == []
+
+    async def test_what_is_not_stored_is_not_found(self, storage: Storage, tmp_path: Path) -> None:
+        missing = "ef" * 32
+        with pytest.raises(NotFound):
+            storage.writer(missing, new_task(missing).layout.span(0))
+        with pytest.raises(NotFound):
+            await storage.read_piece(missing, 0)
+        with pytest.raises(NotFound):
+            _ = [c async for c in storage.read_range(missing, 0, 10)]
+        task = await storage.create(new_task())
+        await write_piece(storage, task, 0)
+        with pytest.raises(NotFound):
+            await storage.read_piece(task.id, 1)
+        with pytest.raises(NotFound):  # not finished
+            await storage.export(task.id, tmp_path / "out.bin")
+        assert not (tmp_path / "out.bin").exists()
+
+    async def test_a_wrong_digest_keeps_nothing(self, storage: Storage) -> None:
         task = await storage.create(new_task())
         span = task.layout.span(0)
         w = storage.writer(task.id, span)
@@ -140,7 +175,7 @@ class StorageConformance:
         with pytest.raises(NotFound):
             await storage.read_piece(task.id, 0)
 
-    async def test_short_and_long_pieces_are_refused(self, storage: Storage):
+    async def test_short_and_long_pieces_are_refused(self, storage: Storage) -> None:
         task = await storage.create(new_task())
         span = task.layout.span(1)
         short = storage.writer(task.id, span)
@@ -158,7 +193,7 @@ class StorageConformance:
         long.abort()
         assert 1 not in storage.get(task.id).pieces  # type: ignore[union-attr]
 
-    async def test_an_interrupted_write_leaves_no_piece_and_can_be_redone(self, storage: Storage):
+    async def test_an_interrupted_write_leaves_no_piece_and_can_be_redone(self, storage: Storage) -> None:
         task = await storage.create(new_task())
         span = task.layout.span(1)
         w = storage.writer(task.id, span)
@@ -170,7 +205,7 @@ class StorageConformance:
         await write_piece(storage, task, 1)
         assert await storage.read_piece(task.id, 1) == CONTENT[span.offset : span.end]
 
-    async def test_readers_run_beside_writers(self, storage: Storage):
+    async def test_readers_run_beside_writers(self, storage: Storage) -> None:
         task = await storage.create(new_task())
         await write_piece(storage, task, 0)
         span0 = task.layout.span(0)
@@ -188,14 +223,14 @@ class StorageConformance:
         assert all(results[:8])
         assert await storage.read_piece(task.id, 1) == CONTENT[4 * MiB : 8 * MiB]
 
-    async def test_finish_refuses_an_incomplete_task(self, storage: Storage):
+    async def test_finish_refuses_an_incomplete_task(self, storage: Storage) -> None:
         task = await storage.create(new_task())
         await write_piece(storage, task, 0)
         with pytest.raises((StorageError, PieceCorrupt, NotFound)):
             await storage.finish(task.id)
         assert storage.get(task.id).state is not TaskState.SUCCEEDED  # type: ignore[union-attr]
 
-    async def test_delete(self, storage: Storage):
+    async def test_delete(self, storage: Storage) -> None:
         task = await storage.create(new_task())
         await fill(storage, task)
         await storage.delete(task.id)
@@ -204,7 +239,7 @@ class StorageConformance:
             await storage.read_piece(task.id, 0)
         await storage.delete(task.id)  # twice is fine
 
-    async def test_restart(self, make_storage: Callable[[Path], Storage], tmp_path: Path):
+    async def test_restart(self, make_storage: Callable[[Path], Storage], tmp_path: Path) -> None:
         data_dir = tmp_path / "restart"
         s = make_storage(data_dir)
         await s.open()
@@ -237,7 +272,7 @@ class StorageConformance:
         finally:
             await s2.close()
 
-    async def test_a_full_disk_is_a_clear_error(self, make_storage: Callable[[Path], Storage], tiny_disk: Path):
+    async def test_a_full_disk_is_a_clear_error(self, make_storage: Callable[[Path], Storage], tiny_disk: Path) -> None:
         """6 MiB + 6 MiB of tasks and 6 MiB of someone else's file on an 8 MiB disk: something must give."""
         s = make_storage(tiny_disk / "data")
         await s.open()

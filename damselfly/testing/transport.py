@@ -64,7 +64,8 @@ def tls_security(directory: Path, name: str = "node", ips: tuple[str, ...] = ("1
     if not (ca_dir / CA_CERT).exists():
         init_ca(ca_dir)
     issued = issue(ca_dir, directory, name, ips=list(ips), roles=("peer", "seed"))
-    return SecurityConfig(tls=TlsConfig(ca=ca_dir / CA_CERT, cert=issued.cert, key=issued.key))
+    tls = TlsConfig.model_validate({"ca": ca_dir / CA_CERT, "cert": issued.cert, "key": issued.key})
+    return SecurityConfig.model_validate({"tls": tls})
 
 
 def piece_bytes(number: int, length: int) -> bytes:
@@ -163,12 +164,12 @@ class TransportConformance:
             await conn.close()
 
     @pytest.mark.parametrize("number", sorted(SIZES))
-    async def test_piece_sizes(self, transport: Transport, address: str, pieces: dict[int, bytes], number: int):
+    async def test_piece_sizes(self, transport: Transport, address: str, pieces: dict[int, bytes], number: int) -> None:
         assert await self._fetch(transport, address, number, pieces) == pieces[number]
 
     async def test_many_requests_at_once_on_one_connection(
         self, transport: Transport, address: str, pieces: dict[int, bytes]
-    ):
+    ) -> None:
         conn = await transport.connect(address, 5)
         numbers = [0, 1, 2] * 6
 
@@ -186,7 +187,7 @@ class TransportConformance:
 
     async def test_not_found_is_an_error_frame_and_the_connection_lives_on(
         self, transport: Transport, address: str, pieces: dict[int, bytes]
-    ):
+    ) -> None:
         conn = await transport.connect(address, 5)
         try:
             with pytest.raises(NotFound):
@@ -200,13 +201,13 @@ class TransportConformance:
         finally:
             await conn.close()
 
-    async def test_a_refused_connection_is_a_peer_error(self, transport: Transport):
+    async def test_a_refused_connection_is_a_peer_error(self, transport: Transport) -> None:
         with pytest.raises(PeerError):
             await transport.connect(self.refused_address, 2)
 
     async def test_a_slow_reader_holds_back_the_sender(
         self, transport: Transport, address: str, pieces: dict[int, bytes]
-    ):
+    ) -> None:
         """A big piece to a reader that takes 10 ms per buffer: memory stays bounded."""
         assert self.slow_piece_length >= 2 * self.memory_bound
         data = pieces[3][: self.slow_piece_length]
@@ -228,7 +229,7 @@ class TransportConformance:
 
     async def test_a_lying_frame_is_a_protocol_error(
         self, transport: Transport, address: str, pieces: dict[int, bytes]
-    ):
+    ) -> None:
         conn = await transport.connect(address, 5)
         try:
             with pytest.raises(ProtocolError, match="lying parent"):
@@ -239,7 +240,7 @@ class TransportConformance:
 
     async def test_an_oversized_frame_is_refused_before_its_bytes(
         self, transport: Transport, address: str, pieces: dict[int, bytes]
-    ):
+    ) -> None:
         conn = await transport.connect(address, 5)
         sink = Collector(16)
         try:
@@ -252,7 +253,7 @@ class TransportConformance:
 
     async def test_a_parent_breaking_off_mid_piece_is_a_peer_error(
         self, transport: Transport, address: str, pieces: dict[int, bytes]
-    ):
+    ) -> None:
         conn = await transport.connect(address, 5)
         sink = Collector(CUT_LENGTH)
         try:
@@ -263,7 +264,7 @@ class TransportConformance:
         assert len(sink.data) < CUT_LENGTH
         assert await self._fetch(transport, address, 1, pieces) == pieces[1]
 
-    async def test_a_wrong_digest_is_caught_at_commit(self, transport: Transport, address: str):
+    async def test_a_wrong_digest_is_caught_at_commit(self, transport: Transport, address: str) -> None:
         conn = await transport.connect(address, 5)
         try:
             sink = Collector(SIZES[2])
@@ -273,7 +274,7 @@ class TransportConformance:
         finally:
             await conn.close()
 
-    async def test_clean_close(self, transport: Transport, address: str, pieces: dict[int, bytes]):
+    async def test_clean_close(self, transport: Transport, address: str, pieces: dict[int, bytes]) -> None:
         conn = await transport.connect(address, 5)
         await conn.close()
         await conn.close()  # twice is fine

@@ -219,3 +219,24 @@ def test_manifest_digest_task_id():
     assert ids.manifest_task_id(url) == "c" * 64
     with pytest.raises(InvalidArgument):
         ids.manifest_task_id("http://r/v2/library/ubuntu/manifests/latest")
+
+
+def test_a_cache_url_names_its_content_by_sha256_and_keys_its_own_task():
+    sha = "ab" * 32
+    url = ids.cache_url(sha, tag="v1", application="app")
+    assert url == f"damselfly-cache://{sha}?tag=v1&application=app"
+    assert ids.cache_url(sha) == ids.CACHE_URL_PREFIX + sha
+    assert ids.cache_url_digest(url) == f"sha256:{sha}"
+    assert ids.cache_task_id(url) == ids.keyed_task_id(url) != ids.keyed_task_id(ids.cache_url(sha))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "damselfly-cache://" + "AB" * 32,  # not lowercase hex
+        "damselfly-cache://" + "ab" * 31,  # too short
+        "https://example.com/" + "ab" * 32,  # not a cache url
+    ],
+)
+def test_only_a_well_formed_cache_url_names_a_digest(url):
+    assert ids.cache_url_digest(url) is None

@@ -7,7 +7,7 @@ import pytest
 
 from damselfly.contracts import PieceConnection, Transport
 from damselfly.core.errors import PeerError
-from damselfly.daemon.download import ConnectionPool
+from damselfly.daemon.pool import ConnectionPool
 
 
 class _Conn(PieceConnection):

@@ -9,7 +9,7 @@ import pytest
 from damselfly.config import load_settings
 from damselfly.core.errors import InvalidArgument
 from damselfly.daemon.daemon import Daemon
-from damselfly.daemon.proxy import parse_range
+from damselfly.daemon.proxyswarm import parse_range
 from damselfly.testing import OriginProcess
 
 pytestmark = pytest.mark.timeout(120)

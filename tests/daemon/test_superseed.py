@@ -9,7 +9,7 @@ from dragonfly_api import dfdaemon_pb2, dfdaemon_pb2_grpc
 from damselfly.core import vortex
 from damselfly.core.errors import Busy, Declined, NotFound
 from damselfly.daemon.superseed import SuperSeeder
-from damselfly.plugins.transport.common import PieceResponse, error_frame
+from damselfly.kit import PieceResponse, error_frame
 
 
 def test_each_new_piece_is_offered_to_one_child_the_least_loaded_first():
@@ -102,7 +102,7 @@ async def _upload_server(d):
     from damselfly.daemon.upload import UploadService
 
     server = grpc.aio.server()
-    dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(UploadService(d), server)
+    dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(UploadService(d.upload_context), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -134,15 +134,15 @@ async def test_upload_slots_answer_busy_and_free_up_when_the_piece_is_sent(tmp_p
 
     d, task = await _stored_daemon(tmp_path, 2, upload_slots=1, seed=True, super_seed=True)
     try:
-        first = await lookup_piece(d, task.id, 0)
+        first = await lookup_piece(d.upload_context, task.id, 0)
         with pytest.raises(Busy):
-            await lookup_piece(d, task.id, 1)  # the one slot is taken
+            await lookup_piece(d.upload_context, task.id, 1)  # the one slot is taken
         assert first.release is not None
         first.release()
         first.release()  # twice is harmless
-        second = await lookup_piece(d, task.id, 1)  # a super-seeding seed refuses nobody
+        second = await lookup_piece(d.upload_context, task.id, 1)  # a super-seeding seed refuses nobody
         second.release()
-        seeder = d.super_seeder(task)
+        seeder = d.offers.seeder(task)
         assert seeder is not None and seeder.sent == {0, 1} and seeder.open(task.pieces.keys())
         assert d.uploading == 0
     finally:
@@ -174,7 +174,7 @@ async def test_a_super_seeding_seed_tells_each_child_of_different_pieces(tmp_pat
         assert not set(heard["a"]) & set(heard["b"])
         assert sorted(heard["a"] + heard["b"]) == [0, 1, 2, 3]
         for n in range(4):  # each child fetches what it was told of: now everyone sees everything
-            served = await lookup_piece(d, task.id, n)
+            served = await lookup_piece(d.upload_context, task.id, n)
             assert served.release is not None
             served.release()
         await asyncio.wait_for(asyncio.gather(*followers), 10)

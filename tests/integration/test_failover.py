@@ -8,8 +8,8 @@ import grpc
 import pytest
 from dragonfly_api import scheduler_pb2, scheduler_pb2_grpc
 
-from damselfly.daemon.daemon import SchedulerPool
-from damselfly.daemon.download import DownloadRequest
+from damselfly.daemon.request import DownloadRequest
+from damselfly.daemon.schedulers import SchedulerPool
 from damselfly.sdk.client import Client
 from damselfly.testing import OriginProcess
 from tests.helpers.waiting import wait_for

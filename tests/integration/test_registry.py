@@ -71,7 +71,7 @@ def test_a_nydusd_configured_by_runtime_config_reads_chunks_of_a_blob_lazily(
     """nydusd as its mirror config drives it (no nydusd package exists here): ping, then Range reads."""
     import json
 
-    from damselfly.cli import runtime_snippet
+    from damselfly.oci.runtimes import runtime_snippet
 
     image = reg.build_and_push(tmp_path / "image", registry, "test/lazy", [17 * MiB])
     layer = max(image.blobs, key=image.blobs.get)

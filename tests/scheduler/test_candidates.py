@@ -1,13 +1,12 @@
 """Which peers the scheduler offers as parents: each rule of SchedulerState.candidates."""
 
 import pytest
-from dragonfly_api import common_pb2
 
 from damselfly.config import load_settings
 from damselfly.core.host import Host, HostType
 from damselfly.core.peer import Peer, PeerState
 from damselfly.plugin_manager import build_plugins
-from damselfly.scheduler.service import SchedulerService
+from damselfly.scheduler import SchedulerService
 from damselfly.telemetry.metrics import SchedulerMetrics
 
 pytestmark = pytest.mark.timeout(30)
@@ -60,8 +59,8 @@ def test_only_peers_that_can_serve_are_offered(peers_in_task):
     del st.peers[gone.id]  # left the state, still listed by its task
     # ranged: a peer that fetched only the first piece holds nothing the child's range needs
     add("first-piece-only", PeerState.SUCCEEDED)
-    st.set_download("first-piece-only", common_pb2.Download(range=common_pb2.Range(start=0, length=4 << 20)))
-    st.set_download("child", common_pb2.Download(range=common_pb2.Range(start=8 << 20, length=4 << 20)))
+    st.set_range("first-piece-only", (0, 4 << 20))
+    st.set_range("child", (8 << 20, 4 << 20))
     for i in range(peers_in_task - len(entry.task.peer_ids)):
         add(f"filler-{i}", PeerState.PENDING)
 

@@ -10,7 +10,7 @@ from damselfly.config import load_settings
 from damselfly.core import ids
 from damselfly.core.task import PieceRecord
 from damselfly.rpc.wire import piece_to_proto
-from damselfly.scheduler.service import start_scheduler
+from damselfly.scheduler import start_scheduler
 
 # The scheduler takes a register only under its Download's own task id: the downloads of these
 # tests name the one task TASK through their content_for_calculating_task_id, whatever their url.
@@ -76,7 +76,7 @@ async def test_unannounced_host_cannot_register(sched):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-# both servers: h2grpc writes an assembled answer's bytes as they are, grpcio is handed the message
+# both servers: damselfly.rpc writes an assembled answer's bytes as they are, grpcio is handed the message
 @pytest.mark.parametrize("sched", ["native", "grpcio"], indirect=True)
 async def test_back_to_source_peer_then_child_gets_it_as_parent(sched):
     stub, _ = sched
@@ -193,9 +193,9 @@ async def test_gc_forgets_silent_hosts_old_peers_and_empty_tasks(sched):
     st = server.service.state
     st.hosts["127.0.0.1-a"].announced_at -= 3 * st.hosts["127.0.0.1-a"].interval
     now = __import__("time").time()
-    server.service.collect(now)
+    server.service.state.collect(now)
     assert set(st.hosts) == {"127.0.0.1-b"}
-    server.service.collect(now + 2 * 86400)  # past the peer TTL and the task grace
+    server.service.state.collect(now + 2 * 86400)  # past the peer TTL and the task grace
     assert not st.peers and not st.tasks
 
 
@@ -215,7 +215,7 @@ async def test_a_downloading_peer_is_offered_new_parents_as_they_appear(sched):
         st.peers[p.id] = p
         entry.task.peer_ids.add(p.id)
     out: asyncio.Queue = asyncio.Queue()
-    svc.start_refresh(entry, b, out)
+    svc.scheduling.start_refresh(entry, b, out)
     # a new peer downloading from a, not from b, appears
     x = Peer(id="px", task_id=TASK, host_id="x", state=PeerState.RUNNING, parents={"pa"})
     st.peers[x.id] = x
@@ -225,9 +225,9 @@ async def test_a_downloading_peer_is_offered_new_parents_as_they_appear(sched):
     assert sorted(c.id for c in resp.normal_task_response.candidate_parents) == ["pa", "px"]
     assert b.parents == {"pa", "px"} and "pb" in x.children
     # the limit (3) is not reached, but nobody else fits: no more offers; finishing ends them
-    assert svc.refresh_peer(entry, b, out) is True and out.empty()
+    assert svc.scheduling.refresh_peer(entry, b, out) is True and out.empty()
     b.state = PeerState.SUCCEEDED
-    svc.refresh_task(entry)
+    svc.scheduling.refresh_task(entry)
     assert "pb" not in entry.refreshers and out.empty()
 
 
@@ -235,7 +235,7 @@ async def test_a_refresher_looks_again_within_the_refresh_interval_without_a_cha
     """A parent that became usable without a change its task was told of is still offered."""
     from damselfly.core.host import Host
     from damselfly.core.peer import Peer, PeerState
-    from damselfly.scheduler.service import REFRESH_INTERVAL
+    from damselfly.scheduler.scheduling import REFRESH_INTERVAL
 
     _, server = sched
     svc = server.service
@@ -247,7 +247,7 @@ async def test_a_refresher_looks_again_within_the_refresh_interval_without_a_cha
     st.peers[b.id] = b
     entry.task.peer_ids.add(b.id)
     out: asyncio.Queue = asyncio.Queue()
-    svc.start_refresh(entry, b, out)
+    svc.scheduling.start_refresh(entry, b, out)
     a = Peer(id="pa", task_id=TASK, host_id="a", state=PeerState.BACK_TO_SOURCE)
     st.peers[a.id] = a
     entry.task.peer_ids.add(a.id)  # and no notify()
@@ -282,14 +282,14 @@ async def test_in_a_mesh_a_peer_at_its_parent_limit_is_offered_back_its_children
         child = others[0]
         child.parents = {p.id for p in others[1 : limit + 1]}  # nobody had taken the late peer on
         out: asyncio.Queue = asyncio.Queue()
-        svc.start_refresh(entry, child, out)
+        svc.scheduling.start_refresh(entry, child, out)
         entry.notify()
         resp = await asyncio.wait_for(out.get(), 5)
         offered = [c.id for c in resp.normal_task_response.candidate_parents]
         assert late.id in offered and len(offered) == limit + 1
         assert late.id in child.parents and child.id in late.children
         child.state = PeerState.SUCCEEDED
-        svc.refresh_task(entry)
+        svc.scheduling.refresh_task(entry)
         assert child.id not in entry.refreshers
     finally:
         await server.stop()

@@ -9,7 +9,7 @@ from dragonfly_api import common_pb2, dfdaemon_pb2_grpc, scheduler_pb2, schedule
 from damselfly.config import load_settings
 from damselfly.core.task import PieceRecord
 from damselfly.rpc.wire import SOURCE_SHARES_METADATA, download_task_id, piece_to_proto, source_share_from_proto
-from damselfly.scheduler.service import start_scheduler
+from damselfly.scheduler import start_scheduler
 from tests.helpers.waiting import wait_for
 from tests.scheduler.test_service import TASK, download, host, register, req
 
@@ -39,14 +39,17 @@ class _Seed(dfdaemon_pb2_grpc.DfdaemonUploadServicer):
 
 
 @pytest.fixture
-async def cluster():
+async def cluster(request):
+    more = getattr(request, "param", {})  # more scheduler settings
     seed = _Seed()
     seed_server = grpc.aio.server()
     dfdaemon_pb2_grpc.add_DfdaemonUploadServicer_to_server(seed, seed_server)
     seed_port = seed_server.add_insecure_port("127.0.0.1:0")
     await seed_server.start()
     server = await start_scheduler(
-        load_settings(scheduler={"seed_wait": 30, "retry_interval": 0.05, "source_shares": True, "strategy": "swarm"})
+        load_settings(
+            scheduler={"seed_wait": 30, "retry_interval": 0.05, "source_shares": True, "strategy": "swarm", **more}
+        )
     )
     channel = grpc.aio.insecure_channel(server.address)
     stub = scheduler_pb2_grpc.SchedulerStub(channel)
@@ -181,11 +184,11 @@ async def test_pieces_a_peer_already_holds_are_left_out_of_the_shares(cluster):
         call.cancel()
 
 
+@pytest.mark.parametrize("cluster", [{"source_share_readers": 2}], indirect=True)
 async def test_source_share_readers_caps_who_reads_a_block(cluster):
     """With scheduler.source_share_readers 2, the seed and the first waiting peer read the task
     (a slow origin split 17 ways gives no whole piece for seconds); the other peer fetches."""
     stub, server, seed = cluster
-    server.service.cfg = server.service.cfg.model_copy(update={"source_share_readers": 2})
     calls = {}
     for name in ("a", "b"):
         calls[name] = stub.AnnouncePeer(metadata=SOURCE_SHARES_METADATA)

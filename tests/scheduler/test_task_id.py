@@ -6,7 +6,7 @@ from dragonfly_api import common_pb2
 
 from damselfly.core import ids
 from damselfly.core.errors import InvalidArgument
-from damselfly.daemon.download import DownloadRequest
+from damselfly.daemon.request import DownloadRequest
 from damselfly.rpc.wire import download_task_id
 
 BLOB = "https://registry.example/v2/team/app/blobs/sha256:" + "ab" * 32

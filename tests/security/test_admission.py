@@ -20,12 +20,12 @@ from damselfly.config import load_settings
 from damselfly.core import ids
 from damselfly.core.errors import BackendError, PermissionDenied
 from damselfly.daemon.daemon import Daemon
-from damselfly.daemon.download import CACHE_EXPIRES_HEADER, DownloadRequest
+from damselfly.daemon.request import CACHE_EXPIRES_HEADER, DownloadRequest
 from damselfly.plugins.source.fsspec_source import S3Source
 from damselfly.plugins.source.hf import HfSource
 from damselfly.sandbox.origin import Origin as CountingOrigin
 from damselfly.sandbox.origin import make_file
-from damselfly.scheduler.service import start_scheduler
+from damselfly.scheduler import start_scheduler
 from damselfly.sdk.client import Client
 from damselfly.security.admission import Origin, check_task_key, source_options
 from tests.helpers.daemons import daemon

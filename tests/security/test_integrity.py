@@ -22,7 +22,9 @@ from damselfly.core import ids, vortex
 from damselfly.core.errors import DamselflyError, PieceCorrupt
 from damselfly.core.piece import PieceSpan, digest, strong_digest
 from damselfly.core.task import Task, TaskState
-from damselfly.daemon.download import ConnectionPool, ContentCheck, PieceAuthority
+from damselfly.daemon.content import ContentCheck
+from damselfly.daemon.pool import ConnectionPool
+from damselfly.daemon.schedlink import PieceAuthority
 from damselfly.plugins.storage.disk import META, DiskStorage
 from damselfly.plugins.transport.tcp import TcpTransport
 from damselfly.sdk.client import Client
@@ -330,7 +332,7 @@ async def test_a_seed_announcing_its_stored_tasks_gives_the_scheduler_their_stro
     from the seed's re-announcement, so children can check what the seed serves."""
     from damselfly.config import load_settings
     from damselfly.daemon.daemon import Daemon
-    from damselfly.scheduler.service import start_scheduler
+    from damselfly.scheduler import start_scheduler
 
     damselfly_origin.make("f.bin", 3 * MiB + 5)
     url = damselfly_origin.url("f.bin")
@@ -386,7 +388,7 @@ async def test_a_seed_announcing_its_stored_tasks_gives_the_scheduler_their_stro
 )
 def test_a_stored_task_is_announced_under_the_task_id_it_was_fetched_under(request_fields):
     from damselfly.daemon.daemon import announce_request
-    from damselfly.daemon.download import DownloadRequest
+    from damselfly.daemon.request import DownloadRequest
 
     url = "http://reg.example:5000/v2/team/app/blobs/sha256:" + "ab" * 32 + "?sig=1"
     if request_fields.get("content_for_calculating_task_id", "").startswith("damselfly-cache://"):

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from damselfly.config import load_settings
 from damselfly.core.errors import PermissionDenied
 from damselfly.daemon.daemon import Daemon
-from damselfly.rpc import h2grpc
+from damselfly.rpc import Connection
 from damselfly.sandbox.origin import Origin, make_file
 from damselfly.sdk.client import Client
 
@@ -291,7 +291,7 @@ async def test_the_relay_closes_both_sides_when_the_client_leaves(base, origin):
         sock = socket.socket(socket.AF_UNIX)
         sock.connect(str(d.socket_path))
         loop = asyncio.get_running_loop()
-        transport, conn = await loop.create_unix_connection(lambda: h2grpc.Connection("localhost"), str(d.socket_path))
+        transport, conn = await loop.create_unix_connection(lambda: Connection("localhost"), str(d.socket_path))
         assert await relay.wait_for(lambda: relay.active == 2, timeout=10)
         stream = conn.stream("/dfdaemon.v2.DfdaemonDownload/DownloadTask")
         download = common_pb2.Download(url=origin.url("f.bin"), need_piece_content=True, piece_length=65536)
@@ -377,7 +377,7 @@ async def test_a_file_source_opens_as_the_local_caller_so_a_swapped_symlink_gain
     """check_local_read probes a path as the caller; the source then opens it again, as the
     caller too: a path the caller swaps for a symlink to root's file in between is refused."""
     from damselfly.config import SourcePolicyConfig
-    from damselfly.daemon.local import local_opener
+    from damselfly.daemon.localfiles import local_opener
     from damselfly.daemon.localrelay import Caller
     from damselfly.plugins.source.file import FileSource
     from damselfly.security.admission import Origin as Admitted

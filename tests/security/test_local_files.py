@@ -13,7 +13,7 @@ from damselfly.config import load_settings
 from damselfly.core.errors import DamselflyError, NotFound
 from damselfly.plugins.transport.tcp import TcpTransport
 from damselfly.rpc.wire import download_task_id
-from damselfly.scheduler.service import start_scheduler
+from damselfly.scheduler import start_scheduler
 from damselfly.sdk.client import Client
 from damselfly.testing.transport import Collector
 from tests.helpers.daemons import daemon

@@ -25,7 +25,7 @@ from loguru import logger
 from damselfly.config import load_settings
 from damselfly.core import ids
 from damselfly.daemon.daemon import Daemon
-from damselfly.daemon.download import DownloadRequest
+from damselfly.daemon.request import DownloadRequest
 from damselfly.daemon.runtime import Failed, Finished
 from damselfly.testing import registry as reg
 from tests.helpers.waiting import wait_for

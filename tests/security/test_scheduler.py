@@ -14,7 +14,7 @@ from damselfly.config import load_settings
 from damselfly.core import ids
 from damselfly.core.task import PieceRecord
 from damselfly.rpc.wire import download_task_id, piece_to_proto
-from damselfly.scheduler.service import start_scheduler
+from damselfly.scheduler import start_scheduler
 from damselfly.security import certs, tls
 from tests.helpers.waiting import wait_for
 from tests.helpers.web import http_server
@@ -156,7 +156,7 @@ async def test_credentials_are_absent_from_stat_task_parent_answers_and_logs(sch
         assert leaked(peer.SerializeToString()) == []
         # nothing the scheduler keeps holds them either
         st = server.service.state
-        assert leaked(st.downloads["pa"].SerializeToString()) == []
+        assert leaked(repr(vars(st))) == []  # (the request itself stays with its stream)
         assert leaked(repr(st.tasks[PRIVATE_TASK].task)) == []
         first.cancel()
         second.cancel()
@@ -607,7 +607,7 @@ async def test_under_tls_the_seed_gets_the_requesters_credentials_and_nobody_kee
         assert sorted(leaked(trigger.SerializeToString())) == sorted(SECRETS)  # to the one seed, over mTLS
         task = await a.StatTask(scheduler_pb2.StatTaskRequest(task_id=PRIVATE_TASK))
         assert leaked(task.SerializeToString()) == []
-        assert leaked(server.service.state.downloads["pa"].SerializeToString()) == []
+        assert leaked(repr(vars(server.service.state))) == []
         call.cancel()
     finally:
         await a_channel.close()

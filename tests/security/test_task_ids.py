@@ -12,7 +12,7 @@ from aiohttp import web
 
 from damselfly.core import ids
 from damselfly.core.errors import PermissionDenied
-from damselfly.daemon.download import DownloadRequest
+from damselfly.daemon.request import DownloadRequest
 from damselfly.sandbox.origin import Origin as CountingOrigin
 from damselfly.sdk.client import Client
 from tests.helpers.daemons import daemon

@@ -1,9 +1,9 @@
 """Mutual TLS on the listeners that cross hosts (issue 25, item 6), each driven over its real
-socket: the scheduler's h2grpc and grpcio listeners, the daemon's upload gRPC and its Vortex
+socket: the scheduler's native (damselfly.rpc) and grpcio listeners, the daemon's upload gRPC and its Vortex
 piece server refuse a client without a certificate of the cluster CA; a client refuses a
 server whose certificate does not name the address dialled; a server refuses a client whose
 certificate does not name the address it connects from; ``damselfly certs`` writes 0600 keys;
-h2grpc refuses streams past its cap; a TLS cluster downloads a file."""
+damselfly.rpc's server refuses streams past its cap; a TLS cluster downloads a file."""
 
 import asyncio
 import contextlib
@@ -24,16 +24,17 @@ from loguru import logger
 
 from damselfly.cli import cli
 from damselfly.config import TlsConfig, load_settings
-from damselfly.daemon.daemon import Daemon, SchedulerPool
-from damselfly.rpc import h2grpc
-from damselfly.scheduler.service import start_scheduler
+from damselfly.daemon.daemon import Daemon
+from damselfly.daemon.schedulers import SchedulerPool
+from damselfly.rpc import Connection, RpcError, Server, framing
+from damselfly.scheduler import start_scheduler
 from damselfly.security import certs, tls
 from damselfly.security.identity import identity_from_pem
 
 pytestmark = pytest.mark.timeout(90)
 
 LOOPBACK = "127.0.0.1"
-SETTINGS_FRAME = h2grpc.frame(h2grpc.SETTINGS, 0, 0)
+SETTINGS_FRAME = framing.frame(framing.SETTINGS, 0, 0)
 
 
 class Pki:
@@ -89,7 +90,7 @@ async def _close(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
-async def speak(port: int, ctx: ssl.SSLContext, payload: bytes = h2grpc.PREFACE + SETTINGS_FRAME) -> bytes:
+async def speak(port: int, ctx: ssl.SSLContext, payload: bytes = framing.PREFACE + SETTINGS_FRAME) -> bytes:
     """Send ``payload`` over TLS with ``ctx``; what the server answers first."""
     reader, writer = await _connect(port, ctx)
     try:
@@ -100,7 +101,7 @@ async def speak(port: int, ctx: ssl.SSLContext, payload: bytes = h2grpc.PREFACE 
         await _close(writer)
 
 
-async def assert_refused(port: int, ctx: ssl.SSLContext, payload: bytes = h2grpc.PREFACE + SETTINGS_FRAME) -> str:
+async def assert_refused(port: int, ctx: ssl.SSLContext, payload: bytes = framing.PREFACE + SETTINGS_FRAME) -> str:
     """The server completes TLS with its own certificate of the cluster CA, then refuses the
     client (a TLS alert, or a closed connection), never answering ``payload``. How it refused."""
     reader, writer = await _connect(port, ctx)  # a plaintext server would fail right here
@@ -117,7 +118,7 @@ async def assert_refused(port: int, ctx: ssl.SSLContext, payload: bytes = h2grpc
 
 
 def is_h2_settings(data: bytes) -> bool:
-    return len(data) >= 9 and data[3] == h2grpc.SETTINGS
+    return len(data) >= 9 and data[3] == framing.SETTINGS
 
 
 async def health_check(channel: grpc.aio.Channel) -> int:
@@ -164,7 +165,7 @@ async def test_scheduler_refuses_a_certificate_that_does_not_name_the_callers_ad
     async with tls.grpc_channel(server.address, pki.cfg("faraway")) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await scheduler_pb2_grpc.SchedulerStub(ch).ListHosts(scheduler_pb2.ListHostsRequest(), timeout=10)
-    # h2grpc checks at the handshake, grpcio's interceptor at each call
+    # damselfly.rpc's server checks at the handshake, grpcio's interceptor at each call
     assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert "does not name 127.0.0.1" in err.value.details()
     async with tls.grpc_channel(server.address, pki.cfg("client")) as ch:
@@ -310,7 +311,7 @@ def test_certs_cli_makes_a_ca_and_node_certificates_with_private_keys(tmp_path):
     assert not (out / "bad.pem").exists()
 
 
-# -- h2grpc's cap on concurrent streams --------------------------------------------------------
+# -- damselfly.rpc's cap on concurrent streams --------------------------------------------------
 
 
 def _frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
@@ -325,8 +326,8 @@ def _frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
     return out
 
 
-async def test_h2grpc_refuses_streams_past_its_cap(tmp_path):
-    """The scheduler's h2grpc listener with grpc_max_streams=2: SETTINGS advertise 2, a third
+async def test_the_rpc_server_refuses_streams_past_its_cap(tmp_path):
+    """The scheduler's native listener with grpc_max_streams=2: SETTINGS advertise 2, a third
     open stream is reset with REFUSED_STREAM, and one more is served once a stream ends."""
     settings = load_settings(
         scheduler={"grpc_server": "native", "seed_trigger": False}, security={"limits": {"grpc_max_streams": 2}}
@@ -335,7 +336,7 @@ async def test_h2grpc_refuses_streams_past_its_cap(tmp_path):
     port = int(server.address.rpartition(":")[2])
     reader, writer = await asyncio.open_connection(LOOPBACK, port)
     try:
-        block = h2grpc.encode_headers(
+        block = framing.encode_headers(
             [
                 (":method", "POST"),
                 (":scheme", "http"),
@@ -345,34 +346,34 @@ async def test_h2grpc_refuses_streams_past_its_cap(tmp_path):
                 ("te", "trailers"),
             ]
         )
-        writer.write(h2grpc.PREFACE + SETTINGS_FRAME)
+        writer.write(framing.PREFACE + SETTINGS_FRAME)
         for sid in (1, 3, 5):  # AnnouncePeer streams stay open until the client ends them
-            writer.write(h2grpc.frame(h2grpc.HEADERS, h2grpc.END_HEADERS, sid, block))
+            writer.write(framing.frame(framing.HEADERS, framing.END_HEADERS, sid, block))
         await writer.drain()
         got: list[tuple[int, int, int, bytes]] = []
         buf = b""
-        while not any(k == h2grpc.RST_STREAM for k, _, _, _ in got):
+        while not any(k == framing.RST_STREAM for k, _, _, _ in got):
             chunk = await asyncio.wait_for(reader.read(65536), 10)
             assert chunk, "the server closed the connection"
             buf += chunk
             got = _frames(buf)
-        settings_frame = next(p for k, f, s, p in got if k == h2grpc.SETTINGS and not f & h2grpc.ACK)
+        settings_frame = next(p for k, f, s, p in got if k == framing.SETTINGS and not f & framing.ACK)
         advertised = dict(struct.iter_unpack(">HI", settings_frame))
-        assert advertised[h2grpc.S_MAX_CONCURRENT_STREAMS] == 2
-        resets = [(s, struct.unpack(">I", p)[0]) for k, _, s, p in got if k == h2grpc.RST_STREAM]
-        assert resets == [(5, h2grpc.REFUSED_STREAM)]
+        assert advertised[framing.S_MAX_CONCURRENT_STREAMS] == 2
+        resets = [(s, struct.unpack(">I", p)[0]) for k, _, s, p in got if k == framing.RST_STREAM]
+        assert resets == [(5, framing.REFUSED_STREAM)]
     finally:
         writer.close()
         await writer.wait_closed()
-    # through h2grpc's client: the cap is per connection and counts open streams only
-    conn = await h2grpc.Connection.open(LOOPBACK, port)
+    # through damselfly.rpc's client: the cap is per connection and counts open streams only
+    conn = await Connection.open(LOOPBACK, port)
     try:
         first, _second = (
             conn.stream("/scheduler.v2.Scheduler/AnnouncePeer"),
             conn.stream("/scheduler.v2.Scheduler/AnnouncePeer"),
         )
         third = conn.stream("/scheduler.v2.Scheduler/AnnouncePeer")
-        with pytest.raises(h2grpc.RpcError, match=f"code {h2grpc.REFUSED_STREAM}"):
+        with pytest.raises(RpcError, match=f"code {framing.REFUSED_STREAM}"):
             await asyncio.wait_for(third.recv(), 10)
         first.cancel()
         request = scheduler_pb2.ListHostsRequest().SerializeToString()
@@ -383,21 +384,21 @@ async def test_h2grpc_refuses_streams_past_its_cap(tmp_path):
         await server.stop()
 
 
-async def test_h2grpc_client_speaks_mutual_tls_to_its_server(pki):
-    """h2grpc on both ends over TLS: the servicer sees the client's verified certificate."""
+async def test_the_rpc_client_speaks_mutual_tls_to_its_server(pki):
+    """damselfly.rpc on both ends over TLS: the servicer sees the client's verified certificate."""
     seen: list[bytes | None] = []
 
     async def whoami(request: bytes, context) -> bytes:
         seen.append(context.peer_certificate())
         return b"ok"
 
-    server = h2grpc.Server()
+    server = Server()
     handlers = {"Who": grpc.unary_unary_rpc_method_handler(whoami)}
     server.add_registered_method_handlers("t.T", handlers)
     port = tls.add_port(server, f"{LOOPBACK}:0", pki.cfg("server"))
     await server.start()
     try:
-        conn = await h2grpc.Connection.open(LOOPBACK, port, ssl_context=tls.client_ssl_context(pki.cfg("client")))
+        conn = await Connection.open(LOOPBACK, port, ssl_context=tls.client_ssl_context(pki.cfg("client")))
         try:
             assert await conn.unary("/t.T/Who", b"", timeout=10) == b"ok"
         finally:

@@ -3,7 +3,8 @@
 ``sequential`` takes the lowest numbers first (upstream's order, and what a
 reader streaming the output wants); ``rarest-first`` takes first the pieces the
 fewest parents hold, ties broken at random, as BitTorrent does, so copies of
-every piece spread through the swarm sooner.
+every piece spread through the swarm sooner. Its randomness is its own
+``random.Random``, which a test may hand in (``rng``) to make the order reproducible.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, ClassVar
 
+from pydantic import BaseModel
+
 from damselfly.contracts import PiecePicker
 from damselfly.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
+    from damselfly.contracts import Registry
 
 
 class SequentialPicker(PiecePicker):
@@ -28,9 +31,13 @@ class SequentialPicker(PiecePicker):
 class RarestFirstPicker(PiecePicker):
     name: ClassVar[str] = "rarest-first"
 
+    def __init__(self, options: BaseModel | None = None, *, rng: random.Random | None = None):
+        super().__init__(options)
+        self.rng = rng or random.Random()
+
     def order(self, missing: set[int], holders: dict[int, float]) -> list[int]:
         ranked = list(missing)
-        random.shuffle(ranked)
+        self.rng.shuffle(ranked)
         # pieces nobody holds yet cannot be fetched now: keep them last
         ranked.sort(key=lambda n: holders.get(n, 0) or 1 << 30)
         return ranked

@@ -7,17 +7,13 @@ load quality = 0.5 free peak bandwidth + 0.3 bandwidth duration + 0.2 concurrenc
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
-from damselfly.contracts import Candidate, Strategy
+from damselfly.contracts import Candidate, Registry, Strategy
 from damselfly.core.host import Host, HostType
 from damselfly.core.peer import PeerState
 from damselfly.core.task import Task
 from damselfly.hookspecs import hookimpl
-
-if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
-
 
 LOCATION_LEVELS = 5
 DURATION_WINDOW = 60.0  # seconds

@@ -10,15 +10,12 @@ close ones, so a child is never left without parents.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
-from damselfly.contracts import Candidate, Strategy
+from damselfly.contracts import Candidate, Registry, Strategy
 from damselfly.core.task import Task
 from damselfly.hookspecs import hookimpl
 from damselfly.plugins.scheduler.dragonfly import idc_affinity, location_affinity, score
-
-if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
 
 
 class LocalityStrategy(Strategy):

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import random as _random
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
-from damselfly.contracts import Candidate, Strategy
+from damselfly.contracts import Candidate, Registry, Strategy
 from damselfly.core.task import Task
 from damselfly.hookspecs import hookimpl
-
-if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
 
 
 class RandomStrategy(Strategy):

@@ -21,15 +21,12 @@ skipped by the scheduler whatever the strategy (``Peer.is_bad``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
-from damselfly.contracts import Candidate, Strategy
+from damselfly.contracts import Candidate, Registry, Strategy
 from damselfly.core.task import Task
 from damselfly.hookspecs import hookimpl
 from damselfly.plugins.scheduler.dragonfly import score
-
-if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
 
 
 class SwarmStrategy(Strategy):

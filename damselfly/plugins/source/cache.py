@@ -2,41 +2,27 @@
 
 ``damselfly cache import FILE`` stores a file on its peer and on replicas, under
 ``damselfly-cache://SHA256[?tag=..&application=..]`` (the url is also what the task
-id is computed from). There is no origin to go back to: this source says so, and
-a download of such a task comes from peers or not at all.
+id is computed from; ``core.ids`` builds both). There is no origin to go back to: this
+source says so, and a download of such a task comes from peers or not at all.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, ClassVar
-from urllib.parse import urlencode
 
 from damselfly.contracts import Source, SourceInfo
-from damselfly.core import ids
 from damselfly.core.errors import BackendError
+from damselfly.core.ids import CACHE_SCHEME
 from damselfly.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
-
-
-SCHEME = "damselfly-cache"
-
-
-def cache_url(sha256_hex: str, tag: str = "", application: str = "") -> str:
-    query = urlencode({k: v for k, v in (("tag", tag), ("application", application)) if v})
-    return f"{SCHEME}://{sha256_hex}" + (f"?{query}" if query else "")
-
-
-def cache_task_id(url: str) -> str:
-    """The task id of a cache url: its own task key (``content_for_calculating_task_id``)."""
-    return ids.keyed_task_id(url)
+    from damselfly.contracts import Registry
 
 
 class CacheSource(Source):
     name: ClassVar[str] = "cache"
-    schemes: ClassVar[tuple[str, ...]] = (SCHEME,)
+    schemes: ClassVar[tuple[str, ...]] = (CACHE_SCHEME,)
 
     async def stat(self, url: str, headers: dict[str, str]) -> SourceInfo:
         raise BackendError(f"{url} is a persistent cache task: no peer holding it could be reached", status_code=404)

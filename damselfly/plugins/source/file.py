@@ -16,7 +16,7 @@ from damselfly.rpc.wire import redact_url
 from damselfly.security import admission
 
 if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
+    from damselfly.contracts import Registry
 
 
 CHUNK = 1 << 20

@@ -40,14 +40,14 @@ from damselfly.contracts import Source, SourceEntry, SourceInfo
 from damselfly.core.errors import BackendError, InvalidArgument, PermissionDenied
 from damselfly.hookspecs import hookimpl
 from damselfly.plugins.source.http import policy_of, shown
+from damselfly.plugins.source.options import FSSPEC_CHUNK, S3Config, credentials_of, endpoints_of, to_fsspec
 from damselfly.security.admission import current_origin, current_policy
 from damselfly.security.policy import SourcePolicy, check_endpoint
 
 if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
+    from damselfly.contracts import Registry
 
 
-CHUNK = 8 << 20
 # schemes the other built-in sources (or fsspec's chaining) own, never taken by the fallback
 _NOT_OURS = {"http", "https", "file", "local", "p2p", "hf", "hdfs", "webhdfs", "oci", "blockcache", "filecache"}
 # options of fsspec filesystems that name the server they connect to
@@ -83,7 +83,7 @@ def _backend_error(exc: BaseException, url: str) -> BackendError:
 
 class FsspecConfig(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
-    chunk: int = Field(CHUNK, ge=64 * 1024, description="Bytes read per call to the filesystem.")
+    chunk: int = Field(FSSPEC_CHUNK, ge=64 * 1024, description="Bytes read per call to the filesystem.")
 
 
 class FsspecSource(Source):
@@ -208,7 +208,7 @@ class FsspecSource(Source):
     async def read(self, url: str, offset: int, length: int, headers: dict[str, str]) -> AsyncIterator[bytes]:
         fs = await self.filesystem(url)
         path = self.path_of(url, fs)
-        step = getattr(self.options, "chunk", CHUNK)
+        step = getattr(self.options, "chunk", FSSPEC_CHUNK)
         end = offset + length
         while offset < end:
             want = min(step, end - offset)
@@ -257,30 +257,16 @@ def _endpoints(options: Any, prefix: str = "") -> list[tuple[str, str]]:
     return found
 
 
-class S3Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    region: str = Field("", description="Bucket region (dfget --storage-region).")
-    endpoint: str = Field("", description="S3 API endpoint URL, e.g. http://127.0.0.1:9000 (--storage-endpoint).")
-    access_key_id: str = Field("", description="Access key id (--storage-access-key-id); empty: the usual chain.")
-    access_key_secret: str = Field("", description="Secret access key (--storage-access-key-secret).")
-    session_token: str = Field("", description="Session token of temporary credentials (--storage-session-token).")
-    insecure_skip_verify: bool = Field(False, description="Do not verify the endpoint's TLS certificate.")
-    anonymous: bool = Field(False, description="Unsigned requests (public buckets).")
-    chunk: int = Field(CHUNK, ge=64 * 1024, description="Bytes per ranged GET.")
-    endpoint_from_request: bool = Field(
-        False, description="Set for a request that names its endpoint: the node's ambient credentials stay home."
-    )
-
-
 class S3Source(FsspecSource):
-    """``s3://bucket/key`` through s3fs, options as Dragonfly's ``ObjectStorage`` names them."""
+    """``s3://bucket/key`` through s3fs, options as Dragonfly's ``ObjectStorage`` names them
+    (``S3Config`` says how each reaches it)."""
 
     name: ClassVar[str] = "s3"
     schemes: ClassVar[tuple[str, ...]] = ("s3", "s3a")
-    request_field: ClassVar[str] = "object_storage"
+    request_field: ClassVar[str] = S3Config.message
     # the node's keys never go with a request from the network, nor to an endpoint a request names
-    credential_fields: ClassVar[frozenset[str]] = frozenset({"access_key_id", "access_key_secret", "session_token"})
-    endpoint_fields: ClassVar[frozenset[str]] = frozenset({"endpoint", "insecure_skip_verify"})
+    credential_fields: ClassVar[frozenset[str]] = credentials_of(S3Config)
+    endpoint_fields: ClassVar[frozenset[str]] = endpoints_of(S3Config)
     Config: ClassVar[type[BaseModel]] = S3Config
     options: S3Config
 
@@ -310,18 +296,12 @@ class S3Source(FsspecSource):
         return None
 
     def storage_options(self, protocol: str) -> dict[str, Any]:
+        """s3fs's options, under the names ``S3Config`` gives them. The keys go only with their id,
+        and then the secret always (an empty one fails as a wrong one does)."""
         o = self.options
-        client: dict[str, Any] = {}
-        if o.region:
-            client["region_name"] = o.region
-        if o.endpoint:
-            client["endpoint_url"] = o.endpoint
-        if o.insecure_skip_verify:
-            client["verify"] = False
-        options: dict[str, Any] = {"client_kwargs": client, "anon": o.anonymous}
-        if o.access_key_id:
-            options.update(key=o.access_key_id, secret=o.access_key_secret, token=o.session_token or None)
-        return options
+        if not o.access_key_id:
+            return to_fsspec(o, leave_out=self.credential_fields)
+        return {"secret": o.access_key_secret, **to_fsspec(o)}
 
     async def filesystem(self, url: str) -> Any:
         if urlsplit(url).scheme.lower() == "s3a":

@@ -19,36 +19,28 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from damselfly.contracts import SourceEntry, SourceInfo
 from damselfly.core.errors import BackendError, InvalidArgument
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.source.http import HttpConfig, HttpSource, shown
+from damselfly.plugins.source.http import HttpSource, shown
+from damselfly.plugins.source.options import HdfsConfig, credentials_of, endpoints_of
 
 if TYPE_CHECKING:
-    from damselfly.contracts import Source
-    from damselfly.plugin_manager import Registry
+    from damselfly.contracts import Registry, Source
 
 
 CHUNK = 256 * 1024
 
 
-class HdfsConfig(HttpConfig):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    port: int = Field(9870, ge=1, le=65535, description="WebHDFS port when the url names none.")
-    use_https: bool = Field(False, description="Talk to the namenode over HTTPS (swebhdfs).")
-    user: str = Field("", description="user.name for simple authentication.")
-    delegation_token: str = Field("", description="Delegation token (dfget --hdfs-delegation-token).")
-
-
 class HdfsSource(HttpSource):
     name: ClassVar[str] = "hdfs"
     schemes: ClassVar[tuple[str, ...]] = ("hdfs",)
-    request_field: ClassVar[str] = "hdfs"
+    request_field: ClassVar[str] = HdfsConfig.message
     # the node's token and user never go with a request from the network
-    credential_fields: ClassVar[frozenset[str]] = frozenset({"delegation_token", "user"})
-    endpoint_fields: ClassVar[frozenset[str]] = frozenset({"port", "use_https"})
+    credential_fields: ClassVar[frozenset[str]] = credentials_of(HdfsConfig)
+    endpoint_fields: ClassVar[frozenset[str]] = endpoints_of(HdfsConfig)
     Config: ClassVar[type[BaseModel]] = HdfsConfig
     options: HdfsConfig
 

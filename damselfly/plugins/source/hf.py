@@ -21,26 +21,19 @@ from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import quote, urlsplit
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from damselfly.contracts import SourceEntry, SourceInfo
 from damselfly.core.errors import BackendError, InvalidArgument
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.source.http import HttpConfig, HttpSource, shown
+from damselfly.plugins.source.http import HttpSource, shown
+from damselfly.plugins.source.options import HfConfig, credentials_of, endpoints_of
 
 if TYPE_CHECKING:
-    from damselfly.contracts import Source
-    from damselfly.plugin_manager import Registry
+    from damselfly.contracts import Registry, Source
 
 
 REPO_TYPES = {"datasets": "datasets", "spaces": "spaces", "models": "models"}
-
-
-class HfConfig(HttpConfig):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    token: str = Field("", description="Hugging Face access token (dfget --hf-token); empty: anonymous.")
-    revision: str = Field("main", description="Branch, tag or commit when the url names none (--hf-revision).")
-    base_url: str = Field("https://huggingface.co", description="Hub endpoint (a mirror, or a local test hub).")
 
 
 @dataclass(frozen=True)
@@ -88,10 +81,10 @@ class HfPath:
 class HfSource(HttpSource):
     name: ClassVar[str] = "hf"
     schemes: ClassVar[tuple[str, ...]] = ("hf",)
-    request_field: ClassVar[str] = "hugging_face"
+    request_field: ClassVar[str] = HfConfig.message
     # the node's token never goes with a request from the network, nor to a hub a request names
-    credential_fields: ClassVar[frozenset[str]] = frozenset({"token"})
-    endpoint_fields: ClassVar[frozenset[str]] = frozenset({"base_url"})
+    credential_fields: ClassVar[frozenset[str]] = credentials_of(HfConfig)
+    endpoint_fields: ClassVar[frozenset[str]] = endpoints_of(HfConfig)
     Config: ClassVar[type[BaseModel]] = HfConfig
     options: HfConfig
 

@@ -15,17 +15,18 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from damselfly.contracts import Source, SourceInfo
 from damselfly.core.errors import BackendError, PermissionDenied
 from damselfly.hookspecs import hookimpl
+from damselfly.plugins.source.options import HttpConfig
 from damselfly.rpc.wire import redact_url
 from damselfly.security.admission import current_policy
 from damselfly.security.policy import SourcePolicy, policy_connector, refusal_in
 
 if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
+    from damselfly.contracts import Registry
 
 
 CHUNK = 256 * 1024
@@ -42,28 +43,6 @@ def shown(text: object) -> str:
     without its user:password and its signed-URL credentials (``wire.redact_url``)."""
     out = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), str(text))
     return _DELEGATION.sub(r"\1REDACTED", out)
-
-
-class HttpConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    connect_timeout: float = Field(10.0, gt=0, description="Seconds to connect to the origin.")
-    read_timeout: float = Field(60.0, gt=0, description="Seconds a read may stall.")
-    verify_tls: bool = Field(True, description="Verify the origin's certificate.")
-    read_buffer: int = Field(
-        1 << 20,
-        ge=1 << 16,
-        le=1 << 30,
-        description="Bytes of a response buffered ahead of the reader (aiohttp's read_bufsize): the socket "
-        "is read ahead while the consumer is busy elsewhere, so the origin's sending stalls less on it.",
-    )
-    socket_buffer: int = Field(
-        0,
-        ge=0,
-        le=1 << 30,
-        description="SO_RCVBUF of origin connections (0: the kernel's autotuning). Autotuning sizes the buffer "
-        "to what is read per round trip, so on a short path a reader that pauses (a busy seed) stops the "
-        "sender; a fixed buffer rides the pause out, but caps each connection at buffer / round trip.",
-    )
 
 
 class HttpSource(Source):

@@ -20,11 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from damselfly.contracts import SourceEntry, SourceInfo
 from damselfly.hookspecs import hookimpl
 from damselfly.oci.distribution import MANIFEST_TYPES, Reference, RegistryClient
-from damselfly.plugins.source.http import HttpConfig, HttpSource
+from damselfly.plugins.source.http import HttpSource
+from damselfly.plugins.source.options import HttpConfig
 
 if TYPE_CHECKING:
-    from damselfly.contracts import Source
-    from damselfly.plugin_manager import Registry
+    from damselfly.contracts import Registry, Source
 
 
 class OciConfig(HttpConfig):

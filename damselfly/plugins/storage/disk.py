@@ -22,25 +22,18 @@ import json
 import os
 import shutil
 import threading
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from damselfly.contracts import BufferedPieceWriter, FileRegion, Storage, piece_record
-from damselfly.core.errors import NotFound, StorageError
+from damselfly.contracts import BufferedPieceWriter, FileRegion, Registry, Storage, piece_record
+from damselfly.core.errors import StorageError
 from damselfly.core.piece import PieceSpan
 from damselfly.core.task import PieceRecord, Task, TaskState
 from damselfly.hookspecs import hookimpl
 
-if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
-
-
-READ_CHUNK = 1 << 20
 META = "meta.json"
 CONTENT = "content"
 # the storage is private to the daemon's user: a task may hold one of this node's files, and its signed URL
@@ -114,7 +107,7 @@ class _DiskWriter(BufferedPieceWriter):
             raise StorageError(f"cannot write task {self._task.id[:12]}: {exc.strerror}") from None
 
     def _keep(self, record: PieceRecord) -> None:
-        self._storage._record(self._task, record)
+        self._storage._piece_stored(self._task, record)
 
 
 def _make_private(d: Path) -> None:
@@ -133,7 +126,6 @@ class DiskStorage(Storage):
     def __init__(self, data_dir: Path, options: BaseModel | None = None):
         super().__init__(data_dir, options)
         self.root = Path(data_dir) / "tasks"
-        self._tasks: dict[str, Task] = {}
         self._fds: dict[str, int] = {}
         self._dirty: set[str] = set()
         self._flusher: asyncio.Task[None] | None = None
@@ -178,12 +170,6 @@ class DiskStorage(Storage):
             os.close(fd)
         self._fds.clear()
 
-    def tasks(self) -> list[Task]:
-        return list(self._tasks.values())
-
-    def get(self, task_id: str) -> Task | None:
-        return self._tasks.get(task_id)
-
     def _dir(self, task_id: str) -> Path:
         if not task_id.isalnum():
             raise StorageError(f"bad task id {task_id!r}")
@@ -199,12 +185,7 @@ class DiskStorage(Storage):
             self._fds[task_id] = fd
         return fd
 
-    async def create(self, task: Task) -> Task:
-        existing = self._tasks.get(task.id)
-        if existing is not None:
-            if existing.content_length == task.content_length and existing.piece_length == task.piece_length:
-                return existing
-            await self.delete(task.id)  # the origin changed: start again
+    async def _create(self, task: Task) -> None:
         d = self._dir(task.id)
         free = shutil.disk_usage(self.root).free
         if free - task.content_length < self.options.min_free_bytes:
@@ -226,21 +207,13 @@ class DiskStorage(Storage):
             shutil.rmtree(d, ignore_errors=True)
             raise StorageError(f"cannot create task {task.id[:12]} in {d}: {exc.strerror}") from None
         self._fds[task.id] = fd
-        task.state = TaskState.RUNNING
-        task.created_at = task.updated_at = time.time()
-        self._tasks[task.id] = task
         self._persist(task.id)
-        return task
 
-    def writer(self, task_id: str, span: PieceSpan) -> _DiskWriter:
-        task = self._tasks.get(task_id)
-        if task is None:
-            raise NotFound(f"task {task_id[:12]} is not stored here")
-        return _DiskWriter(self, task, self._fd(task_id), span)
+    def _writer(self, task: Task, span: PieceSpan) -> _DiskWriter:
+        return _DiskWriter(self, task, self._fd(task.id), span)
 
-    def _record(self, task: Task, record: PieceRecord) -> None:
-        task.pieces[record.number] = record
-        task.updated_at = time.time()
+    def _piece_stored(self, task: Task, record: PieceRecord) -> None:
+        super()._piece_stored(task, record)
         self._dirty.add(task.id)
         if self.options.persist_interval == 0:
             self._persist(task.id)
@@ -295,50 +268,19 @@ class DiskStorage(Storage):
             self._meta_written.pop(task_id, None)
             self._meta_taken.pop(task_id, None)
 
-    def _present(self, task_id: str, number: int) -> tuple[Task, PieceRecord]:
-        task = self._tasks.get(task_id)
-        if task is None:
-            raise NotFound(f"task {task_id[:12]} is not stored here")
-        record = task.pieces.get(number)
-        if record is None:
-            raise NotFound(f"piece {number} of task {task_id[:12]} is not stored here")
-        return task, record
-
-    async def read_piece(self, task_id: str, number: int) -> bytes:
-        _, record = self._present(task_id, number)
-        data = await asyncio.to_thread(os.pread, self._fd(task_id), record.length, record.offset)
-        if len(data) != record.length:
-            raise StorageError(f"piece {number} of task {task_id[:12]} is truncated on disk")
-        return data
+    async def _read(self, task: Task, offset: int, length: int) -> bytes:
+        return await asyncio.to_thread(os.pread, self._fd(task.id), length, offset)
 
     def piece_region(self, task_id: str, number: int) -> FileRegion | None:
         _, record = self._present(task_id, number)
         return FileRegion(self._dir(task_id) / CONTENT, record.offset, record.length)
 
-    async def read_range(self, task_id: str, offset: int, length: int) -> AsyncIterator[bytes]:
-        task = self._tasks.get(task_id)
-        if task is None:
-            raise NotFound(f"task {task_id[:12]} is not stored here")
-        fd = self._fd(task_id)
-        end = min(offset + length, task.content_length)
-        while offset < end:
-            chunk = await asyncio.to_thread(os.pread, fd, min(READ_CHUNK, end - offset), offset)
-            if not chunk:
-                raise StorageError(f"task {task_id[:12]} is truncated on disk")
-            offset += len(chunk)
-            yield chunk
-
-    async def finish(self, task_id: str) -> None:
-        task = self._tasks[task_id]
-        if len(task.pieces) != task.piece_count:
-            raise StorageError(f"task {task_id[:12]} has {len(task.pieces)} of {task.piece_count} pieces")
-        task.state = TaskState.SUCCEEDED
-        save = asyncio.get_running_loop().create_task(self._save(task_id))
+    async def _finished(self, task: Task) -> None:
+        save = asyncio.get_running_loop().create_task(self._save(task.id))
         self._saves.add(save)
         save.add_done_callback(self._saves.discard)
 
-    async def delete(self, task_id: str) -> None:
-        self._tasks.pop(task_id, None)
+    async def _delete(self, task_id: str) -> None:
         self._dirty.discard(task_id)
         fd = self._fds.pop(task_id, None)
         if fd is not None:
@@ -346,21 +288,8 @@ class DiskStorage(Storage):
         await asyncio.to_thread(self._forget_meta, task_id)
         await asyncio.to_thread(shutil.rmtree, self._dir(task_id), True)
 
-    async def export(self, task_id: str, dest: Path) -> None:
-        task = self._tasks.get(task_id)
-        if task is None or task.state is not TaskState.SUCCEEDED:
-            raise NotFound(f"task {task_id[:12]} is not complete here")
-        src = self._dir(task_id) / CONTENT
-        try:
-            await asyncio.to_thread(shutil.copyfile, src, dest)
-        except OSError as exc:
-            raise StorageError(f"cannot write {dest}: {exc.strerror}") from None
-
-    def usage(self) -> dict[str, int]:
-        return {
-            "tasks": len(self._tasks),
-            "bytes": sum(p.length for t in self._tasks.values() for p in t.pieces.values()),
-        }
+    async def _export(self, task: Task, dest: Path) -> None:
+        await asyncio.to_thread(shutil.copyfile, self._dir(task.id) / CONTENT, dest)
 
 
 @hookimpl

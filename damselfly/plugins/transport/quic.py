@@ -51,10 +51,10 @@ from damselfly.contracts import PieceConnection, PieceLookup, PieceServer, Piece
 from damselfly.core import vortex
 from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound, PeerError, ProtocolError
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.transport.common import ParentRefused, PendingResponse, answer, limits_of, split_address, tls_of
+from damselfly.kit import ParentRefused, PendingResponse, answer, limits_of, split_address, tls_of
 
 if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
+    from damselfly.contracts import Registry
 
 
 ALPN = "vortex"

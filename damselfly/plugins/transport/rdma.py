@@ -61,11 +61,11 @@ from damselfly.contracts import PieceConnection, PieceLookup, PieceServer, Piece
 from damselfly.core import vortex
 from damselfly.core.errors import DamselflyError, PeerError, ProtocolError, Unavailable
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.transport.common import PendingResponse, answer, requests_in, split_address, tls_of
+from damselfly.kit import PendingResponse, RequestReader, answer, split_address, tls_of
 from damselfly.security.tls import add_port, grpc_channel
 
 if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
+    from damselfly.contracts import Registry
 
 
 SYSFS = Path("/sys/class/infiniband")
@@ -425,7 +425,7 @@ class _Answerer:
         self.qp = qp
         self.lookup = lookup
         self.server = server
-        self.decoder = vortex.Decoder(max_frame=vortex.DOWNLOAD_PIECE_SIZE)
+        self.reader = RequestReader()
         self.requests: asyncio.Queue[vortex.DownloadPiece | None] = asyncio.Queue()
         self.pending: list[bytes | memoryview] = []
         self.m = Messenger(qp, self._message, lambda: self.requests.put_nowait(None))
@@ -434,7 +434,7 @@ class _Answerer:
     def _message(self, data: bytes) -> None:
         self.m.release()
         try:
-            for req in requests_in(self.decoder, data):
+            for req in self.reader.requests(data):
                 self.requests.put_nowait(req)
         except ProtocolError as exc:
             logger.debug("closing an RDMA child: {}", exc)

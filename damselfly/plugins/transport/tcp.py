@@ -41,19 +41,22 @@ from damselfly.contracts import FileRegion, PieceConnection, PieceLookup, PieceS
 from damselfly.core import vortex
 from damselfly.core.errors import DamselflyError, NotFound, PeerError, ProtocolError
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.transport.common import (
+from damselfly.kit import (
     SEND_SLICE,
     ParentRefused,
     PieceResponse,
+    StreamChannel,
+    StreamServer,
     answer,
     limits_of,
+    serve_requests,
     split_address,
     tls_of,
 )
 from damselfly.security.tls import client_ssl_context, server_ssl_context
 
 if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
+    from damselfly.contracts import Registry
 
 
 class TcpConfig(BaseModel):
@@ -81,86 +84,10 @@ def _tune(sock: socket.socket | None, buffer: int = 0) -> None:
 
 
 # -- server -----------------------------------------------------------------------
-
-
-class _Server:
-    def __init__(self, server: asyncio.Server, handlers: set[asyncio.Task[None]]):
-        self._server = server
-        self._handlers = handlers
-        self.port: int = server.sockets[0].getsockname()[1]
-
-    @property
-    def connections(self) -> int:
-        """Connections open now (handshaking, idle or sending)."""
-        return len(self._handlers)
-
-    async def close(self) -> None:
-        self._server.close()
-        for t in list(self._handlers):
-            t.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        await self._server.wait_closed()
-
-
-class _PlainChannel:
-    """A connection's byte stream as ``_serve_connection`` uses it: plaintext, pieces by sendfile."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle_timeout: float):
-        self.reader, self.writer, self.idle_timeout = reader, writer, idle_timeout
-
-    async def read(self) -> bytes:
-        async with asyncio.timeout(self.idle_timeout):
-            return await self.reader.read(65536)
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.writer.write(data)
-
-    async def drain(self) -> None:
-        await self.writer.drain()
-
-    async def send_piece(self, lookup: PieceLookup, req: vortex.DownloadPiece, use_sendfile: bool) -> None:
-        await _send_piece(self.writer, asyncio.get_running_loop(), lookup, req, use_sendfile)
-
-
-async def _serve_connection(
-    channel: _PlainChannel | _TlsChannel, peer: object, lookup: PieceLookup, use_sendfile: bool
-) -> None:
-    """Answer one connection's requests in turn until it closes, breaks the protocol or stays idle."""
-    decoder = vortex.Decoder(max_frame=vortex.DOWNLOAD_PIECE_SIZE)
-    try:
-        while True:
-            try:
-                data = await channel.read()
-            except TimeoutError:
-                logger.debug("closing {}: no request for {} s", peer, channel.idle_timeout)
-                return
-            decoder.receive_data(data)
-            while True:
-                try:
-                    event = decoder.next_event()
-                except ProtocolError as exc:
-                    channel.write(vortex.encode_error(vortex.ErrorCode.INVALID_ARGUMENT, str(exc)))
-                    await channel.drain()
-                    logger.debug("closing {}: {}", peer, exc)
-                    return
-                if event is vortex.NEED_DATA:
-                    break
-                if isinstance(event, vortex.Close):
-                    return
-                if not isinstance(event, vortex.DownloadPiece):
-                    channel.write(
-                        vortex.encode_error(vortex.ErrorCode.INVALID_ARGUMENT, f"unexpected {type(event).__name__}")
-                    )
-                    await channel.drain()
-                    return
-                await channel.send_piece(lookup, event, use_sendfile)
-            if not data:
-                return
-    except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
-        return
-    except PeerError as exc:  # the piece broke off mid-frame: hang up so the child sees it
-        logger.warning("dropping {}: {}", peer, exc)
-        return
+#
+# The kit's ``StreamServer`` bounds the connections and ``serve_requests`` reads each
+# one's requests; a plaintext connection is the kit's ``StreamChannel``, its stored
+# pieces sent by sendfile (``_send_piece``); a TLS one is a ``_TlsChannel``.
 
 
 # -- TLS, the parent's side -----------------------------------------------------------------
@@ -241,7 +168,7 @@ class _TlsChannel:
         self._flush()
         await self.writer.drain()
 
-    async def send_piece(self, lookup: PieceLookup, req: vortex.DownloadPiece, use_sendfile: bool) -> None:
+    async def send_piece(self, lookup: PieceLookup, req: vortex.DownloadPiece) -> None:
         await answer(self, lookup, req, self.slice_size, self._send_region)
         if self.pending:  # an empty piece's header: ``answer`` had nothing to drain after it
             await self.drain()
@@ -632,58 +559,50 @@ class TcpTransport(Transport):
         return self._client_context
 
     async def serve(self, host: str, port: int, lookup: PieceLookup) -> PieceServer:
-        handlers: set[asyncio.Task[None]] = set()
-        limits = limits_of(self.security)
+        server = StreamServer(limits_of(self.security))
+        limits = server.limits
         cfg = tls_of(self.security)
         context = server_ssl_context(cfg) if cfg is not None else None
-        refused = _Refusals()
         # connections still in their TLS handshake, by source address: one address may not hold
         # the server's connections with handshakes that never come (they also end after header_timeout)
         shaking: dict[str, int] = {}
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if len(handlers) >= limits.piece_connections:
-                refused.note(writer.get_extra_info("peername"), limits.piece_connections)
-                writer.transport.abort()  # at once: no handshake, no buffers
+            if not server.admit(writer):
                 return
             source = str((writer.get_extra_info("peername") or ("",))[0])
             if context is not None and shaking.get(source, 0) >= HANDSHAKES_PER_ADDRESS:
-                refused.note(writer.get_extra_info("peername"), HANDSHAKES_PER_ADDRESS)
-                writer.transport.abort()
+                server.refuse(writer, HANDSHAKES_PER_ADDRESS)
                 return
-            task = asyncio.current_task()
-            assert task is not None
-            handlers.add(task)
+            await server.hold(writer, connection(reader, writer, source))
+
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str) -> None:
             peer = writer.get_extra_info("peername")
             _tune(writer.get_extra_info("socket"))
+            if context is None:
+                loop, sendfile = asyncio.get_running_loop(), self.options.sendfile
+                channel = StreamChannel(reader, writer, limits.piece_idle_timeout)
+                await serve_requests(channel, peer, lambda req: _send_piece(writer, loop, lookup, req, sendfile))
+                return
+            tls = _TlsChannel(reader, writer, context, limits.piece_idle_timeout, self.options.tls_slice)
+            shaking[source] = shaking.get(source, 0) + 1
             try:
-                channel: _PlainChannel | _TlsChannel
-                if context is None:
-                    channel = _PlainChannel(reader, writer, limits.piece_idle_timeout)
-                else:
-                    channel = _TlsChannel(reader, writer, context, limits.piece_idle_timeout, self.options.tls_slice)
-                    shaking[source] = shaking.get(source, 0) + 1
-                    try:
-                        await asyncio.wait_for(
-                            channel.handshake(), min(limits.header_timeout, limits.piece_idle_timeout)
-                        )
-                    except (OSError, TimeoutError) as exc:  # ssl.SSLError: a missing or foreign certificate
-                        logger.warning("refusing a piece connection from {}: TLS handshake failed: {!r}", peer, exc)
-                        return
-                    finally:
-                        if shaking[source] <= 1:
-                            del shaking[source]
-                        else:
-                            shaking[source] -= 1
-                await _serve_connection(channel, peer, lookup, self.options.sendfile)
-            except asyncio.CancelledError:
-                pass  # the server is closing: end quietly
+                await asyncio.wait_for(tls.handshake(), min(limits.header_timeout, limits.piece_idle_timeout))
+            except (OSError, TimeoutError) as exc:  # ssl.SSLError: a missing or foreign certificate
+                logger.warning("refusing a piece connection from {}: TLS handshake failed: {!r}", peer, exc)
+                return
             finally:
-                writer.close()
-                handlers.discard(task)
+                if shaking[source] <= 1:
+                    del shaking[source]
+                else:
+                    shaking[source] -= 1
+            try:
+                await serve_requests(tls, peer, lambda req: tls.send_piece(lookup, req))
+            except ssl.SSLError:
+                return
 
-        server = await asyncio.start_server(handle, host, port, reuse_address=True)
-        return _Server(server, handlers)
+        listener = await asyncio.start_server(handle, host, port, reuse_address=True)
+        return server.listening(listener)
 
     async def connect(self, address: str, timeout: float) -> PieceConnection:
         host, port = split_address(address)
@@ -706,27 +625,6 @@ class TcpTransport(Transport):
 
 
 HANDSHAKES_PER_ADDRESS = 64  # TLS handshakes one source address may have unfinished at once
-
-
-class _Refusals:
-    """Logs refused connections at most once a minute, with how many were refused since."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.logged = 0.0
-
-    def note(self, peer: object, cap: int) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if now - self.logged >= 60:
-            logger.warning(
-                "piece server holds {} connections (security.limits.piece_connections): closed {} new ones, "
-                "the latest from {}",
-                cap,
-                self.count,
-                peer,
-            )
-            self.logged, self.count = now, 0
 
 
 @hookimpl

@@ -39,11 +39,11 @@ from damselfly.contracts import PieceConnection, PieceLookup, PieceServer, Piece
 from damselfly.core import vortex
 from damselfly.core.errors import PeerError, ProtocolError
 from damselfly.hookspecs import hookimpl
-from damselfly.plugins.transport.common import PendingResponse, answer, limits_of, requests_in, split_address, tls_of
+from damselfly.kit import PendingResponse, RequestReader, answer, limits_of, split_address, tls_of
 from damselfly.security.tls import client_ssl_context, server_ssl_context
 
 if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
+    from damselfly.contracts import Registry
 
 
 OFFER_PATH = "/vortex/webrtc/offer"
@@ -117,7 +117,7 @@ class _ChannelServer:
         self.channel = channel
         self.lookup = lookup
         self.options = options
-        self.decoder = vortex.Decoder(max_frame=vortex.DOWNLOAD_PIECE_SIZE)
+        self.reader = RequestReader()
         self.requests: asyncio.Queue[vortex.DownloadPiece | None] = asyncio.Queue()
         self.sent = 0
         self.taken = 0
@@ -137,7 +137,7 @@ class _ChannelServer:
             self.moved.set()
             return
         try:
-            for req in requests_in(self.decoder, message):
+            for req in self.reader.requests(message):
                 self.requests.put_nowait(req)
         except ProtocolError as exc:
             logger.debug("closing a WebRTC child: {}", exc)

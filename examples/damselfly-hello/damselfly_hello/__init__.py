@@ -1,23 +1,22 @@
 """An example third-party plugin package for damselfly.
 
 ``hello://N`` is a source of N bytes of a repeating greeting, so a swarm can be
-tried without any origin server. Installed, it is found through the
-``damselfly`` entry-point group, exactly as the built-in plugins are registered.
+tried without any origin server; ``idle-first`` is a scheduling strategy that
+gives a child the parents with the fewest uploads in flight. Installed, the package
+is found through the ``damselfly`` entry-point group, exactly as the built-in
+plugins are registered; its tests run damselfly's source and strategy kits.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 from damselfly import hookimpl
-from damselfly.contracts import Source, SourceInfo
+from damselfly.contracts import Candidate, Registry, Source, SourceInfo, Strategy
 from damselfly.core.errors import BackendError
-
-if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
-
+from damselfly.core.task import Task
 
 GREETING = b"hello from a damselfly plugin! "
 
@@ -49,3 +48,22 @@ class HelloSource(Source):
 @hookimpl
 def damselfly_add_sources(registry: Registry[Source]) -> None:
     registry.add(HelloSource)
+
+
+class IdleFirstStrategy(Strategy):
+    """Parents with the fewest pieces uploading first, then those with the most free upload
+    bandwidth, then those holding the most pieces; ties keep the scheduler's order."""
+
+    name: ClassVar[str] = "idle-first"
+
+    def rank(self, child: Candidate, candidates: list[Candidate], task: Task) -> list[Candidate]:
+        def key(c: Candidate) -> tuple[int, int, int]:
+            free = max(c.host.max_tx_bandwidth - c.host.tx_bandwidth, 0)
+            return (c.host.concurrent_upload_pieces, -free, -len(c.peer.finished_pieces))
+
+        return sorted(candidates, key=key)
+
+
+@hookimpl
+def damselfly_add_strategies(registry: Registry[Strategy]) -> None:
+    registry.add(IdleFirstStrategy)

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import threading
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
 from damselfly import hookimpl
-from damselfly.contracts import BufferedPieceWriter, Storage
+from damselfly.contracts import BufferedPieceWriter, Registry, Storage
 from damselfly.core.errors import NotFound, StorageError
 from damselfly.core.piece import PieceSpan
 from damselfly.core.task import PieceRecord, Task, TaskState
-
-if TYPE_CHECKING:
-    from damselfly.plugin_manager import Registry
-
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (id TEXT PRIMARY KEY, meta TEXT NOT NULL);
@@ -56,12 +49,14 @@ class _Writer(BufferedPieceWriter):
 
 
 class SqliteStorage(Storage):
+    """Only what is its own: the base storage finds tasks and pieces, checks them, clips
+    ranges (cut from whole pieces, as this storage reads them) and exports."""
+
     name: ClassVar[str] = "sqlite"
     Config = SqliteConfig
 
     def __init__(self, data_dir: Path, options: BaseModel | None = None):
         super().__init__(data_dir, options)
-        self._tasks: dict[str, Task] = {}
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()  # writers commit from transport threads
 
@@ -100,79 +95,30 @@ class SqliteStorage(Storage):
             "INSERT OR REPLACE INTO pieces VALUES (?, ?, ?, ?, ?)",
             (task.id, record.number, record.offset, record.digest, data),
         )
-        task.pieces[record.number] = record
-        task.updated_at = time.time()
+        self._piece_stored(task, record)
 
-    def tasks(self) -> list[Task]:
-        return list(self._tasks.values())
-
-    def get(self, task_id: str) -> Task | None:
-        return self._tasks.get(task_id)
-
-    async def create(self, task: Task) -> Task:
-        if task.id in self._tasks:
-            return self._tasks[task.id]
-        task.created_at = task.updated_at = time.time()
-        task.state = TaskState.RUNNING
+    async def _create(self, task: Task) -> None:
         self._sql("INSERT OR REPLACE INTO tasks VALUES (?, ?)", (task.id, _meta(task)))
-        self._tasks[task.id] = task
-        return task
 
-    def writer(self, task_id: str, span: PieceSpan) -> _Writer:
-        task = self._tasks.get(task_id)
-        if task is None:
-            raise NotFound(f"task {task_id} not found")
+    def _writer(self, task: Task, span: PieceSpan) -> _Writer:
         return _Writer(self, task, span)
 
-    async def read_piece(self, task_id: str, number: int) -> bytes:
-        task = self._tasks.get(task_id)
-        if task is None or number not in task.pieces:
-            raise NotFound(f"piece {number} of task {task_id} not found")
+    async def _read_piece(self, task: Task, record: PieceRecord) -> bytes:
         assert self._db is not None
         with self._lock:
             row = self._db.execute(
-                "SELECT data FROM pieces WHERE task_id = ? AND number = ?", (task_id, number)
+                "SELECT data FROM pieces WHERE task_id = ? AND number = ?", (task.id, record.number)
             ).fetchone()
         if row is None:
-            raise NotFound(f"piece {number} of task {task_id} not found")
+            raise NotFound(f"piece {record.number} of task {task.id[:12]} is not stored here")
         return bytes(row[0])
 
-    async def read_range(self, task_id: str, offset: int, length: int) -> AsyncIterator[bytes]:
-        task = self._tasks.get(task_id)
-        if task is None:
-            raise NotFound(f"task {task_id} not found")
-        end = offset + length
-        for number in task.layout.numbers_for_range(offset, length):
-            data = await self.read_piece(task_id, number)
-            start = task.layout.span(number).offset
-            yield data[max(offset - start, 0) : min(end - start, len(data))]
+    async def _finished(self, task: Task) -> None:
+        self._sql("UPDATE tasks SET meta = ? WHERE id = ?", (_meta(task), task.id))
 
-    async def finish(self, task_id: str) -> None:
-        task = self._tasks[task_id]
-        if len(task.pieces) != task.piece_count:
-            raise StorageError(f"task {task_id[:12]} has {len(task.pieces)} of {task.piece_count} pieces")
-        task.state = TaskState.SUCCEEDED
-        self._sql("UPDATE tasks SET meta = ? WHERE id = ?", (_meta(task), task_id))
-
-    async def delete(self, task_id: str) -> None:
-        if self._tasks.pop(task_id, None) is not None:
-            self._sql("DELETE FROM pieces WHERE task_id = ?", (task_id,))
-            self._sql("DELETE FROM tasks WHERE id = ?", (task_id,))
-
-    async def export(self, task_id: str, dest: Path) -> None:
-        task = self._tasks.get(task_id)
-        if task is None or task.state is not TaskState.SUCCEEDED:
-            raise NotFound(f"task {task_id} is not complete here")
-        try:
-            with open(dest, "wb") as f:
-                async for chunk in self.read_range(task_id, 0, task.content_length):
-                    await asyncio.to_thread(f.write, chunk)
-        except OSError as exc:
-            raise StorageError(f"cannot write {dest}: {exc.strerror}") from None
-
-    def usage(self) -> dict[str, int]:
-        stored = sum(p.length for t in self._tasks.values() for p in t.pieces.values())
-        return {"tasks": len(self._tasks), "bytes": stored}
+    async def _delete(self, task_id: str) -> None:
+        self._sql("DELETE FROM pieces WHERE task_id = ?", (task_id,))
+        self._sql("DELETE FROM tasks WHERE id = ?", (task_id,))
 
 
 @hookimpl

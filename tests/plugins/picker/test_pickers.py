@@ -22,3 +22,13 @@ def test_rarest_first_takes_a_piece_only_the_seed_holds_before_one_a_peer_holds(
     # the fetch loop counts a seed as half a holder: its link is the one way new pieces come in
     order = RarestFirstPicker().order({1, 2, 3}, {1: 1, 2: 0.5, 3: 1.5})
     assert order == [2, 1, 3]
+
+
+def test_rarest_first_breaks_ties_with_the_generator_it_is_handed():
+    import random
+
+    def order(seed: int) -> list[int]:
+        return RarestFirstPicker(rng=random.Random(seed)).order(set(range(8)), dict.fromkeys(range(8), 1))
+
+    assert order(3) == order(3)
+    assert len({tuple(order(seed)) for seed in range(6)}) > 1

@@ -108,7 +108,7 @@ def test_a_mesh_strategy_lets_two_peers_be_parents_of_each_other():
     from damselfly.config import Settings
     from damselfly.core.peer import Peer
     from damselfly.plugins.scheduler.swarm import SwarmStrategy
-    from damselfly.scheduler.service import SchedulerState
+    from damselfly.scheduler.state import SchedulerState
 
     def state(strategy):
         st = SchedulerState(Settings(), strategy)
@@ -137,7 +137,7 @@ def test_candidates_look_past_the_first_draw_when_it_holds_no_usable_parent():
     serve, it goes on through the rest rather than answer with no parent."""
     from damselfly.config import Settings
     from damselfly.core.peer import Peer
-    from damselfly.scheduler.service import SchedulerState
+    from damselfly.scheduler.state import SchedulerState
 
     st = SchedulerState(Settings(), DragonflyStrategy())
     for name in ("child", "other"):

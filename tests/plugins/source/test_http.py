@@ -58,7 +58,7 @@ async def test_unreachable_origin_is_a_backend_error():
 async def test_origin_connections_take_the_configured_buffers(origin, tmp_path):
     import socket
 
-    from damselfly.plugins.source.http import HttpConfig
+    from damselfly.plugins.source.options import HttpConfig
 
     seen: list[socket.socket] = []
     src = HttpSource(HttpConfig(socket_buffer=1 << 20, read_buffer=2 << 20), policy=LOOPBACK)

@@ -1,15 +1,26 @@
-"""What every transport does the same way: answer one request, read one response.
+"""The transport kit's exchange: both halves of a Vortex request, written once for every transport.
 
 A transport plugin moves bytes; the Vortex codec (``core.vortex``) turns them into
-frames. This module holds the two halves that sit between them, written once:
+frames. This module holds what sits between them, the same for TCP, QUIC, WebRTC,
+RDMA and any third-party transport:
 
+- ``RequestReader`` (sans-IO): the parent's side of a connection. A child's bytes in,
+  its requests out, bounded as the codec bounds them: a frame that is not a
+  DownloadPiece, a Close or a small Error is refused from its header, so a reader
+  holds at most one request's bytes beyond what it was last fed.
 - ``answer``: the parent's side of one DownloadPiece request. It looks the piece up,
   writes an Error frame when that fails, or the piece frame in slices, awaiting the
   transport's ``drain`` between slices so a slow child holds back the sender.
-- ``PieceResponse``: the child's side. Bytes in, piece bytes for the storage writer
-  out, and the piece's metadata once the frame is whole. It raises ``NotFound`` for a
-  NOT_FOUND frame, ``ParentRefused`` for any other Error frame (the connection stays
-  usable) and ``ProtocolError`` for a frame that lies or breaks the format.
+- ``PieceResponse`` (sans-IO): the child's side. Bytes in, piece bytes for the storage
+  writer out, and the piece's metadata once the frame is whole. It raises ``NotFound``
+  for a NOT_FOUND frame (``Busy``, ``Declined`` for theirs), ``ParentRefused`` for any
+  other Error frame (the connection stays usable) and ``ProtocolError`` for a frame that
+  lies or breaks the format.
+- ``PendingResponse``: a ``PieceResponse`` fed by a transport's receive callback and
+  drained into the storage by the fetching coroutine (QUIC, WebRTC, RDMA).
+
+The crc32 of the piece is checked by the storage writer's ``commit`` against the
+digest in the metadata these return; nothing here holds a whole piece in memory.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from damselfly.contracts import INLINE_WRITE_LIMIT, FileRegion, PieceLookup, Pie
 from damselfly.core import vortex
 from damselfly.core.errors import Busy, Declined, InvalidArgument, NotFound, PeerError, ProtocolError
 
-SEND_SLICE = 256 * 1024
+SEND_SLICE = 256 * 1024  # piece bytes ``answer`` writes between two drains
 
 
 class ParentRefused(PeerError):
@@ -35,6 +46,8 @@ class ParentRefused(PeerError):
 
 
 class FrameSink(Protocol):
+    """Where ``answer`` writes a frame: ``write`` buffers, ``drain`` waits while the child is slow."""
+
     def write(self, data: bytes | memoryview) -> None: ...
 
     async def drain(self) -> None: ...
@@ -42,12 +55,15 @@ class FrameSink(Protocol):
 
 def limits_of(security: Any) -> LimitsConfig:
     """The connection bounds of ``security`` (a SecurityConfig), or the defaults in bare use: bounded either way."""
-    return security.limits if security is not None else LimitsConfig()
+    if security is not None:
+        limits: LimitsConfig = security.limits
+        return limits
+    return LimitsConfig.model_validate({})
 
 
 def tls_of(security: Any) -> TlsConfig | None:
     """``security.tls`` when mutual TLS is configured, else None (plaintext)."""
-    tls = security.tls if security is not None else None
+    tls: TlsConfig | None = security.tls if security is not None else None
     return tls if tls is not None and tls.enabled else None
 
 
@@ -75,21 +91,50 @@ def error_frame(exc: BaseException, packet_id: int = 0) -> bytes:
     return vortex.encode_error(code, str(exc) or type(exc).__name__, packet_id)
 
 
-def requests_in(decoder: vortex.Decoder, data: bytes) -> list[vortex.DownloadPiece | None]:
-    """The requests a child's bytes complete, in order (None for a Close); ProtocolError for anything else."""
-    decoder.receive_data(data)
-    out: list[vortex.DownloadPiece | None] = []
-    while (event := decoder.next_event()) is not vortex.NEED_DATA:
-        if isinstance(event, vortex.DownloadPiece):
-            out.append(event)
-        elif isinstance(event, vortex.Close):
-            out.append(None)
-        else:
-            raise ProtocolError(f"unexpected {type(event).__name__} from a child")
-    return out
+# -- the parent's side ---------------------------------------------------------------
+
+
+class RequestReader:
+    """A child's bytes in, its requests out; sans-IO, one per connection (or per stream).
+
+    ``receive_data`` takes bytes (``b""`` for the end of the stream); ``next_request``
+    returns the next whole request, or None until more bytes come. Anything else a
+    child sends raises ``ProtocolError``, after which the reader stays broken, as the
+    codec's decoder does: the transport answers with an INVALID_ARGUMENT Error frame
+    and hangs up.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = vortex.Decoder(max_frame=vortex.DOWNLOAD_PIECE_SIZE)
+        self._broken: ProtocolError | None = None
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        self._decoder.receive_data(data)
+
+    def next_request(self) -> vortex.DownloadPiece | vortex.Close | None:
+        """A DownloadPiece, a Close (the child ends the session), or None when more bytes are needed."""
+        if self._broken is not None:
+            raise self._broken
+        event = self._decoder.next_event()
+        if event is vortex.NEED_DATA:
+            return None
+        if isinstance(event, vortex.DownloadPiece | vortex.Close):
+            return event
+        self._broken = ProtocolError(f"unexpected {type(event).__name__} from a child")
+        raise self._broken
+
+    def requests(self, data: bytes | bytearray | memoryview) -> list[vortex.DownloadPiece | None]:
+        """The requests ``data`` completes, in order, None for a Close: for transports that receive
+        whole messages (a data channel, an RDMA receive) rather than a byte stream."""
+        self.receive_data(data)
+        out: list[vortex.DownloadPiece | None] = []
+        while (req := self.next_request()) is not None:
+            out.append(req if isinstance(req, vortex.DownloadPiece) else None)
+        return out
 
 
 def read_region(region: FileRegion, offset: int = 0, length: int | None = None) -> bytes:
+    """Bytes of a stored piece from its file (blocking: a worker thread calls it)."""
     length = region.length - offset if length is None else length
     with open(region.path, "rb") as f:
         return os.pread(f.fileno(), length, region.offset + offset)
@@ -153,8 +198,11 @@ async def _send(
         await sink.drain()
 
 
+# -- the child's side ----------------------------------------------------------------
+
+
 class PieceResponse:
-    """The child's decoder for the answer to one request for piece ``number``."""
+    """The child's decoder for the answer to one request for piece ``number``; sans-IO."""
 
     def __init__(self, number: int, max_frame: int = vortex.DEFAULT_MAX_FRAME, decoder: vortex.Decoder | None = None):
         """``decoder``: the connection's own, when its byte stream carries one response after another, so
@@ -206,6 +254,7 @@ class PieceResponse:
 
     @property
     def piece_left(self) -> int:
+        """Piece bytes still to come in the current frame (0 before the header and after the end)."""
         return self.decoder.piece_left
 
 
@@ -261,14 +310,14 @@ class PendingResponse:
             if chunks:
                 if self.inline:
                     started = time.perf_counter()
-                    _write_all(sink, chunks)
+                    write_all(sink, chunks)
                     # the page cache takes a batch in tens of microseconds; a thread hop costs
                     # more than that on a busy loop. A slow write (a disk under writeback, a
                     # slow storage) moves this response's writes to a worker thread for good.
                     if time.perf_counter() - started > INLINE_WRITE_LIMIT:
                         self.inline = False
                 else:
-                    await asyncio.to_thread(_write_all, sink, chunks)
+                    await asyncio.to_thread(write_all, sink, chunks)
             taken(self.received - self.buffered)
             if self.chunks:
                 self.changed.set()  # more came while the storage wrote
@@ -280,6 +329,7 @@ class PendingResponse:
                 return self.response.metadata
 
 
-def _write_all(sink: PieceWriter, chunks: list[memoryview]) -> None:
+def write_all(sink: PieceWriter, chunks: list[memoryview]) -> None:
+    """Every chunk to the storage writer, in order (blocking where the storage is: may run in a thread)."""
     for c in chunks:
         sink.write(c)

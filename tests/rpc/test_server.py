@@ -1,4 +1,5 @@
-"""damselfly.rpc.h2grpc against grpcio: its server under grpcio's client, its client against grpcio's server."""
+"""damselfly.rpc's server under grpcio's client: every kind of call, errors, deadlines,
+cancellation, flow control, the callback form, stopping, and no garbage cycles."""
 
 import asyncio
 import gc
@@ -7,76 +8,15 @@ import struct
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from damselfly.rpc import h2grpc
+from damselfly.rpc import Connection, RequestStream, Server, ServicerContext
+from damselfly.rpc.client import ClientStream
+from damselfly.rpc.framing import GOAWAY, NO_ERROR, PREFACE
+from damselfly.rpc.server import ServerStream
+from tests.rpc.servicers import SERVICE, Echo, add_echo, serve_counter
 
 pytestmark = pytest.mark.timeout(60)
-
-SERVICE = "test.Echo"
-
-
-class Echo:
-    """A servicer on raw bytes (no protobuf), with one method per way a call can go."""
-
-    def __init__(self) -> None:
-        self.cancelled = asyncio.Event()
-        self.sleeping = asyncio.Event()
-        self.metadata: tuple = ()
-
-    async def unary(self, request: bytes, context) -> bytes:
-        self.metadata = tuple(context.invocation_metadata())
-        if request == b"abort":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no: ünïcode % 100")
-        if request == b"raise":
-            raise RuntimeError("boom")
-        if request == b"sleep":
-            self.sleeping.set()
-            await asyncio.Event().wait()  # until the call is cancelled
-        return request[::-1]
-
-    async def bidi(self, requests, context):
-        try:
-            async for r in requests:
-                if r == b"hang":
-                    await asyncio.Event().wait()  # until the call is cancelled
-                yield r + b"!"
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-
-    async def big(self, request: bytes, context) -> bytes:
-        return bytes(len(request) * 2)
-
-    def handlers(self):
-        return {
-            "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
-            "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
-            "Big": grpc.unary_unary_rpc_method_handler(self.big),
-        }
-
-
-def add_echo(server, echo: Echo) -> None:
-    handlers = echo.handlers()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    if hasattr(server, "add_registered_method_handlers"):
-        server.add_registered_method_handlers(SERVICE, handlers)
-
-
-@pytest.fixture
-async def native():
-    echo = Echo()
-    server = h2grpc.Server()
-    add_echo(server, echo)
-    hs = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    assert port > 0
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)])
-    yield channel, echo, server, port, hs
-    await channel.close()
-    await server.stop(0.5)
 
 
 async def test_unary_metadata_and_errors_through_grpcio(native):
@@ -147,40 +87,10 @@ async def test_health_watch_uses_context_write(native):
     watch.cancel()
 
 
-async def test_native_client_against_both_servers(native):
-    _, _, _, port, _ = native
-    grpcio_server = grpc.aio.server()
-    add_echo(grpcio_server, Echo())
-    gport = grpcio_server.add_insecure_port("127.0.0.1:0")
-    await grpcio_server.start()
-    try:
-        for p in (port, gport):
-            conn = await h2grpc.Connection.open("127.0.0.1", p)
-            try:
-                for _ in range(3):  # the header table warms up: later calls send indices only
-                    assert await conn.unary(f"/{SERVICE}/Unary", b"xyz", timeout=5) == b"zyx"
-                with pytest.raises(h2grpc.RpcError) as err:
-                    await conn.unary(f"/{SERVICE}/Unary", b"abort", timeout=5)
-                assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
-                assert err.value.details == "no: ünïcode % 100"
-                st = conn.stream(f"/{SERVICE}/Bidi")
-                for i in range(100):
-                    st.send(b"%d" % i)
-                st.end()
-                got = [m async for m in h2grpc.aiter_messages(st)]
-                assert got == [b"%d!" % i for i in range(100)]
-                reply = await conn.unary(f"/{SERVICE}/Big", b"\x02" * (1 << 20), timeout=20)
-                assert reply == bytes(2 << 20)
-            finally:
-                conn.close()
-    finally:
-        await grpcio_server.stop(0)
-
-
 async def test_garbage_gets_goaway_and_the_server_lives_on(native):
     channel, _, _, port, _ = native
     loop = asyncio.get_running_loop()
-    for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", h2grpc.PREFACE + struct.pack(">BHBBI", 0xFF, 0, 1, 4, 1)):
+    for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", PREFACE + struct.pack(">BHBBI", 0xFF, 0, 1, 4, 1)):
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         s.sendall(junk)
         data = b""
@@ -195,15 +105,15 @@ async def test_garbage_gets_goaway_and_the_server_lives_on(native):
         while off + 9 <= len(data):
             hi, lo, kind, _, _ = struct.unpack_from(">BHBBI", data, off)
             n = hi << 16 | lo
-            if kind == h2grpc.GOAWAY:
+            if kind == GOAWAY:
                 codes.append(struct.unpack_from(">I", data, off + 13)[0])
             off += 9 + n
-        assert codes and codes[-1] != h2grpc.NO_ERROR
+        assert codes and codes[-1] != NO_ERROR
     assert await channel.unary_unary(f"/{SERVICE}/Unary")(b"fine", timeout=5) == b"enif"
 
 
 async def test_stop_refuses_new_calls_and_ends_running_ones():
-    server = h2grpc.Server()
+    server = Server()
     echo = Echo()
     add_echo(server, echo)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -219,16 +129,8 @@ async def test_stop_refuses_new_calls_and_ends_running_ones():
 
 
 def test_bad_address_returns_zero():
-    assert h2grpc.Server().add_insecure_port("256.1.1.1:0") == 0
-    assert h2grpc.Server().add_insecure_port("127.0.0.1:notaport") == 0
-
-
-def test_timeouts_parse():
-    assert h2grpc.parse_timeout(b"250m") == 0.25
-    assert h2grpc.parse_timeout(b"2S") == 2.0
-    assert h2grpc.parse_timeout(b"1H") == 3600.0
-    assert h2grpc.parse_timeout(b"x") is None
-    assert h2grpc.parse_timeout(b"123456789m") is None  # over 8 digits
+    assert Server().add_insecure_port("256.1.1.1:0") == 0
+    assert Server().add_insecure_port("127.0.0.1:notaport") == 0
 
 
 class Listener:
@@ -246,7 +148,7 @@ class Listener:
 
 async def test_listen_hands_requests_over_and_refuses_a_bad_one():
     listener = Listener()
-    server = h2grpc.Server()
+    server = Server()
     handler = grpc.stream_stream_rpc_method_handler(
         listener.chat,
         request_deserializer=health_pb2.HealthCheckRequest.FromString,
@@ -277,34 +179,9 @@ async def test_listen_hands_requests_over_and_refuses_a_bad_one():
         await server.stop(0.5)
 
 
-async def test_output_waits_for_window_even_when_a_window_went_negative():
-    """A peer may shrink SETTINGS_INITIAL_WINDOW_SIZE below what is in flight (RFC 9113 6.9.2)."""
-
-    class Sink:
-        def __init__(self) -> None:
-            self.data = b""
-
-        def write(self, d: bytes) -> None:
-            self.data += d
-
-    conn = h2grpc._H2Protocol()
-    conn.transport = Sink()
-    st = h2grpc._Stream(1, -10)
-    conn.streams[1] = st
-    conn._send_data(st, b"x" * 100)
-    conn._flush()
-    assert conn.transport.data == b""  # nothing may go out
-    assert bytes(st.pending) == b"x" * 100
-    st.window += 60  # the peer grants 60: 50 bytes may go now
-    conn._drain_blocked()
-    conn._flush()
-    assert conn.transport.data.endswith(b"x" * 50) and len(conn.transport.data) == 9 + 50
-    assert len(st.pending) == 50
-
-
 async def test_generic_handlers_alone_are_found():
     """A server given only grpc.method_handlers_generic_handler (older generated code) serves it."""
-    server = h2grpc.Server()
+    server = Server()
     echo = Echo()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, echo.handlers()),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -317,77 +194,6 @@ async def test_generic_handlers_alone_are_found():
             assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
     finally:
         await server.stop(0.5)
-
-
-async def test_client_calls_past_a_goaway_fail_as_unavailable():
-    class Sink:
-        def write(self, d: bytes) -> None:
-            pass
-
-    conn = h2grpc.Connection("x:1")
-    conn.transport = Sink()
-    st = conn.stream(f"/{SERVICE}/Unary")
-    # the server went away having processed no stream of ours (last stream id 0)
-    goaway = h2grpc.frame(h2grpc.GOAWAY, 0, 0, struct.pack(">II", 0, h2grpc.NO_ERROR))
-    conn.data_received(goaway)
-    with pytest.raises(h2grpc.RpcError) as err:
-        await st.recv()
-    assert err.value.code == grpc.StatusCode.UNAVAILABLE.value[0]
-    assert err.value.details == "the server went away"
-
-
-class Counter:
-    """A servicer whose Count has a callback form: h2grpc serves it with no task, grpcio runs
-    the coroutine; both answer each request with how many came so far."""
-
-    def __init__(self) -> None:
-        self.form_calls = 0
-        self.ended: list[bool] = []  # per call, as its done callbacks saw it: cancelled or not
-        self.over = asyncio.Event()
-
-    def _count_form(self, requests, context) -> None:
-        self.form_calls += 1
-        if ("boom", "1") in tuple(context.invocation_metadata()):
-            raise RuntimeError("the form failed")
-        seen = [0]
-
-        def on_message(m: bytes) -> None:
-            if m == b"fail":
-                context.end(grpc.StatusCode.FAILED_PRECONDITION, "asked to fail")
-                return
-            seen[0] += 1
-            assert context.write_nowait(str(seen[0]).encode())
-
-        def done(ctx) -> None:
-            self.ended.append(ctx.cancelled())
-            self.over.set()
-
-        context.add_done_callback(done)
-        requests.listen(on_message, context.end)
-
-    @h2grpc.callback_form(_count_form)
-    async def count(self, requests, context):
-        n = 0
-        async for m in requests:
-            if m == b"fail":
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "asked to fail")
-            n += 1
-            yield str(n).encode()
-
-
-async def serve_counter(kind: str):
-    counter = Counter()
-    server = h2grpc.Server() if kind == "native" else grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "test.Counter", {"Count": grpc.stream_stream_rpc_method_handler(counter.count)}
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, counter, port
 
 
 @pytest.mark.parametrize("kind", ["native", "grpcio"])
@@ -461,8 +267,8 @@ async def test_calls_that_are_over_leave_no_cycles_for_the_collector():
     handler's callbacks are freed all the same (by reference counting): a busy server then
     gets no collector pauses from the calls it served."""
     server, counter, port = await serve_counter("native")
-    conn = await h2grpc.Connection.open("127.0.0.1", port)
-    kinds = (h2grpc._ServerStream, h2grpc.ServicerContext, h2grpc._Requests, h2grpc.ClientStream)
+    conn = await Connection.open("127.0.0.1", port)
+    kinds = (ServerStream, ServicerContext, RequestStream, ClientStream)
     gc.collect()
     gc.disable()
     try:
