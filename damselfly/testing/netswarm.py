@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ print(f"{time.time()} {n} {t.user + t.system} {t.system}", flush=True)
 """
 
 
+@dataclass
 class _Run:
     """One strategy's run in progress; times are seconds after the common start."""
 

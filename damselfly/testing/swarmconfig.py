@@ -211,7 +211,6 @@ def quantile(values: list[float], q: float) -> float:
 GiB = 1 << 30
 
 
-@dataclass
 class CpuTimes(NamedTuple):
     total: float  # user and system seconds
     system: float  # the kernel's part
