@@ -3,6 +3,7 @@
     python benchmarks/seed_throughput.py [--size 1GiB] [--runs 3] [--json]
     python benchmarks/seed_throughput.py --variants crc32,sha256,blake3,tls-crc32,tls-sha256 [--json]
     python benchmarks/seed_throughput.py --security --warmup 1 [--json]   # the five variants above
+    python benchmarks/seed_throughput.py --variants default,nosync --size 512MiB --runs 3   # the fdatasync cost
 
 The seed first fetches the file from a local origin (not timed); then one peer
 downloads it from the seed through the scheduler, Vortex over TCP, the piece digest
@@ -15,7 +16,9 @@ the peer got (as ``swarm.py`` reports per profile).
 configuration's defaults are), a piece digest (``crc32``, ``sha256``, ``blake3``:
 ``security.piece_digest`` on every process), or ``tls-DIGEST``: the same with mutual
 TLS everywhere (a fresh CA and certificates in the run's temp dir, ``security.tls``
-set on every process), so Vortex over TCP runs over TLS. Each variant gets its own
+set on every process), so Vortex over TCP runs over TLS; or ``nosync``: the daemons' disk
+storage with ``sync`` off (no fdatasync before a metadata save), to measure what the
+durability costs. Each variant gets its own
 cluster, all up at once; the timed downloads then go in rounds, one of each variant
 per round, so the machine's drift falls on all of them alike. ``--warmup N`` runs N
 untimed downloads of each first. It prints one JSON object (``--json``) or a table,
@@ -46,6 +49,7 @@ from damselfly.testing import Cluster, OriginProcess
 GIB = 1 << 30
 DIGESTS = ("crc32", "sha256", "blake3")
 SECURITY_VARIANTS = ("crc32", "sha256", "blake3", "tls-crc32", "tls-sha256")
+NOSYNC = "nosync"  # the default, with the disk storage's fdatasync off
 
 
 class RssSampler(threading.Thread):
@@ -83,6 +87,8 @@ def _cpu(p: psutil.Process) -> float:
 
 def parse_variant(name: str) -> tuple[str | None, bool]:
     """A variant's piece digest (None: the default) and whether it runs with TLS; SystemExit if unknown."""
+    if name == NOSYNC:
+        return None, False
     tls = name.startswith("tls")
     digest = name.removeprefix("tls").removeprefix("-") or None
     if digest == "default":
@@ -109,6 +115,8 @@ class Variant:
         env: dict[str, str] = dict(setting.split("=", 1) for setting in args.env)
         if self.digest is not None:
             env["DAMSELFLY_SECURITY__PIECE_DIGEST"] = self.digest
+        if name == NOSYNC:
+            env["DAMSELFLY_DAEMON__STORAGE"] = json.dumps({"type": "disk", "sync": False})
         peer_env: dict[int, dict[str, str]] = {}
         if args.peer_storage == "memory":
             peer_env[1] = {"DAMSELFLY_DAEMON__STORAGE": json.dumps({"type": "memory", "capacity": size + (1 << 20)})}
@@ -203,7 +211,7 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         default="default",
-        help="comma-separated: default, crc32, sha256, blake3, tls-crc32, tls-sha256, tls-blake3 (see above)",
+        help="comma-separated: default, nosync, crc32, sha256, blake3, tls-crc32, tls-sha256, tls-blake3 (see above)",
     )
     ap.add_argument("--security", action="store_true", help=f"the variants {','.join(SECURITY_VARIANTS)}")
     ap.add_argument(

@@ -187,9 +187,39 @@ class DaemonConfig(Section):
         0.0, ge=0, description="Seconds a reported piece waits for other parents to report it too."
     )
     schedule_timeout: float = Field(30.0, gt=0, description="Seconds to wait for parents before asking again.")
+    stall_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a piece fetch may move no bytes before it is cancelled and another holder asked; "
+        "a download with no progress that long asks the scheduler for other parents, and fails after a second period.",
+    )
     schedule_retries: int = Field(5, ge=1, description="Reschedules before falling back to the source.")
     disable_back_to_source: bool = Field(False, description="Never read the origin from this daemon.")
+    source_retries: int = Field(
+        3, ge=0, le=20, description="Times a read of the origin is tried again after a 429, 500, 502, 503 or 504."
+    )
+    source_retry_backoff: float = Field(
+        0.5,
+        gt=0,
+        description="Seconds before the first retry of the origin when it names no Retry-After; doubles per "
+        "retry, each delay jittered between half and all of it.",
+    )
+    source_retry_budget: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds a read of the origin may spend waiting between retries in all; a Retry-After "
+        "beyond what is left ends it.",
+    )
+    source_host_reads: int = Field(
+        16, ge=1, le=1024, description="Reads of one origin (scheme://host:port) at once from this daemon."
+    )
     announce_interval: float = Field(300.0, gt=0, description="Seconds between AnnounceHost calls.")
+    reannounce_rate: float = Field(
+        20.0,
+        gt=0,
+        description="Stored finished tasks per second a daemon announces to a scheduler new to it "
+        "(at start, after that scheduler restarted, or when it answers again after failing).",
+    )
     scheduler_connect_timeout: float = Field(3.0, gt=0, description="Seconds to reach a scheduler.")
 
     @model_validator(mode="after")
@@ -231,6 +261,12 @@ class SchedulerConfig(Section):
         description="Seconds a peer waits for the seed before it is told to go back to source.",
     )
     back_to_source_limit: int = Field(200, ge=0, description="Peers of one task allowed to go back to source.")
+    origin_reads: int = Field(
+        64,
+        ge=0,
+        description="Peers the scheduler lets read one origin (scheme://host:port) at once, across its tasks; "
+        "others wait for parents or a free read (0: no cap). A seed the scheduler itself sent always reads.",
+    )
     seed_trigger: bool = Field(True, description="Make a seed peer fetch new tasks from the source.")
     source_shares: bool = Field(
         True,
@@ -253,7 +289,11 @@ class SchedulerConfig(Section):
         "so that the peers that started the task at about the same time are among the readers.",
     )
     host_gc_interval: float = Field(60.0, gt=0, description="Seconds between sweeps for silent hosts and old peers.")
-    peer_ttl: float = Field(86400.0, gt=0, description="Seconds a peer is kept after its last message.")
+    peer_ttl: float = Field(
+        86400.0,
+        gt=0,
+        description="Seconds a peer is kept after its last message; a finished peer is kept while its host announces.",
+    )
 
 
 class ProxyConfig(Section):
@@ -413,7 +453,7 @@ class Settings(BaseSettings):
 def _one_line(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
+        where = ".".join(repr(str(p))[1:-1] for p in err["loc"]) or "config"  # a key's line break stays escaped
         parts.append(f"{where}: {err['msg']}")
     return "invalid config: " + "; ".join(parts)
 

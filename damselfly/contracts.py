@@ -12,6 +12,7 @@ import asyncio
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -319,8 +320,8 @@ class StagedPieceWriter(BufferedPieceWriter):
 
     def __init__(self, span: PieceSpan, directory: Path | None = None, in_memory: int = 1 << 20):
         super().__init__(span)
-        where = None if directory is None else str(directory)
-        self._file = tempfile.SpooledTemporaryFile(max_size=in_memory, dir=where)  # noqa: SIM115 (closed by abort)
+        self._file = tempfile.SpooledTemporaryFile(max_size=in_memory, dir=str(directory) if directory else None)  # noqa: SIM115 (closed by abort)
+        weakref.finalize(self, self._file.close)  # or once dropped unaborted: no temporary file left open
         self.record: PieceRecord | None = None
 
     def _put(self, chunk: bytes | memoryview, offset: int) -> None:
@@ -341,6 +342,70 @@ class StagedPieceWriter(BufferedPieceWriter):
         super().abort()
         with self._lock:
             self._file.close()
+
+
+class _LiveWriter:
+    """A storage's writer, holding its piece's place until it commits or aborts (on the loop); superseded
+    by a verified second copy, its bytes go nowhere and its commit gets the copy's record."""
+
+    def __init__(self, storage: Storage, task: Task, span: PieceSpan):
+        self.inner, self._storage, self._key = storage._writer(task, span), storage, (task.id, span.number)
+        self.landed: asyncio.Future[PieceRecord | None] | None = None  # set once superseded
+        storage._filling[self._key] = self
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        try:
+            self.inner.write(chunk)
+        except PieceCorrupt:
+            if self.landed is None:
+                raise  # else a write after the copy superseded this one: dropped
+
+    async def commit(self, expected_digest: str | None, *, strong: str = "") -> PieceRecord:
+        if self.landed is not None:
+            if (record := await self.landed) is None:
+                raise StorageError(f"piece {self._key[1]}: the copy that replaced this write was not stored")
+            return record
+        try:
+            return await self.inner.commit(expected_digest, strong=strong)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        self.inner.abort()  # after which no further byte of this writer reaches the storage
+        if self._storage._filling.get(self._key) is self:
+            del self._storage._filling[self._key]
+
+
+class _SecondCopy(StagedPieceWriter):
+    """A second write of a piece stored (or being filled) already: verified in a staging buffer, never
+    in the live bytes, then dropped, or landed in place of the slower writer still filling it (superseded)."""
+
+    def __init__(self, storage: Storage, task: Task, span: PieceSpan):
+        super().__init__(span, storage.data_dir if Path(storage.data_dir).is_dir() else None)
+        self._storage, self._task = storage, task
+
+    async def commit(self, expected_digest: str | None, *, strong: str = "") -> PieceRecord:
+        storage, task, landed, record = self._storage, self._task, None, None
+        try:
+            verified = await super().commit(expected_digest, strong=strong)
+            if storage._tasks.get(task.id) is not task:
+                raise NotFound(f"task {task.id[:12]} is not stored here")
+            if (stored := task.pieces.get(verified.number)) is not None:
+                return stored  # the live bytes are left as they are
+            if (slower := storage._filling.get((task.id, verified.number))) is not None:
+                landed = slower.landed = asyncio.get_running_loop().create_future()
+                slower.abort()
+            writer = _LiveWriter(storage, task, self.span)
+            try:
+                await asyncio.to_thread(self.land, writer)
+            except BaseException:
+                writer.abort()
+                raise
+            return (record := await writer.commit(verified.digest, strong=strong_of(verified)))
+        finally:
+            self.abort()  # drops the staging copy
+            if landed is not None:
+                landed.set_result(record)
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +442,7 @@ class Storage(Plugin, abc.ABC):
         self.data_dir = data_dir
         self.options = options or self.Config()
         self._tasks: dict[str, Task] = {}
+        self._filling: dict[tuple[str, int], _LiveWriter] = {}  # pieces a writer fills in place
 
     async def open(self) -> None:
         return None
@@ -428,7 +494,11 @@ class Storage(Plugin, abc.ABC):
         """Make room for ``task``'s bytes (and keep its metadata, where the storage persists)."""
 
     def writer(self, task_id: str, span: PieceSpan) -> PieceWriter:
-        return self._writer(self._task(task_id), span)
+        """A writer of piece ``span.number``; a copy of one stored or being filled goes aside (``_SecondCopy``)."""
+        task = self._task(task_id)
+        if span.number in task.pieces or (task_id, span.number) in self._filling:
+            return _SecondCopy(self, task, span)
+        return _LiveWriter(self, task, span)
 
     @abc.abstractmethod
     def _writer(self, task: Task, span: PieceSpan) -> PieceWriter: ...

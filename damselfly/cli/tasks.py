@@ -39,6 +39,34 @@ def tasks_ls(ctx: click.Context, as_json: bool, socket_path: str | None) -> None
             click.echo(f"{t.task_id}  {format_size(t.content_length):>10}  {'complete' if done else 'partial'}")
 
 
+@tasks.command("show")
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per timeline event.")
+@click.option("--socket", "socket_path", default=None, help="Daemon socket (else from config).")
+@click.pass_context
+def tasks_show(ctx: click.Context, task_id: str, as_json: bool, socket_path: str | None) -> None:
+    """The piece timeline of the task's running (else last) download here: each piece asked of a
+    parent and how it ended, reschedules, stalls and reads from the source, for diagnosis."""
+    events = client_call(ctx, socket_path, "task_timeline", task_id)
+    if as_json:
+        for e in events:
+            click.echo(json.dumps(e))
+        return
+    if not events:
+        click.echo(f"{task_id}: no events")
+        return
+    start = events[0]["at"]
+    click.echo(f"{'+seconds':>9}  {'event':<14} {'piece':>6}  {'parent':<24} {'bytes':>10} {'took':>7}  detail")
+    for e in events:
+        piece = str(e["piece"]) if e["piece"] >= 0 else "-"
+        size = format_size(e["length"]) if e["length"] else ""
+        took = f"{e['seconds']:.3f}s" if e["seconds"] else ""
+        click.echo(
+            f"{e['at'] - start:>9.3f}  {e['kind']:<14} {piece:>6}  {e['parent_id'] or '-':<24} "
+            f"{size:>10} {took:>7}  {e['detail']}"
+        )
+
+
 @tasks.command("rm")
 @click.argument("task_id")
 @click.option("--socket", "socket_path", default=None, help="Daemon socket (else from config).")

@@ -256,8 +256,8 @@ def peer_id(ip: str, hostname: str, *, seed: bool = False, nonce: uuid.UUID | No
     return f"{base}-{SEED_SUFFIX}" if seed else base
 
 
-_TASK_ID = re.compile(r"^[0-9a-f]{64}$|^[0-9a-f]{128}$")
+_TASK_ID = re.compile(r"[0-9a-f]{64}|[0-9a-f]{128}")  # matched whole: "$" would let a trailing newline through
 
 
 def is_task_id(value: str) -> bool:
-    return bool(_TASK_ID.match(value))
+    return _TASK_ID.fullmatch(value) is not None

@@ -3,7 +3,8 @@
 One process holds a storage, a piece server per transport, the
 ``DfdaemonUpload`` gRPC server, the ``DfdaemonDownload`` server on the unix
 socket, ``/metrics``, and an announcer that keeps the schedulers told of this
-host's load.
+host's load, and tells a scheduler new to it (a restart, one back after failing) the
+finished tasks it holds, so that a restarted scheduler rebuilds its state from the daemons.
 
 ``Daemon`` composes the parts: each (``local``, ``upload``, ``proxy``, ``gc``,
 ``cache``) is handed a context of exactly what it uses, and none imports this module.
@@ -109,6 +110,8 @@ class Daemon:
         self.local_relay: LocalRelay | None = None  # the public socket: tells the local server who calls
         self._metrics_runner: object = None
         self._background: set[asyncio.Task[None]] = set()
+        self._announce_now = asyncio.Event()  # a scheduler went away: AnnounceHost again at once
+        self._telling: dict[str, asyncio.Task[None]] = {}  # scheduler -> its re-announcement of stored tasks
         self._upload_channels: dict[str, grpc.aio.Channel] = {}
         self._last_load = (time.monotonic(), 0)
         self._tx_rate = 0
@@ -161,6 +164,7 @@ class Daemon:
             stat_remote=functools.partial(self.schedulers.stat_task, self.host_id),
             collect=self.gc.collect,
             import_cache=functools.partial(import_file, cache),
+            timeline=self.board.timeline,
         )
 
     def _proxy_context(self) -> ProxyContext:
@@ -354,45 +358,103 @@ class Daemon:
         pb.name = self.settings.host.hostname
         return pb
 
+    # seconds between AnnounceHost tries to a scheduler that does not answer, at most
+    ANNOUNCE_RETRY_MAX = 5.0
+
     async def _announce_loop(self) -> None:
+        """AnnounceHost to every scheduler each ``announce_interval``, at once when one went away,
+        and again and again (backing off) to those that do not answer; a scheduler new to this
+        daemon (see :mod:`damselfly.daemon.schedulers`) is told the stored tasks it should know."""
         if not self.schedulers.addresses:
             return
+        for address in self.schedulers.addresses:
+            self._spawn(self._watch_scheduler(address))
         interval = self.settings.daemon.announce_interval
-        announced_tasks = False
         delay = 0.2
+        retry: list[str] | None = None  # None: a round to all of them
+        next_round = 0.0
         while True:
-            ok, failed = await self.schedulers.announce_host(self.host_proto(), interval)
+            self._announce_now.clear()
+            if retry is None:
+                next_round = time.monotonic() + interval
+            _, failed = await self.schedulers.announce_host(self.host_proto(), interval, retry)
             for address in failed:
-                self.scheduler_lost(address)
-            if ok and not announced_tasks:
-                announced_tasks = True
-                self._spawn(self._announce_stored_tasks())
-            if not ok:
+                self.scheduler_lost(address, wake=False)
+            for address in self.schedulers.take_new():
+                self._tell_stored_tasks(address)
+            if len(failed) == len(self.schedulers.addresses):
                 logger.warning("no scheduler accepted AnnounceHost; retrying")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, interval)
-                continue
-            delay = 0.2
-            await asyncio.sleep(interval)
+            wait = next_round - time.monotonic()
+            if failed:
+                wait, delay = min(wait, delay), min(delay * 2, self.ANNOUNCE_RETRY_MAX, interval)
+            else:
+                delay = 0.2
+            try:
+                await asyncio.wait_for(self._announce_now.wait(), max(wait, 0.0))
+                retry = None
+            except TimeoutError:
+                retry = failed if failed and time.monotonic() < next_round else None
 
-    async def _announce_stored_tasks(self, lost: str | None = None) -> None:
-        """Tell the schedulers which finished tasks this daemon can serve: all of them after a
-        restart, or those whose scheduler was ``lost`` (they belong to the next one now)."""
-        for task in self.storage.tasks():
+    async def _watch_scheduler(self, address: str) -> None:
+        """Wake the announce loop whenever the connection to ``address`` drops: a scheduler
+        restarted on its address learns of this host (and what it holds) within seconds."""
+        while True:
+            await self.schedulers.connection_lost(address)
+            logger.info("connection to scheduler {} dropped; announcing to it again", address)
+            self._announce_now.set()
+
+    def _tell_stored_tasks(self, address: str) -> None:
+        """Announce to ``address`` the stored tasks it should know, one run at a time (a new one
+        replaces a run still going)."""
+        running = self._telling.pop(address, None)
+        if running is not None:
+            running.cancel()
+        t = self._telling[address] = self._spawn(self._announce_stored_tasks(to=address))
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._telling.get(address) is done:
+                del self._telling[address]
+
+        t.add_done_callback(forget)
+
+    async def _announce_stored_tasks(self, lost: str | None = None, to: str | None = None) -> None:
+        """Tell the schedulers which finished tasks this daemon can serve: those whose scheduler is
+        ``to`` now (new to this daemon: after a start or its restart; a download running now is
+        told when it ends, as its stream to the scheduler may have broken), or those whose
+        scheduler was ``lost`` (they belong to the next one now); ``reannounce_rate`` a second at most."""
+        running = {rt.runner: rt.task_id for rt in self.board.all_running() if rt.runner is not None} if to else {}
+        if not await self._announce_tasks(self.storage.tasks(), lost, to):
+            return
+        if running:
+            await asyncio.wait(running)  # (never cancels them)
+            stored = (self.storage.get(task_id) for task_id in set(running.values()))
+            await self._announce_tasks([t for t in stored if t is not None], lost, to)
+
+    async def _announce_tasks(self, tasks: list[Task], lost: str | None, to: str | None) -> bool:
+        """Announce the finished ``tasks`` that ``lost``'s or ``to``'s are; False when no scheduler answers."""
+        gap = 1.0 / self.settings.daemon.reannounce_rate
+        for task in tasks:
             if task.state is not TaskState.SUCCEEDED or self.board.running(task.id):
                 continue
             if reads_this_node(urlsplit(task.url).scheme):
                 continue  # this node's own files are never offered to the swarm
             if lost is not None and self.schedulers.order(task.id)[0] != lost:
                 continue
+            if to is not None and self.schedulers.preference(task.id)[0] != to:
+                continue
             if not await self.announce_finished(task):
-                return
+                return False
+            await asyncio.sleep(gap)
+        return True
 
-    def scheduler_lost(self, address: str) -> None:
-        """A scheduler stopped answering: mark it down and move its finished tasks to the next one."""
+    def scheduler_lost(self, address: str, *, wake: bool = True) -> None:
+        """A scheduler stopped answering: mark it down, move its finished tasks to the next one,
+        and (``wake``) AnnounceHost again at once, so that it hears of this host as soon as it is back."""
         if self.schedulers.mark_down(address):
-            logger.warning("scheduler {} is down; its tasks go to the next scheduler", address)
+            logger.warning("scheduler {} does not answer; its tasks go to the next scheduler", address)
             self._spawn(self._announce_stored_tasks(lost=address))
+            if wake:
+                self._announce_now.set()
 
     def new_peer_id(self) -> str:
         """A fresh peer id of this host's."""
@@ -455,6 +517,11 @@ class Daemon:
         opened (as the local caller, where that is not the daemon's own user)."""
         req = admit(req, origin, self.source_policy, member=member)
         task_id = req.task_id()
+        held = self.storage.get(task_id)
+        if origin in (Origin.SCHEDULER, Origin.UPLOAD) and held is not None and held.state is TaskState.SUCCEEDED:
+            # asked over the upload API (a seed trigger) for a task it holds: register it with its
+            # scheduler now, so that children are handed this peer instead of waiting for it
+            self._spawn(self.announce_finished(held))
         for rt in self.board.running(task_id):
             if covers(rt.range, req.range):
                 return rt  # a running download already brings every byte asked for

@@ -30,7 +30,7 @@ import grpc
 from dragonfly_api import common_pb2, errordetails_pb2, scheduler_pb2
 from loguru import logger
 
-from damselfly.contracts import INLINE_WRITE_LIMIT, DigestingWriter, PieceWriter, Source, strong_of
+from damselfly.contracts import INLINE_WRITE_LIMIT, DigestingWriter, PieceWriter, Source, SourceInfo, strong_of
 from damselfly.core import vortex
 from damselfly.core.errors import (
     BackendError,
@@ -43,6 +43,7 @@ from damselfly.core.errors import (
 from damselfly.core.piece import WEAK_ALGORITHM, Layout
 from damselfly.core.task import PieceRecord, Task, TaskState
 from damselfly.daemon.content import ContentCheck, check_stored
+from damselfly.daemon.origin import OriginCalls
 from damselfly.daemon.parents import ParentFetch, Reschedule
 from damselfly.daemon.planner import Planner, source_runs
 from damselfly.daemon.request import CACHE_EXPIRES_HEADER, named_digest
@@ -76,6 +77,7 @@ class Downloader:
         self.log = logger.bind(task_id=self.task_id[:12], peer_id=self.peer_id)
         self.task: Task | None = None
         self.source: Source | None = None
+        self.origin = OriginCalls(ctx.metrics, ctx.config, req.url, self.log)  # the cap and retries of its reads
         self.link: SchedulerLink | None = None
         self.scheduler = ""  # the address of the scheduler this download announces to
         self.scheduler_lost = False  # it went away while parents carried the download on
@@ -91,10 +93,12 @@ class Downloader:
         self._todo: set[int] | None = None
         self._reader: asyncio.Future[scheduler_pb2.AnnouncePeerResponse | None] | None = None
         self._shares: set[asyncio.Task[None]] = set()  # reads of the pieces the scheduler handed us
+        self._early_shares: list[int] = []  # handed before the task was made: read once it is
         self.share_error: BaseException | None = None  # what stops the download (a full disk)
+        self.rescheduled = ""  # why its parents last could not finish it (said if it fails)
         # which piece from which parent: its policy, and its state across rounds of parents
         self.planner = Planner(ctx.config, ctx.picker)
-        self.parents = ParentFetch(self, self.task_id, ctx, self.planner, self.authority, runtime.held, self.log)
+        self.parents = ParentFetch(self, self.task_id, ctx, self.planner, self.authority, runtime, self.log)
         if self.algorithm == WEAK_ALGORITHM:
             _warn_weak_digest()
 
@@ -153,13 +157,13 @@ class Downloader:
                     f"{self.req.url.split(':', 1)[0]}:// is read from this node's own files, never from peers, "
                     "and back-to-source is disabled"
                 )
-            await self._from_source(report=False)
+            await self._from_source(report=False, reason="local_file")
             return
         if not self.ctx.schedulers.addresses:
             if not self.may_read_source:
                 raise PeerError("no scheduler is configured and back-to-source is disabled")
             self.log.info("no scheduler configured: fetching {} from the source", self.req.url)
-            await self._from_source(report=False)
+            await self._from_source(report=False, reason="no_scheduler")
             return
         for _ in self.ctx.schedulers.addresses:
             link = await self._open_link()
@@ -182,7 +186,7 @@ class Downloader:
                 # peer holds the task, so that later peers get it from here, not the origin
                 self.ctx.spawn(self.ctx.announce_finished(self.task))
             return
-        await self._source_without_scheduler(f"no scheduler answered for {self.req.url}")
+        await self._source_without_scheduler(f"no scheduler answered for {self.req.url}", "scheduler_unreachable")
 
     def _reads_this_node(self) -> bool:
         """The url's source reads this node's own files (file://, local://...)."""
@@ -224,8 +228,9 @@ class Downloader:
                         finished.result()
                         await self._verify_content()  # before the scheduler hears this peer holds the task
                     except Reschedule as why:
+                        self.rescheduled = str(why)
                         if not link_alive:
-                            await self._source_without_scheduler(f"parents cannot finish ({why})")
+                            await self._source_without_scheduler(f"parents cannot finish ({why})", "parents_failed")
                             return
                         link.send(
                             reschedule_peer_request=scheduler_pb2.ReschedulePeerRequest(
@@ -304,20 +309,20 @@ class Downloader:
                 fetch.cancel()
                 await asyncio.gather(fetch, return_exceptions=True)
 
-    async def _source_without_scheduler(self, why: str) -> None:
+    async def _source_without_scheduler(self, why: str, reason: str) -> None:
         if not self.may_read_source:
             raise PeerError(f"{why}, and back-to-source is disabled")
         self.log.warning("{}: finishing from the source", why)
-        await self._from_source(report=False)
+        await self._from_source(report=False, reason=reason)
 
     async def _back_to_source(self, link: SchedulerLink, why: str) -> None:
         if not self.may_read_source:
-            raise PeerError("scheduler sent this peer to the source, and back-to-source is disabled")
-        self.log.info("back to source: {}", why)
+            after = f" (parents: {self.rescheduled})" if self.rescheduled else ""
+            raise PeerError(f"scheduler sent this peer to the source, and back-to-source is disabled{after}")
         await asyncio.gather(*self._shares, return_exceptions=True)  # what they read is not read again
         link.send(download_peer_back_to_source_started_request=scheduler_pb2.DownloadPeerBackToSourceStartedRequest())
         try:
-            await self._from_source(report=True)
+            await self._from_source(report=True, reason="scheduler", why=why)
             await self._verify_content()  # before the scheduler hears this peer holds the task
         except PieceCorrupt as exc:  # the source's content is not what its digest says
             link.send(
@@ -442,6 +447,7 @@ class Downloader:
     ) -> None:
         """A verified piece is stored: tell the hooks, the scheduler and whoever waits on it."""
         self.missing().discard(record.number)
+        self.rt.note("stored", record.number, parent_id or "source", "", record.length, cost)
         self.ctx.plugins.piece_verified(self.task_id, record.number, record.length, parent_id, int(traffic))
         self.ctx.metrics.download_traffic.labels("back_to_source" if traffic == TRAFFIC_SOURCE else "remote_peer").inc(
             record.length
@@ -489,13 +495,25 @@ class Downloader:
     async def _prepare_from_source(self) -> None:
         if self.task is not None and self.task.known_length:
             return
-        self.source = self.ctx.plugins.make_source(self.req.url, self.req.source_options)
-        info = await self.source.stat(self.req.url, self.req.request_header)
+        source = self.source = self.ctx.plugins.make_source(self.req.url, self.req.source_options)
+
+        async def stat() -> SourceInfo:
+            async with self.origin.slot():
+                return await source.stat(self.req.url, self.req.request_header)
+
+        info = await self.origin.retrying(stat)
         if info.content_length < 0:
             raise BackendError(f"origin gives no content length for {self.req.url}")
         await self._create(info.content_length, info.headers)
 
-    async def _from_source(self, *, report: bool) -> None:
+    def _going_to_source(self, reason: str, why: str = "") -> None:
+        """Every read of the origin is logged and counted with its reason."""
+        self.ctx.metrics.back_to_source.labels(reason).inc()
+        self.log.info("back to source ({}){}", reason, f": {why}" if why else "")
+        self.rt.note("back_to_source", detail=f"{reason}: {why}" if why else reason)
+
+    async def _from_source(self, *, report: bool, reason: str, why: str = "") -> None:
+        self._going_to_source(reason, why)
         await self._prepare_from_source()
         if self.source is None:
             self.source = self.ctx.plugins.make_source(self.req.url, self.req.source_options)
@@ -520,7 +538,20 @@ class Downloader:
         await _gather_or_cancel([one(run) for run in runs])
 
     async def _source_run(self, numbers: list[int]) -> None:
-        """Read consecutive pieces ``numbers`` from the source in one request, storing each once whole."""
+        """Read consecutive pieces ``numbers`` from the source in one request, storing each once
+        whole; after a transient failure, the pieces not stored yet in another request."""
+
+        async def attempt() -> None:
+            missing = self.missing()
+            first = next((k for k, n in enumerate(numbers) if n in missing), len(numbers))
+            if first < len(numbers):
+                async with self.origin.slot():
+                    await self._source_pass(numbers[first:])
+
+        await self.origin.retrying(attempt)
+
+    async def _source_pass(self, numbers: list[int]) -> None:
+        """One request for consecutive pieces ``numbers``."""
         assert self.source is not None
         assert self.task is not None
         spans = [self.task.layout.span(n) for n in numbers]
@@ -567,14 +598,16 @@ class Downloader:
 
     def take_shares(self, numbers: list[int]) -> None:
         """Read the pieces the scheduler handed this peer from the source, beside the fetches."""
-        assert self.task is not None
+        if self.task is None:  # a later answer came before the first one's fetch made the task
+            self._early_shares += numbers
+            return
         wanted = sorted(n for n in set(numbers) if n in self.missing())
         if not wanted:
             return
         if not self.may_read_source:  # the scheduler should not have: let it hand them on
             self._share_failed(wanted, BackendError("back-to-source is disabled on this daemon"))
             return
-        self.log.info("reading {} pieces of the task from the source, a share of its one read", len(wanted))
+        self._going_to_source("share", f"{len(wanted)} pieces, a share of the task's one read")
         t = asyncio.get_running_loop().create_task(self._read_share(wanted))
         self._shares.add(t)
         t.add_done_callback(lambda _: self.parents.poke())
@@ -614,6 +647,7 @@ class Downloader:
                 await self._create(task_pb.content_length, None)
             else:  # the scheduler has not learnt the length: ask the parents themselves
                 await self._create(await self.parents.stat_length(candidates), None)
+        shares, self._early_shares = [*shares, *self._early_shares], []
         await self.parents.run(candidates, shares)
 
     @property

@@ -16,7 +16,7 @@ import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc
 from google.protobuf import empty_pb2
 
-from damselfly.core.errors import DamselflyError, InvalidArgument
+from damselfly.core.errors import DamselflyError, InvalidArgument, NotFound
 from damselfly.core.task import Task, TaskState
 from damselfly.daemon.localfiles import check_local_read, check_output, export_output, local_opener
 from damselfly.daemon.replies import abort_with, progress_stream
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from damselfly.daemon.context import DeleteTask, StartDownload, TaskUse
     from damselfly.daemon.gc import GcReport
     from damselfly.daemon.localrelay import Caller
+    from damselfly.daemon.runtime import TimelineEvent
     from damselfly.security.policy import SourcePolicy
 
 
@@ -49,6 +50,7 @@ class LocalContext:
     stat_remote: Callable[[str], Awaitable[common_pb2.Task | None]]  # the schedulers' view of a task
     collect: Callable[[], Awaitable[GcReport]]  # a garbage collection, now
     import_cache: Callable[[str, float, int, str, str], Awaitable[dict[str, Any]]]  # cache.import_file
+    timeline: Callable[[str], list[TimelineEvent] | None]  # a task's piece timeline (TaskBoard.timeline)
 
 
 class LocalService(dfdaemon_pb2_grpc.DfdaemonDownloadServicer):
@@ -172,7 +174,8 @@ ADMIN_SERVICE = "damselfly.v1.Admin"
 
 def admin_handler(ctx: LocalContext) -> grpc.GenericRpcHandler:
     """Local-socket-only calls of damselfly's own (JSON in and out): ``Collect`` runs the GC now,
-    ``ImportCache`` imports a file as a persistent cache task."""
+    ``ImportCache`` imports a file as a persistent cache task, ``Timeline`` gives the piece
+    timeline of a task's running (else last) download here."""
 
     async def collect(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         report = await ctx.collect()
@@ -195,11 +198,21 @@ def admin_handler(ctx: LocalContext) -> grpc.GenericRpcHandler:
             await abort_with(context, exc)
         return json.dumps(result).encode()
 
+    async def timeline(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            task_id = str(json.loads(request)["task_id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            await abort_with(context, InvalidArgument(f"bad timeline request: {exc}"))
+        events = ctx.timeline(task_id)
+        if events is None:
+            await abort_with(context, NotFound(f"no download of task {task_id} ran in this daemon since it started"))
+        return json.dumps({"task_id": task_id, "events": [e.to_dict() for e in events or ()]}).encode()
+
     def raw(fn: Any) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(
             fn, request_deserializer=lambda b: b, response_serializer=lambda b: b
         )
 
     return grpc.method_handlers_generic_handler(
-        ADMIN_SERVICE, {"Collect": raw(collect), "ImportCache": raw(import_cache)}
+        ADMIN_SERVICE, {"Collect": raw(collect), "ImportCache": raw(import_cache), "Timeline": raw(timeline)}
     )

@@ -6,7 +6,10 @@ each piece is fetched over a pooled connection into a writer that hashes it, and
 committed only if its strong digest is the source reader's (the scheduler's answer, else
 StatTask) and its crc32 the Vortex header's. A parent that sends a bad piece is
 blocklisted and the piece fetched elsewhere. Endgame copies are staged aside; the first
-copy in lands, the others are cancelled.
+copy in lands, the others are cancelled. A fetch that moves no bytes for
+``stall_timeout`` is cancelled (``Stalled``) and the piece asked of another holder; a
+download that moves none that long asks for other parents, then fails saying why
+(the planner decides). Each step goes into the download's piece timeline.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from damselfly.core.errors import (
 )
 from damselfly.core.host import HostType
 from damselfly.core.piece import STRONG_ALGORITHMS, WEAK_ALGORITHM, algorithm_of
-from damselfly.daemon.planner import Fetch, Outcome, Parent, Planner, parent_weight
+from damselfly.daemon.planner import Fetch, Outcome, Parent, Planner, Stall, fetch_stalled, parent_weight
 from damselfly.rpc.wire import addresses_from_response, transports_from_metadata
 
 if TYPE_CHECKING:
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
 
     from damselfly.core.task import PieceRecord, Task
     from damselfly.daemon.download_context import DownloadContext
+    from damselfly.daemon.runtime import TaskRuntime
     from damselfly.daemon.schedlink import PieceAuthority
 
 TRAFFIC_PEER = vortex.TrafficType.REMOTE_PEER
@@ -49,6 +53,31 @@ TRAFFIC_PEER = vortex.TrafficType.REMOTE_PEER
 
 class Reschedule(Exception):
     """The current parents cannot finish the task."""
+
+
+class Stalled(DamselflyError):
+    """A parent accepted a piece request and moved no bytes of it for stall_timeout."""
+
+
+class _Moving:
+    """A ``PieceWriter`` that remembers when bytes last went through it (from any thread); ``last``
+    is the fetch's start until the first bytes come."""
+
+    def __init__(self, inner: PieceWriter, now: float):
+        self.inner = inner
+        self.last = now
+        self.wrote = False
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self.inner.write(chunk)
+        self.last = time.monotonic()
+        self.wrote = True
+
+    async def commit(self, expected_digest: str | None, *, strong: str = "") -> PieceRecord:
+        return await self.inner.commit(expected_digest, strong=strong)
+
+    def abort(self) -> None:
+        self.inner.abort()
 
 
 class Downloading(Protocol):
@@ -98,13 +127,16 @@ def outcome_of(t: asyncio.Task[Any]) -> Outcome:
         return Outcome.BUSY
     if isinstance(exc, Declined):
         return Outcome.DECLINED
+    if isinstance(exc, Stalled):
+        return Outcome.STALLED
     return Outcome.FAILED
 
 
 class ParentFetch:
     """Fetches a download's missing pieces from the parents the scheduler names, a round at a time.
 
-    ``held``: the runtime's record of which host holds which pieces, kept up to date here."""
+    ``runtime``: the download's runtime: its record of which host holds which pieces, kept
+    up to date here, and its piece timeline."""
 
     def __init__(
         self,
@@ -113,7 +145,7 @@ class ParentFetch:
         ctx: DownloadContext,
         planner: Planner,
         authority: PieceAuthority,
-        held: dict[str, set[int]],
+        runtime: TaskRuntime,
         log: Logger,
     ):
         self.download = download
@@ -122,7 +154,9 @@ class ParentFetch:
         self.cfg = ctx.config
         self.planner = planner
         self.authority = authority
-        self.held = held
+        self.runtime = runtime
+        self.held = runtime.held
+        self._moving: dict[Fetch, _Moving] = {}  # the writers of the fetches in flight, for stall checks
         self.log = log
         self._syncs: dict[str, asyncio.Task[None]] = {}
         self._wake: asyncio.Event | None = None  # set while a round runs: wakes its loop
@@ -221,7 +255,6 @@ class ParentFetch:
         wake = self._wake
         assert wake is not None
         inflight: dict[asyncio.Task[Staged | None], Fetch] = {}
-        last_progress = time.monotonic()
         try:
             while True:
                 if download.share_error is not None:
@@ -233,18 +266,29 @@ class ParentFetch:
                 plan = planner.plan(missing, time.monotonic(), sharing=sharing, source_instead=download.source_instead)
                 for fetch in plan.starts:
                     parent = planner.parents[fetch.parent_id]
-                    piece = self._piece(parent, fetch.number, staged=fetch.staged)
+                    piece = self._piece(parent, fetch, staged=fetch.staged)
                     inflight[asyncio.get_running_loop().create_task(piece)] = fetch
                     if fetch.staged:
                         self.ctx.metrics.endgame_fetches.inc()
                 if plan.give_up is not None:
+                    self.runtime.note("reschedule", detail=plan.give_up)
                     raise Reschedule(plan.give_up)
-                # A piece in flight is progress, however slowly it comes (a busy parent shares its
-                # link); a fetch that stalls ends at piece_timeout and counts as the parent's failure.
-                if inflight or sharing:
-                    last_progress = time.monotonic()
-                if time.monotonic() - last_progress > cfg.schedule_timeout:
-                    raise Reschedule(f"no piece arrived for {cfg.schedule_timeout:.0f}s")
+                # Bytes moving into any piece are progress, however slowly they come (a busy parent
+                # shares its link), and so is a share of the source being read.
+                now = time.monotonic()
+                moved = max((m.last for m in self._moving.values() if m.wrote), default=None)
+                if sharing:
+                    planner.progressed(now)
+                elif moved is not None and (planner.progress_at is None or moved > planner.progress_at):
+                    planner.progressed(moved)
+                stall = planner.stall(now, missing)
+                if stall is not Stall.NONE:
+                    why = planner.stall_reason(missing, now)
+                    self.runtime.note("stall", detail=why)
+                    self.log.warning("download stalled: {}", why)
+                    if stall is Stall.FAIL:
+                        raise PeerError(f"download stalled, other parents did not help: {why}")
+                    raise Reschedule(why)
                 waiters: set[asyncio.Future[Any]] = set(inflight)
                 waiter = None
                 # a new piece at a parent, or a parent gone, matters only with a free slot; a share
@@ -259,9 +303,9 @@ class ParentFetch:
                 for t in [t for t in done if t in inflight]:
                     fetch = inflight.pop(t)
                     outcome = outcome_of(t)
-                    planner.ended(fetch, outcome)
+                    planner.ended(fetch, outcome, time.monotonic())
                     if outcome is Outcome.STORED:
-                        last_progress = time.monotonic()
+                        planner.progressed(time.monotonic())
                         # the other fetches of this piece lose: stopped (their writers aborted) before
                         # a staged winner's bytes go into the task
                         losers = [other for other, f in inflight.items() if f.number == fetch.number]
@@ -305,7 +349,7 @@ class ParentFetch:
         self.ctx.metrics.transport_traffic.labels(staged.transport).inc(record.length)
         await self.download.stored(record, TRAFFIC_PEER, staged.parent_id, staged.cost)
 
-    async def _piece(self, parent: Parent, number: int, *, staged: bool = False) -> Staged | None:
+    async def _piece(self, parent: Parent, fetch: Fetch, *, staged: bool = False) -> Staged | None:
         """Fetch ``number`` from ``parent`` and store it; a ``staged`` (endgame) copy is verified
         but left for the fetch loop to ``_land`` once the other fetches of the piece stopped.
 
@@ -313,6 +357,7 @@ class ParentFetch:
         source reader's (the scheduler's answer, else StatTask); its crc32 must match the
         Vortex header too. A mismatch is the parent's lie: it is blocklisted."""
         download, planner, cfg = self.download, self.planner, self.cfg
+        number = fetch.number
         span = self._task.layout.span(number)
         pool = self.ctx.pool
         key = ""
@@ -326,11 +371,13 @@ class ParentFetch:
         inner: PieceWriter = (
             StagedPieceWriter(span, cfg.data_dir) if staged else self.ctx.storage.writer(self._task_id, span)
         )
-        writer = download.writer(inner, number, algorithm, in_order=not staged)
+        moving = self._moving[fetch] = _Moving(inner, started)
+        writer = download.writer(moving, number, algorithm, in_order=not staged)
         conn: PieceConnection | None = None
+        self.runtime.note("requested", number, parent.peer_id, "endgame copy" if staged else "")
         try:
             key, conn = await pool.acquire(parent.piece_addresses)
-            meta = await asyncio.wait_for(conn.fetch(self._task_id, number, writer), cfg.piece_timeout)
+            meta = await self._watched(conn.fetch(self._task_id, number, writer), moving, started)
             if meta.offset != span.offset or meta.length != span.length:
                 raise ProtocolError(
                     f"parent's piece {number} lies at {meta.offset}+{meta.length}, expected {span.offset}+{span.length}"
@@ -363,13 +410,21 @@ class ParentFetch:
                 await conn.close()  # a parent that lies is not asked again on this connection
             self._parent_failed(parent, number, f"bad piece: {exc}", block=True)
             raise
-        except Declined:
+        except Stalled as exc:
+            writer.abort()  # the planner asks another holder; this connection is mid-piece: closed
+            if conn is not None:
+                await conn.close()
+            self._parent_failed(parent, number, f"stalled: {exc}", block=False, kind="stalled")
+            raise
+        except Declined as exc:
             writer.abort()  # a peer has it: ask another, or this one again later; not its failure
             planner.declined(parent, number, time.monotonic())
+            self.runtime.note("failed", number, parent.peer_id, f"declined: {exc}")
             raise
         except Busy:
             writer.abort()
             planner.busy(parent, time.monotonic())
+            self.runtime.note("failed", number, parent.peer_id, "busy")
             raise
         except NotFound as exc:
             writer.abort()
@@ -387,6 +442,7 @@ class ParentFetch:
             writer.abort()
             raise
         finally:
+            self._moving.pop(fetch, None)
             if conn is not None:
                 await pool.release(key, conn)
         if isinstance(inner, StagedPieceWriter):
@@ -394,6 +450,29 @@ class ParentFetch:
         self.ctx.metrics.transport_traffic.labels(key.partition("|")[0]).inc(record.length)
         await download.stored(record, TRAFFIC_PEER, parent.peer_id, time.monotonic() - started, writer)
         return None
+
+    async def _watched(
+        self, fetching: Awaitable[vortex.PieceMetadata], moving: _Moving, started: float
+    ) -> vortex.PieceMetadata:
+        """``fetching``'s result; Stalled once it moved no bytes for stall_timeout, TimeoutError
+        once it took piece_timeout (either way it is cancelled)."""
+        cfg = self.cfg
+        task = asyncio.ensure_future(fetching)
+        try:
+            while True:
+                now = time.monotonic()
+                if fetch_stalled(moving.last, now, cfg.stall_timeout):
+                    raise Stalled(f"no bytes for {now - moving.last:.1f}s of a piece request")
+                if now - started >= cfg.piece_timeout:
+                    raise TimeoutError(f"the piece took over {cfg.piece_timeout:.0f}s")
+                wait = min(moving.last + cfg.stall_timeout, started + cfg.piece_timeout) - now
+                done, _ = await asyncio.wait({task}, timeout=max(wait, 0.0))
+                if done:
+                    return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     def _unverified_parent(self, parent: Parent) -> None:
         if parent.peer_id not in self._unattested:
@@ -405,8 +484,9 @@ class ParentFetch:
                 "" if parent.is_seed else ", the whole content checked against its digest",
             )
 
-    def _parent_failed(self, parent: Parent, number: int, reason: str, *, block: bool) -> None:
+    def _parent_failed(self, parent: Parent, number: int, reason: str, *, block: bool, kind: str = "failed") -> None:
         self.log.warning("piece {} from parent {}: {}", number, parent.peer_id, reason)
+        self.runtime.note(kind, number, parent.peer_id, reason)
         self.ctx.metrics.piece_failures.labels("corrupt" if block else "parent").inc()
         self.ctx.plugins.piece_failed(self._task_id, number, parent.peer_id, reason)
         if block:

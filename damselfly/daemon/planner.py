@@ -13,6 +13,13 @@ weighted by free upload bandwidth. A piece first reported a moment ago waits up 
 ``parent_gather_window`` for the other parents to report it too. Once every missing piece
 is in flight (the endgame), the ones in flight longest are fetched once more from another
 holder; the first copy in wins.
+
+Stalls. A fetch that moved no bytes for ``stall_timeout`` is stalled: cancelled, its parent
+not asked for that piece again for as long (another holder is). A download whose pieces
+moved no bytes for ``stall_timeout``, with no fetch left in flight and a parent holding a
+missing piece, first asks the scheduler for other parents
+(``Stall.RESCHEDULE``); still none after another period, it gives up (``Stall.FAIL``) with a
+reason that names the pieces it waited for, from whom, and for how long.
 """
 
 from __future__ import annotations
@@ -74,6 +81,15 @@ class Outcome(enum.Enum):
     BUSY = "busy"  # the parent's upload slots were taken
     DECLINED = "declined"  # the parent would not serve it now
     FAILED = "failed"  # anything else
+    STALLED = "stalled"  # it moved no bytes for stall_timeout: cancelled, another holder asked
+
+
+class Stall(enum.Enum):
+    """What a download with no progress does next."""
+
+    NONE = "none"  # progress within stall_timeout, or waiting out the period after a reschedule
+    RESCHEDULE = "reschedule"  # ask the scheduler for other parents
+    FAIL = "fail"  # still nothing after the reschedule: stop, saying what it waited for
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +145,9 @@ class Planner:
         # holders of each piece among the usable parents (a seed counting SEED_HOLDER), kept up
         # to date as they report pieces; None when a parent went away and it must be rebuilt
         self._held: dict[int, float] | None = None
+        # stall detection, across rounds: when bytes last moved, and when a stall asked for other parents
+        self.progress_at: float | None = None
+        self.stall_rescheduled_at: float | None = None
 
     def new_round(self) -> None:
         """A new set of parents: nothing is in flight, nobody has been asked for anything."""
@@ -179,20 +198,71 @@ class Planner:
         self.blocklist.add(peer_id)
         self._held = None
 
-    def ended(self, fetch: Fetch, outcome: Outcome) -> None:
-        """``fetch`` is over."""
+    def ended(self, fetch: Fetch, outcome: Outcome, now: float = 0.0) -> None:
+        """``fetch`` is over (``now`` matters to a stalled one)."""
         self.fetches.remove(fetch)
         self.load[fetch.parent_id] -= 1
         parent = self.parents.get(fetch.parent_id)
-        if parent is not None and outcome is not Outcome.BUSY:
+        if parent is not None and outcome not in (Outcome.BUSY, Outcome.STALLED):
             # our fetch from it ended, so one of its upload slots is free: a parent that
             # answered busy is asked again now, not busy_backoff later (on a fast link
             # a piece takes milliseconds, and a fixed pause idled it most of the time)
             parent.busy_until = 0.0
-        if outcome in (Outcome.BUSY, Outcome.DECLINED):
+        if outcome is Outcome.STALLED and parent is not None:
+            # not asked for this piece again for a stall period, nor for anything for busy_backoff
+            parent.declined[fetch.number] = now + self.cfg.stall_timeout
+            parent.busy_until = now + self.cfg.busy_backoff
+        if outcome in (Outcome.BUSY, Outcome.DECLINED, Outcome.STALLED):
             self.tried.get(fetch.number, set()).discard(fetch.parent_id)  # asked again once it has a slot
         elif outcome is Outcome.STORED:
             self.tried.pop(fetch.number, None)
+
+    def progressed(self, now: float) -> None:
+        """Bytes moved (into a piece, or a share of the source being read): the download is not stalled."""
+        if self.progress_at is None or now > self.progress_at:
+            self.progress_at = now
+        self.stall_rescheduled_at = None
+
+    def stall(self, now: float, missing: Set[int]) -> Stall:
+        """Whether the download has stalled, and what it does about it (a RESCHEDULE is remembered).
+
+        Not while a fetch is in flight: a fetch that moves no bytes ends itself at stall_timeout
+        and its piece goes to another holder, so the download gives up on its parents only once
+        none is left to ask. While no parent holds a missing piece (a seed still reading the
+        source), nothing has stalled: the scheduler is asked again each schedule_timeout."""
+        if self.progress_at is None:
+            self.progress_at = now  # the clock starts with the first pass
+        cfg = self.cfg
+        idle = now - self.progress_at
+        if self.fetches or idle < min(cfg.stall_timeout, cfg.schedule_timeout):
+            return Stall.NONE
+        if not any(n in p.pieces for p in self.usable() for n in missing):
+            if idle < cfg.schedule_timeout:
+                return Stall.NONE
+            self.progress_at = now  # the next parents get a period of their own
+            return Stall.RESCHEDULE
+        if idle < cfg.stall_timeout:
+            return Stall.NONE
+        if self.stall_rescheduled_at is None:
+            self.stall_rescheduled_at = now
+            return Stall.RESCHEDULE
+        return Stall.FAIL if now - self.stall_rescheduled_at >= cfg.stall_timeout else Stall.NONE
+
+    def stall_reason(self, missing: set[int], now: float) -> str:
+        """One line: how long nothing moved, which pieces were awaited and from whom."""
+        idle = now - (self.progress_at if self.progress_at is not None else now)
+        waited: dict[str, list[int]] = {}
+        for f in self.fetches:
+            waited.setdefault(f.parent_id, []).append(f.number)
+        for n in sorted(missing):
+            for p in self.parents.values():
+                if n in p.pieces and n not in waited.get(p.peer_id, ()):
+                    waited.setdefault(p.peer_id, []).append(n)
+        parts = [f"pieces {_numbers(ns)} from {pid}" for pid, ns in sorted(waited.items())]
+        unheld = sorted(n for n in missing if not any(n in p.pieces for p in self.parents.values()))
+        if unheld:
+            parts.append(f"pieces {_numbers(unheld)} that no parent holds")
+        return f"no piece data moved for {idle:.0f}s; waited for " + "; ".join(parts or ["parents to report pieces"])
 
     def others(self, fetch: Fetch) -> list[Fetch]:
         """The other fetches in flight of ``fetch``'s piece: they lose once it is in."""
@@ -300,6 +370,18 @@ class Planner:
                 for n in missing:  # a parent still syncing may offer a piece again later
                     self.tried.pop(n, None)
         return Plan(starts, next_ready, full, give_up)
+
+
+def _numbers(numbers: list[int], shown: int = 8) -> str:
+    """Piece numbers for a one-line message: the first few, then how many more."""
+    ns = sorted(numbers)
+    text = ",".join(map(str, ns[:shown]))
+    return f"{text} (+{len(ns) - shown} more)" if len(ns) > shown else text
+
+
+def fetch_stalled(last_moved: float, now: float, stall_timeout: float) -> bool:
+    """Whether a fetch whose bytes last moved at ``last_moved`` (its start, before any) has stalled."""
+    return now - last_moved >= stall_timeout
 
 
 def _askable(p: Parent, number: int, now: float) -> bool:

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from damselfly.config import ProxyConfig, SecurityConfig
     from damselfly.daemon.proxyswarm import ProxyContext
 
-_REGISTRY = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")  # host[:port]
+_REGISTRY = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")  # host[:port], whole string
 UPSTREAM_SCHEMES = ("http", "https")
 HEALTH_PATHS = ("/healthy", "/server/ping")
 MAX_HEAD = 65536  # bytes of request line and headers a client may send
@@ -303,7 +303,7 @@ def parse_authority(authority: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port``) of a CONNECT request."""
     host, _, port = authority.rpartition(":")
     host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 < int(port) < 65536:
         raise InvalidArgument(f"CONNECT needs host:port, not {authority[:64]!r}")
     return host.lower(), int(port)
 
@@ -323,7 +323,7 @@ def registry_base(value: str, where: str) -> tuple[str, str]:
     if scheme not in UPSTREAM_SCHEMES:
         raise PermissionDenied(f"{where} names a {scheme}:// upstream: the proxy forwards only http and https")
     netloc = rest.split("/", 1)[0]
-    if not _REGISTRY.match(netloc):
+    if not _REGISTRY.fullmatch(netloc):
         raise InvalidArgument(f"{where}: {value[:64]!r} is not http(s)://HOST[:PORT]")
     return scheme, netloc
 

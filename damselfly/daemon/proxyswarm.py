@@ -36,7 +36,7 @@ from loguru import logger
 
 from damselfly.core import ids
 from damselfly.core.errors import BackendError, DamselflyError, InvalidArgument, PermissionDenied, StorageError
-from damselfly.core.piece import Layout
+from damselfly.core.piece import MAX_PIECE_LENGTH, Layout
 from damselfly.core.task import TaskState
 from damselfly.daemon.proxyhttp import HOP_BY_HOP, break_off, error_of, error_response, redact
 from damselfly.daemon.request import DownloadRequest
@@ -52,7 +52,9 @@ if TYPE_CHECKING:
     from damselfly.daemon.context import StartDownload, TaskUse
     from damselfly.security.policy import SourcePolicy
 
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.ASCII)  # RFC 9110's DIGIT is ASCII
+_BEYOND = 1 << 64  # a position past any size: what a longer number is worth
+MAX_PRIORITY = 6  # common.v2 Priority: LEVEL0 to LEVEL6
 CREDENTIAL_HEADERS = ("authorization", "cookie")  # what makes a pull "with credentials"
 
 
@@ -73,16 +75,36 @@ def parse_range(value: str, size: int) -> tuple[int, int] | None:
         raise InvalidArgument(f"unsupported Range {value!r} (one bytes=a-b range is)")
     first, last = m.group(1), m.group(2)
     if not first:
-        n = int(last)
-        if n == 0:
+        n = _position(last)
+        if n == 0 or size == 0:  # a suffix of an empty representation is unsatisfiable (RFC 9110 14.1.2)
             return None
         start = max(size - n, 0)
         return start, size - start
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
+    start = _position(first)
+    end = min(_position(last), size - 1) if last else size - 1
     if start >= size or end < start:
         return None
     return start, end - start + 1
+
+
+def header_number(headers: Any, name: str, most: int) -> int:
+    """An ``X-Dragonfly-*`` number: ASCII digits, at most ``most``; 0 when absent or empty.
+
+    ``int`` alone would take "-1", "1_000" and "٣" and let a number the protobuf cannot hold
+    through (a ValueError later, answered 502 instead of 400).
+    """
+    value = headers.get(name, "").strip()
+    if not value:
+        return 0
+    if not (value.isascii() and value.isdigit()) or len(value) > 20 or int(value) > most:
+        raise InvalidArgument(f"bad {name} header {value[:32]!r}: a number from 0 to {most} is")
+    return int(value)
+
+
+def _position(digits: str) -> int:
+    """A Range position; one of more than 20 digits counts as past any size (``int`` refuses 4,300)."""
+    digits = digits.lstrip("0")
+    return _BEYOND if len(digits) > 20 else int(digits or "0")
 
 
 class SwarmResponder:
@@ -130,11 +152,8 @@ class SwarmResponder:
 
     def download_request(self, request: web.BaseRequest, url: str, blob: ids.BlobPath | None) -> DownloadRequest:
         h = request.headers
-        try:
-            piece_length = int(h.get("X-Dragonfly-Piece-Length", "0") or 0)
-            priority = int(h.get("X-Dragonfly-Priority", "0") or 0)
-        except ValueError as exc:
-            raise InvalidArgument(f"bad X-Dragonfly header: {exc}") from None
+        piece_length = header_number(h, "X-Dragonfly-Piece-Length", MAX_PIECE_LENGTH)
+        priority = header_number(h, "X-Dragonfly-Priority", MAX_PRIORITY)
         filtered = [p.strip() for p in h.get("X-Dragonfly-Filtered-Query-Params", "").split(",") if p.strip()]
         forwarded: dict[str, str] = {}
         for k, v in h.items():

@@ -2,13 +2,18 @@
 
 Storage holds the bytes and the verified pieces; a ``TaskRuntime`` adds the
 events that the upload side (``SyncPieces``) and local clients wait on, so a
-piece is servable the moment it is stored.
+piece is servable the moment it is stored. Each download also keeps a bounded piece
+timeline (what was asked of whom, how it ended, reschedules, stalls, back-to-source and
+why) that outlives it, for ``damselfly tasks show``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from damselfly.core.piece import ByteRange
 from damselfly.core.task import PieceRecord
@@ -20,6 +25,27 @@ class PieceEvent:
     traffic_type: int  # vortex.TrafficType
     parent_id: str
     cost: float
+
+
+TIMELINE_EVENTS = 4096  # events kept per download: the latest, where a long one has more
+TIMELINE_TASKS = 256  # finished downloads whose timelines are kept, the latest
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineEvent:
+    """One step of a download, for diagnosis: ``kind`` is requested, stored, failed, stalled
+    (a piece), or reschedule, stall, back_to_source (the download); ``piece`` is -1 for the latter."""
+
+    at: float  # wall-clock seconds
+    kind: str
+    piece: int = -1
+    parent_id: str = ""
+    detail: str = ""
+    length: int = 0  # bytes stored
+    seconds: float = 0.0  # how long the piece took
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +83,13 @@ class TaskRuntime:
     # host id -> the pieces that host's peer told this download it holds (its SyncPieces
     # stream as our parent): the pieces this daemon need not announce to that host in turn
     held: dict[str, set[int]] = field(default_factory=dict)
+    timeline: deque[TimelineEvent] = field(default_factory=lambda: deque(maxlen=TIMELINE_EVENTS))
+
+    def note(
+        self, kind: str, piece: int = -1, parent_id: str = "", detail: str = "", length: int = 0, seconds: float = 0.0
+    ) -> None:
+        """Add a step to this download's timeline."""
+        self.timeline.append(TimelineEvent(time.time(), kind, piece, parent_id, detail, length, seconds))
 
     def publish(self, event: Progress) -> None:
         self.history.append(event)
@@ -88,6 +121,7 @@ class TaskBoard:
         self._running: dict[str, list[TaskRuntime]] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._peer_ids: dict[str, str] = {}
+        self._timelines: dict[str, list[TimelineEvent]] = {}  # the last finished download's, per task
 
     def running(self, task_id: str) -> list[TaskRuntime]:
         return [rt for rt in self._running.get(task_id, ()) if not rt.done]
@@ -102,6 +136,11 @@ class TaskBoard:
     def remove(self, rt: TaskRuntime) -> None:
         if rt.peer_id:
             self._peer_ids[rt.task_id] = rt.peer_id
+        if rt.timeline:
+            self._timelines.pop(rt.task_id, None)  # the latest last, the oldest dropped first
+            self._timelines[rt.task_id] = list(rt.timeline)
+            while len(self._timelines) > TIMELINE_TASKS:
+                del self._timelines[next(iter(self._timelines))]
         rts = self._running.get(rt.task_id, [])
         if rt in rts:
             rts.remove(rt)
@@ -130,6 +169,13 @@ class TaskBoard:
             if rt.peer_id:
                 return rt.peer_id
         return self._peer_ids.get(task_id, "")
+
+    def timeline(self, task_id: str) -> list[TimelineEvent] | None:
+        """The piece timeline of ``task_id``'s running download, else of its last one; None if none is kept."""
+        running = self._running.get(task_id)
+        if running:
+            return list(running[-1].timeline)
+        return self._timelines.get(task_id)
 
     def forget(self, task_id: str) -> list[TaskRuntime]:
         self._peer_ids.pop(task_id, None)

@@ -1,7 +1,10 @@
 """The schedulers a daemon reports to: each task goes to one, chosen by rendezvous hashing of its id.
 
 A scheduler that does not answer is skipped for a while and its tasks go to the next one
-in their order; host announcements go to all of them.
+in their order; host announcements go to all of them. A scheduler is *new* to this daemon
+when it takes an AnnounceHost for the first time, after a call to it failed, or with a boot
+id (the ``damselfly-scheduler-boot`` trailer) other than last time: it has lost, or never
+had, what this daemon holds, and is told again.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ from loguru import logger
 
 from damselfly.config import TlsConfig
 from damselfly.daemon.context import GRPC_OPTIONS
-from damselfly.rpc.wire import duration
+from damselfly.rpc.wire import BOOT_METADATA, duration
 from damselfly.security import tls
+
+# a scheduler that went away is tried again within seconds (gRPC's own backoff grows to two minutes)
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 3000)]
 
 
 def scheduler_order(addresses: list[str], task_id: str) -> list[str]:
@@ -40,12 +46,15 @@ class SchedulerPool:
         self.tls = tls_config  # mutual TLS to the schedulers when enabled
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._down: dict[str, float] = {}  # address -> monotonic time until which it is skipped
+        self._boots: dict[str, str] = {}  # address -> the boot id it gave when it last took AnnounceHost
+        self._new: set[str] = set()  # took an AnnounceHost while new to this daemon: to be told what it holds
 
     def is_down(self, address: str) -> bool:
         return self._down.get(address, 0.0) > time.monotonic()
 
     def mark_down(self, address: str) -> bool:
-        """Skip ``address`` for a while; True when it was up until now."""
+        """Skip ``address`` for a while (it is new again once it answers); True when it was up until now."""
+        self._boots.pop(address, None)
         was_up = not self.is_down(address)
         self._down[address] = time.monotonic() + self.DOWN_FOR
         return was_up
@@ -58,7 +67,7 @@ class SchedulerPool:
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = tls.grpc_channel(address, self.tls, GRPC_OPTIONS)
+            ch = self._channels[address] = tls.grpc_channel(address, self.tls, [*GRPC_OPTIONS, *RECONNECT_OPTIONS])
         return ch
 
     def order(self, key: str) -> list[str]:
@@ -87,22 +96,51 @@ class SchedulerPool:
             self.mark_down(address)
         return None
 
-    async def announce_host(self, host: common_pb2.Host, interval: float) -> tuple[int, list[str]]:
-        """AnnounceHost to every scheduler: how many took it, and the addresses that did not."""
-        ok, failed = 0, []
-        for address in self.addresses:
+    async def announce_host(
+        self, host: common_pb2.Host, interval: float, addresses: list[str] | None = None
+    ) -> tuple[list[str], list[str]]:
+        """AnnounceHost to every scheduler (or to ``addresses``): those that took it, and those
+        that did not. Those of them new to this daemon are kept for :meth:`take_new`."""
+        took, failed = [], []
+        for address in self.addresses if addresses is None else addresses:
             stub = scheduler_pb2_grpc.SchedulerStub(self._channel(address))
             try:
-                await stub.AnnounceHost(
+                call = stub.AnnounceHost(
                     scheduler_pb2.AnnounceHostRequest(host=host, interval=duration(interval)),
                     timeout=self.connect_timeout,
+                    wait_for_ready=True,  # a scheduler coming back is waited for, not failed at once
                 )
-                ok += 1
-                self._down.pop(address, None)
+                await call
+                boot = _text((await call.trailing_metadata() or {}).get(BOOT_METADATA, ""))
             except grpc.aio.AioRpcError as exc:
                 logger.debug("AnnounceHost to {} failed: {}", address, exc.code().name)
+                self._boots.pop(address, None)
                 failed.append(address)
-        return ok, failed
+                continue
+            took.append(address)
+            self._down.pop(address, None)
+            if self._boots.get(address) != boot:
+                self._new.add(address)
+            self._boots[address] = boot
+        return took, failed
+
+    def take_new(self) -> list[str]:
+        """The schedulers that took an AnnounceHost while new to this daemon (each handed out once)."""
+        new, self._new = sorted(self._new), set()
+        return new
+
+    async def connection_lost(self, address: str) -> None:
+        """Return when the connection to ``address`` drops (after it was up): the scheduler may have
+        restarted, and an AnnounceHost finds out at once."""
+        ch = self._channel(address)
+        ready = grpc.ChannelConnectivity.READY
+        state = ch.get_state()
+        while state is not ready:
+            await ch.wait_for_state_change(state)
+            state = ch.get_state()
+        while state is ready:
+            await ch.wait_for_state_change(state)
+            state = ch.get_state()
 
     async def delete_host(self, host_id: str) -> None:
         for address in self.addresses:
@@ -133,3 +171,7 @@ class SchedulerPool:
         for ch in self._channels.values():
             await ch.close()
         self._channels.clear()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

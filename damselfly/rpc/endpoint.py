@@ -55,6 +55,17 @@ class Endpoint(Framing, asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    # A peer that sends (PINGs, SETTINGS, requests) and never reads would grow the transport's
+    # write buffer without bound: while it is over the high-water mark, nothing more is read
+    # from that peer, so nothing more is answered.
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")

@@ -22,6 +22,7 @@ client indexes its own (:mod:`damselfly.rpc.client`).
 from __future__ import annotations
 
 import base64
+import binascii
 import struct
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
@@ -121,14 +122,20 @@ def encode_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> list[tuple[b
 
 
 def decode_metadata(headers: Iterable[tuple[bytes, bytes]], skip: frozenset[bytes]) -> tuple[Metadatum, ...]:
-    """The metadata among ``headers``: no pseudo-header, nothing in ``skip``; ``-bin`` decoded."""
+    """The metadata among ``headers``: no pseudo-header, nothing in ``skip``; ``-bin`` decoded.
+
+    A ``-bin`` value that is not base64 is the peer's protocol error (:class:`H2Error`).
+    """
     out = []
     for k, v in headers:
         if k[:1] == b":" or k in skip:
             continue
         key = k.decode("ascii", "replace")
         if key.endswith("-bin"):
-            out.append(Metadatum(key, base64.b64decode(v + b"=" * (-len(v) % 4))))
+            try:
+                out.append(Metadatum(key, base64.b64decode(v + b"=" * (-len(v) % 4))))
+            except binascii.Error:
+                raise H2Error(PROTOCOL_ERROR, f"malformed binary metadata {key!r}") from None
         else:
             out.append(Metadatum(key, v.decode("utf-8", "replace")))
     return tuple(out)

@@ -428,6 +428,8 @@ def addresses_from_response(resp: Any) -> dict[str, str]:
 
 SOURCE_SHARES_KEY = "x-damselfly-source-shares"
 SOURCE_SHARES_METADATA = ((SOURCE_SHARES_KEY, "1"),)
+# a trailer of AnnounceHost: the scheduler process's boot id (a new one: it lost what daemons told it)
+BOOT_METADATA = "damselfly-scheduler-boot"
 SOURCE_SHARE_PREFIX = "damselfly-source-share/"
 
 

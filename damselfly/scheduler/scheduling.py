@@ -3,7 +3,10 @@
 A decision names the parents the strategy ranked first (``SchedulerState.candidates``), or
 sends the peer to the source when nobody can serve it and nobody is reading the source for
 it; otherwise the task's seed is asked to fetch it from the origin (so that the origin is
-read once) and the peer waits. A downloading peer is offered more parents at every change of
+read once) and the peer waits. Every path to the source, a peer's own ``need_back_to_source``
+included (``may_read_source``), stays within the task's ``back_to_source_limit`` and the
+origin's ``origin_reads`` (readers of one ``scheme://host:port`` at once, across tasks);
+only a seed host is never held back. A downloading peer is offered more parents at every change of
 its task, and every REFRESH_INTERVAL.
 """
 
@@ -13,6 +16,7 @@ import asyncio
 import time
 from collections.abc import Coroutine
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from dragonfly_api import common_pb2, dfdaemon_pb2, dfdaemon_pb2_grpc, scheduler_pb2
@@ -32,6 +36,7 @@ from damselfly.telemetry.metrics import SchedulerMetrics
 
 SEED_FAILED_WINDOW = 1800.0  # seconds a seed that failed a task is not asked for it again (upstream's)
 REFRESH_INTERVAL = 2.0  # seconds: the longest a downloading peer waits for another look at its parents
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class Scheduling:
@@ -49,6 +54,7 @@ class Scheduling:
         self.reports = {k: metrics.piece_reports.labels(k) for k in ("back_to_source", "remote_peer")}
         self.background: set[asyncio.Task[None]] = set()
         self._refresh_due: dict[str, TaskEntry] = {}  # tasks changed in this turn of the loop
+        self._origin_readers: dict[str, set[str]] = {}  # scheme://host:port -> peers sent to read it
         state.on_task_change = self._refresh_soon
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -73,11 +79,12 @@ class Scheduling:
             if answer is not None:
                 return answer
             if time.monotonic() >= deadline:
-                if len(entry.back_to_source_peers) >= self.cfg.back_to_source_limit:
+                if self.task_limit_reached(entry, peer):
                     raise ScheduleError(
                         grpc.StatusCode.FAILED_PRECONDITION, "no parent and back-to-source limit reached"
                     )
-                return self.back_to_source(entry, peer, f"no parent within {self.cfg.seed_wait:.0f}s")
+                if not self.origin_full(entry, peer):  # else it waits for a parent or a free read
+                    return self.back_to_source(entry, peer, f"no parent within {self.cfg.seed_wait:.0f}s")
             await entry.changed.wait(self.cfg.retry_interval)
 
     def schedule_now(
@@ -101,8 +108,13 @@ class Scheduling:
             self.schedules["normal"].inc()
             self.metrics.schedule_seconds.observe(time.monotonic() - started)
             return Encoded(self.offer_encoded(entry, peer, [], parents))
-        if not self.source_busy(entry, peer) and self.trigger_seed(entry, peer, kept, request) is None:
-            # Nobody is fetching from the source and no seed can: this peer must.
+        if (
+            not self.source_busy(entry, peer)
+            and self.trigger_seed(entry, peer, kept, request) is None
+            # Nobody is fetching from the source and no seed can: this peer must, within the limits.
+            and not self.task_limit_reached(entry, peer)
+            and not self.origin_full(entry, peer)
+        ):
             return self.back_to_source(entry, peer, "no seed peer and no parent")
         return None
 
@@ -130,6 +142,7 @@ class Scheduling:
 
     def back_to_source(self, entry: TaskEntry, peer: Peer, why: str) -> scheduler_pb2.AnnouncePeerResponse:
         entry.back_to_source_peers.add(peer.id)
+        self._origin_readers.setdefault(origin_of(entry.task.url), set()).add(peer.id)
         entry.source_readers.add(peer.id)  # sent to the source: its piece reports set the digests
         peer.need_back_to_source = True
         self.schedules["back_to_source"].inc()
@@ -203,6 +216,40 @@ class Scheduling:
         return True
 
     # -- the source and the seed -------------------------------------------------------------
+
+    def may_read_source(self, entry: TaskEntry, peer: Peer, host: Host) -> bool:
+        """Whether a peer that registered asking for the source (``need_back_to_source``) is sent
+        there: a seed host always (the reader the scheduler itself relies on), any other peer
+        within the task's ``back_to_source_limit`` and the origin's ``origin_reads``. One that is
+        not is scheduled like any peer."""
+        if host.is_seed or not (self.task_limit_reached(entry, peer) or self.origin_full(entry, peer)):
+            return True
+        logger.info("peer {} of task {} asked for the source: scheduled instead (limits)", peer.id, peer.task_id[:12])
+        peer.need_back_to_source = False
+        return False
+
+    def task_limit_reached(self, entry: TaskEntry, peer: Peer) -> bool:
+        """``back_to_source_limit`` peers of the task were sent to the source, ``peer`` not among them."""
+        sent = entry.back_to_source_peers
+        return peer.id not in sent and len(sent) >= self.cfg.back_to_source_limit
+
+    def origin_full(self, entry: TaskEntry, peer: Peer) -> bool:
+        """``origin_reads`` peers, across tasks, are reading the task's origin now, ``peer`` not among them."""
+        if not self.cfg.origin_reads:
+            return False
+        key = origin_of(entry.task.url)
+        readers = self._origin_readers.get(key, set())
+        st = self.state
+        for pid in list(readers):  # those that finished, failed or left read no more
+            p = st.peers.get(pid)
+            if p is None or p.done or not (p.state is PeerState.BACK_TO_SOURCE or p.need_back_to_source):
+                readers.discard(pid)
+        if not readers:
+            self._origin_readers.pop(key, None)
+        full = peer.id not in readers and len(readers) >= self.cfg.origin_reads
+        if full:
+            logger.debug("origin {} has {} readers (scheduler.origin_reads): peer {} waits", key, len(readers), peer.id)
+        return full
 
     def source_busy(self, entry: TaskEntry, peer: Peer) -> bool:
         """Someone (a seed or another peer) is fetching what ``peer`` needs from the source."""
@@ -287,3 +334,14 @@ class Scheduling:
             self.metrics.seed_trigger_failures.inc()
             logger.warning("seed {} failed task {}: {}", seed.id, entry.task.id[:12], exc.details())
             entry.notify()
+
+
+def origin_of(url: str) -> str:
+    """The origin a task's URL is read from, ``scheme://host:port``: the key of ``origin_reads``."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        port = None
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}:{port}" if port else f"{parts.scheme}://{host}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ from loguru import logger
 from damselfly.config import Settings
 from damselfly.plugin_manager import Plugins, build_plugins
 from damselfly.rpc import RequestStream, Server, ServicerContext, callback_form
-from damselfly.rpc.wire import host_from_proto, offers_source_shares, peer_to_proto, task_to_proto
+from damselfly.rpc.wire import BOOT_METADATA, host_from_proto, offers_source_shares, peer_to_proto, task_to_proto
 from damselfly.scheduler import preheat
 from damselfly.scheduler.access import Access
 from damselfly.scheduler.answers import Answers, Encoded, ScheduleError
@@ -44,6 +45,9 @@ from damselfly.scheduler.shares import SourceReads
 from damselfly.scheduler.state import SchedulerState
 from damselfly.security import tls
 from damselfly.telemetry.metrics import SchedulerMetrics, serve_metrics
+
+# AnnounceHost's trailer naming this process: a daemon that sees it change tells the new
+# process again what it holds (damselfly.daemon.schedulers reads it)
 
 
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
@@ -56,6 +60,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.scheduling = Scheduling(settings, self.state, self.answers, metrics)
         self.shares = SourceReads(self.scheduling)
         self.access = Access(settings, self.state, metrics)
+        self.boot = uuid.uuid4().hex  # this process: state is lost with it
         # the gauges are read when /metrics is scraped (not on every change: O(hosts) each)
         st = self.state
         metrics.hosts.labels("seed").set_function(lambda: sum(1 for h in st.hosts.values() if h.is_seed))
@@ -95,6 +100,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         self.state.hosts[pb.id] = host
         self.answers.announced.put(host, pb)
         logger.debug("host {} announced ({}:{}, seed={})", pb.id, pb.ip, pb.port, host.is_seed)
+        context.set_trailing_metadata(((BOOT_METADATA, self.boot),))
         return empty_pb2.Empty()
 
     async def ListHosts(

@@ -346,7 +346,7 @@ class PeerSession:
             peer.state = PeerState.RUNNING
             self.out.put_nowait(answers.metadata_only())
             return
-        if download.need_back_to_source:
+        if download.need_back_to_source and self.scheduling.may_read_source(entry, peer, host):
             if host.is_seed and peer.id in entry.sharers and not entry.shares_planned:
                 self.scheduling_task = asyncio.get_running_loop().create_task(self._share_or_read(entry, peer))
                 return

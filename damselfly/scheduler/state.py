@@ -338,11 +338,15 @@ class SchedulerState:
                 self.remove_peer(pid)
 
     def collect(self, now: float) -> None:
-        """Forget silent hosts (and their peers), peers past their TTL, and tasks with no peer."""
+        """Forget silent hosts (and their peers), peers past their TTL, and tasks with no peer.
+
+        A finished peer has no TTL: it stays while its host keeps announcing (a daemon that
+        drops a task says so with DeleteTask) and goes with its host."""
         for h in [h for h in self.hosts.values() if h.expired(now)]:
             logger.info("host {} went silent; forgetting it and its peers", h.id)
             self.remove_host(h.id)
         for p in [p for p in self.peers.values() if now - p.updated_at > self.cfg.peer_ttl]:
-            self.remove_peer(p.id)
+            if p.state is not PeerState.SUCCEEDED or p.host_id not in self.hosts:
+                self.remove_peer(p.id)
         for task_id in [t for t, e in self.tasks.items() if not e.task.peer_ids and now - e.task.updated_at > 60]:
             del self.tasks[task_id]

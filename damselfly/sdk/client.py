@@ -332,6 +332,12 @@ class Client:
         """Run the daemon's garbage collection now; its report (removed tasks and why, bytes freed)."""
         return await self._admin("Collect", {}, 120)
 
+    async def task_timeline(self, task_id: str) -> list[dict[str, Any]]:
+        """The piece timeline of ``task_id``'s running (else last) download in the daemon: one dict
+        per step (``at``, ``kind``, ``piece``, ``parent_id``, ``detail``, ``length``, ``seconds``)."""
+        answer = await self._admin("Timeline", {"task_id": task_id}, 30)
+        return list(answer["events"])
+
     async def cache_import(
         self, path: str | Path, *, ttl: float, replicas: int = 1, tag: str = "", application: str = ""
     ) -> dict[str, Any]:
@@ -405,6 +411,9 @@ class SyncClient:
 
     def collect_garbage(self) -> dict[str, Any]:
         return self._run("collect_garbage")  # type: ignore[no-any-return]
+
+    def task_timeline(self, task_id: str) -> list[dict[str, Any]]:
+        return self._run("task_timeline", task_id)  # type: ignore[no-any-return]
 
     def cache_import(self, path: str | Path, **kwargs: Any) -> dict[str, Any]:
         return self._run("cache_import", path, **kwargs)  # type: ignore[no-any-return]

@@ -128,6 +128,20 @@ class DaemonMetrics:
             buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
+        self.back_to_source = Counter(
+            p + "back_to_source_total",
+            "Downloads that read the origin, by why: scheduler (it said so), no_scheduler (none configured), "
+            "scheduler_unreachable, parents_failed (the scheduler gone), local_file, share (a share of a "
+            "shared read).",
+            ["reason"],
+            registry=r,
+        )
+        self.source_retries = Counter(
+            p + "source_retry_total",
+            "Reads of the origin tried again, by the status it answered.",
+            ["status"],
+            registry=r,
+        )
         self.tasks = Gauge(p + "tasks", "Tasks held in storage.", registry=r)
         self.transport_traffic = Counter(
             p + "download_transport_bytes_total",

@@ -5,7 +5,7 @@ import pytest
 
 from damselfly.config import Settings
 from damselfly.core.host import Host
-from damselfly.core.peer import Peer
+from damselfly.core.peer import Peer, PeerState
 from damselfly.core.task import PieceRecord, Task
 from damselfly.plugins.scheduler.dragonfly import DragonflyStrategy
 from damselfly.scheduler.state import SEED, SENT_PEER, SchedulerState, TaskEntry
@@ -40,3 +40,19 @@ def test_a_recorded_piece_counts_as_a_change_only_when_its_digest_is_taken():
     assert not entry.digests_complete
     assert entry.record_piece(PieceRecord(1, 4, 4, "crc32:4"), SEED)
     assert entry.digests_complete
+
+
+def test_a_finished_peer_outlives_the_peer_ttl_while_its_host_announces_and_goes_with_the_host():
+    st = SchedulerState(Settings(), DragonflyStrategy())
+    ttl = st.cfg.peer_ttl
+    st.hosts["h"] = Host(id="h", ip="10.0.0.1", hostname="n", port=4000, interval=60.0)
+    for pid, state in (("done", PeerState.SUCCEEDED), ("stuck", PeerState.RUNNING)):
+        st.peers[pid] = Peer(id=pid, task_id="t", host_id="h", state=state)
+        st.hosts["h"].peer_ids.add(pid)
+        st.entry("t").task.peer_ids.add(pid)
+    later = ttl + 1
+    st.hosts["h"].announced_at = later  # the host kept announcing
+    st.collect(later)
+    assert set(st.peers) == {"done"} and "t" in st.tasks
+    st.collect(later + 3 * 60.0)  # the host went silent
+    assert not st.peers and "h" not in st.hosts

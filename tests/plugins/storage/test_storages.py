@@ -1,9 +1,14 @@
 """What the conformance kit does not cover: each built-in storage's own behaviour."""
 
+import asyncio
+import json
+import os
+from pathlib import Path
+
 import pytest
 
 from damselfly.core.errors import StorageError
-from damselfly.core.task import Task
+from damselfly.core.task import Task, TaskState
 from damselfly.plugins.storage.disk import DiskConfig, DiskStorage
 from damselfly.plugins.storage.memory import MemoryConfig, MemoryStorage
 from damselfly.testing.storage import CONTENT, MiB, fill, new_task
@@ -171,4 +176,101 @@ async def test_a_late_metadata_save_never_overwrites_a_newer_one_or_a_delete(tmp
         logger.remove(sink)
         logger.disable("damselfly")
     assert errors == [] and not (tmp_path / "tasks" / task.id).exists()
+    await s.close()
+
+
+async def test_disk_syncs_the_content_before_the_metadata_that_lists_it(tmp_path, monkeypatch):
+    from damselfly.plugins.storage import disk
+    from damselfly.testing.storage import write_piece
+
+    s = DiskStorage(tmp_path, DiskConfig(persist_interval=0))
+    await s.open()
+    task = await s.create(new_task())
+    content, meta = tmp_path / "tasks" / task.id / "content", tmp_path / "tasks" / task.id / "meta.json"
+    events: list[str] = []
+    real_fdatasync, real_replace = disk.os.fdatasync, disk.os.replace
+
+    def fdatasync(fd):  # type: ignore[no-untyped-def]
+        events.append("data" if os.path.samefile(f"/proc/self/fd/{fd}", content) else "other")
+        real_fdatasync(fd)
+
+    def replace(src, dst):  # type: ignore[no-untyped-def]
+        events.append("meta" if Path(dst) == meta else "other")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(disk.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(disk.os, "replace", replace)
+    await write_piece(s, task, 0)
+    assert events == ["data", "meta"]
+    assert json.loads(meta.read_text())["synced"] is True
+    await s.close()
+
+
+async def test_disk_without_sync_saves_unsynced_metadata_and_a_clean_close_syncs_it(tmp_path, monkeypatch):
+    from damselfly.plugins.storage import disk
+    from damselfly.testing.storage import write_piece
+
+    synced: list[int] = []
+    real = disk.os.fdatasync
+    monkeypatch.setattr(disk.os, "fdatasync", lambda fd: (synced.append(fd), real(fd)))
+    s = DiskStorage(tmp_path, DiskConfig(persist_interval=0, sync=False))
+    await s.open()
+    task = await s.create(new_task())
+    await write_piece(s, task, 0)
+    meta = tmp_path / "tasks" / task.id / "meta.json"
+    assert synced == []
+    assert json.loads(meta.read_text())["synced"] is False
+    await s.close()
+    assert len(synced) == 1
+    assert json.loads(meta.read_text())["synced"] is True
+
+
+async def test_disk_reverifies_a_finished_task_saved_without_sync_after_a_crash(tmp_path):
+    s = DiskStorage(tmp_path, DiskConfig(persist_interval=0, sync=False))
+    await s.open()
+    task = await s.create(new_task())
+    await fill(s, task)
+    await asyncio.gather(*s._saves)
+    content = tmp_path / "tasks" / task.id / "content"
+    with open(content, "r+b") as f:  # the crash: piece 1's bytes were still in the page cache
+        f.seek(4 * MiB)
+        f.write(b"\0" * MiB)
+    again = DiskStorage(tmp_path, DiskConfig(persist_interval=0))
+    await again.open()
+    try:
+        reopened = again.get(task.id)
+        assert reopened is not None
+        assert set(reopened.pieces) == {0, 2}
+        assert reopened.state is TaskState.RUNNING
+        saved = json.loads((tmp_path / "tasks" / task.id / "meta.json").read_text())
+        assert (saved["synced"], saved["state"], len(saved["pieces"])) == (True, "Running", 2)
+    finally:
+        await again.close()
+        await s.close()
+
+
+async def test_disk_trusts_synced_metadata_after_a_clean_close(tmp_path, monkeypatch):
+    from damselfly.plugins.storage import disk
+
+    s = DiskStorage(tmp_path, DiskConfig(persist_interval=0))
+    await s.open()
+    await fill(s, await s.create(new_task()))
+    await s.close()
+    reverified: list[str] = []
+    monkeypatch.setattr(disk, "_reverify", lambda content, task: reverified.append(task.id) or [])
+    again = DiskStorage(tmp_path, DiskConfig(persist_interval=0))
+    await again.open()
+    assert reverified == []
+    assert again.get(new_task().id).state is TaskState.SUCCEEDED
+    await again.close()
+
+
+async def test_disk_removes_a_task_directory_a_crash_left_without_metadata(tmp_path):
+    stray = tmp_path / "tasks" / ("cd" * 32)
+    stray.mkdir(parents=True)
+    (stray / "content").write_bytes(b"half made")
+    s = DiskStorage(tmp_path)
+    await s.open()
+    assert not stray.exists()
+    assert s.tasks() == []
     await s.close()
