@@ -42,7 +42,6 @@ from damselfly.daemon.local import LocalContext, LocalService, admin_handler
 from damselfly.daemon.localfiles import socket_gid
 from damselfly.daemon.localrelay import LocalRelay
 from damselfly.daemon.offers import Offers
-from damselfly.daemon.origin import OriginGate
 from damselfly.daemon.pool import ConnectionPool
 from damselfly.daemon.proxy import Proxy
 from damselfly.daemon.proxyswarm import ProxyContext
@@ -82,7 +81,6 @@ class Daemon:
             plugins=self.plugins,
             metrics=self.metrics,
             pool=self.pool,
-            origin_gate=OriginGate(cfg.source_host_reads),
             picker=self.picker,
             schedulers=self.schedulers,
             new_peer_id=self.new_peer_id,

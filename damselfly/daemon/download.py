@@ -77,8 +77,7 @@ class Downloader:
         self.log = logger.bind(task_id=self.task_id[:12], peer_id=self.peer_id)
         self.task: Task | None = None
         self.source: Source | None = None
-        # the daemon's cap on reads of this origin, and the retries of its reads
-        self.origin = OriginCalls(ctx.origin_gate, ctx.metrics, ctx.config, req.url, self.log)
+        self.origin = OriginCalls(ctx.metrics, ctx.config, req.url, self.log)  # the cap and retries of its reads
         self.link: SchedulerLink | None = None
         self.scheduler = ""  # the address of the scheduler this download announces to
         self.scheduler_lost = False  # it went away while parents carried the download on

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from damselfly.config import DaemonConfig
     from damselfly.contracts import PiecePicker, Storage
     from damselfly.core.task import Task
-    from damselfly.daemon.origin import OriginGate
     from damselfly.daemon.pool import ConnectionPool
     from damselfly.daemon.schedulers import SchedulerPool
     from damselfly.plugin_manager import Plugins
@@ -35,7 +34,6 @@ class DownloadContext:
     plugins: Plugins  # sources, and the piece and task hooks
     metrics: DaemonMetrics
     pool: ConnectionPool  # piece connections to parents, shared by every download
-    origin_gate: OriginGate  # the daemon's cap on concurrent reads of each origin
     picker: PiecePicker
     schedulers: SchedulerPool
     new_peer_id: Callable[[], str]  # a fresh peer id of this host

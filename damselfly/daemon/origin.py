@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
+from weakref import WeakKeyDictionary
 
 from damselfly.core.errors import BackendError
 from damselfly.rpc.wire import redact_url
@@ -144,12 +145,25 @@ class OriginGate:
         return sem
 
 
+# One gate per daemon: its metrics object is the one thing a download's context shares
+# with no other daemon in the process (tests run several daemons in one loop).
+_GATES: WeakKeyDictionary[object, OriginGate] = WeakKeyDictionary()
+
+
+def gate_of(owner: object, per_origin: int) -> OriginGate:
+    """The origin gate of the daemon that ``owner`` (its metrics) belongs to."""
+    gate = _GATES.get(owner)
+    if gate is None:
+        gate = _GATES[owner] = OriginGate(per_origin)
+    return gate
+
+
 class OriginCalls:
     """How one download calls its origin: within its daemon's cap (``OriginGate``), retried as
     ``RetryPolicy`` says, each retry logged and counted by status."""
 
-    def __init__(self, gate: OriginGate, metrics: DaemonMetrics, cfg: DaemonConfig, url: str, log: Logger):
-        self._slot = gate.limit(url)
+    def __init__(self, metrics: DaemonMetrics, cfg: DaemonConfig, url: str, log: Logger):
+        self._slot = gate_of(metrics, cfg.source_host_reads).limit(url)
         self._policy = RetryPolicy.of(cfg)
         self._retries = metrics.source_retries
         self._what = redact_url(url)
